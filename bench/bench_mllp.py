@@ -1,0 +1,320 @@
+"""MLLP end-to-end benchmark: N concurrent senders against a real `passerelle run`, journal durable.
+
+Runs, in one invocation on this machine:
+  1. throughput: N connections send as fast as ACKs return; reports ACKed msg/s, end-to-end msg/s
+     (every message written by the file destination), ACK latency percentiles, and the gateway's peak RSS;
+  2. latency at a fixed rate (default 1,000 msg/s): ACK p50/p95/p99;
+  3. baseline: the python-hl7 asyncio MLLP server (parse + ACK only, no journal) with the same senders,
+     and the ratio.
+
+    .venv/bin/python bench/bench_mllp.py [--messages 30000] [--connections 10] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import cast
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.messages import adt  # noqa: E402 - the same authored messages the tests use
+
+FSYNC = os.environ.get("BENCH_FSYNC", "1") == "1"
+SB, EB = b"\x0b", b"\x1c\x0d"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Sender(asyncio.Protocol):
+    """One MLLP connection: sends its next message when the previous ACK arrives (no pipelining)."""
+
+    def __init__(
+        self, frames: list[bytes], latencies: list[float], done: asyncio.Future[None], pace: float | None
+    ) -> None:
+        self.frames = frames
+        self.latencies = latencies
+        self.done = done
+        self.pace = pace
+        self.i = 0
+        self.buf = b""
+        self.sent_at = 0.0
+        self.transport: asyncio.Transport | None = None
+        self.next_due = time.perf_counter()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self._send()
+
+    def _send(self) -> None:
+        if self.i >= len(self.frames):
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        if self.pace is not None:
+            delay = self.next_due - time.perf_counter()
+            self.next_due = max(self.next_due, time.perf_counter()) + self.pace
+            if delay > 0:
+                asyncio.get_running_loop().call_later(delay, self._write)
+                return
+        self._write()
+
+    def _write(self) -> None:
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.frames[self.i])
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while EB in self.buf:
+            _, self.buf = self.buf.split(EB, 1)
+            self.latencies.append(time.perf_counter() - self.sent_at)
+            self.i += 1
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"lost after {self.i} messages"))
+
+
+async def drive(port: int, per_conn: list[list[bytes]], rate: float | None) -> tuple[float, list[float]]:
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    waits = []
+    pace = len(per_conn) / rate if rate else None
+    start = time.perf_counter()
+    for frames in per_conn:
+        done: asyncio.Future[None] = loop.create_future()
+        await loop.create_connection(
+            lambda f=frames, d=done: _Sender(f, latencies, d, pace), "127.0.0.1", port
+        )
+        waits.append(done)
+    await asyncio.gather(*waits)
+    return time.perf_counter() - start, latencies
+
+
+def frames_for(total: int, conns: int, tag: str) -> list[list[bytes]]:
+    out: list[list[bytes]] = [[] for _ in range(conns)]
+    for i in range(total):
+        c = i % conns
+        out[c].append(SB + adt(f"{tag}{i:07d}", patient=f"{i % 997:06d}") + EB)
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1000
+
+
+class RssWatch(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+
+def start_gateway(workdir: Path, port: int, http_port: int) -> subprocess.Popen[bytes]:
+    config = {
+        "log_level": "warning",
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "sources": [
+            {"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": port, "max_connections": 1024}
+        ],
+        "channels": [
+            {
+                "name": "adt",
+                "source": "hospital",
+                "destinations": [
+                    {"name": "files", "type": "file", "directory": str(workdir / "out"), "fsync": FSYNC}
+                ],
+            }
+        ],
+    }
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--config",
+            str(workdir / "config.yaml"),
+            "--data-dir",
+            str(workdir / "var"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def count_files(directory: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(directory) if not e.name.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
+def run_gateway(args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="passerelle-bench-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        proc = start_gateway(workdir, port, free_port())
+        watch = RssWatch(proc.pid)
+        watch.start()
+        try:
+            # warm-up, then the throughput run, then the paced latency run
+            asyncio.run(drive(port, frames_for(2000, args.connections, "W"), None))
+            frames = frames_for(args.messages, args.connections, "T")
+            gw = psutil.Process(proc.pid)
+            cpu0 = gw.cpu_times()
+            t0 = time.perf_counter()
+            elapsed, lat = asyncio.run(drive(port, frames, None))
+            target = args.messages + 2000
+            while count_files(workdir / "out") < target:
+                time.sleep(0.01)
+            e2e = time.perf_counter() - t0
+            cpu1 = gw.cpu_times()
+            cpu_share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / e2e
+            sys_share = (cpu1.system - cpu0.system) / e2e
+            paced_total = int(args.rate * args.paced_seconds)
+            _, paced = asyncio.run(drive(port, frames_for(paced_total, args.connections, "R"), args.rate))
+        finally:
+            watch.running = False
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        return {
+            "acked_per_s": args.messages / elapsed,
+            "e2e_per_s": args.messages / e2e,
+            "p50": pct(lat, 50),
+            "p95": pct(lat, 95),
+            "p99": pct(lat, 99),
+            "paced_p50": pct(paced, 50),
+            "paced_p95": pct(paced, 95),
+            "paced_p99": pct(paced, 99),
+            "rss_mb": watch.peak / 2**20,
+            "cpu": cpu_share,
+            "sys": sys_share,
+            "exit": code,
+        }
+
+
+BASELINE = """
+import asyncio, sys
+import hl7, hl7.mllp
+
+async def handle(reader, writer):
+    try:
+        while not writer.is_closing():
+            message = await reader.readmessage()
+            writer.writemessage(message.create_ack())
+            await writer.drain()
+    except (hl7.mllp.InvalidBlockError, asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+async def main():
+    server = await hl7.mllp.start_hl7_server(handle, "127.0.0.1", int(sys.argv[1]), encoding="utf-8")
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def run_baseline(args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BASELINE, str(port)], stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        asyncio.run(drive(port, frames_for(2000, args.connections, "W"), None))
+        elapsed, lat = asyncio.run(drive(port, frames_for(args.messages, args.connections, "B"), None))
+    finally:
+        proc.kill()
+        proc.wait()
+    return {"acked_per_s": args.messages / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=30000)
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=1000.0, help="msg/s for the latency run")
+    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    print(
+        f"machine: {os.cpu_count()} cores; {args.messages} ADT^A01 over {args.connections} connections; "
+        "journal SQLite WAL synchronous=FULL; destination: file (fsync)"
+    )
+    g = run_gateway(args)
+    print(
+        f"passerelle  acked      {g['acked_per_s']:8.0f} msg/s   ACK p50 {g['p50']:.2f} ms"
+        f"  p95 {g['p95']:.2f} ms  p99 {g['p99']:.2f} ms"
+    )
+    print(f"passerelle  end-to-end {g['e2e_per_s']:8.0f} msg/s   (ACKed and written by the file destination)")
+    print(
+        f"passerelle  at {args.rate:.0f} msg/s: ACK p50 {g['paced_p50']:.2f} ms  p95 {g['paced_p95']:.2f} ms"
+        f"  p99 {g['paced_p99']:.2f} ms"
+    )
+    print(f"passerelle  peak RSS   {g['rss_mb']:8.1f} MB   (SIGTERM exit code {g['exit']:.0f})")
+    print(
+        f"passerelle  CPU        {g['cpu']:8.2f} cores busy during the throughput run"
+        f" ({g['sys']:.2f} in the kernel)"
+    )
+    if not args.skip_baseline:
+        b = run_baseline(args)
+        print(
+            f"python-hl7  acked      {b['acked_per_s']:8.0f} msg/s   ACK p50 {b['p50']:.2f} ms"
+            f"  p99 {b['p99']:.2f} ms   (parse + ACK only, nothing stored)"
+        )
+        print(f"ratio       end-to-end passerelle / python-hl7 = {g['e2e_per_s'] / b['acked_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""MLLP (Minimal Lower Layer Protocol): framing, source (server), client and destination."""

@@ -1,0 +1,31 @@
+"""The envelope: one immutable record per received message and channel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.core.status import Status
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    channel: str
+    source: str
+    raw: bytes
+    content_type: str  # "application/hl7-v2" or "application/fhir+json"
+    sender: str  # MSH-3^MSH-4 (application^facility)
+    control_id: str  # MSH-10
+    message_type: str  # e.g. "ADT^A01"
+    partition_key: str  # the patient (PID-3 first repetition), used for ordering
+    received_at: float
+    trace_id: str
+    charset: str = ""
+    peer: str = ""
+    # Status decided at intake: RECEIVED, or FILTERED when the channel filter declined it.
+    status: Status = Status.RECEIVED
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dedupe_key(self) -> str:
+        return f"{self.channel}\x1f{self.sender}\x1f{self.control_id}"

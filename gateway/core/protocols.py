@@ -1,0 +1,191 @@
+"""The small Protocols every connector and store implements.
+
+Connectors are found by their config ``type:`` (entry-point groups
+``passerelle.sources`` and ``passerelle.destinations``); tests plug in fakes
+of these same Protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from gateway.core.envelope import Envelope
+from gateway.core.errors import MessageError
+from gateway.core.status import Status
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a source connection (never patient data)."""
+
+    address: str
+    source: str
+    tls_subject: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """One attempt's result; raising RetryLater or PermanentDeliveryError is the other way to say it."""
+
+    status: Status  # SENT or ERROR
+    detail: str = ""  # a code or short reason, PHI-free
+    response: bytes | None = None  # e.g. the remote ACK, kept as a stage payload
+    response_type: str = "application/hl7-v2"
+    retry: bool = True  # for ERROR: is another attempt worth it?
+
+
+Reply = Callable[[bytes], None]
+
+
+class Intake(Protocol):
+    """What a source hands its frames to. The engine implements it."""
+
+    def submit(self, raw: bytes, peer: Peer, reply: Reply) -> None:
+        """Journal ``raw``; later call ``reply`` once with the ACK (b"" when none is due). Never raises."""
+        ...
+
+    async def receive(self, raw: bytes, peer: Peer) -> bytes:
+        """``submit`` as a coroutine: the ACK to send back."""
+        ...
+
+    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer) -> bytes:
+        """Answer (AR/AE) a frame that cannot be accepted, from whatever of it was read."""
+        ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain_timeout: float) -> None: ...
+
+
+@runtime_checkable
+class Destination(Protocol):
+    name: str
+
+    async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+SourceFactory = Callable[[str, Mapping[str, Any], Intake], Source]
+DestinationFactory = Callable[[str, Mapping[str, Any]], Destination]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """The journal's answer for one envelope: its id, and whether it was already known."""
+
+    message_id: str
+    duplicate: bool
+    seq: int
+
+
+@dataclass(slots=True)
+class StageRecord:
+    stage: str
+    status: Status
+    payload: bytes | None = None
+    content_type: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One pending unit for a channel lane, as recovered from the journal."""
+
+    seq: int
+    envelope: Envelope
+    status: Status
+    payload: bytes | None  # transformed payload, when processing already ran
+    pending_destinations: tuple[str, ...]
+    attempts: Mapping[str, int]
+    checked: bool = False  # the channel filter was applied at intake, just now
+
+
+class MessageQuery(Protocol):
+    status: str | None
+    control_id: str | None
+    channel: str | None
+    limit: int
+
+
+class Journal(Protocol):
+    """Durable intake: ``append`` returns once the envelopes are committed."""
+
+    async def append(
+        self, envelopes: Sequence[Envelope], *, ack: tuple[bytes, str] | None = None
+    ) -> list[AppendResult]: ...
+
+    def append_then(
+        self,
+        envelopes: Sequence[Envelope],
+        then: Callable[[list[AppendResult] | BaseException], None],
+        *,
+        ack: tuple[bytes, str] | None = None,
+    ) -> None: ...
+
+    def record(
+        self, message_id: str, stage: StageRecord, *, status: Status | None = None
+    ) -> Awaitable[None]: ...
+
+
+class MessageStore(Journal, Protocol):
+    """Journal plus the per-stage trace, delivery state, queries and retention."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    def queue_deliveries(
+        self, message_id: str, stage: StageRecord, destinations: Sequence[str], *, sent: bool = False
+    ) -> Awaitable[None]: ...
+
+    def delivery_update(
+        self,
+        message_id: str,
+        destination: str,
+        status: Status,
+        attempts: int,
+        *,
+        message_status: Status | None,
+        stage: StageRecord | None,
+        error: str | None = None,
+    ) -> Awaitable[None]: ...
+
+    def release_dedupe(self, message_id: str) -> Awaitable[None]: ...
+
+    async def pending(
+        self, channel: str, after_seq: int, limit: int, *, recovering: bool
+    ) -> list[WorkItem]: ...
+
+    async def get_message(self, message_id: str, *, with_payloads: bool) -> dict[str, Any] | None: ...
+
+    async def list_messages(
+        self,
+        *,
+        status: str | None,
+        control_id: str | None,
+        channel: str | None,
+        limit: int,
+        before_seq: int | None,
+    ) -> list[dict[str, Any]]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def reset_for_replay(self, message_id: str) -> WorkItem | None: ...
+
+    async def dead_letters(self, channel: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    async def discard(self, message_id: str) -> bool: ...
+
+    async def prune(self, *, payload_before: float, message_before: float) -> tuple[int, int]: ...
+
+    async def ping(self) -> None: ...

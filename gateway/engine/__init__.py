@@ -1,0 +1,1 @@
+"""The channel engine: intake, filters, steps, ordered lanes, deliveries with retries."""

@@ -1,0 +1,319 @@
+"""HL7v2 intake for one source: read the header, journal, then acknowledge.
+
+The order is the contract: the ACK (AA/CA) is built only after the journal has
+committed the envelope. A message we cannot read is still journaled (status
+ERROR, with its error) before it is answered AR: bad input loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from gateway.core.envelope import Envelope
+from gateway.core.errors import (
+    AckCode,
+    EncodingError,
+    MessageError,
+    MissingField,
+    ProcessingError,
+    StoreError,
+)
+from gateway.core.ids import new_id
+from gateway.core.logging import get_logger
+from gateway.core.protocols import AppendResult, MessageStore, Peer, Reply, StageRecord, WorkItem
+from gateway.core.status import Status
+from gateway.engine.channel import HL7_V2, ChannelRuntime, Outcome
+from gateway.hl7.ack import ack_request, build_ack
+from gateway.hl7.er7 import Message
+
+log = get_logger("passerelle.intake")
+
+
+class Hl7Intake:
+    """Implements ``gateway.core.protocols.Intake`` for the channels fed by one source."""
+
+    def __init__(
+        self,
+        source: str,
+        channels: Sequence[ChannelRuntime],
+        store: MessageStore,
+        *,
+        default_charset: str = "ASCII",
+        sending_application: str = "PASSERELLE",
+    ) -> None:
+        self.source = source
+        self.channels = list(channels)
+        self.store = store
+        self.default_charset = default_charset
+        self.sending_application = sending_application
+        self.rejected = 0
+        self.acked = 0
+        self._background: set[asyncio.Task[Any]] = set()
+        # Channels that acknowledge on commit take the callback path; the others wait for processing.
+        self._ack_on_commit = all(c.ack_timing == "before_processing" for c in self.channels)
+
+    # -- the hot path: callbacks, so that a frame is journaled and answered within two loop turns --
+
+    def submit(self, raw: bytes, peer: Peer, reply: Reply) -> None:
+        now = time.time()
+        try:
+            msg = Message.decode(raw, default_charset=self.default_charset)
+            _check_header(msg)
+        except MessageError as exc:
+            self._spawn(self._reject_journaled(raw, exc, peer, now), reply)
+            return
+        request = ack_request(msg)
+        if not (request.enhanced or self._ack_on_commit):
+            self._spawn(self._receive_after_processing(msg, raw, peer, now), reply)
+            return
+        envelopes = self._envelopes(msg, raw, peer, now)
+        code = AckCode.CA if request.enhanced else AckCode.AA
+        # The answer is known before the commit, so it is traced in the same write.
+        early = build_ack(msg, code, sending_application=self.sending_application)
+        if not request.wants_commit_ack(True):
+            early = b""
+
+        def committed(result: list[AppendResult] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                reply(self._journal_failed(msg, request.enhanced, peer))
+                return
+            self._dispatch(msg, envelopes, result, peer)
+            if early:
+                self.acked += 1
+            reply(early)
+
+        try:
+            self.store.append_then(envelopes, committed, ack=(early, code.value) if early else None)
+        except StoreError:
+            reply(self._journal_failed(msg, request.enhanced, peer))
+
+    async def receive(self, raw: bytes, peer: Peer) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.submit(raw, peer, lambda ack: None if fut.done() else fut.set_result(ack))
+        return await fut
+
+    def _spawn(self, coro: Coroutine[Any, Any, bytes], reply: Reply) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+
+        def finished(t: asyncio.Task[bytes]) -> None:
+            self._background.discard(t)
+            if t.cancelled():
+                return  # shutting down: the frame is not answered, and the sender will resend
+            exc = t.exception()
+            if exc is None:
+                reply(t.result())
+            else:
+                log.error("intake_failed", source=self.source, error=type(exc).__name__)
+                reply(build_ack(None, AckCode.AE, ProcessingError("internal error")))
+
+        task.add_done_callback(finished)
+
+    def _envelopes(self, msg: Message, raw: bytes, peer: Peer, now: float) -> list[Envelope]:
+        sender = f"{msg.sending_application}^{msg.sending_facility}"
+        message_type = f"{msg.message_type}^{msg.trigger}"
+        partition = msg.get_raw("PID-3") or f"sender:{sender}"
+        out = []
+        for channel in self.channels:
+            mid = new_id(now)
+            out.append(
+                Envelope(
+                    id=mid,
+                    channel=channel.name,
+                    source=self.source,
+                    raw=raw,
+                    content_type=HL7_V2,
+                    sender=sender,
+                    control_id=msg.control_id,
+                    message_type=message_type,
+                    partition_key=partition,
+                    received_at=now,
+                    trace_id=mid,
+                    charset=msg.charset,
+                    peer=peer.address,
+                    status=Status.RECEIVED if channel.accepts(msg) else Status.FILTERED,
+                )
+            )
+        return out
+
+    def _dispatch(
+        self, msg: Message, envelopes: Sequence[Envelope], results: Sequence[AppendResult], peer: Peer
+    ) -> list[tuple[ChannelRuntime, str]]:
+        """Hand new messages to their channels; returns those whose outcome the ACK must wait for."""
+        waits = []
+        for channel, env, res in zip(self.channels, envelopes, results, strict=True):
+            if res.duplicate:
+                channel.counters["duplicates"] += 1
+                log.info(
+                    "message_duplicate",
+                    channel=channel.name,
+                    message_id=res.message_id,
+                    control_id=msg.control_id,
+                    peer=peer.address,
+                )
+                continue
+            channel.counters["received"] += 1
+            log.info(
+                "message_received",
+                channel=channel.name,
+                message_id=res.message_id,
+                control_id=msg.control_id,
+                type=env.message_type,
+                peer=peer.address,
+                status=env.status.value,
+            )
+            if env.status is Status.FILTERED:
+                channel.counters["filtered"] += 1
+                continue
+            if channel.ack_timing != "before_processing":
+                waits.append((channel, res.message_id))
+            channel.offer(WorkItem(res.seq, env, Status.RECEIVED, None, (), {}, checked=True))
+        return waits
+
+    def _journal_failed(self, msg: Message, enhanced: bool, peer: Peer) -> bytes:
+        log.error("journal_unavailable", source=self.source, peer=peer.address, control_id=msg.control_id)
+        err = StoreError("the message could not be stored; send it again")
+        return build_ack(
+            msg, AckCode.CE if enhanced else AckCode.AE, err, sending_application=self.sending_application
+        )
+
+    async def _receive_after_processing(self, msg: Message, raw: bytes, peer: Peer, now: float) -> bytes:
+        """Channels that acknowledge after transform or delivery: the ACK reflects the outcome."""
+        envelopes = self._envelopes(msg, raw, peer, now)
+        try:
+            results = await self.store.append(envelopes)
+        except StoreError:
+            return self._journal_failed(msg, False, peer)
+        waits = [(mid, fut) for fut, mid in self._dispatch_expecting(msg, envelopes, results, peer)]
+        code, error = AckCode.AA, None
+        for mid, fut in waits:
+            outcome = await fut
+            if outcome.error is not None or outcome.status in (Status.ERROR, Status.DEAD):
+                code = AckCode.AE
+                error = outcome.error or ProcessingError("processing failed")
+                # The sender is told AE and will resend: that resend must be processed, not deduplicated,
+                # so the release is committed before the answer leaves.
+                await self.store.release_dedupe(mid)
+        request = ack_request(msg)
+        if not request.wants_commit_ack(code is AckCode.AA):
+            return b""
+        ack = build_ack(msg, code, error, sending_application=self.sending_application)
+        self.acked += 1
+        for res in results:
+            if not res.duplicate:
+                self.store.record(
+                    res.message_id, StageRecord("ack", Status.RECEIVED, ack, HL7_V2, {"code": code.value})
+                )
+        return ack
+
+    def _dispatch_expecting(
+        self, msg: Message, envelopes: Sequence[Envelope], results: Sequence[AppendResult], peer: Peer
+    ) -> list[tuple[asyncio.Future[Outcome], str]]:
+        # Waiters are registered before the lanes can finish the work.
+        expected = {
+            res.message_id: channel.expect_outcome(res.message_id)
+            for channel, env, res in zip(self.channels, envelopes, results, strict=True)
+            if not res.duplicate
+            and env.status is Status.RECEIVED
+            and channel.ack_timing != "before_processing"
+        }
+        self._dispatch(msg, envelopes, results, peer)
+        return [(fut, mid) for mid, fut in expected.items()]
+
+    async def _reject_journaled(self, raw: bytes, error: MessageError, peer: Peer, now: float) -> bytes:
+        await self._journal_rejected(raw, error, peer, now)
+        return self._reject_ack(raw, error)
+
+    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer) -> bytes:
+        """Answer a frame refused before it could be read whole (oversize); its beginning is journaled."""
+        task = asyncio.get_running_loop().create_task(
+            self._journal_rejected(raw_prefix, error, peer, time.time())
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return self._reject_ack(raw_prefix, error)
+
+    def _reject_ack(self, raw: bytes, error: MessageError) -> bytes:
+        self.rejected += 1
+        msg = _lenient_header(raw)
+        request = ack_request(msg)
+        code = AckCode.CR if request.enhanced else error.ack_code
+        if code is AckCode.AE and request.enhanced:
+            code = AckCode.CE
+        return build_ack(msg, code, error, sending_application=self.sending_application)
+
+    async def _journal_rejected(self, raw: bytes, error: MessageError, peer: Peer, now: float) -> None:
+        msg = _lenient_header(raw)
+        control_id = msg.control_id if msg is not None else ""
+        mid = new_id(now)
+        log.warning(
+            "message_rejected",
+            source=self.source,
+            message_id=mid,
+            control_id=control_id,
+            peer=peer.address,
+            code=error.hl7_error_code,
+            error=type(error).__name__,
+            location=error.location,
+        )
+        env = Envelope(
+            id=mid,
+            channel=f"source:{self.source}",
+            source=self.source,
+            raw=raw,
+            content_type=HL7_V2,
+            sender=f"{msg.sending_application}^{msg.sending_facility}" if msg is not None else "",
+            control_id="",  # never deduplicated: a corrected resend must get through
+            message_type=f"{msg.message_type}^{msg.trigger}" if msg is not None else "",
+            partition_key="",
+            received_at=now,
+            trace_id=mid,
+            peer=peer.address,
+            status=Status.ERROR,
+        )
+        try:
+            await self.store.append([env])
+            self.store.record(
+                mid,
+                StageRecord(
+                    "intake",
+                    Status.ERROR,
+                    detail={
+                        "error": error.hl7_error_code,
+                        "text": error.message,
+                        "location": error.location,
+                        "control_id": control_id,
+                    },
+                ),
+            )
+        except StoreError:
+            log.error("journal_unavailable", source=self.source, peer=peer.address)
+
+
+def _check_header(msg: Message) -> None:
+    if not msg.message_type:
+        raise MissingField("MSH-9 (message type) is empty", location="MSH-9")
+    if not msg.control_id:
+        raise MissingField("MSH-10 (message control id) is empty", location="MSH-10")
+
+
+def _lenient_header(raw: bytes) -> Message | None:
+    """Whatever MSH can be read, to address the answer (latin-1 maps every byte, so decoding cannot fail)."""
+    text = raw.decode("latin-1")
+    try:
+        return Message.parse(text)
+    except EncodingError:
+        # An unknown MSH-18: read the header as if it declared none; the AR goes out in ASCII.
+        head, sep, rest = text.partition("\r")
+        fields = head.split(head[3:4]) if len(head) > 3 else []
+        if len(fields) > 17:
+            fields[17] = ""
+        try:
+            return Message.parse(head[3:4].join(fields) + sep + rest)
+        except (MessageError, ValueError):
+            return None
+    except (MessageError, ValueError):
+        return None

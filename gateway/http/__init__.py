@@ -1,0 +1,1 @@
+"""The one aiohttp application: /health, /ready, /api (and later /fhir, /metrics, /console)."""

@@ -1,0 +1,148 @@
+"""Routes: /health, /ready and the admin API under /api."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from gateway.core.errors import BadRequest, Conflict, NotFound
+from gateway.core.protocols import MessageStore
+from gateway.core.status import Status
+from gateway.http.masking import mask_hl7, payload_text
+from gateway.http.outcome import json_response, outcome_middleware
+
+HL7_V2 = "application/hl7-v2"
+
+
+class Runtime(Protocol):
+    """What the HTTP layer needs from the running gateway."""
+
+    @property
+    def store(self) -> MessageStore: ...
+
+    async def replay(self, message_id: str) -> bool: ...
+
+    async def readiness(self) -> Mapping[str, Any]: ...
+
+    def snapshot(self) -> Mapping[str, Any]: ...
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+
+
+def build_app(runtime: Runtime, *, max_body_bytes: int = 32 * 1024 * 1024) -> web.Application:
+    app = web.Application(middlewares=[outcome_middleware], client_max_size=max_body_bytes)
+    app[RUNTIME] = runtime
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/api/messages", list_messages)
+    app.router.add_get("/api/messages/{id}", get_message)
+    app.router.add_post("/api/messages/{id}/replay", replay)
+    app.router.add_get("/api/stats", stats)
+    app.router.add_get("/api/dlq", dead_letters)
+    app.router.add_post("/api/dlq/{id}/replay", replay)
+    app.router.add_post("/api/dlq/{id}/discard", discard)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    checks = await request.app[RUNTIME].readiness()
+    ok = all(c.get("ok") for c in checks.values())
+    return json_response({"status": "ready" if ok else "not-ready", "checks": checks}, 200 if ok else 503)
+
+
+def _int(
+    request: web.Request, name: str, default: int | None, *, low: int = 1, high: int = 1000
+) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be an integer", location=name) from exc
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}", location=name)
+    return value
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    status = request.query.get("status") or None
+    if status is not None and status not in Status.__members__:
+        raise BadRequest(
+            f"unknown status {status!r}; one of {', '.join(Status.__members__)}", location="status"
+        )
+    limit = _int(request, "limit", 50) or 50
+    before = _int(request, "before", None, low=1, high=2**62)
+    rows = await request.app[RUNTIME].store.list_messages(
+        status=status,
+        control_id=request.query.get("control_id") or None,
+        channel=request.query.get("channel") or None,
+        limit=limit,
+        before_seq=before,
+    )
+    body: dict[str, Any] = {"messages": rows}
+    if len(rows) == limit:
+        body["next"] = f"/api/messages?before={rows[-1]['seq']}&limit={limit}"
+    return json_response(body)
+
+
+async def get_message(request: web.Request) -> web.Response:
+    reveal = request.query.get("reveal", "").lower() in ("1", "true", "yes")
+    msg = await request.app[RUNTIME].store.get_message(request.match_info["id"], with_payloads=True)
+    if msg is None:
+        raise NotFound(f"no message {request.match_info['id']}")
+    charset = msg.get("charset") or "ASCII"
+
+    def show(data: bytes | None, content_type: str | None) -> str | None:
+        if data is None:
+            return None
+        if reveal:
+            return payload_text(data, charset)
+        if content_type in (None, HL7_V2):
+            return mask_hl7(data, charset)
+        return f"<{len(data)} bytes masked>"
+
+    msg["raw"] = show(msg.get("raw"), msg.get("content_type"))
+    for stage in msg["stages"]:
+        stage["payload"] = show(stage.get("payload"), stage.get("content_type"))
+    msg["masked"] = not reveal
+    return json_response(msg)
+
+
+async def replay(request: web.Request) -> web.Response:
+    mid = request.match_info["id"]
+    store = request.app[RUNTIME].store
+    if await store.get_message(mid, with_payloads=False) is None:
+        raise NotFound(f"no message {mid}")
+    if not await request.app[RUNTIME].replay(mid):
+        raise Conflict(
+            f"message {mid} cannot be replayed (payload pruned by retention, or not a channel message)"
+        )
+    return json_response({"id": mid, "status": Status.RECEIVED.value}, 202)
+
+
+async def stats(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    data = await runtime.store.stats()
+    data["runtime"] = runtime.snapshot()
+    return json_response(data)
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    limit = _int(request, "limit", 100) or 100
+    rows = await request.app[RUNTIME].store.dead_letters(request.query.get("channel") or None, limit)
+    return json_response({"messages": rows})
+
+
+async def discard(request: web.Request) -> web.Response:
+    mid = request.match_info["id"]
+    if not await request.app[RUNTIME].store.discard(mid):
+        raise NotFound(f"no dead message {mid} to discard")
+    return json_response({"id": mid, "discarded": True})
