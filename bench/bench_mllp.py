@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from tests.messages import adt  # noqa: E402 - the same authored messages the tests use
 
 FSYNC = os.environ.get("BENCH_FSYNC", "1") == "1"
+MAX_IN_MEMORY = int(os.environ.get("BENCH_MAX_IN_MEMORY", "10000"))
 SB, EB = b"\x0b", b"\x1c\x0d"
 
 
@@ -133,10 +134,22 @@ class RssWatch(threading.Thread):
     def run(self) -> None:
         while self.running:
             try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                # The gateway and its worker process together.
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
             except psutil.Error:
                 return
             time.sleep(0.05)
+
+
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """(user + system, system) seconds of a process and its children."""
+    total = system = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        t = p.cpu_times()
+        total += t.user + t.system
+        system += t.system
+    return total, system
 
 
 def start_gateway(workdir: Path, port: int, http_port: int) -> subprocess.Popen[bytes]:
@@ -150,6 +163,7 @@ def start_gateway(workdir: Path, port: int, http_port: int) -> subprocess.Popen[
             {
                 "name": "adt",
                 "source": "hospital",
+                "max_in_memory": MAX_IN_MEMORY,
                 "destinations": [
                     {"name": "files", "type": "file", "directory": str(workdir / "out"), "fsync": FSYNC}
                 ],
@@ -205,16 +219,16 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
             asyncio.run(drive(port, frames_for(2000, args.connections, "W"), None))
             frames = frames_for(args.messages, args.connections, "T")
             gw = psutil.Process(proc.pid)
-            cpu0 = gw.cpu_times()
+            cpu0 = cpu_seconds(gw)
             t0 = time.perf_counter()
             elapsed, lat = asyncio.run(drive(port, frames, None))
             target = args.messages + 2000
             while count_files(workdir / "out") < target:
                 time.sleep(0.01)
             e2e = time.perf_counter() - t0
-            cpu1 = gw.cpu_times()
-            cpu_share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / e2e
-            sys_share = (cpu1.system - cpu0.system) / e2e
+            cpu1 = cpu_seconds(gw)
+            cpu_share = (cpu1[0] - cpu0[0]) / e2e
+            sys_share = (cpu1[1] - cpu0[1]) / e2e
             paced_total = int(args.rate * args.paced_seconds)
             _, paced = asyncio.run(drive(port, frames_for(paced_total, args.connections, "R"), args.rate))
         finally:
@@ -277,7 +291,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=30000)
-    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=30)
     parser.add_argument("--rate", type=float, default=1000.0, help="msg/s for the latency run")
     parser.add_argument("--paced-seconds", type=float, default=10.0)
     parser.add_argument("--skip-baseline", action="store_true")

@@ -64,7 +64,7 @@ class FileDestination:
         self._pending: list[_Item] = []
         self._flush_scheduled = False
         self._syncing = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"file-sync-{name}")
+        self._executor: ThreadPoolExecutor | None = None  # made on first use: building must stay free
         self._made_dirs: set[Path] = set()
 
     def path_for(self, envelope: Envelope) -> Path:
@@ -102,6 +102,8 @@ class FileDestination:
             return
         # The flush to disk runs on a thread (GIL released): the loop keeps serving meanwhile.
         self._syncing = True
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"file-sync-{self.name}")
         sync = asyncio.get_running_loop().run_in_executor(self._executor, self._make_durable, written)
         sync.add_done_callback(lambda f: self._synced(f, batch, errors))
 
@@ -171,7 +173,9 @@ class FileDestination:
             if not self._syncing:
                 self._flush()
             await asyncio.sleep(0.001)
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 def _safe(text: str) -> str:

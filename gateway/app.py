@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,26 +15,26 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from gateway.core.config import Config, Path_
+from gateway.core.config import Config
 from gateway.core.errors import ConfigError, PasserelleError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, Source
-from gateway.engine import registry
-from gateway.engine.channel import ChannelRuntime, DestinationRuntime, Filter
+from gateway.engine.build import Builder
+from gateway.engine.channel import ChannelRuntime
 from gateway.engine.intake import Hl7Intake
-from gateway.engine.retry import RetryPolicy
-from gateway.engine.steps import Step
-from gateway.hl7.charsets import codec_for
+from gateway.engine.link import Link
+from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
 from gateway.store.sqlite import SqliteStore
 
 log = get_logger("passerelle.app")
 
-_COMMON_KEYS = frozenset({"name", "type", "retry"})
-
 
 class Gateway:
-    """One gateway process. Implements ``gateway.http.app.Runtime``."""
+    """One gateway: the main process, and its worker when ``workers: 1``.
+
+    Implements ``gateway.http.app.Runtime``.
+    """
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Gateway:
         data_dir: Path | None = None,
         mllp_port: int | None = None,
         http_port: int | None = None,
+        workers: int | None = None,
     ) -> None:
         self.config = config
         data = config.data
@@ -49,6 +52,7 @@ class Gateway:
         self.http_settings = dict(data.get("http", {}))
         if http_port is not None:
             self.http_settings["port"] = http_port
+        self.workers = int(data.get("workers", 1) if workers is None else workers)
         journal = data.get("journal", {})
         self.store = SqliteStore(
             self.data_dir / "passerelle.db",
@@ -56,90 +60,46 @@ class Gateway:
             max_batch=journal.get("max_batch", 4096),
         )
         self.drain_timeout = float(data.get("drain_timeout_s", 10))
-        self.channels: dict[str, ChannelRuntime] = {}
+        self.channels: dict[str, ChannelRuntime | ChannelPort] = {}
         self.sources: dict[str, Source] = {}
         self.intakes: dict[str, Hl7Intake] = {}
         self.destinations: list[Destination] = []
+        self.worker = WorkerHandle(self.store)
+        self._worker_proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
         self._runner: web.AppRunner | None = None
         self.http_port_bound: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = asyncio.Event()
         self.started_at = 0.0
         self._build()
 
     # -- construction (all configuration errors surface here, before anything listens) --
 
-    def _expand(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return value.replace("{data_dir}", str(self.data_dir))
-        if isinstance(value, list):
-            return [self._expand(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._expand(v) for k, v in value.items()}
-        return value
-
-    def _connector(self, group: str, item: Mapping[str, Any], at: Path_, *extra: Any) -> Any:
-        kind = item["type"]
-        factory = registry.lookup(group, kind)
-        if factory is None:
-            raise self.config.error(
-                (*at, "type"), f"unknown type {kind!r}; available: {', '.join(registry.available(group))}"
-            )
-        settings = {k: v for k, v in item.items() if k not in _COMMON_KEYS}
-        schema = dict(getattr(factory, "CONFIG_SCHEMA", {"type": "object"}))
-        schema.setdefault("additionalProperties", False)
-        schema.setdefault("properties", {})
-        schema = {**schema, "properties": {**schema["properties"], **{k: {} for k in _COMMON_KEYS}}}
-        self.config.validate(schema, item, at)
-        try:
-            return factory(item.get("name", kind), self._expand(settings), *extra)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise self.config.error(at, f"invalid settings: {exc}") from exc
-
     def _build(self) -> None:
         data = self.config.data
-        source_cfg = {s["name"]: (i, s) for i, s in enumerate(data["sources"])}
-        by_source: dict[str, list[ChannelRuntime]] = {}
-        for ci, ch in enumerate(data["channels"]):
-            if not ch.get("enabled", True):
-                continue
-            at: Path_ = ("channels", ci)
-            dests = []
-            for di, d in enumerate(ch["destinations"]):
-                conn = self._connector("passerelle.destinations", d, (*at, "destinations", di))
-                self.destinations.append(conn)
-                dests.append(DestinationRuntime(d["name"], conn, RetryPolicy.from_config(d.get("retry"))))
-            steps: list[Step] = []
-            for si, s in enumerate(ch.get("steps", [])):
-                step_item = {"name": f"{si + 1}-{s['type']}", **s}
-                steps.append(self._connector("passerelle.steps", step_item, (*at, "steps", si)))
-            src_index, src = source_cfg[ch["source"]]
-            charset = src.get("default_charset", "ASCII")
-            try:
-                codec_for(charset)
-            except PasserelleError as exc:
-                raise self.config.error(("sources", src_index, "default_charset"), exc.message) from exc
-            ack = ch.get("ack", {})
-            runtime = ChannelRuntime(
-                name=ch["name"],
-                source=ch["source"],
-                store=self.store,
-                filter=Filter.from_config(ch.get("filter")),
-                steps=steps,
-                destinations=dests,
-                queued=ch.get("queue", True),
-                ack_timing=ack.get("timing", "before_processing"),
-                partitions=ch.get("partitions", 64),
-                max_in_memory=ch.get("max_in_memory", 10_000),
-                dedupe=ch.get("dedupe", True),
-                default_charset=charset,
-                sending_application=ack.get("sending_application", "PASSERELLE"),
-            )
-            self.channels[ch["name"]] = runtime
-            by_source.setdefault(ch["source"], []).append(runtime)
+        builder = Builder(self.config, self.data_dir)
+        by_source: dict[str, list[ChannelRuntime | ChannelPort]] = {}
+        for spec in builder.channel_specs():
+            # Built in every mode, so that connector settings are checked before anything listens.
+            runtime = builder.channel(spec, self.store)
+            channel: ChannelRuntime | ChannelPort = runtime
+            if self.workers:
+                channel = ChannelPort(
+                    spec.name,
+                    spec.source,
+                    spec.filter,
+                    spec.ack_timing,
+                    spec.sending_application,
+                    self.worker,
+                )
+                self.worker.ports[spec.name] = channel
+            else:
+                self.destinations.extend(d.connector for d in runtime.destinations)
+            self.channels[spec.name] = channel
+            by_source.setdefault(spec.source, []).append(channel)
         port_overridden = False
-        for name, (si, src) in source_cfg.items():
-            channels = by_source.get(name)
+        for si, src in enumerate(data["sources"]):
+            channels = by_source.get(src["name"])
             if not channels:
                 continue  # a source no enabled channel listens to is not opened
             item = dict(src)
@@ -147,23 +107,51 @@ class Gateway:
                 item["port"] = self.mllp_port
                 port_overridden = True
             intake = Hl7Intake(
-                name,
+                src["name"],
                 channels,
                 self.store,
                 default_charset=src.get("default_charset", "ASCII"),
                 sending_application=channels[0].sending_application,
             )
-            self.intakes[name] = intake
-            self.sources[name] = self._connector("passerelle.sources", item, ("sources", si), intake)
+            self.intakes[src["name"]] = intake
+            self.sources[src["name"]] = builder.connector("passerelle.sources", item, ("sources", si), intake)
 
-    # -- life cycle --------------------------------------------------------------
+    # -- the worker process ----------------------------------------------------------
+
+    async def _start_worker(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._worker_proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.worker", "--fd", str(child.fileno()), pass_fds=[child.fileno()]
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        link = Link(reader, writer)
+        link.send(("config", self.config.data, self.config.file, str(self.data_dir)))
+        self._tasks.append(asyncio.create_task(self._supervise(link, self._worker_proc), name="worker"))
+
+    async def _supervise(self, link: Link, proc: asyncio.subprocess.Process) -> None:
+        await self.worker.serve(link)
+        code = await proc.wait()
+        link.close()
+        if self._stopping:
+            return
+        log.error("worker_exited", code=code)
+        self.worker.lost("the worker process stopped; send the message again")
+        await asyncio.sleep(1.0)
+        if not self._stopping:
+            await self._start_worker()
 
     async def start(self) -> None:
         self.started_at = time.time()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
+        if self.workers:
+            await self._start_worker()
         for channel in self.channels.values():
-            channel.start()
+            if isinstance(channel, ChannelRuntime):
+                channel.start()
         started: list[Source] = []
         try:
             for source in self.sources.values():
@@ -204,13 +192,30 @@ class Gateway:
     async def stop(self) -> None:
         """Drain: stop taking messages, answer those received, let lanes finish, flush, close."""
         log.info("gateway_draining", timeout_s=self.drain_timeout)
+        self._stopping = True
         for source in self.sources.values():
             await source.stop(self.drain_timeout)
         for channel in self.channels.values():
-            await channel.stop(self.drain_timeout)
+            if isinstance(channel, ChannelRuntime):
+                await channel.stop(self.drain_timeout)
+        if self._worker_proc is not None:
+            await self._stop_worker()
         await self._close_rest()
-        self._stopped.set()
         log.info("gateway_stopped")
+
+    async def _stop_worker(self) -> None:
+        assert self._worker_proc is not None
+        if self.worker.connected:
+            self.worker.send(("drain", self.drain_timeout))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.drain_timeout + 5):
+                    await self.worker.drained.wait()
+        try:
+            async with asyncio.timeout(5):
+                await self._worker_proc.wait()
+        except TimeoutError:
+            self._worker_proc.kill()
+            await self._worker_proc.wait()
 
     async def _close_rest(self) -> None:
         for task in self._tasks:
@@ -271,8 +276,10 @@ class Gateway:
             checks["store"] = {"ok": True}
         except (PasserelleError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": type(exc).__name__}
-        recovering = [c.name for c in self.channels.values() if c.snapshot()["recovering"]]
+        recovering = [c.name for c in self.channels.values() if c.snapshot().get("recovering")]
         checks["channels"] = {"ok": not recovering, "recovering": recovering}
+        if self.workers:
+            checks["worker"] = {"ok": self.worker.connected}
         checks["sources"] = {"ok": bool(self.sources) or not self.channels, "count": len(self.sources)}
         return checks
 

@@ -82,6 +82,7 @@ def make_config(tmp_path: Path, **channel: Any) -> config_mod.Config:
         "data_dir": str(tmp_path / "var"),
         "log_level": "warning",
         "drain_timeout_s": 5,
+        "workers": 0,  # in-process channels: the fakes live in this process
         "http": {"host": "127.0.0.1", "port": 0},
         "sources": [
             {

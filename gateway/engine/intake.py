@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.core.envelope import Envelope
 from gateway.core.errors import (
@@ -25,11 +25,26 @@ from gateway.core.ids import new_id
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, Peer, Reply, StageRecord, WorkItem
 from gateway.core.status import Status
-from gateway.engine.channel import HL7_V2, ChannelRuntime, Outcome
+from gateway.engine.channel import HL7_V2, Outcome
 from gateway.hl7.ack import ack_request, build_ack
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.intake")
+
+
+class IntakeChannel(Protocol):
+    """What the intake needs of a channel: a ChannelRuntime, or its stand-in for a worker process."""
+
+    name: str
+    ack_timing: str
+    sending_application: str
+    counters: dict[str, int]
+
+    def accepts(self, msg: Message) -> bool: ...
+
+    def offer(self, item: WorkItem) -> None: ...
+
+    def expect_outcome(self, message_id: str) -> asyncio.Future[Outcome]: ...
 
 
 class Hl7Intake:
@@ -38,7 +53,7 @@ class Hl7Intake:
     def __init__(
         self,
         source: str,
-        channels: Sequence[ChannelRuntime],
+        channels: Sequence[IntakeChannel],
         store: MessageStore,
         *,
         default_charset: str = "ASCII",
@@ -141,7 +156,7 @@ class Hl7Intake:
 
     def _dispatch(
         self, msg: Message, envelopes: Sequence[Envelope], results: Sequence[AppendResult], peer: Peer
-    ) -> list[tuple[ChannelRuntime, str]]:
+    ) -> list[tuple[IntakeChannel, str]]:
         """Hand new messages to their channels; returns those whose outcome the ACK must wait for."""
         waits = []
         for channel, env, res in zip(self.channels, envelopes, results, strict=True):

@@ -92,5 +92,5 @@ class RemoveSegments:
                 for seg in ctx.message.segments
                 if seg.name not in self.names
             ]
-            ctx.message = Message.from_segments(kept, ctx.message.separators)
+            ctx.message = Message.from_segments(kept, ctx.message.separators, charset=ctx.message.charset)
             ctx.changed = True

@@ -49,7 +49,6 @@ _BOM: Final = b"\xef\xbb\xbf"
 _BLANK: Final = " \t\r\n\x0b\x0c"
 _BLANK_B: Final = b" \t\r\n\x0b\x0c"
 _NAME: Final = re.compile(r"[A-Z][A-Z0-9]{2}")
-_NAME_B: Final = re.compile(rb"[A-Z][A-Z0-9]{2}")
 _HEX: Final = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 _PATH: Final = re.compile(
     r"([A-Z][A-Z0-9]{2})(?:\[([1-9][0-9]*)\])?-([1-9][0-9]*)(?:\[([1-9][0-9]*)\])?"
@@ -524,23 +523,28 @@ def _decode_error(body: bytes, exc: UnicodeDecodeError, charset: str, offset: in
 
 
 def _where_text(text: str, pos: int, fs: str) -> str:
-    """' (PID-5)': which field a character offset falls in, for error texts."""
+    """' (PID-5)': the field a character offset falls in, for error texts."""
     line_start = text.rfind("\r", 0, pos) + 1
-    name = text[line_start : line_start + 3]
-    if _NAME.fullmatch(name) is None:
-        return ""
-    fld = text.count(fs, line_start, pos) + (1 if name == "MSH" else 0)
-    return f" ({name}-{fld})" if fld else f" ({name})"
+    return _where(text[line_start : line_start + 3], text.count(fs, line_start, pos), pos - line_start)
 
 
 def _where_bytes(body: bytes, pos: int) -> str:
+    """The same for a byte offset in raw bytes (CR or LF terminators)."""
     line_start = max(body.rfind(b"\r", 0, pos), body.rfind(b"\n", 0, pos)) + 1
-    name = body[line_start : line_start + 3]
-    fs = body[3:4]
-    if _NAME_B.fullmatch(name) is None or not fs:
+    msh = body.find(b"MSH")
+    fs = body[msh + 3 : msh + 4] if msh >= 0 else b""
+    if not fs:
         return ""
-    fld = body.count(fs, line_start, pos) + (1 if name == b"MSH" else 0)
-    return f" ({name.decode('ascii')}-{fld})" if fld else f" ({name.decode('ascii')})"
+    name = body[line_start : line_start + 3].decode("latin-1")
+    return _where(name, body.count(fs, line_start, pos), pos - line_start)
+
+
+def _where(name: str, separators_before: int, column: int) -> str:
+    if _NAME.fullmatch(name) is None:
+        return ""
+    # MSH-1 is the first field separator itself, so MSH fields count one more.
+    fld = separators_before + (1 if name == "MSH" else 0)
+    return f" ({name}-{fld})" if column >= 3 and fld else f" ({name})"
 
 
 # ---------------------------------------------------------------------------
@@ -659,10 +663,13 @@ class Message:
         return msg
 
     @classmethod
-    def decode(cls, raw: bytes, *, default_charset: str = DEFAULT_CHARSET) -> Message:
+    def decode(
+        cls, raw: bytes | bytearray | memoryview, *, default_charset: str = DEFAULT_CHARSET
+    ) -> Message:
         """Decode wire bytes: MSH-18 is read from the bytes first, then the whole is decoded strictly.
 
-        A UTF-8 BOM is skipped. An empty MSH-18 means ``default_charset``.
+        A UTF-8 BOM is skipped. An empty MSH-18 means ``default_charset``. A
+        bytearray or memoryview (an MLLP buffer) is copied to bytes first.
         Undecodable bytes raise ``EncodingError`` giving their offset (never the bytes).
         """
         if type(raw) is not bytes:

@@ -96,8 +96,11 @@ def _row_to_message(row: sqlite3.Row) -> dict[str, Any]:
 class SqliteStore:
     """Journal + message store. Implements ``gateway.core.protocols.MessageStore``."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "FULL", max_batch: int = 4096, writer: bool = True
+    ) -> None:
         self.path = path
+        self._writer = writer  # False: a read-only view, as the worker process has
         self._synchronous = synchronous
         self._max_batch = max_batch
         # Appends gate ACKs, so they jump ahead of trace writes. Safe: any later write about a
@@ -106,6 +109,7 @@ class SqliteStore:
         self._pending: list[_Entry] = []
         self._checkpointer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._opened = False
         self._committing = False
         self._cexec: ThreadPoolExecutor | None = None
         self._rexec: ThreadPoolExecutor | None = None
@@ -126,6 +130,9 @@ class SqliteStore:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rexec = ThreadPoolExecutor(2, thread_name_prefix="store-reader")
+        self._opened = True
+        if not self._writer:
+            return
         self._cexec = ThreadPoolExecutor(1, thread_name_prefix="journal-commit")
         self._committing = False
         try:
@@ -178,7 +185,11 @@ class SqliteStore:
         return conn
 
     async def close(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
         if self._wconn is None:
+            self._close_readers()
             return
         self._closing = True
         while self._appends or self._pending or self._committing:
@@ -192,6 +203,9 @@ class SqliteStore:
             self._checkpointer = None
         self._wconn.close()
         self._wconn = None
+        self._close_readers()
+
+    def _close_readers(self) -> None:
         with self._readers_lock:
             for reader in self._readers:
                 reader.close()

@@ -1,0 +1,126 @@
+"""Building channels and connectors from a validated configuration.
+
+Shared by the main process and the worker process, so a mistake in a connector's
+settings is reported, with its file, key and line, before anything listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.core.config import Config, Path_
+from gateway.core.errors import PasserelleError
+from gateway.core.protocols import MessageStore
+from gateway.engine import registry
+from gateway.engine.channel import ChannelRuntime, DestinationRuntime, Filter
+from gateway.engine.retry import RetryPolicy
+from gateway.engine.steps import Step
+from gateway.hl7.charsets import codec_for
+
+_COMMON_KEYS = frozenset({"name", "type", "retry"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One enabled channel's settings, with where they were written."""
+
+    index: int
+    name: str
+    source: str
+    data: Mapping[str, Any]
+    default_charset: str
+
+    @property
+    def at(self) -> Path_:
+        return ("channels", self.index)
+
+    @property
+    def ack_timing(self) -> str:
+        return str(self.data.get("ack", {}).get("timing", "before_processing"))
+
+    @property
+    def sending_application(self) -> str:
+        return str(self.data.get("ack", {}).get("sending_application", "PASSERELLE"))
+
+    @property
+    def filter(self) -> Filter:
+        return Filter.from_config(self.data.get("filter"))
+
+
+class Builder:
+    def __init__(self, config: Config, data_dir: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+
+    def expand(self, value: Any) -> Any:
+        """``{data_dir}`` in any string setting."""
+        if isinstance(value, str):
+            return value.replace("{data_dir}", str(self.data_dir))
+        if isinstance(value, list):
+            return [self.expand(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.expand(v) for k, v in value.items()}
+        return value
+
+    def connector(self, group: str, item: Mapping[str, Any], at: Path_, *extra: Any) -> Any:
+        kind = item["type"]
+        factory = registry.lookup(group, kind)
+        if factory is None:
+            raise self.config.error(
+                (*at, "type"), f"unknown type {kind!r}; available: {', '.join(registry.available(group))}"
+            )
+        settings = {k: v for k, v in item.items() if k not in _COMMON_KEYS}
+        schema = dict(getattr(factory, "CONFIG_SCHEMA", {"type": "object"}))
+        schema.setdefault("additionalProperties", False)
+        schema.setdefault("properties", {})
+        schema = {**schema, "properties": {**schema["properties"], **{k: {} for k in _COMMON_KEYS}}}
+        self.config.validate(schema, item, at)
+        try:
+            return factory(item.get("name", kind), self.expand(settings), *extra)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise self.config.error(at, f"invalid settings: {exc}") from exc
+
+    def channel_specs(self) -> list[ChannelSpec]:
+        data = self.config.data
+        sources = {s["name"]: (i, s) for i, s in enumerate(data["sources"])}
+        specs = []
+        for ci, ch in enumerate(data["channels"]):
+            if not ch.get("enabled", True):
+                continue
+            src_index, src = sources[ch["source"]]
+            charset = src.get("default_charset", "ASCII")
+            try:
+                codec_for(charset)
+            except PasserelleError as exc:
+                raise self.config.error(("sources", src_index, "default_charset"), exc.message) from exc
+            specs.append(ChannelSpec(ci, ch["name"], ch["source"], ch, charset))
+        return specs
+
+    def channel(self, spec: ChannelSpec, store: MessageStore) -> ChannelRuntime:
+        ch = spec.data
+        dests = []
+        for di, d in enumerate(ch["destinations"]):
+            conn = self.connector("passerelle.destinations", d, (*spec.at, "destinations", di))
+            dests.append(DestinationRuntime(d["name"], conn, RetryPolicy.from_config(d.get("retry"))))
+        steps: list[Step] = []
+        for si, s in enumerate(ch.get("steps", [])):
+            step_item = {"name": f"{si + 1}-{s['type']}", **s}
+            steps.append(self.connector("passerelle.steps", step_item, (*spec.at, "steps", si)))
+        return ChannelRuntime(
+            name=spec.name,
+            source=spec.source,
+            store=store,
+            filter=spec.filter,
+            steps=steps,
+            destinations=dests,
+            queued=ch.get("queue", True),
+            ack_timing=spec.ack_timing,
+            partitions=ch.get("partitions", 64),
+            max_in_memory=ch.get("max_in_memory", 10_000),
+            dedupe=ch.get("dedupe", True),
+            default_charset=spec.default_charset,
+            sending_application=spec.sending_application,
+        )

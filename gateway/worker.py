@@ -1,0 +1,130 @@
+"""The worker process: runs the channels (steps, destinations, retries) beside the main process.
+
+Started by the main process with one end of a socket pair; it never listens on the
+network and never writes the database itself (see gateway.engine.remote). When the
+main process disappears (even by SIGKILL) the link closes and the worker exits at
+once: what it had in hand is still in the journal and is resumed at the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.core.config import Config
+from gateway.core.errors import ConfigError
+from gateway.core.logging import configure as configure_logging
+from gateway.core.logging import get_logger
+from gateway.engine.build import Builder
+from gateway.engine.channel import ChannelRuntime
+from gateway.engine.link import Link
+from gateway.engine.remote import LinkedStore, outcome_sender, snapshots
+
+log = get_logger("passerelle.worker")
+
+
+async def serve(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    link = Link(reader, writer)
+    messages = link.messages()
+    first = await anext(messages, None)
+    if first is None or first[0] != "config":
+        return 2
+    _, data, file, data_dir = first
+    config = Config(data, file, {})
+    configure_logging(data.get("log_level", "info"))
+    builder = Builder(config, Path(data_dir))
+    store = LinkedStore(Path(data_dir) / "passerelle.db", link)
+    await store.open()
+    try:
+        channels = {spec.name: builder.channel(spec, store) for spec in builder.channel_specs()}
+    except ConfigError as exc:  # the main process validated the same config: this is unexpected
+        log.error("worker_config_error", error=str(exc))
+        return 2
+    for channel in channels.values():
+        channel.start()
+    tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]
+    tasks.append(asyncio.create_task(_report(link, channels)))
+    log.info("worker_started", pid=os.getpid(), channels=len(channels))
+    code = 0
+    async for msg in messages:
+        kind = msg[0]
+        if kind == "offer":
+            channels[msg[1]].offer(msg[2])
+        elif kind == "replay":
+            channels[msg[1]].replay(msg[2])
+        elif kind == "expect":
+            channels[msg[1]].expect_outcome(msg[2]).add_done_callback(outcome_sender(link, msg[2]))
+        elif kind == "flushed":
+            store.flushed(msg[1])
+        elif kind == "drain":
+            await _drain(channels, store, link, float(msg[1]), tasks)
+            break
+    else:
+        # The main process is gone: nothing can be recorded any more, so stop now.
+        log.warning("worker_orphaned")
+        code = 1
+    for task in tasks:
+        task.cancel()
+    await store.close()
+    return code
+
+
+async def _announce_recovery(link: Link, channel: ChannelRuntime) -> None:
+    await channel.recovered()
+    link.send(("recovered", channel.name))
+
+
+async def _report(link: Link, channels: dict[str, ChannelRuntime], every: float = 0.5) -> None:
+    while True:
+        link.send(("snapshot", snapshots(channels)))
+        await asyncio.sleep(every)
+
+
+async def _drain(
+    channels: dict[str, ChannelRuntime],
+    store: LinkedStore,
+    link: Link,
+    timeout: float,
+    tasks: Sequence[asyncio.Task[None]],
+) -> None:
+    for channel in channels.values():
+        await channel.stop(timeout)
+    for channel in channels.values():
+        for dest in channel.destinations:
+            with contextlib.suppress(Exception):
+                await dest.connector.aclose()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await store.flush()
+    link.send(("snapshot", snapshots(channels)))
+    link.send(("drained",))
+    await link.drain()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="passerelle-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    # Signals are the main process's business: it tells the worker to drain over the link.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        pass
+    return asyncio.run(serve(args.fd))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
