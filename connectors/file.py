@@ -39,7 +39,7 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _find_syncfs()
-_Item = tuple[Path, bytes, "asyncio.Future[None]"]
+_Item = tuple[str, bytes, "asyncio.Future[None]"]
 
 
 class FileDestination:
@@ -61,23 +61,29 @@ class FileDestination:
         self.pattern: str = settings.get("filename", "{id}.{ext}")
         self.fsync: bool = bool(settings.get("fsync", True))
         _check_pattern(self.pattern)
+        self._dir = str(self.directory)
+        self._by_id = self.pattern == "{id}.{ext}"
         self._pending: list[_Item] = []
         self._flush_scheduled = False
         self._syncing = False
         self._executor: ThreadPoolExecutor | None = None  # made on first use: building must stay free
-        self._made_dirs: set[Path] = set()
+        self._made_dirs: set[str] = set()
 
-    def path_for(self, envelope: Envelope) -> Path:
+    def path_for(self, envelope: Envelope) -> str:
         ext = "json" if "json" in envelope.content_type else "hl7"
-        name = self.pattern.format(
-            id=envelope.id,
-            channel=envelope.channel,
-            control_id=_safe(envelope.control_id),
-            message_type=_safe(envelope.message_type),
-            ext=ext,
-            date=time.strftime("%Y%m%d", time.gmtime(envelope.received_at)),
-        )
-        return self.directory / name
+        if self._by_id:
+            name = f"{envelope.id}.{ext}"
+        else:
+            name = self.pattern.format(
+                id=envelope.id,
+                channel=envelope.channel,
+                control_id=_safe(envelope.control_id),
+                message_type=_safe(envelope.message_type),
+                ext=ext,
+                date=time.strftime("%Y%m%d", time.gmtime(envelope.received_at)),
+            )
+        # Plain strings: pathlib costs more than the write itself on this path.
+        return os.path.join(self._dir, name)
 
     async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult:
         loop = asyncio.get_running_loop()
@@ -88,7 +94,7 @@ class FileDestination:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         await fut
-        return DeliveryResult(Status.SENT, path.name, None)
+        return DeliveryResult(Status.SENT, os.path.basename(path), None)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -96,7 +102,7 @@ class FileDestination:
             return  # the flush in flight reschedules when it lands
         batch, self._pending = self._pending, []
         errors = self._write_batch([(p, d) for p, d, _ in batch])
-        written = {p.parent for (p, _, _), err in zip(batch, errors, strict=True) if err is None}
+        written = {os.path.dirname(p) for (p, _, _), err in zip(batch, errors, strict=True) if err is None}
         if not (self.fsync and written):
             self._settle(batch, errors)
             return
@@ -128,15 +134,15 @@ class FileDestination:
             else:
                 fut.set_exception(err)
 
-    def _write_batch(self, items: list[tuple[Path, bytes]]) -> list[Exception | None]:
+    def _write_batch(self, items: list[tuple[str, bytes]]) -> list[Exception | None]:
         errors: list[Exception | None] = []
         for path, data in items:
             try:
-                parent = path.parent
+                parent = os.path.dirname(path)
                 if parent not in self._made_dirs:
-                    parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(parent, exist_ok=True)
                     self._made_dirs.add(parent)
-                tmp = parent / f".{path.name}.tmp"
+                tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
                 try:
                     os.write(fd, data)
@@ -153,7 +159,7 @@ class FileDestination:
         return errors
 
     @staticmethod
-    def _make_durable(dirs: set[Path]) -> None:
+    def _make_durable(dirs: set[str]) -> None:
         # The renames are durable only once the directory entries are; syncfs covers data and entries.
         for d in dirs:
             dfd = os.open(d, os.O_RDONLY)

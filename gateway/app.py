@@ -91,6 +91,7 @@ class Gateway:
                     spec.ack_timing,
                     spec.sending_application,
                     self.worker,
+                    dedupe=runtime.dedupe,
                 )
                 self.worker.ports[spec.name] = channel
             else:
@@ -210,6 +211,8 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.drain_timeout + 5):
                     await self.worker.drained.wait()
+        if self.worker.link is not None:
+            self.worker.link.close()  # tells the worker it may exit
         try:
             async with asyncio.timeout(5):
                 await self._worker_proc.wait()

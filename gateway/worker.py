@@ -54,7 +54,7 @@ async def serve(fd: int) -> int:
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]
     tasks.append(asyncio.create_task(_report(link, channels)))
     log.info("worker_started", pid=os.getpid(), channels=len(channels))
-    code = 0
+    drain: asyncio.Task[None] | None = None
     async for msg in messages:
         kind = msg[0]
         if kind == "offer":
@@ -65,13 +65,14 @@ async def serve(fd: int) -> int:
             channels[msg[1]].expect_outcome(msg[2]).add_done_callback(outcome_sender(link, msg[2]))
         elif kind == "flushed":
             store.flushed(msg[1])
-        elif kind == "drain":
-            await _drain(channels, store, link, float(msg[1]), tasks)
-            break
-    else:
-        # The main process is gone: nothing can be recorded any more, so stop now.
+        elif kind == "drain" and drain is None:
+            # As a task: the loop must go on reading, the drain's last flush waits for an answer.
+            drain = asyncio.create_task(_drain(channels, store, link, float(msg[1])))
+    # The link is closed: after a drain, by the main process; otherwise the main process is gone
+    # and nothing can be recorded any more, so stop now.
+    code = 0 if drain is not None and drain.done() else 1
+    if code:
         log.warning("worker_orphaned")
-        code = 1
     for task in tasks:
         task.cancel()
     await store.close()
@@ -89,13 +90,7 @@ async def _report(link: Link, channels: dict[str, ChannelRuntime], every: float 
         await asyncio.sleep(every)
 
 
-async def _drain(
-    channels: dict[str, ChannelRuntime],
-    store: LinkedStore,
-    link: Link,
-    timeout: float,
-    tasks: Sequence[asyncio.Task[None]],
-) -> None:
+async def _drain(channels: dict[str, ChannelRuntime], store: LinkedStore, link: Link, timeout: float) -> None:
     for channel in channels.values():
         await channel.stop(timeout)
     for channel in channels.values():

@@ -18,6 +18,7 @@ from gateway.core.errors import PermanentDeliveryError, RetryLater
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.engine import registry
+from tests.fakes import Receiver
 
 
 class FakeDestination:
@@ -144,3 +145,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(["AA"])
+    r.server = await asyncio.start_server(r.handle, "127.0.0.1", 0)
+    yield r
+    await r.close()

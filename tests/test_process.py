@@ -282,3 +282,84 @@ def test_kill_9_loses_no_acked_message_and_delivers_each_exactly_once(
     assert all(n == 1 for _, n in rows)
     assert procs[-1].kill(signal.SIGTERM) == 0
     assert os.path.isdir(data_dir)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PASSERELLE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_send_prints_each_ack_and_exits_by_the_worst_answer(tmp_path: Path, procs: list[Proc]) -> None:
+    proc = Proc(write_config(tmp_path, tmp_path / "out"), tmp_path / "var")
+    procs.append(proc)
+    to = f"mllp://127.0.0.1:{proc.mllp_port}"
+    two = tmp_path / "two.hl7"
+    # two messages in one file, with LF line ends as an editor would save them
+    two.write_bytes((adt("CLI1") + adt("CLI2")).replace(b"\r", b"\n"))
+    run = _cli("send", str(two), "--to", to)
+    assert run.returncode == 0, run.stderr
+    assert "MSA|AA|CLI1" in run.stdout
+    assert "MSA|AA|CLI2" in run.stdout
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(b"PID|||not a message\r")
+    run = _cli("send", str(bad), "--to", to)
+    assert run.returncode == 1
+    assert "MSA|AR|" in run.stdout
+    assert _cli("send", str(tmp_path / "missing.hl7"), "--to", to).returncode == 2
+    assert _cli("send", str(two), "--to", "http://127.0.0.1:1").returncode == 2
+
+
+def test_dlq_and_replay_commands_drive_the_running_gateway(tmp_path: Path, procs: list[Proc]) -> None:
+    data = {
+        "log_level": "info",
+        "http": {"host": "127.0.0.1", "port": 0},
+        "sources": [{"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": 0}],
+        "channels": [
+            {
+                "name": "adt",
+                "source": "hospital",
+                # nothing listens on port 1: every attempt fails, and after one the message is DEAD
+                "destinations": [
+                    {
+                        "name": "sih",
+                        "type": "mllp",
+                        "host": "127.0.0.1",
+                        "port": 1,
+                        "retry": {"max_attempts": 1},
+                    }
+                ],
+            }
+        ],
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = Proc(config, tmp_path / "var")
+    procs.append(proc)
+    port = proc.mllp_port
+    api = f"http://127.0.0.1:{proc.wait_event('gateway_started')['http_port']}"
+    msg = tmp_path / "m.hl7"
+    msg.write_bytes(adt("DLQ1"))
+    assert _cli("send", str(msg), "--to", f"mllp://127.0.0.1:{port}").returncode == 0
+    deadline = time.monotonic() + 20
+    listed: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        run = _cli("dlq", "list", "--api", api)
+        assert run.returncode == 0
+        listed = orjson.loads(run.stdout)["messages"]
+        if listed:
+            break
+        time.sleep(0.2)
+    assert [m["control_id"] for m in listed] == ["DLQ1"]
+    mid = str(listed[0]["id"])
+    replay = _cli("replay", mid, "--api", api)
+    assert replay.returncode == 0
+    assert orjson.loads(replay.stdout) == {"id": mid, "status": "RECEIVED"}
+    assert _cli("replay", "NO-SUCH-MESSAGE", "--api", api).returncode == 1
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline and not orjson.loads(_cli("dlq", "list", "--api", api).stdout)["messages"]
+    ):
+        time.sleep(0.2)  # dead again after the replayed attempt
+    assert _cli("dlq", "discard", mid, "--api", api).returncode == 0
+    assert orjson.loads(_cli("dlq", "list", "--api", api).stdout)["messages"] == []
+    assert _cli("dlq", "discard", "--api", api).returncode == 2
+    assert proc.kill(signal.SIGTERM) == 0

@@ -395,3 +395,13 @@ async def test_max_connections_refuses_extra_connections(start_gateway, tmp_path
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_dedupe_can_be_switched_off_per_channel(start_gateway, client_for) -> None:
+    gw = await start_gateway(dedupe=False)
+    client = client_for(gw)
+    for _ in range(2):
+        assert ack_fields(await client.send(adt("SAME"))).get("MSA-1") == "AA"
+    far = FakeDestination.instances["far"]
+    await wait_for(lambda: len(far.received) == 2)
+    assert len({env.id for env, _ in far.received}) == 2

@@ -24,6 +24,7 @@ class Envelope:
     peer: str = ""
     # Status decided at intake: RECEIVED, or FILTERED when the channel filter declined it.
     status: Status = Status.RECEIVED
+    dedupe: bool = True  # the channel detects resends of the same sender + MSH-10
     meta: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -38,6 +38,7 @@ class IntakeChannel(Protocol):
     name: str
     ack_timing: str
     sending_application: str
+    dedupe: bool
     counters: dict[str, int]
 
     def accepts(self, msg: Message) -> bool: ...
@@ -150,6 +151,7 @@ class Hl7Intake:
                     charset=msg.charset,
                     peer=peer.address,
                     status=Status.RECEIVED if channel.accepts(msg) else Status.FILTERED,
+                    dedupe=channel.dedupe,
                 )
             )
         return out

@@ -59,6 +59,8 @@ class ChannelPort:
         ack_timing: str,
         sending_application: str,
         worker: WorkerHandle,
+        *,
+        dedupe: bool = True,
     ) -> None:
         self.name = name
         self.source = source
@@ -66,6 +68,7 @@ class ChannelPort:
         self.ack_timing = ack_timing
         self.sending_application = sending_application
         self.worker = worker
+        self.dedupe = dedupe
         self.counters: dict[str, int] = {"received": 0, "filtered": 0, "duplicates": 0}
         self.remote: dict[str, Any] = {}
         self.recovered_event = asyncio.Event()

@@ -86,8 +86,16 @@ def _control_id(now: float) -> str:
     return f"ACK{int(now * 1000)}{next(_counter) % 100000:05d}"
 
 
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
 def _timestamp(now: float) -> str:
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + "+0000"
+    # Many ACKs leave within the same second: format each second once.
+    global _stamp_cache
+    second = int(now)
+    if _stamp_cache[0] != second:
+        _stamp_cache = (second, time.strftime("%Y%m%d%H%M%S", time.gmtime(second)) + "+0000")
+    return _stamp_cache[1]
 
 
 def build_ack(

@@ -374,7 +374,7 @@ class SqliteStore:
                 e.trace_id,
                 e.peer,
                 e.raw,
-                e.dedupe_key if e.control_id else None,
+                e.dedupe_key if e.control_id and e.dedupe else None,
             )
             for e in envelopes
         ]

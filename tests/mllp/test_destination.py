@@ -3,74 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from connectors.mllp.destination import MllpDestination
-from connectors.mllp.framing import FrameDecoder, frame
 from gateway.core.envelope import Envelope
 from gateway.core.errors import RetryLater
 from gateway.core.status import Status
-from gateway.hl7.er7 import Message
 from tests.conftest import wait_for
+from tests.fakes import Receiver
 from tests.messages import adt
-
-
-class Receiver:
-    """A far-end HL7 system: records what arrives and answers per ``plan`` (the last entry repeats)."""
-
-    def __init__(self, plan: list[str]) -> None:
-        self.plan = plan
-        self.received: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            await self._serve(reader, writer)
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dec = FrameDecoder()
-        while data := await reader.read(65536):
-            for item in dec.feed(data):
-                assert isinstance(item, bytes)
-                self.received.append(item)
-                step = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
-                cid = Message.decode(item, default_charset="UNICODE UTF-8").control_id
-                if step == "silent":
-                    continue
-                if step == "close":
-                    return
-                if step == "wrong-id":
-                    cid = "SOMETHING-ELSE"
-                writer.write(
-                    frame(f"MSH|^~\\&|SIH|X|||20261123||ACK|A{cid}|P|2.5\rMSA|{step}|{cid}\r".encode())
-                )
-                await writer.drain()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver(["AA"])
-    r.server = await asyncio.start_server(r.handle, "127.0.0.1", 0)
-    yield r
-    await r.close()
 
 
 def envelope(cid: str) -> Envelope:
