@@ -147,6 +147,9 @@ class Gateway:
     async def start(self) -> None:
         self.started_at = time.time()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = _installation_secret(self.data_dir / "partition.key")
+        for intake in self.intakes.values():
+            intake.partition_secret = secret
         await self.store.open()
         if self.workers:
             await self._start_worker()
@@ -292,3 +295,19 @@ class Gateway:
             "channels": [c.snapshot() for c in self.channels.values()],
             "sources": {name: {"acked": i.acked, "rejected": i.rejected} for name, i in self.intakes.items()},
         }
+
+
+def _installation_secret(path: Path) -> bytes:
+    """A random key made on first start (mode 0600), kept with the data it protects."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key

@@ -301,7 +301,7 @@ async def test_per_patient_order_holds_with_uneven_delivery_times(start_gateway)
     await wait_for(lambda: len(far.received) == 160)
     seen: dict[str, list[str]] = {p: [] for p in patients}
     for env, _ in far.received:
-        patient = env.partition_key.split("^")[0]
+        patient = Message.decode(env.raw).get("PID-3.1")
         seen[patient].append(env.control_id)
     assert seen == expected
 
@@ -327,6 +327,7 @@ async def test_api_lists_traces_masks_and_reports(start_gateway, client_for) -> 
         assert "LEFÈVRE" not in str(trace)
         assert trace["raw"].startswith("MSH|^~\\&|DXCARE|HOPITAL-NORD")
         assert "PID|||***" in trace["raw"]
+        assert "100001" not in str(rows) + str(trace)  # the IPP appears in no field of the listing
         async with http.get(f"{base}/api/messages/{rows[0]['id']}?reveal=true") as resp:
             assert "LEFÈVRE" in (await resp.json())["raw"]
         async with http.get(f"{base}/api/stats") as resp:
@@ -405,3 +406,20 @@ async def test_dedupe_can_be_switched_off_per_channel(start_gateway, client_for)
     far = FakeDestination.instances["far"]
     await wait_for(lambda: len(far.received) == 2)
     assert len({env.id for env, _ in far.received}) == 2
+
+
+async def test_partition_key_is_a_keyed_digest_of_the_patient(start_gateway, client_for) -> None:
+    gw = await start_gateway()
+    client = client_for(gw)
+    for cid, patient in (("PK1", "700001"), ("PK2", "700001"), ("PK3", "700002")):
+        await client.send(adt(cid, patient=patient))
+    await gw.store.flush()
+    rows = await gw.store.list_messages(
+        status=None, control_id=None, channel="adt", limit=10, before_seq=None
+    )
+    keys = {r["control_id"]: r["partition_key"] for r in rows}
+    assert keys["PK1"] == keys["PK2"] != keys["PK3"]
+    assert all("700001" not in k and "700002" not in k for k in keys.values())
+    key_file = gw.data_dir / "partition.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert len(key_file.read_bytes()) == 32

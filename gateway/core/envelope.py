@@ -17,7 +17,7 @@ class Envelope:
     sender: str  # MSH-3^MSH-4 (application^facility)
     control_id: str  # MSH-10
     message_type: str  # e.g. "ADT^A01"
-    partition_key: str  # the patient (PID-3 first repetition), used for ordering
+    partition_key: str  # a digest of the patient (PID-3 first repetition), used for ordering
     received_at: float
     trace_id: str
     charset: str = ""

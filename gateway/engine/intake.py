@@ -8,6 +8,7 @@ ERROR, with its error) before it is answered AR: bad input loses nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
@@ -68,6 +69,7 @@ class Hl7Intake:
         self.rejected = 0
         self.acked = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self.partition_secret = b""  # set by the gateway at start, from the data directory
         # Channels that acknowledge on commit take the callback path; the others wait for processing.
         self._ack_on_commit = all(c.ack_timing == "before_processing" for c in self.channels)
 
@@ -131,7 +133,14 @@ class Hl7Intake:
     def _envelopes(self, msg: Message, raw: bytes, peer: Peer, now: float) -> list[Envelope]:
         sender = f"{msg.sending_application}^{msg.sending_facility}"
         message_type = f"{msg.message_type}^{msg.trigger}"
-        partition = msg.get_raw("PID-3") or f"sender:{sender}"
+        # Ordering needs only equality of patients: a keyed digest keeps the identifier out of the
+        # message table, the API and the logs (keyed, because an IPP could be found by enumeration).
+        pid = msg.get_raw("PID-3")
+        partition = (
+            hashlib.blake2b(pid.encode(), digest_size=10, key=self.partition_secret).hexdigest()
+            if pid
+            else f"sender:{sender}"
+        )
         out = []
         for channel in self.channels:
             mid = new_id(now)
