@@ -152,6 +152,52 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return worst
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Print, for each message, the FHIR Bundle the configured mappings make, with what they left unread."""
+    from gateway.core.envelope import Envelope
+    from gateway.engine.steps import FhirMapping, StepContext
+    from gateway.hl7.er7 import Message
+
+    try:
+        step = FhirMapping("convert", {"directory": args.mappings, "timezone": args.timezone})
+    except ConfigError as exc:
+        print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    worst = EXIT_OK
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            print(f"passerelle convert: no such file: {name}", file=sys.stderr)
+            return EXIT_USAGE
+        for index, raw in enumerate(split_messages(path.read_bytes()), 1):
+            out: dict[str, Any] = {"file": name, "message": index}
+            try:
+                msg = Message.decode(raw, default_charset=args.default_charset)
+                env = Envelope(
+                    id="convert",
+                    channel="convert",
+                    source="file",
+                    raw=raw,
+                    content_type="application/hl7-v2",
+                    sender="",
+                    control_id=msg.control_id,
+                    message_type=f"{msg.message_type}^{msg.trigger}",
+                    partition_key="",
+                    received_at=0.0,
+                    trace_id="convert",
+                    charset=msg.charset,
+                )
+                ctx = StepContext(env, msg, env.content_type)
+                step(ctx)
+            except MessageError as exc:
+                out.update(error={"code": exc.hl7_error_code, "text": exc.message, "location": exc.location})
+                worst = EXIT_FAIL
+            else:
+                out.update(bundle=orjson.loads(ctx.payload()), unmapped=ctx.unmapped, warnings=ctx.warnings)
+            print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return worst
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="passerelle", description="HL7v2 / FHIR interoperability gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", required=True, help="mllp://HOST:PORT")
     send.add_argument("--timeout", type=float, default=30.0)
     send.set_defaults(func=_cmd_send)
+
+    convert = sub.add_parser("convert", help="print the FHIR the mappings make of HL7v2 files (no service)")
+    convert.add_argument("files", nargs="+")
+    convert.add_argument("--to", choices=["fhir"], default="fhir")
+    convert.add_argument("--mappings", default="mappings", help="the mapping directory (default: ./mappings)")
+    convert.add_argument("--default-charset", default="8859/15", help="charset when MSH-18 is empty")
+    convert.add_argument("--timezone", default="Europe/Paris", help="zone of HL7 times sent without one")
+    convert.set_defaults(func=_cmd_convert)
 
     api_help = "base URL of the running gateway's HTTP API"
     replay = sub.add_parser("replay", help="process stored messages again")

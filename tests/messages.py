@@ -23,6 +23,7 @@ def adt(
     app_ack: str = "",
     facility: str = "HOPITAL-NORD",
     msh9: str | None = None,
+    identity: str = "VALI",
 ) -> bytes:
     structure = {
         "A01": "ADT_A01",
@@ -36,9 +37,9 @@ def adt(
         f"{control_id}|P|2.5^FRA^2.11|||{accept_ack}|{app_ack}|FRA|{charset}|||2.11^IHE_FRANCE-2.11-PAM",
         "EVN||20261123101500|||JDUPONT^DUPONT^Jean",
         f"PID|||{patient}^^^HOPITAL-NORD&1.2.250.1.71.4.2.2.1234&ISO^PI||{family}^{given}^^^^^L||"
-        f"19750412|F|||12 rue des Écoles^^Besançon^^25000^FRA^H||||||||||||||||||||||VALI",
+        f"19750412|F|||12 rue des Écoles^^Besançon^^25000^FRA^H{'|' * 21}{identity}",
         "PV1||I|CARDIO^101^1^HOPITAL-NORD||||||||||||||||V2026000123^^^HOPITAL-NORD&1.2.250.1.71.4.2.2.1234&ISO^VN",
-        f"ZBE|MVT{control_id}^HOPITAL-NORD|20261123101500||INSERT|N",
+        f"ZBE|MVT{control_id}^HOPITAL-NORD^1.2.250.1.71.4.2.2.1234^ISO|20261123101500||INSERT|N",
     ]
     text = "\r".join(segments) + "\r"
     return text.encode(CHARSET_CODECS[charset])

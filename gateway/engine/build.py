@@ -56,9 +56,10 @@ class Builder:
         self.data_dir = data_dir
 
     def expand(self, value: Any) -> Any:
-        """``{data_dir}`` in any string setting."""
+        """``{data_dir}`` and ``{config_dir}`` in any string setting."""
         if isinstance(value, str):
-            return value.replace("{data_dir}", str(self.data_dir))
+            config_dir = str(Path(self.config.file).resolve().parent)
+            return value.replace("{data_dir}", str(self.data_dir)).replace("{config_dir}", config_dir)
         if isinstance(value, list):
             return [self.expand(v) for v in value]
         if isinstance(value, dict):

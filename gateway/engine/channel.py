@@ -359,14 +359,23 @@ class ChannelRuntime:
                     env.id,
                     StageRecord(f"step:{step.name}", Status.TRANSFORMED, ctx.payload(), ctx.content_type),
                 )
-        return self._transformed(env, ctx.payload(), destinations, ctx.warnings)
+        return self._transformed(env, ctx.payload(), destinations, ctx.warnings, ctx.unmapped)
 
     def _transformed(
-        self, env: Envelope, payload: bytes, destinations: list[str], warnings: list[str]
+        self,
+        env: Envelope,
+        payload: bytes,
+        destinations: list[str],
+        warnings: list[str],
+        unmapped: list[str] | None = None,
     ) -> tuple[bytes, StageRecord] | None:
         detail: dict[str, Any] = {"destinations": destinations}
         if warnings:
             detail["warnings"] = warnings
+        if unmapped:
+            # Nothing is dropped silently: what no rule read is kept on the message and counted.
+            detail["unmapped"] = unmapped
+            self.counters["unmapped"] = self.counters.get("unmapped", 0) + 1
         self.counters["transformed"] += 1
         transformed = StageRecord("transformed", Status.TRANSFORMED, detail=detail)
         if not self.destinations:

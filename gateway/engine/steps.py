@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import orjson
 
 from gateway.core.envelope import Envelope
+from gateway.core.errors import ValidationError
 from gateway.hl7.er7 import Message
+from gateway.mapping import functions
+from gateway.mapping.engine import Library
+from gateway.mapping.validate import bundle_errors
 
 
 @dataclass(slots=True)
@@ -23,6 +31,7 @@ class StepContext:
     filtered: str | None = None  # reason, when a step declines the message
     changed: bool = False
     warnings: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)  # fields no mapping rule read
 
     def payload(self) -> bytes:
         if self.body is not None:
@@ -94,3 +103,45 @@ class RemoveSegments:
             ]
             ctx.message = Message.from_segments(kept, ctx.message.separators, charset=ctx.message.charset)
             ctx.changed = True
+
+
+class FhirMapping:
+    """HL7v2 → FHIR transaction Bundle through the declarative mappings; the Bundle is validated.
+
+    What the message carried and no rule read is recorded as ``unmapped`` on the message;
+    with ``unmapped: reject`` such a message is refused (AE) instead.
+    """
+
+    CONFIG_SCHEMA: Mapping[str, Any] = {
+        "type": "object",
+        "required": ["directory"],
+        "properties": {
+            "directory": {"type": "string", "minLength": 1},
+            "unmapped": {"enum": ["report", "reject"]},
+            "timezone": {"type": "string", "minLength": 1},
+        },
+    }
+
+    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+        self.name = name
+        self.library = Library.load(Path(settings["directory"]), functions.available())
+        self.reject_unmapped = settings.get("unmapped", "report") == "reject"
+        self.timezone: str = settings.get("timezone", "Europe/Paris")
+        ZoneInfo(self.timezone)  # an unknown zone fails at start-up
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.message is None:
+            return
+        result = self.library.map(ctx.message, timezone=self.timezone)
+        ctx.warnings.extend(result.warnings)
+        ctx.unmapped = result.unmapped
+        if result.unmapped and self.reject_unmapped:
+            raise ValidationError(
+                f"content no mapping reads: {', '.join(result.unmapped[:10])}", location=result.unmapped[0]
+            )
+        errors = bundle_errors(result.bundle)
+        if errors:
+            raise ValidationError("the FHIR produced is not valid: " + "; ".join(errors[:5]))
+        ctx.body = orjson.dumps(result.bundle)
+        ctx.content_type = "application/fhir+json"
+        ctx.changed = True

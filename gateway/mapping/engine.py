@@ -1,0 +1,637 @@
+"""Declarative HL7v2 → FHIR mappings: YAML rules, concept maps, named functions.
+
+A mapping file (``mappings/*.yaml``) says which events it serves and which
+resources it builds. Each resource has rules; a rule reads an ER7 path and sets
+a FHIR element::
+
+    name: pam-fr-adt
+    events: ["ADT^A01", "ADT^A04"]
+    resources:
+      - key: patient                  # other rules refer to it as {ref: patient}
+        type: Patient
+        identity: identifier          # conditional update on this element's first system|value
+        rules:
+          - set: gender
+            from: PID-8
+            map: hl7-0001-gender      # a concept map (mappings/conceptmaps/*.yaml)
+          - set: name[]               # [] appends one element per repetition
+            each: PID-5               # repetitions; inner "from" paths are relative (".1", ".2.1")
+            rules:
+              - {set: family, from: ".1"}
+              - {set: "given[]", from: ".2"}
+          - set: birthDate
+            from: PID-7
+            fn: hl7_date              # a named Python function (gateway.mapping.functions)
+          - set: active
+            const: true
+          - set: extension[]
+            fn: identity_reliability  # functions may read the whole message
+            when: {from: PID-32, not_in: ["", "VIDE"]}
+
+Mapping code never touches sockets or databases. Every field a rule reads is
+recorded, so what a message carries and no rule consumed can be reported.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
+from gateway.hl7.er7 import Message, unescape
+
+_ER7_ABS = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2})$")
+_ER7_REL = re.compile(r"^((?:\.\d+){1,2})$")
+_ELEMENT = re.compile(r"^[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?(?:\.[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?)*$")
+
+Function = Callable[["Context", Any], Any]
+
+
+@dataclass(slots=True)
+class Context:
+    """What a rule sees: the message, the current repetition (inside ``each``), and the output so far."""
+
+    message: Message
+    warnings: list[str]
+    consumed: set[tuple[str, int, int]]  # (segment, occurrence, field)
+    refs: dict[str, str]  # resource key → fullUrl
+    scope: str | None = None  # raw text of the current repetition
+    scope_field: tuple[str, int, int] | None = None
+    segment: tuple[str, int] | None = None  # the segment iterated by a segment-level "each"
+    timezone: str = "Europe/Paris"  # for HL7 times sent without a zone
+
+    def read(self, path: str) -> str:
+        """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1)."""
+        rel = _ER7_REL.match(path)
+        if rel:
+            if self.scope is None:
+                raise ValueError(f"relative path {path} outside an 'each'")
+            return _component(self.scope, rel.group(1), self.message)
+        m = _ER7_ABS.match(path)
+        if m is None:
+            raise ValueError(f"bad ER7 path {path!r}")
+        seg, occ, fld, rep, comps = m.groups()
+        occurrence = int(occ) if occ else (self.segment[1] if self.segment and self.segment[0] == seg else 1)
+        self.consumed.add((seg, occurrence, int(fld)))
+        rep_index = int(rep) if rep and rep != "*" else 1
+        segment = self.message.segment(seg, occurrence)
+        if segment is None:
+            return ""
+        reps = _repetitions(segment.field(int(fld)), self.message, seg == "MSH" and int(fld) <= 2)
+        if rep_index > len(reps):
+            return ""
+        return (
+            _component(reps[rep_index - 1], comps, self.message)
+            if comps
+            else _leaf(reps[rep_index - 1], self.message)
+        )
+
+    def repetitions(self, path: str) -> list[str]:
+        m = _ER7_ABS.match(path)
+        if m is None or m.group(5):
+            raise ValueError(f"'each' takes a field path such as PID-3, not {path!r}")
+        seg, occ, fld, _, _ = m.groups()
+        occurrence = int(occ) if occ else (self.segment[1] if self.segment and self.segment[0] == seg else 1)
+        self.consumed.add((seg, occurrence, int(fld)))
+        segment = self.message.segment(seg, occurrence)
+        if segment is None:
+            return []
+        return [r for r in _repetitions(segment.field(int(fld)), self.message, False) if r]
+
+    def ref(self, key: str) -> dict[str, str]:
+        if key not in self.refs:
+            raise ValueError(f"no resource {key!r} in this mapping")
+        return {"reference": self.refs[key]}
+
+
+def _repetitions(raw: str, msg: Message, atomic: bool) -> list[str]:
+    if atomic:
+        return [raw]
+    return raw.split(msg.separators.repetition) if raw else []
+
+
+def _leaf(text: str, msg: Message) -> str:
+    seps = msg.separators
+    if seps.component in text or seps.subcomponent in text:
+        return _component(text, ".1", msg)
+    return unescape(text, seps, msg.codec)
+
+
+def _component(rep: str, comps: str, msg: Message) -> str:
+    seps = msg.separators
+    parts = [int(p) for p in comps.strip(".").split(".")]
+    value = rep
+    pieces = value.split(seps.component)
+    value = pieces[parts[0] - 1] if parts[0] <= len(pieces) else ""
+    sub = parts[1] if len(parts) > 1 else 1
+    subs = value.split(seps.subcomponent)
+    value = subs[sub - 1] if sub <= len(subs) else ""
+    return unescape(value, seps, msg.codec)
+
+
+# -- rules ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    source: str
+    equals: str | None = None
+    in_: frozenset[str] | None = None
+    not_in: frozenset[str] | None = None
+    present: bool | None = None
+
+    def holds(self, ctx: Context) -> bool:
+        value = ctx.read(self.source)
+        if self.present is not None and bool(value) != self.present:
+            return False
+        if self.equals is not None and value != self.equals:
+            return False
+        if self.in_ is not None and value not in self.in_:
+            return False
+        return not (self.not_in is not None and value in self.not_in)
+
+
+@dataclass(slots=True)
+class Rule:
+    target: str  # FHIR element path: "gender", "name[]", "identifier[0].system", "" for the resource itself
+    source: str | None = None
+    const: Any = None
+    concept_map: str | None = None
+    function: str | None = None
+    when: Condition | None = None
+    each: str | None = None  # a field (repetitions) or a segment name (occurrences)
+    rules: list[Rule] = field(default_factory=list)
+    ref: str | None = None
+    where: str = ""  # file:line, for error messages
+
+
+@dataclass(slots=True)
+class ResourceMapping:
+    key: str
+    type: str
+    rules: list[Rule]
+    identity: str | None = None  # element whose first system|value makes the conditional update
+    when: Condition | None = None
+    where: str = ""
+
+
+@dataclass(slots=True)
+class Mapping_:
+    name: str
+    events: frozenset[str]
+    resources: list[ResourceMapping]
+    file: str
+    ignore_segments: frozenset[str] = frozenset()
+
+    def serves(self, event: str) -> bool:
+        family = event.split("^")[0] + "^*"
+        return event in self.events or family in self.events
+
+
+@dataclass(slots=True)
+class MappingResult:
+    bundle: dict[str, Any]
+    warnings: list[str]
+    unmapped: list[str]  # "ZXY-2", "PID-13" … non-empty fields no rule read
+    mapping: str
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Keeps each mapping's line so that errors point at it."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    data = {str(k): v for k, v in loader.construct_mapping(node, deep=True).items()}
+    data["__line__"] = node.start_mark.line + 1
+    return data
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "ref", "__line__"}
+_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "__line__"}
+_FILE_KEYS = {"name", "events", "resources", "ignore_segments", "__line__"}
+_WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
+
+
+class Library:
+    """All mapping files, concept maps and functions, checked at load time."""
+
+    def __init__(
+        self,
+        mappings: Sequence[Mapping_],
+        concept_maps: Mapping[str, Mapping[str, str]],
+        functions: Mapping[str, Function],
+    ) -> None:
+        self.mappings = list(mappings)
+        self.concept_maps = dict(concept_maps)
+        self.functions = dict(functions)
+
+    @classmethod
+    def load(cls, directory: Path, functions: Mapping[str, Function]) -> Library:
+        concept_maps: dict[str, dict[str, str]] = {}
+        for path in sorted((directory / "conceptmaps").glob("*.yaml")):
+            data = _load_yaml(path)
+            for name, table in data.items():
+                if name == "__line__":
+                    continue
+                if not isinstance(table, dict):
+                    raise ConfigError(
+                        "a concept map is a mapping of source code → target", file=str(path), key=name
+                    )
+                concept_maps[name] = {str(k): _strip_lines(v) for k, v in table.items() if k != "__line__"}
+        mappings = [_parse_file(p, concept_maps, functions) for p in sorted(directory.glob("*.yaml"))]
+        names = [m.name for m in mappings]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"two mapping files are named {name!r}", file=str(directory))
+        return cls(mappings, concept_maps, functions)
+
+    def for_event(self, event: str) -> Mapping_ | None:
+        exact = [m for m in self.mappings if event in m.events]
+        if exact:
+            return exact[0]
+        family = [m for m in self.mappings if m.serves(event)]
+        return family[0] if family else None
+
+    def map(self, message: Message, *, timezone: str = "Europe/Paris") -> MappingResult:
+        event = f"{message.message_type}^{message.trigger}"
+        mapping = self.for_event(event)
+        if mapping is None:
+            raise UnsupportedMessage(f"no mapping for {event}", location="MSH-9")
+        return run(mapping, message, self, timezone=timezone)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(path.read_text("utf-8"), Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"not valid YAML: {exc.problem}", file=str(path), line=line) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("a mapping file is a YAML mapping", file=str(path), line=1)
+    return data
+
+
+def _strip_lines(value: Any) -> Any:
+    """The loader's line markers belong to the rules, not to the values they carry."""
+    if isinstance(value, dict):
+        return {k: _strip_lines(v) for k, v in value.items() if k != "__line__"}
+    if isinstance(value, list):
+        return [_strip_lines(v) for v in value]
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], file: str, what: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise ConfigError(
+            f"unknown key in {what}; allowed: {', '.join(sorted(allowed - {'__line__'}))}",
+            file=file,
+            key=extra[0],
+            line=data.get("__line__"),
+        )
+
+
+def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[str, Function]) -> Mapping_:
+    file = str(path)
+    data = _load_yaml(path)
+    _check_keys(data, _FILE_KEYS, file, "a mapping file")
+    for required in ("name", "events", "resources"):
+        if required not in data:
+            raise ConfigError("is required", file=file, key=required, line=1)
+    events = data["events"]
+    if not isinstance(events, list) or not all(isinstance(e, str) and "^" in e for e in events):
+        raise ConfigError(
+            "a list of events such as ADT^A01 (or ADT^* for a family)",
+            file=file,
+            key="events",
+            line=data["__line__"],
+        )
+    resources = []
+    keys: set[str] = set()
+    for item in data["resources"]:
+        _check_keys(item, _RESOURCE_KEYS, file, "a resource")
+        line = item["__line__"]
+        for required in ("key", "type"):
+            if required not in item:
+                raise ConfigError("is required", file=file, key=required, line=line)
+        if item["key"] in keys:
+            raise ConfigError(f"duplicate resource key {item['key']!r}", file=file, key="key", line=line)
+        keys.add(item["key"])
+        rules = [_parse_rule(r, file, concept_maps, functions) for r in item.get("rules", [])]
+        when = _parse_when(item["when"], file) if "when" in item else None
+        resources.append(
+            ResourceMapping(item["key"], item["type"], rules, item.get("identity"), when, f"{file}:{line}")
+        )
+    for res in resources:  # references must name a resource of this file
+        for rule in _walk(res.rules):
+            if rule.ref is not None and rule.ref not in keys:
+                raise ConfigError(
+                    f"no resource with key {rule.ref!r} in this file",
+                    file=file,
+                    key="ref",
+                    line=int(rule.where.rsplit(":", 1)[1]),
+                )
+    return Mapping_(
+        data["name"], frozenset(events), resources, file, frozenset(data.get("ignore_segments", []))
+    )
+
+
+def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
+    for rule in rules:
+        yield rule
+        yield from _walk(rule.rules)
+
+
+def _parse_when(data: Any, file: str) -> Condition:
+    if not isinstance(data, dict) or "from" not in data:
+        raise ConfigError(
+            "a condition needs 'from' and one test (equals, in, not_in, present)",
+            file=file,
+            key="when",
+            line=data.get("__line__") if isinstance(data, dict) else None,
+        )
+    _check_keys(data, _WHEN_KEYS, file, "a condition")
+    _check_path(data["from"], file, data["__line__"])
+    return Condition(
+        data["from"],
+        equals=str(data["equals"]) if "equals" in data else None,
+        in_=frozenset(map(str, data["in"])) if "in" in data else None,
+        not_in=frozenset(map(str, data["not_in"])) if "not_in" in data else None,
+        present=bool(data["present"]) if "present" in data else None,
+    )
+
+
+def _check_path(path: Any, file: str, line: int) -> None:
+    if not isinstance(path, str) or not (_ER7_ABS.match(path) or _ER7_REL.match(path)):
+        raise ConfigError(
+            f"{path!r} is not an ER7 path such as PID-3.1 or .2 (inside 'each')",
+            file=file,
+            key="from",
+            line=line,
+        )
+
+
+def _parse_rule(
+    data: Any, file: str, concept_maps: Mapping[str, Any], functions: Mapping[str, Function]
+) -> Rule:
+    if not isinstance(data, dict):
+        raise ConfigError("a rule is a mapping with 'set'", file=file)
+    _check_keys(data, _RULE_KEYS, file, "a rule")
+    line = data["__line__"]
+    where = f"{file}:{line}"
+    target = data.get("set", "")
+    if target and not _ELEMENT.match(target):
+        raise ConfigError(
+            f"{target!r} is not a FHIR element path such as name[].family", file=file, key="set", line=line
+        )
+    if "from" in data:
+        _check_path(data["from"], file, line)
+    if "map" in data and data["map"] not in concept_maps:
+        raise ConfigError(
+            f"no concept map {data['map']!r}; known: {', '.join(sorted(concept_maps))}",
+            file=file,
+            key="map",
+            line=line,
+        )
+    if "fn" in data and data["fn"] not in functions:
+        raise ConfigError(
+            f"no function {data['fn']!r}; known: {', '.join(sorted(functions))}",
+            file=file,
+            key="fn",
+            line=line,
+        )
+    sources = [k for k in ("from", "const", "each", "ref") if k in data]
+    if not sources and "fn" not in data:
+        raise ConfigError("a rule needs one of from, const, each, ref or fn", file=file, key="set", line=line)
+    if "each" in data and "rules" not in data:
+        raise ConfigError("'each' needs inner 'rules'", file=file, key="each", line=line)
+    return Rule(
+        target=target,
+        source=data.get("from"),
+        const=_strip_lines(data.get("const")),
+        concept_map=data.get("map"),
+        function=data.get("fn"),
+        when=_parse_when(data["when"], file) if "when" in data else None,
+        each=data.get("each"),
+        rules=[_parse_rule(r, file, concept_maps, functions) for r in data.get("rules", [])],
+        ref=data.get("ref"),
+        where=where,
+    )
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def run(
+    mapping: Mapping_, message: Message, library: Library, *, timezone: str = "Europe/Paris"
+) -> MappingResult:
+    ctx = Context(
+        message, [], set(), {r.key: f"urn:uuid:{uuid.uuid4()}" for r in mapping.resources}, timezone=timezone
+    )
+    # Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
+    for fld in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21):
+        ctx.consumed.add(("MSH", 1, fld))
+    entries = []
+    for res in mapping.resources:
+        if res.when is not None and not res.when.holds(ctx):
+            continue
+        resource: dict[str, Any] = {"resourceType": res.type}
+        try:
+            for rule in res.rules:
+                _apply(rule, resource, ctx, library)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
+        _prune(resource)
+        entries.append((res, resource))
+    bundle_entries = []
+    for res, resource in entries:
+        request: dict[str, str] = {"method": "POST", "url": res.type}
+        ident = _identity(resource, res.identity) if res.identity else None
+        if ident:
+            request = {"method": "PUT", "url": f"{res.type}?{ident}"}
+        bundle_entries.append({"fullUrl": ctx.refs[res.key], "resource": resource, "request": request})
+    present = {ctx.refs[res.key] for res, _ in entries}
+    for _, resource in entries:
+        _drop_dangling(resource, present)
+    unmapped = _unmapped(message, ctx.consumed, mapping.ignore_segments)
+    return MappingResult(
+        {"resourceType": "Bundle", "type": "transaction", "entry": bundle_entries},
+        ctx.warnings,
+        unmapped,
+        mapping.name,
+    )
+
+
+def _identity(resource: Mapping[str, Any], element: str) -> str | None:
+    values = resource.get(element)
+    if not isinstance(values, list):
+        return None
+    with_system = [i for i in values if isinstance(i, dict) and i.get("system") and i.get("value")]
+    if with_system:
+        return f"identifier={with_system[0]['system']}|{with_system[0]['value']}"
+    # "|value" searches identifiers that have no system: still idempotent on replay.
+    bare = [i for i in values if isinstance(i, dict) and i.get("value")]
+    return f"identifier=|{bare[0]['value']}" if bare else None
+
+
+def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -> None:
+    if rule.each is not None:
+        _apply_each(rule, target, ctx, library)  # its condition is tested on each repetition
+        return
+    if rule.when is not None and not rule.when.holds(ctx):
+        return
+    if rule.ref is not None:
+        value: Any = ctx.ref(rule.ref)
+    elif rule.source is not None:
+        value = ctx.read(rule.source)
+        if value == "":
+            return
+    else:
+        value = rule.const
+    if rule.concept_map is not None:
+        table = library.concept_maps[rule.concept_map]
+        if str(value) not in table:
+            ctx.warnings.append(f"{rule.source}: code not in concept map {rule.concept_map}")
+            return
+        value = table[str(value)]
+    if rule.function is not None:
+        value = library.functions[rule.function](ctx, value)
+    if value is None or value == "" or value == [] or value == {}:
+        return
+    _set(target, rule.target, value)
+
+
+def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -> None:
+    assert rule.each is not None
+    saved = (ctx.scope, ctx.segment)
+    if re.fullmatch(r"[A-Z][A-Z0-9]{2}", rule.each):  # every occurrence of a segment
+        count = len(ctx.message.segments_named(rule.each))
+        scopes: list[tuple[str | None, tuple[str, int] | None]] = [
+            (None, (rule.each, i)) for i in range(1, count + 1)
+        ]
+    else:
+        scopes = [(rep, ctx.segment) for rep in ctx.repetitions(rule.each)]
+    try:
+        for scope, segment in scopes:
+            ctx.scope, ctx.segment = scope, segment
+            if rule.when is not None and not rule.when.holds(ctx):
+                continue
+            item: dict[str, Any] = {}
+            for inner in rule.rules:
+                _apply(inner, item, ctx, library)
+            _prune(item)
+            if item:
+                if rule.target:
+                    _set(target, rule.target, item.get("") if "" in item else item)
+                else:
+                    target.update(item)
+    finally:
+        ctx.scope, ctx.segment = saved
+
+
+_STEP = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*)(?:\[(\d*)\])?$")
+
+
+def _set(target: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``value`` at a dotted element path; ``x[]`` appends, ``x[0]`` addresses an index."""
+    if path == "":
+        if isinstance(value, dict):
+            target.update(value)
+            return
+        target[""] = value
+        return
+    steps = path.split(".")
+    node: Any = target
+    for i, step in enumerate(steps):
+        m = _STEP.match(step)
+        if m is None:
+            raise ValueError(f"bad element path {path!r}")
+        name, index = m.groups()
+        last = i == len(steps) - 1
+        if index is None:
+            if last:
+                node[name] = value
+                return
+            node = node.setdefault(name, {})
+            continue
+        items = node.setdefault(name, [])
+        if index == "":
+            if last:
+                items.extend(value) if isinstance(value, list) else items.append(value)
+                return
+            items.append({})
+            node = items[-1]
+            continue
+        pos = int(index)
+        while len(items) <= pos:
+            items.append({})
+        if last:
+            items[pos] = value
+            return
+        node = items[pos]
+
+
+def _prune(node: Any) -> Any:
+    """Drop empty objects and lists left by rules that found nothing."""
+    if isinstance(node, dict):
+        for key in list(node):
+            node[key] = _prune(node[key])
+            if node[key] in ({}, [], "", None):
+                del node[key]
+    elif isinstance(node, list):
+        node[:] = [x for x in (_prune(v) for v in node) if x not in ({}, [], "", None)]
+    return node
+
+
+def _drop_dangling(node: Any, present: set[str]) -> None:
+    """A reference to a resource this message did not produce (its ``when`` failed) is removed."""
+    if isinstance(node, dict):
+        for key in list(node):
+            value = node[key]
+            if (
+                isinstance(value, dict)
+                and str(value.get("reference", "")).startswith("urn:uuid:")
+                and value["reference"] not in present
+            ):
+                del node[key]
+            else:
+                _drop_dangling(value, present)
+    elif isinstance(node, list):
+        node[:] = [
+            v
+            for v in node
+            if not (
+                isinstance(v, dict)
+                and str(v.get("reference", "")).startswith("urn:uuid:")
+                and v["reference"] not in present
+            )
+        ]
+        for v in node:
+            _drop_dangling(v, present)
+
+
+def _unmapped(message: Message, consumed: set[tuple[str, int, int]], ignored: frozenset[str]) -> list[str]:
+    out = []
+    counts: dict[str, int] = {}
+    for seg in message.segments:
+        counts[seg.name] = counts.get(seg.name, 0) + 1
+        occ = counts[seg.name]
+        if seg.name in ignored:
+            continue
+        for n in range(1, len(seg) + 1):
+            if seg.name == "MSH" and n <= 2:
+                continue
+            if seg.field(n) and (seg.name, occ, n) not in consumed:
+                out.append(f"{seg.name}{f'[{occ}]' if occ > 1 else ''}-{n}")
+    return out

@@ -1,0 +1,171 @@
+"""Named functions for mapping rules: the logic that data alone cannot express.
+
+A function takes the rule's Context and the value read (or None) and returns the
+value to set (None sets nothing). Integrators add their own through the
+entry-point group ``passerelle.mapping_functions``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from importlib.metadata import entry_points
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway.mapping.engine import Context
+
+# FR Core 2.1.0 and PAM FR 2.11 facts (see the project's reference notes).
+FR_IDENTITY_RELIABILITY = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
+FR_CS_0445 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445"
+FR_CS_0203 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
+HL7_CS_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+FR_INSEE_CODE = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code"
+INSEE_COMMUNES = "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM"
+INS_OIDS = {
+    "1.2.250.1.213.1.4.8": "INS-NIR",
+    "1.2.250.1.213.1.4.9": "INS-NIA",
+    "1.2.250.1.213.1.4.10": "INS-NIR",  # test NIR
+    "1.2.250.1.213.1.4.11": "INS-NIR",  # demo NIR
+}
+# PID-32, HL7 table 0445 as PAM FR 2.11 uses it.
+IDENTITY_STATUSES = frozenset(
+    {"VIDE", "PROV", "VALI", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV"}
+    | {"FILI", "CACH", "ANOM", "IDVER", "RECD", "IDRA", "USUR", "HOMD", "INVA"}
+)
+
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
+
+Function = Callable[[Context, Any], Any]
+
+
+def hl7_date(ctx: Context, value: Any) -> str | None:
+    """HL7 DT/TS → FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)."""
+    m = _TS.match(str(value or ""))
+    if m is None:
+        if value:
+            ctx.warnings.append("a date is not in HL7 form YYYY[MM[DD]]")
+        return None
+    year, month, day = m.group(1), m.group(2), m.group(3)
+    return "-".join(p for p in (year, month, day) if p)
+
+
+def hl7_datetime(ctx: Context, value: Any) -> str | None:
+    """HL7 TS/DTM → FHIR dateTime. FHIR needs a zone with a time: a zoneless HL7 time is read in the
+    mapping's declared time zone (Europe/Paris for the French feeds), daylight saving included."""
+    m = _TS.match(str(value or ""))
+    if m is None:
+        if value:
+            ctx.warnings.append("a timestamp is not in HL7 form YYYYMMDDHHMM[SS][+ZZZZ]")
+        return None
+    year, month, day, hour, minute, second, zone = m.groups()
+    if not (month and day):
+        return "-".join(p for p in (year, month) if p)
+    date = f"{year}-{month}-{day}"
+    if not hour:
+        return date
+    if zone:
+        offset = f"{zone[:3]}:{zone[3:]}"
+    else:
+        local = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute or 0),
+            int(second or 0),
+            tzinfo=ZoneInfo(ctx.timezone),
+        )
+        raw = local.strftime("%z")
+        offset = f"{raw[:3]}:{raw[3:]}"
+    return f"{date}T{hour}:{minute or '00'}:{second or '00'}{offset}"
+
+
+def pid_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """One PID-3 repetition (CX) → Identifier, with the PAM FR INS rule.
+
+    The INS (NIR/NIA) travels only when PID-32 is VALI: otherwise it is dropped and a
+    warning is recorded on the message.
+    """
+    value = ctx.read(".1")
+    if not value:
+        return None
+    oid = ctx.read(".4.2")
+    universal_type = ctx.read(".4.3")
+    type_code = ctx.read(".5")
+    ins_kind = INS_OIDS.get(oid) if universal_type == "ISO" else None
+    if ins_kind is not None or type_code == "INS":
+        if ctx.message.get("PID-32") != "VALI":
+            ctx.warnings.append("INS received without PID-32 = VALI: identifier dropped (PAM FR rule)")
+            return None
+        return {
+            "use": "official",
+            "type": {"coding": [{"system": FR_CS_0203, "code": ins_kind or "INS-NIR"}]},
+            "system": f"urn:oid:{oid}",
+            "value": value,
+        }
+    ident: dict[str, Any] = {"value": value}
+    if oid and universal_type == "ISO":
+        ident["system"] = f"urn:oid:{oid}"
+    if type_code:
+        ident["type"] = {"coding": [{"system": HL7_CS_0203, "code": type_code}]}
+        if type_code == "PI":
+            ident["use"] = "usual"
+    return ident
+
+
+def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """PID-32 → the FR Core identity-reliability extension (first known status code)."""
+    for code in ctx.message.repetitions("PID-32"):
+        if code in IDENTITY_STATUSES:
+            return {
+                "url": FR_IDENTITY_RELIABILITY,
+                "extension": [{"url": "identityStatus", "valueCoding": {"system": FR_CS_0445, "code": code}}],
+            }
+    if ctx.message.get("PID-32"):
+        ctx.warnings.append("PID-32 holds no identity status of table 0445")
+    return None
+
+
+def birth_place(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The PID-11 repetition with XAD-7 = BDL → patient-birthPlace with the INSEE commune code."""
+    for rep in ctx.message.repetitions("PID-11"):
+        parts = rep.split(ctx.message.separators.component)
+        if len(parts) >= 7 and parts[6] == "BDL":
+            address: dict[str, Any] = {}
+            if len(parts) > 2 and parts[2]:
+                address["city"] = parts[2]
+            if len(parts) > 8 and parts[8]:
+                address["extension"] = [
+                    {"url": FR_INSEE_CODE, "valueCoding": {"system": INSEE_COMMUNES, "code": parts[8]}}
+                ]
+            if len(parts) > 5 and parts[5]:
+                address["country"] = parts[5]
+            return {"url": BIRTH_PLACE, "valueAddress": address} if address else None
+    return None
+
+
+def oid_system(ctx: Context, value: Any) -> str | None:
+    """An OID (from an HD or EI universal id) → the FHIR system urn:oid:…; anything else is left out."""
+    text = str(value or "")
+    return f"urn:oid:{text}" if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", text) else None
+
+
+BUILTIN: dict[str, Function] = {
+    "oid_system": oid_system,
+    "hl7_date": hl7_date,
+    "hl7_datetime": hl7_datetime,
+    "pid_identifier": pid_identifier,
+    "identity_reliability": identity_reliability,
+    "birth_place": birth_place,
+}
+
+
+def available() -> dict[str, Function]:
+    """Built-in functions plus those registered by installed packages."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="passerelle.mapping_functions"):
+        found[ep.name] = ep.load()
+    return found

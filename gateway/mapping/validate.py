@@ -1,0 +1,29 @@
+"""Every produced Bundle is validated with fhir.resources (R4B models) before it leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+from fhir.resources.R4B import get_fhir_model_class
+
+
+def bundle_errors(bundle: Mapping[str, Any]) -> list[str]:
+    """Each problem as 'Bundle.entry[i].resource.<path>: message'; empty when valid."""
+    errors: list[str] = []
+    for i, entry in enumerate(bundle.get("entry", [])):
+        resource = entry.get("resource", {})
+        kind = resource.get("resourceType", "")
+        try:
+            model = get_fhir_model_class(kind)
+        except (KeyError, ValueError, ImportError):
+            errors.append(f"Bundle.entry[{i}].resource: unknown resource type {kind!r}")
+            continue
+        try:
+            model.model_validate(resource)
+        except pydantic.ValidationError as exc:
+            for err in exc.errors():
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+                errors.append(f"Bundle.entry[{i}].resource{where}: {err['msg']}")
+    return errors

@@ -1,0 +1,340 @@
+"""PAM FR ADT → FR Core Patient/Encounter: golden output, INS rule, unmapped content, mapping errors."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.core.errors import ConfigError, UnsupportedMessage
+from gateway.hl7.er7 import Message, escape
+from gateway.mapping import functions
+from gateway.mapping.engine import Library, MappingResult
+from gateway.mapping.validate import bundle_errors
+
+MAPPINGS = Path(__file__).parents[2] / "mappings"
+LIB = Library.load(MAPPINGS, functions.available())
+
+
+def segment(name: str, fields: dict[int, str]) -> str:
+    """A segment from its non-empty fields by position, so that no pipe is miscounted."""
+    return "|".join([name, *(fields.get(n, "") for n in range(1, max(fields) + 1))])
+
+
+# Authored for this test: a fictional patient, PAM FR 2.11 shapes, INS qualified (VALI), birthplace BDL,
+# birth and used names, an escaped "&" in the street, a Z segment the mappings do not know.
+A01 = (
+    "\r".join(
+        [
+            "MSH|^~\\&|DXCARE|CHU-EST|PASSERELLE|GHT|20261123101500||ADT^A01^ADT_A01|A01-0001|P|2.5^FRA^2.11|||||FRA"
+            "|UNICODE UTF-8|||2.11^IHE_FRANCE-2.11-PAM",
+            "EVN||20261123101500",
+            "PID|||552233^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI~275042512345678^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8"
+            "&ISO^INS||GÉRARD^Zoé^^^Mme^^L~MARTIN-GÉRARD^Zoé^^^^^D||19750425|F|||"
+            "3 rue des Tanneurs \\T\\ fils^^Besançon"
+            "^^25000^FRA^H~^^Besançon^^^FRA^BDL^^25056||0381000000|||||||||||||||||||VALI",
+            segment(
+                "PV1",
+                {
+                    2: "I",
+                    3: "CARDIO^101^1",
+                    19: "V26-000456^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^VN",
+                    44: "20261123101500",
+                },
+            ),
+            segment(
+                "ZBE",
+                {
+                    1: "MVT-7788^CHU-EST^1.2.250.1.71.4.2.2.4455^ISO",
+                    2: "20261123101500",
+                    4: "INSERT",
+                    5: "N",
+                    7: "CARDIOLOGIE^^^^^^^^^4010",
+                },
+            ),
+            "ZXY|1|something the mappings do not know",
+        ]
+    )
+    + "\r"
+)
+
+
+def mapped(text: str) -> MappingResult:
+    return LIB.map(Message.parse(text))
+
+
+def normalized(result: MappingResult) -> Any:
+    """The bundle with its urn:uuid fullUrls named by order, so that it can be compared whole."""
+    data = orjson.dumps(result.bundle).decode()
+    for n, uid in enumerate(dict.fromkeys(re.findall(r"urn:uuid:[0-9a-f-]{36}", data))):
+        data = data.replace(uid, f"urn:uuid:{n}")
+    return orjson.loads(data)
+
+
+def test_a01_golden_bundle() -> None:
+    result = mapped(A01)
+    assert bundle_errors(result.bundle) == []
+    assert normalized(result) == {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0",
+                "resource": {
+                    "resourceType": "Patient",
+                    "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient"]},
+                    "identifier": [
+                        {
+                            "value": "552233",
+                            "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                            "type": {
+                                "coding": [
+                                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}
+                                ]
+                            },
+                            "use": "usual",
+                        },
+                        {
+                            "use": "official",
+                            "type": {
+                                "coding": [
+                                    {
+                                        "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                        "code": "INS-NIR",
+                                    }
+                                ]
+                            },
+                            "system": "urn:oid:1.2.250.1.213.1.4.8",
+                            "value": "275042512345678",
+                        },
+                    ],
+                    "name": [
+                        {"family": "GÉRARD", "given": ["Zoé"], "prefix": ["Mme"], "use": "official"},
+                        {"family": "MARTIN-GÉRARD", "given": ["Zoé"], "use": "usual"},
+                    ],
+                    "gender": "female",
+                    "birthDate": "1975-04-25",
+                    "address": [
+                        {
+                            "line": ["3 rue des Tanneurs & fils"],
+                            "city": "Besançon",
+                            "postalCode": "25000",
+                            "country": "FRA",
+                        },
+                    ],
+                    "extension": [
+                        {
+                            "url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                            "valueAddress": {
+                                "city": "Besançon",
+                                "extension": [
+                                    {
+                                        "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code",
+                                        "valueCoding": {
+                                            "system": "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM",
+                                            "code": "25056",
+                                        },
+                                    }
+                                ],
+                                "country": "FRA",
+                            },
+                        },
+                        {
+                            "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability",
+                            "extension": [
+                                {
+                                    "url": "identityStatus",
+                                    "valueCoding": {
+                                        "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445",
+                                        "code": "VALI",
+                                    },
+                                }
+                            ],
+                        },
+                    ],
+                    "telecom": [{"value": "0381000000", "system": "phone", "use": "home"}],
+                },
+                "request": {
+                    "method": "PUT",
+                    "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|552233",
+                },
+            },
+            {
+                "fullUrl": "urn:uuid:1",
+                "resource": {
+                    "resourceType": "Encounter",
+                    "identifier": [
+                        {
+                            "value": "V26-000456",
+                            "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                            "type": {
+                                "coding": [
+                                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN"}
+                                ]
+                            },
+                        }
+                    ],
+                    "status": "in-progress",
+                    "class": {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                        "code": "IMP",
+                        "display": "inpatient encounter",
+                    },
+                    "subject": {"reference": "urn:uuid:0"},
+                    "period": {"start": "2026-11-23T10:15:00+01:00"},
+                },
+                "request": {
+                    "method": "PUT",
+                    "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|V26-000456",
+                },
+            },
+            {
+                "fullUrl": "urn:uuid:2",
+                "resource": {
+                    "resourceType": "Encounter",
+                    "identifier": [{"value": "MVT-7788", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+                    "status": "in-progress",
+                    "class": {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                        "code": "IMP",
+                        "display": "inpatient encounter",
+                    },
+                    "subject": {"reference": "urn:uuid:0"},
+                    "partOf": {"reference": "urn:uuid:1"},
+                    "period": {"start": "2026-11-23T10:15:00+01:00"},
+                    "location": [{"location": {"display": "CARDIO"}}],
+                    "serviceType": {"coding": [{"code": "4010", "display": "CARDIOLOGIE"}]},
+                },
+                "request": {
+                    "method": "PUT",
+                    "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|MVT-7788",
+                },
+            },
+        ],
+    }
+    assert result.warnings == []
+    # nothing silently lost: what no rule read is reported, down to the unknown Z segment
+    assert result.unmapped == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+
+
+def test_ins_without_vali_is_dropped_with_a_warning() -> None:
+    result = mapped(A01.replace("|VALI\r", "|PROV\r"))
+    patient = result.bundle["entry"][0]["resource"]
+    systems = [i.get("system") for i in patient["identifier"]]
+    assert "urn:oid:1.2.250.1.213.1.4.8" not in systems
+    assert any("INS" in w and "VALI" in w for w in result.warnings)
+    status = patient["extension"][1]["extension"][0]["valueCoding"]["code"]
+    assert status == "PROV"
+
+
+def test_cancellations_mark_and_keep() -> None:
+    a11 = A01.replace("ADT^A01^ADT_A01", "ADT^A11^ADT_A09").replace("|INSERT|", "|CANCEL|")
+    result = mapped(a11)
+    visit, movement = (e["resource"] for e in result.bundle["entry"][1:])
+    assert visit["status"] == "cancelled"
+    assert movement["status"] == "entered-in-error"  # kept and marked, not deleted
+    assert bundle_errors(result.bundle) == []
+
+
+def test_identity_feed_without_visit_gives_only_the_patient() -> None:
+    a28 = "\r".join(seg for seg in A01.split("\r") if not seg.startswith(("PV1", "ZBE"))).replace(
+        "ADT^A01^ADT_A01", "ADT^A28^ADT_A05"
+    )
+    result = mapped(a28)
+    assert [e["resource"]["resourceType"] for e in result.bundle["entry"]] == ["Patient"]
+
+
+def test_zoneless_times_are_read_in_paris_time_with_daylight_saving() -> None:
+    summer = A01.replace("|20261123101500||INSERT|", "|20260715101500||INSERT|")
+    movement = mapped(summer).bundle["entry"][2]["resource"]
+    assert movement["period"]["start"] == "2026-07-15T10:15:00+02:00"
+
+
+def test_an_event_without_mapping_is_unsupported() -> None:
+    with pytest.raises(UnsupportedMessage):
+        mapped(A01.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39"))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "reason"),
+    [
+        (
+            "name: x\nevents: [ADT^A01]\nresources:\n  - key: p\n    type: Patient\n    rulez: []\n",
+            "rulez",
+            4,
+            "unknown key",
+        ),
+        (
+            "name: x\nevents: [ADT^A01]\nresources:\n  - key: p\n    type: Patient\n    rules:\n"
+            "      - {set: gender, from: PID-8, map: nope}\n",
+            "map",
+            7,
+            "no concept map",
+        ),
+        (
+            "name: x\nevents: [ADT^A01]\nresources:\n  - key: p\n    type: Patient\n    rules:\n"
+            "      - {set: gender, fn: nope}\n",
+            "fn",
+            7,
+            "no function",
+        ),
+        (
+            "name: x\nevents: [ADT^A01]\nresources:\n  - key: p\n    type: Patient\n    rules:\n"
+            "      - {set: gender, from: PID8}\n",
+            "from",
+            7,
+            "ER7 path",
+        ),
+        (
+            "name: x\nevents: [ADT^A01]\nresources:\n  - key: p\n    type: Patient\n    rules:\n"
+            "      - {set: subject, ref: visit}\n",
+            "ref",
+            7,
+            "no resource",
+        ),
+    ],
+    ids=["unknown-key", "unknown-concept-map", "unknown-function", "bad-path", "bad-ref"],
+)
+def test_a_bad_mapping_file_is_refused_with_file_key_and_line(
+    tmp_path: Path, text: str, key: str, line: int, reason: str
+) -> None:
+    (tmp_path / "conceptmaps").mkdir()
+    (tmp_path / "conceptmaps" / "maps.yaml").write_text("g: {F: female}\n")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Library.load(tmp_path, functions.available())
+    err = info.value
+    assert err.file == str(tmp_path / "bad.yaml")
+    assert (err.key, err.line) == (key, line)
+    assert reason in err.reason
+
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    family=names,
+    given_name=names,
+    ipp=st.from_regex(r"[0-9A-Z]{1,12}", fullmatch=True),
+    birth=st.dates(min_value=date(1900, 1, 1)).map(lambda d: d.strftime("%Y%m%d")),
+)
+def test_any_patient_identity_maps_to_valid_fhir_and_reads_back(
+    family: str, given_name: str, ipp: str, birth: str
+) -> None:
+    name = f"{escape(family)}^{escape(given_name)}^^^^^L"
+    pid = f"PID|||{ipp}^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI||{name}||{birth}|M"
+    text = A01.split("\r")[0] + "\r" + pid + "\r"
+    result = mapped(text.replace("ADT^A01^ADT_A01", "ADT^A28^ADT_A05"))
+    patient = result.bundle["entry"][0]["resource"]
+    assert patient["identifier"][0]["value"] == ipp
+    if family.strip():
+        assert patient["name"][0]["family"] == family
+    assert patient["birthDate"] == f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
+    assert bundle_errors(result.bundle) == []

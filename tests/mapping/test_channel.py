@@ -1,0 +1,70 @@
+"""The fhir_mapping step in a running channel, and `passerelle convert` on the same code path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from gateway.hl7.er7 import Message
+from tests.conftest import FakeDestination, wait_for
+from tests.mapping.test_adt import A01, MAPPINGS
+
+
+async def test_channel_maps_to_a_fhir_bundle_and_records_unmapped_content(start_gateway, client_for) -> None:
+    gw = await start_gateway(steps=[{"type": "fhir_mapping", "directory": str(MAPPINGS)}])
+    ack = await client_for(gw).send(A01.encode())
+    assert Message.decode(ack).get("MSA-1") == "AA"
+    far = FakeDestination.instances["far"]
+    await wait_for(lambda: len(far.received) == 1)
+    bundle = orjson.loads(far.received[0][1])
+    assert bundle["type"] == "transaction"
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == ["Patient", "Encounter", "Encounter"]
+    await gw.store.flush()
+    trace = await gw.store.get_message(far.received[0][0].id, with_payloads=False)
+    assert trace is not None
+    transformed = next(s for s in trace["stages"] if s["stage"] == "transformed")
+    assert transformed["detail"]["unmapped"] == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    step = next(s for s in trace["stages"] if s["stage"].startswith("step:"))
+    assert step["content_type"] == "application/fhir+json"
+    assert gw.channels["adt"].snapshot()["counters"]["unmapped"] == 1
+
+
+async def test_channel_can_reject_unmapped_content(start_gateway, client_for) -> None:
+    gw = await start_gateway(
+        queue=False,
+        ack={"timing": "after_transform"},
+        steps=[{"type": "fhir_mapping", "directory": str(MAPPINGS), "unmapped": "reject"}],
+    )
+    nack = Message.decode(await client_for(gw).send(A01.encode()))
+    assert nack.get("MSA-1") == "AE"
+    assert nack.get("ERR-3.1") == "101"
+    assert "EVN-2" in nack.get("ERR-8")
+    assert FakeDestination.instances["far"].received == []
+
+
+def test_convert_prints_the_bundle_and_what_was_left(tmp_path: Path) -> None:
+    source = tmp_path / "a01.hl7"
+    source.write_bytes(A01.replace("\r", "\n").encode())
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "convert", str(source), "--mappings", str(MAPPINGS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    out = orjson.loads(run.stdout)
+    assert out["unmapped"] == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    assert out["bundle"]["entry"][0]["resource"]["name"][0]["family"] == "GÉRARD"
+    bad = tmp_path / "a40.hl7"
+    bad.write_bytes(A01.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39").encode())
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "convert", str(bad), "--mappings", str(MAPPINGS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert orjson.loads(run.stdout)["error"]["code"] == "200"
