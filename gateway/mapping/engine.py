@@ -60,7 +60,7 @@ class Context:
     message: Message
     warnings: list[str]
     consumed: set[tuple[str, int, int]]  # (segment, occurrence, field)
-    refs: dict[str, str]  # resource key → fullUrl
+    refs: dict[str, str | list[str]]  # resource key → fullUrl (a list for one-per-segment resources)
     scope: str | None = None  # raw text of the current repetition
     scope_field: tuple[str, int, int] | None = None
     segment: tuple[str, int] | None = None  # the segment iterated by a segment-level "each"
@@ -104,10 +104,13 @@ class Context:
             return []
         return [r for r in _repetitions(segment.field(int(fld)), self.message, False) if r]
 
-    def ref(self, key: str) -> dict[str, str]:
+    def ref(self, key: str) -> dict[str, str] | list[dict[str, str]]:
         if key not in self.refs:
             raise ValueError(f"no resource {key!r} in this mapping")
-        return {"reference": self.refs[key]}
+        target = self.refs[key]
+        if isinstance(target, list):
+            return [{"reference": url} for url in target]
+        return {"reference": target}
 
 
 def _repetitions(raw: str, msg: Message, atomic: bool) -> list[str]:
@@ -179,6 +182,8 @@ class ResourceMapping:
     identity: str | None = None  # element whose first system|value makes the conditional update
     when: Condition | None = None
     where: str = ""
+    each: str | None = None  # one resource per occurrence of this segment (an Observation per OBX)
+    use: str | None = None  # "mapping-name:key": take the rules of a resource defined in another file
 
 
 @dataclass(slots=True)
@@ -218,7 +223,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 _RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "ref", "__line__"}
-_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "__line__"}
+_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "__line__"}
 _FILE_KEYS = {"name", "events", "resources", "ignore_segments", "__line__"}
 _WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
 
@@ -254,6 +259,7 @@ class Library:
         for name in names:
             if names.count(name) > 1:
                 raise ConfigError(f"two mapping files are named {name!r}", file=str(directory))
+        _resolve_uses(mappings)
         return cls(mappings, concept_maps, functions)
 
     def for_event(self, event: str) -> Mapping_ | None:
@@ -330,8 +336,22 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
         keys.add(item["key"])
         rules = [_parse_rule(r, file, concept_maps, functions) for r in item.get("rules", [])]
         when = _parse_when(item["when"], file) if "when" in item else None
+        each = item.get("each")
+        if each is not None and not re.fullmatch(r"[A-Z][A-Z0-9]{2}", str(each)):
+            raise ConfigError(
+                "a resource's 'each' names a segment, such as OBX", file=file, key="each", line=line
+            )
         resources.append(
-            ResourceMapping(item["key"], item["type"], rules, item.get("identity"), when, f"{file}:{line}")
+            ResourceMapping(
+                item["key"],
+                item["type"],
+                rules,
+                item.get("identity"),
+                when,
+                f"{file}:{line}",
+                each,
+                item.get("use"),
+            )
         )
     for res in resources:  # references must name a resource of this file
         for rule in _walk(res.rules):
@@ -345,6 +365,34 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
     return Mapping_(
         data["name"], frozenset(events), resources, file, frozenset(data.get("ignore_segments", []))
     )
+
+
+def _resolve_uses(mappings: Sequence[Mapping_]) -> None:
+    """``use: pam-fr-adt:patient`` puts that resource's rules (and identity) before the local ones."""
+    index = {(m.name, r.key): r for m in mappings for r in m.resources}
+    for mapping in mappings:
+        for res in mapping.resources:
+            if res.use is None:
+                continue
+            name, _, key = res.use.partition(":")
+            base = index.get((name, key))
+            file, line = res.where.rsplit(":", 1)
+            if base is None or base.use is not None:
+                raise ConfigError(
+                    f"no resource {res.use!r} (a mapping name, ':', a resource key)",
+                    file=file,
+                    key="use",
+                    line=int(line),
+                )
+            if base.type != res.type:
+                raise ConfigError(
+                    f"{res.use!r} builds a {base.type}, not a {res.type}",
+                    file=file,
+                    key="use",
+                    line=int(line),
+                )
+            res.rules = [*base.rules, *res.rules]
+            res.identity = res.identity or base.identity
 
 
 def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
@@ -436,33 +484,46 @@ def _parse_rule(
 def run(
     mapping: Mapping_, message: Message, library: Library, *, timezone: str = "Europe/Paris"
 ) -> MappingResult:
-    ctx = Context(
-        message, [], set(), {r.key: f"urn:uuid:{uuid.uuid4()}" for r in mapping.resources}, timezone=timezone
-    )
+    refs: dict[str, str | list[str]] = {}
+    for r in mapping.resources:
+        if r.each is None:
+            refs[r.key] = f"urn:uuid:{uuid.uuid4()}"
+        else:
+            refs[r.key] = [f"urn:uuid:{uuid.uuid4()}" for _ in message.segments_named(r.each)]
+    ctx = Context(message, [], set(), refs, timezone=timezone)
     # Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
     for fld in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21):
         ctx.consumed.add(("MSH", 1, fld))
-    entries = []
+    entries: list[tuple[ResourceMapping, str, dict[str, Any]]] = []
     for res in mapping.resources:
-        if res.when is not None and not res.when.holds(ctx):
-            continue
-        resource: dict[str, Any] = {"resourceType": res.type}
-        try:
-            for rule in res.rules:
-                _apply(rule, resource, ctx, library)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
-        _prune(resource)
-        entries.append((res, resource))
+        urls = refs[res.key]
+        scopes: list[tuple[str, tuple[str, int] | None]] = (
+            [(urls, None)]
+            if isinstance(urls, str)
+            else [(url, (res.each or "", n)) for n, url in enumerate(urls, 1)]
+        )
+        for url, segment in scopes:
+            ctx.segment = segment
+            if res.when is not None and not res.when.holds(ctx):
+                continue
+            resource: dict[str, Any] = {"resourceType": res.type}
+            try:
+                for rule in res.rules:
+                    _apply(rule, resource, ctx, library)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
+            _prune(resource)
+            entries.append((res, url, resource))
+        ctx.segment = None
     bundle_entries = []
-    for res, resource in entries:
+    for res, url, resource in entries:
         request: dict[str, str] = {"method": "POST", "url": res.type}
         ident = _identity(resource, res.identity) if res.identity else None
         if ident:
             request = {"method": "PUT", "url": f"{res.type}?{ident}"}
-        bundle_entries.append({"fullUrl": ctx.refs[res.key], "resource": resource, "request": request})
-    present = {ctx.refs[res.key] for res, _ in entries}
-    for _, resource in entries:
+        bundle_entries.append({"fullUrl": url, "resource": resource, "request": request})
+    present = {url for _, url, _ in entries}
+    for _, _, resource in entries:
         _drop_dangling(resource, present)
     unmapped = _unmapped(message, ctx.consumed, mapping.ignore_segments)
     return MappingResult(

@@ -153,7 +153,155 @@ def oid_system(ctx: Context, value: Any) -> str | None:
     return f"urn:oid:{text}" if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", text) else None
 
 
+# HL7 table 0396 coding-system names → FHIR system URIs (only those we are sure of; others stay local).
+CODING_SYSTEMS = {
+    "LN": "http://loinc.org",
+    "SCT": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org",
+    "I10": "http://hl7.org/fhir/sid/icd-10",
+}
+UCUM = "http://unitsofmeasure.org"
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_INTERPRETATIONS = frozenset(
+    {"N", "A", "AA", "H", "HH", "L", "LL", "<", ">", "I", "R", "S", "U", "D", "B", "W"}
+)
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def cwe_concept(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current CWE/CE (inside an 'each', or the field the rule read) → CodeableConcept."""
+    code, display, system_name = ctx.read(".1"), ctx.read(".2"), ctx.read(".3")
+    if not (code or display):
+        return None
+    coding: dict[str, Any] = {}
+    if system_name in CODING_SYSTEMS:
+        coding["system"] = CODING_SYSTEMS[system_name]
+    if code:
+        coding["code"] = code
+    if display:
+        coding["display"] = display
+    concept: dict[str, Any] = {"coding": [coding]}
+    if display:
+        concept["text"] = display
+    return concept
+
+
+def _number(text: str) -> float | int | None:
+    if not _NUMBER.match(text.strip()):
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _quantity(ctx: Context, number: float | int) -> dict[str, Any]:
+    quantity: dict[str, Any] = {"value": number}
+    unit = ctx.message.get(f"OBX[{_occ(ctx)}]-6.1") if ctx.segment else ""
+    if unit:
+        quantity["unit"] = unit
+        if ctx.message.get(f"OBX[{_occ(ctx)}]-6.3") == "UCUM":
+            quantity["system"], quantity["code"] = UCUM, unit
+    return quantity
+
+
+def _occ(ctx: Context) -> int:
+    return ctx.segment[1] if ctx.segment else 1
+
+
+def obx_value(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX-5 by its type OBX-2 → Observation.value[x] (merged into the resource)."""
+    n = _occ(ctx)
+    kind = ctx.read("OBX-2")
+    ctx.read("OBX-6")  # units are read with the value
+    reps = ctx.message.repetitions(f"OBX[{n}]-5")
+    ctx.consumed.add(("OBX", n, 5))
+    if not reps:
+        return None
+    first = ctx.message.get(f"OBX[{n}]-5")
+    if kind == "NM":
+        number = _number(first)
+        if number is None:
+            ctx.warnings.append(f"OBX[{n}]-5: NM value is not a number; left out")
+            return None
+        return {"valueQuantity": _quantity(ctx, number)}
+    if kind == "SN":
+        comparator = ctx.message.get(f"OBX[{n}]-5.1")
+        num1 = _number(ctx.message.get(f"OBX[{n}]-5.2"))
+        sep = ctx.message.get(f"OBX[{n}]-5.3")
+        num2 = _number(ctx.message.get(f"OBX[{n}]-5.4"))
+        if num1 is not None and sep == "-" and num2 is not None:
+            return {"valueRange": {"low": _quantity(ctx, num1), "high": _quantity(ctx, num2)}}
+        if num1 is not None and sep in (":", "/") and num2 is not None:
+            return {"valueRatio": {"numerator": {"value": num1}, "denominator": {"value": num2}}}
+        if num1 is not None and not sep:
+            quantity = _quantity(ctx, num1)
+            if comparator in ("<", "<=", ">=", ">"):
+                quantity["comparator"] = comparator
+            return {"valueQuantity": quantity}
+        ctx.warnings.append(f"OBX[{n}]-5: SN value not understood; left out")
+        return None
+    if kind in ("ST", "TX", "FT"):
+        lines = [ctx.message.get(f"OBX[{n}]-5[{i}]") for i in range(1, len(reps) + 1)]
+        return {"valueString": "\n".join(lines)}
+    if kind in ("CE", "CWE"):
+        saved = ctx.scope
+        ctx.scope = reps[0]
+        try:
+            concept = cwe_concept(ctx, None)
+        finally:
+            ctx.scope = saved
+        return {"valueCodeableConcept": concept} if concept else None
+    if kind == "CX":
+        return {"valueString": ctx.message.get(f"OBX[{n}]-5.1")}
+    if kind in ("DT", "TS", "DTM"):
+        value = hl7_datetime(ctx, ctx.message.get(f"OBX[{n}]-5.1"))
+        return {"valueDateTime": value} if value else None
+    if kind == "ED":
+        ctx.warnings.append(
+            f"OBX[{n}]-5: ED (embedded document) goes to the document flow, not an Observation"
+        )
+        return None
+    ctx.warnings.append(f"OBX[{n}]-2: value type {kind or '(empty)'} is not mapped; value left out")
+    return None
+
+
+def reference_range(ctx: Context, value: Any) -> dict[str, Any] | None:
+    """OBX-7 "low-high" (or "<x", ">x") → Observation.referenceRange."""
+    text = str(value or "").strip()
+    m = re.fullmatch(r"([+-]?[\d.]+)\s*-\s*([+-]?[\d.]+)", text)
+    if m:
+        low, high = _number(m.group(1)), _number(m.group(2))
+        if low is not None and high is not None:
+            return {"low": _quantity(ctx, low), "high": _quantity(ctx, high)}
+    return {"text": text} if text else None
+
+
+def interpretation(ctx: Context, value: Any) -> dict[str, Any] | None:
+    """OBX-8 (table 0078) → v3 ObservationInterpretation, whose codes these are."""
+    code = str(value or "")
+    if code not in _INTERPRETATIONS:
+        ctx.warnings.append(f"OBX-8: interpretation {code!r} not in table 0078; left out")
+        return None
+    return {"coding": [{"system": V3_INTERPRETATION, "code": code}]}
+
+
+def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The filler order number (OBR-3) and the OBX set id: a stable identity, so a replay updates."""
+    order, oid = ctx.read("OBR-3.1"), ctx.read("OBR-3.3")
+    set_id = ctx.read("OBX-1") or str(_occ(ctx))
+    if not order:
+        return None
+    ident: dict[str, Any] = {"value": f"{order}-{set_id}"}
+    if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", oid):
+        ident["system"] = f"urn:oid:{oid}"
+    return ident
+
+
 BUILTIN: dict[str, Function] = {
+    "cwe_concept": cwe_concept,
+    "obx_value": obx_value,
+    "reference_range": reference_range,
+    "interpretation": interpretation,
+    "observation_identifier": observation_identifier,
     "oid_system": oid_system,
     "hl7_date": hl7_date,
     "hl7_datetime": hl7_datetime,
