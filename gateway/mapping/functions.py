@@ -296,7 +296,40 @@ def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     return ident
 
 
+RPPS_SYSTEM = "https://rpps.esante.gouv.fr"
+IDNPS_OID = "1.2.250.1.71.4.2.1"
+FR_CORE_PRACTITIONER = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"
+
+
+def practitioner_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """An XCN (inside an 'each') → Identifier: RPPS and IDNPS by their national systems, else the HD OID."""
+    value, kind = ctx.read(".1"), ctx.read(".13")
+    if not value:
+        return None
+    oid, universal_type = ctx.read(".9.2"), ctx.read(".9.3")
+    ident: dict[str, Any] = {"value": value}
+    if kind == "RPPS":
+        ident["system"] = RPPS_SYSTEM
+    elif kind == "IDNPS" or (oid == IDNPS_OID and universal_type == "ISO"):
+        ident["system"] = f"urn:oid:{IDNPS_OID}"
+    elif oid and universal_type == "ISO":
+        ident["system"] = f"urn:oid:{oid}"
+    if kind:
+        ident["type"] = {"coding": [{"system": FR_CS_0203, "code": kind}]}
+    return ident
+
+
+def decimal(ctx: Context, value: Any) -> float | int | None:
+    """An NM field → a JSON number; anything else is reported and left out."""
+    number = _number(str(value or ""))
+    if number is None and value:
+        ctx.warnings.append("a numeric field holds no number; left out")
+    return number
+
+
 BUILTIN: dict[str, Function] = {
+    "decimal": decimal,
+    "practitioner_identifier": practitioner_identifier,
     "cwe_concept": cwe_concept,
     "obx_value": obx_value,
     "reference_range": reference_range,
