@@ -459,6 +459,7 @@ class ChannelRuntime:
     ) -> _Attempt:
         defer: float | None = None
         response: bytes | None = None
+        response_type = "application/hl7-v2"
         try:
             # asyncio.timeout, not wait_for: no extra task (and loop turn) per delivery.
             async with asyncio.timeout(dest.retry.timeout_s):
@@ -477,13 +478,14 @@ class ChannelRuntime:
         else:
             ok = result.status is Status.SENT
             retry, detail, response = result.retry, result.detail, result.response
+            response_type = result.response_type
         # A plain success is fully described by the deliveries row; keep a stage when there is more.
         stage = (
             StageRecord(
                 f"delivery:{dest.name}",
                 Status.SENT if ok else Status.ERROR,
                 response,
-                "application/hl7-v2" if response else None,
+                response_type if response else None,
                 {"attempt": attempt, "detail": detail},
             )
             if response is not None or not ok or attempt > 1

@@ -1,0 +1,83 @@
+"""FHIR REST destination: POSTs the channel's Bundle (or resource) to a remote FHIR server.
+
+One aiohttp session per destination. 2xx → SENT; 408, 429, 5xx and connection
+failures → retried (``Retry-After`` honoured); any other 4xx → ERROR without
+retry, the server's OperationOutcome kept as the delivery's response.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.core.envelope import Envelope
+from gateway.core.errors import PermanentDeliveryError, RetryLater
+from gateway.core.protocols import DeliveryResult
+from gateway.core.status import Status
+
+_RETRYABLE = frozenset({408, 429})
+FHIR_JSON = "application/fhir+json"
+
+
+class FhirRestDestination:
+    """Implements ``gateway.core.protocols.Destination``."""
+
+    CONFIG_SCHEMA: Mapping[str, Any] = {
+        "type": "object",
+        "required": ["base_url"],
+        "properties": {
+            "base_url": {"type": "string", "pattern": "^https?://"},
+            "bearer_token_env": {"type": "string", "minLength": 1},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        },
+    }
+
+    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+        self.name = name
+        self.base_url = str(settings["base_url"]).rstrip("/")
+        # The token is named by an environment variable: secrets stay out of config.yaml.
+        self._token_env: str | None = settings.get("bearer_token_env")
+        self.timeout = aiohttp.ClientTimeout(total=float(settings.get("timeout_s", 30)))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+        if self._token_env:
+            token = os.environ.get(self._token_env)
+            if not token:
+                raise PermanentDeliveryError(f"the environment variable {self._token_env} is not set")
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult:
+        if "json" not in envelope.content_type and not payload.lstrip().startswith(b"{"):
+            raise PermanentDeliveryError("this destination takes FHIR JSON; add a fhir_mapping step")
+        try:
+            kind = orjson.loads(payload).get("resourceType", "")
+        except (orjson.JSONDecodeError, AttributeError) as exc:
+            raise PermanentDeliveryError("the payload is not JSON") from exc
+        url = self.base_url if kind == "Bundle" else f"{self.base_url}/{kind}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        try:
+            async with self._session.post(url, data=payload, headers=self._headers()) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryLater(f"cannot reach the FHIR server: {type(exc).__name__}") from exc
+        if 200 <= status < 300:
+            return DeliveryResult(Status.SENT, str(status), body, FHIR_JSON)
+        if status in _RETRYABLE or status >= 500:
+            defer = float(retry_after) if retry_after and retry_after.isdigit() else None
+            raise RetryLater(f"FHIR server answered {status}", defer=defer)
+        return DeliveryResult(Status.ERROR, f"FHIR server answered {status}", body, FHIR_JSON, retry=False)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
