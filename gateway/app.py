@@ -25,6 +25,7 @@ from gateway.engine.intake import Hl7Intake
 from gateway.engine.link import Link
 from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
+from gateway.store.fhir import SqliteFhirRepository
 from gateway.store.sqlite import SqliteStore
 
 log = get_logger("passerelle.app")
@@ -59,6 +60,7 @@ class Gateway:
             synchronous=journal.get("synchronous", "FULL"),
             max_batch=journal.get("max_batch", 4096),
         )
+        self.fhir = SqliteFhirRepository(self.data_dir / "fhir.db")
         self.drain_timeout = float(data.get("drain_timeout_s", 10))
         self.channels: dict[str, ChannelRuntime | ChannelPort] = {}
         self.sources: dict[str, Source] = {}
@@ -151,6 +153,7 @@ class Gateway:
         for intake in self.intakes.values():
             intake.partition_secret = secret
         await self.store.open()
+        await self.fhir.open()
         if self.workers:
             await self._start_worker()
         for channel in self.channels.values():
@@ -236,6 +239,7 @@ class Gateway:
             await self._runner.cleanup()
             self._runner = None
         await self.store.close()
+        await self.fhir.close()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -282,6 +286,11 @@ class Gateway:
             checks["store"] = {"ok": True}
         except (PasserelleError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": type(exc).__name__}
+        try:
+            await asyncio.wait_for(self.fhir.ping(), 2.0)
+            checks["fhir"] = {"ok": True}
+        except (PasserelleError, TimeoutError) as exc:
+            checks["fhir"] = {"ok": False, "error": type(exc).__name__}
         recovering = [c.name for c in self.channels.values() if c.snapshot().get("recovering")]
         checks["channels"] = {"ok": not recovering, "recovering": recovering}
         if self.workers:

@@ -10,8 +10,10 @@ from aiohttp import web
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.core.protocols import MessageStore
 from gateway.core.status import Status
+from gateway.http.fhir import add_fhir_routes
 from gateway.http.masking import mask_hl7, payload_text
 from gateway.http.outcome import json_response, outcome_middleware
+from gateway.store.fhir import FhirRepository
 
 HL7_V2 = "application/hl7-v2"
 
@@ -21,6 +23,9 @@ class Runtime(Protocol):
 
     @property
     def store(self) -> MessageStore: ...
+
+    @property
+    def fhir(self) -> FhirRepository: ...
 
     async def replay(self, message_id: str) -> bool: ...
 
@@ -44,6 +49,7 @@ def build_app(runtime: Runtime, *, max_body_bytes: int = 32 * 1024 * 1024) -> we
     app.router.add_get("/api/dlq", dead_letters)
     app.router.add_post("/api/dlq/{id}/replay", replay)
     app.router.add_post("/api/dlq/{id}/discard", discard)
+    add_fhir_routes(app, runtime.fhir)
     return app
 
 

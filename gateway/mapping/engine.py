@@ -556,7 +556,7 @@ def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -
         value: Any = ctx.ref(rule.ref)
     elif rule.source is not None:
         value = ctx.read(rule.source)
-        if value == "":
+        if not value.strip():  # FHIR strings need a non-blank character: blank is absent
             return
     else:
         value = rule.const

@@ -1,0 +1,470 @@
+"""The FHIR R4 REST API under /fhir, on the built-in repository.
+
+Every resource is validated with the ``fhir.resources`` R4B models here, before it reaches the
+repository (which trusts its callers). Every answer is ``application/fhir+json``; every error an
+OperationOutcome (the shared middleware renders single-issue ones, this module the validation
+reports that list one issue per problem).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
+
+from gateway.core.errors import BadRequest, HttpError, NotFound, Unprocessable, UnsupportedMediaType
+from gateway.http.outcome import FHIR_JSON
+from gateway.store.fhir import (
+    CHAINED_PARAMS,
+    DEFAULT_COUNT,
+    ID_RE,
+    REFERENCE_PARAMS,
+    TYPE_RE,
+    FhirRepository,
+    SearchResult,
+    error_entry,
+)
+
+FHIR_REPOSITORY: web.AppKey[FhirRepository] = web.AppKey("fhir_repository", FhirRepository)
+
+JSON_TYPES = ("application/fhir+json", "application/json")
+INTERACTIONS = ("read", "search-type", "create", "update", "delete")
+# Result parameters with no effect on a JSON-only server.
+_IGNORED_PARAMS = ("_format", "_pretty")
+
+
+class UnsupportedResourceType(NotFound):
+    """A resource type this server does not know: 404, issue code ``not-supported``."""
+
+    fhir_issue_code = "not-supported"
+
+
+class Gone(HttpError):
+    """The resource existed and was deleted."""
+
+    http_status = 410
+    fhir_issue_code = "deleted"
+
+
+class InvalidResource(Unprocessable):
+    """A resource the R4B models reject; carries every issue found, each with its location."""
+
+    fhir_issue_code = "invalid"
+
+    def __init__(self, issues: list[tuple[str, str, str]]) -> None:
+        # (issue code, diagnostics, FHIRPath-ish location)
+        first = issues[0]
+        super().__init__(
+            f"{len(issues)} validation error(s); first: {first[2]}: {first[1]}", location=first[2]
+        )
+        self.issues = issues
+
+    def outcome(self) -> dict[str, Any]:
+        return {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {"severity": "error", "code": code, "diagnostics": text, "expression": [where]}
+                for code, text, where in self.issues
+            ],
+        }
+
+
+# -- resource types and validation ---------------------------------------------------------------
+
+
+@functools.cache
+def _model(type_: str) -> Any | None:
+    """The R4B model class of a concrete resource type, None when there is none."""
+    if not TYPE_RE.fullmatch(type_) or type_ in ("Resource", "DomainResource"):
+        return None
+    try:
+        cls = get_fhir_model_class(type_)
+    except ValueError:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Resource) else None
+
+
+def is_resource_type(type_: str) -> bool:
+    return _model(type_) is not None
+
+
+def _require_type(type_: str) -> None:
+    if not is_resource_type(type_):
+        raise UnsupportedResourceType(f"resource type {type_!r} is not supported", location="type")
+
+
+@functools.cache
+def resource_types() -> tuple[str, ...]:
+    """Every concrete resource type R4B knows (imports every model once: run it off the loop)."""
+    from fhir.resources.R4B import fhirtypes
+
+    names = sorted(n[:-4] for n in dir(fhirtypes) if n.endswith("Type") and n[:1].isupper())
+    return tuple(n for n in names if is_resource_type(n))
+
+
+def _path(where: str, loc: tuple[Any, ...]) -> str:
+    out = where
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _issue_code(kind: str) -> str:
+    if "missing" in kind:
+        return "required"
+    if kind == "extra_forbidden":
+        return "structure"
+    return "value"
+
+
+def _code_issues(model: Any, where: str) -> Iterator[tuple[str, str, str]]:
+    """Codes outside a required binding: the models carry the list but leave the check to us."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name, None)
+        if value is None:
+            continue
+        extra = info.json_schema_extra
+        allowed = extra.get("enum_values") if isinstance(extra, dict) else None
+        key = info.alias or name
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            here = f"{where}.{key}[{i}]" if isinstance(value, list) else f"{where}.{key}"
+            if isinstance(item, str):
+                # "+" in the list marks an open list (more codes exist): nothing to enforce.
+                if isinstance(allowed, list) and allowed and "+" not in allowed and item not in allowed:
+                    yield ("code-invalid", f"{item!r} is not one of {' | '.join(map(str, allowed))}", here)
+            elif hasattr(type(item), "model_fields"):
+                yield from _code_issues(item, here)
+
+
+def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> None:
+    """Raise InvalidResource (422) listing every problem, or UnsupportedResourceType (404)."""
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str):
+        raise BadRequest("resourceType is missing", location=f"{where}.resourceType" if where else None)
+    model = _model(rtype)
+    if model is None:
+        raise UnsupportedResourceType(f"resource type {rtype!r} is not supported", location=where)
+    where = where or rtype
+    try:
+        parsed = model.model_validate(dict(resource))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", None)
+        if not callable(errors):
+            raise InvalidResource([("invalid", str(exc), where)]) from exc
+        raise InvalidResource(
+            [(_issue_code(e["type"]), e["msg"], _path(where, tuple(e["loc"]))) for e in errors()]
+        ) from exc
+    issues = list(_code_issues(parsed, where))
+    if issues:
+        raise InvalidResource(issues)
+
+
+# -- request and response helpers -----------------------------------------------------------------
+
+
+def _repository(request: web.Request) -> FhirRepository:
+    return request.app[FHIR_REPOSITORY]
+
+
+def _base(request: web.Request) -> str:
+    return f"{request.url.origin()}/fhir"
+
+
+def fhir_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=FHIR_JSON, headers=headers)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_type not in JSON_TYPES:
+        raise UnsupportedMediaType(f"send {' or '.join(JSON_TYPES)}, not {request.content_type or 'nothing'}")
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc.msg} at position {exc.pos}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+async def _resource_body(request: web.Request, type_: str) -> dict[str, Any]:
+    data = await _body(request)
+    if data.get("resourceType") != type_:
+        raise BadRequest(f"resourceType must be {type_}", location="resourceType")
+    # Model validation is CPU work: off the loop that also answers MLLP senders.
+    await asyncio.to_thread(validate_resource, data)
+    return data
+
+
+def _version_headers(resource: Mapping[str, Any]) -> dict[str, str]:
+    meta = resource.get("meta") or {}
+    headers = {"ETag": f'W/"{meta.get("versionId", "")}"'}
+    last = meta.get("lastUpdated")
+    if isinstance(last, str):
+        headers["Last-Modified"] = format_datetime(datetime.fromisoformat(last), usegmt=True)
+    return headers
+
+
+def _written(
+    request: web.Request, resource: dict[str, Any], created: bool, *, status: int | None = None
+) -> web.Response:
+    headers = _version_headers(resource)
+    type_, id_ = resource["resourceType"], resource["id"]
+    headers["Location"] = f"{_base(request)}/{type_}/{id_}/_history/{resource['meta']['versionId']}"
+    return fhir_response(resource, status or (201 if created else 200), headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _reports_issues(handler: Handler) -> Handler:
+    """Let a validation failure list all its issues (the shared middleware renders one)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except InvalidResource as exc:
+            return fhir_response(exc.outcome(), exc.http_status)
+
+    return wrapped
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def add_fhir_routes(app: web.Application, repository: FhirRepository) -> None:
+    app[FHIR_REPOSITORY] = repository
+    router = app.router
+    router.add_get("/fhir/metadata", metadata)
+    router.add_post("/fhir", _reports_issues(bundle))
+    router.add_get("/fhir/{type}", search)
+    router.add_post("/fhir/{type}", _reports_issues(create))
+    router.add_put("/fhir/{type}", _reports_issues(conditional_update))
+    router.add_get("/fhir/{type}/{id}", read)
+    router.add_put("/fhir/{type}/{id}", _reports_issues(update))
+    router.add_delete("/fhir/{type}/{id}", delete)
+
+
+async def metadata(request: web.Request) -> web.Response:
+    statement = dict(await capability_statement())
+    statement["implementation"] = {"description": "Passerelle FHIR repository", "url": _base(request)}
+    return fhir_response(statement)
+
+
+async def read(request: web.Request) -> web.Response:
+    type_, id_ = request.match_info["type"], request.match_info["id"]
+    _require_type(type_)
+    repo = _repository(request)
+    resource = await repo.read(type_, id_) if ID_RE.fullmatch(id_) else None
+    if resource is None:
+        if ID_RE.fullmatch(id_) and await repo.is_deleted(type_, id_):
+            raise Gone(f"{type_}/{id_} was deleted")
+        raise NotFound(f"{type_}/{id_} is not known")
+    return fhir_response(resource, headers=_version_headers(resource))
+
+
+async def search(request: web.Request) -> web.Response:
+    type_ = request.match_info["type"]
+    _require_type(type_)
+    params = [(k, v) for k, v in request.query.items() if k not in _IGNORED_PARAMS]
+    result = await _repository(request).search(type_, params, count=DEFAULT_COUNT)
+    return fhir_response(searchset(request, type_, params, result))
+
+
+def searchset(
+    request: web.Request, type_: str, params: list[tuple[str, str]], result: SearchResult
+) -> dict[str, Any]:
+    base = _base(request)
+    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+
+    def page(offset: int) -> str:
+        return f"{base}/{type_}?{urlencode([*kept, ('_count', result.count), ('_offset', offset)])}"
+
+    links = [{"relation": "self", "url": str(request.url)}]
+    if result.count and result.offset + result.count < result.total:
+        links.append({"relation": "next", "url": page(result.offset + result.count)})
+    if result.count and result.offset > 0:
+        links.append({"relation": "previous", "url": page(max(result.offset - result.count, 0))})
+    entries = [
+        {"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": mode}}
+        for mode, found in (("match", result.matches), ("include", result.included))
+        for r in found
+    ]
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": result.total,
+        "link": links,
+        "entry": entries,
+    }
+
+
+async def create(request: web.Request) -> web.Response:
+    type_ = request.match_info["type"]
+    _require_type(type_)
+    resource = await _resource_body(request, type_)
+    condition = request.headers.get("If-None-Exist") or None
+    stored, created = await _repository(request).create(resource, if_none_exist=condition)
+    return _written(request, stored, created)
+
+
+async def update(request: web.Request) -> web.Response:
+    type_, id_ = request.match_info["type"], request.match_info["id"]
+    _require_type(type_)
+    resource = await _resource_body(request, type_)
+    if resource.get("id", id_) != id_:
+        raise BadRequest("the resource id does not match the URL id", location=f"{type_}.id")
+    if_match = request.headers.get("If-Match") or None
+    stored, created = await _repository(request).update(type_, id_, resource, if_match=if_match)
+    return _written(request, stored, created)
+
+
+async def conditional_update(request: web.Request) -> web.Response:
+    type_ = request.match_info["type"]
+    _require_type(type_)
+    if not request.query_string:
+        raise BadRequest("PUT to a type needs search criteria (or use PUT Type/id)")
+    resource = await _resource_body(request, type_)
+    stored, created = await _repository(request).conditional_update(type_, request.query_string, resource)
+    return _written(request, stored, created)
+
+
+async def delete(request: web.Request) -> web.Response:
+    type_, id_ = request.match_info["type"], request.match_info["id"]
+    _require_type(type_)
+    deleted = ID_RE.fullmatch(id_) is not None and await _repository(request).delete(type_, id_)
+    text = f"{type_}/{id_} deleted" if deleted else f"{type_}/{id_} was not there: nothing to delete"
+    return fhir_response(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational", "diagnostics": text}],
+        }
+    )
+
+
+async def bundle(request: web.Request) -> web.Response:
+    data = await _body(request)
+    if data.get("resourceType") != "Bundle":
+        raise BadRequest("POST /fhir takes a Bundle", location="resourceType")
+    kind = data.get("type")
+    if kind not in ("transaction", "batch"):
+        raise BadRequest("Bundle.type must be transaction or batch", location="Bundle.type")
+    entries = data.get("entry") or []
+    if not isinstance(entries, list):
+        raise BadRequest("Bundle.entry must be a list", location="Bundle.entry")
+    repo = _repository(request)
+    # Model validation is CPU work: off the loop that also answers MLLP senders.
+    failed = await asyncio.to_thread(_validate_entries, entries, kind == "transaction")
+    if kind == "transaction":
+        return fhir_response(await repo.transaction(data))
+    # A batch: invalid entries get their own error responses; the others still run.
+    kept = [e for i, e in enumerate(entries) if i not in failed]
+    answer = await repo.transaction({**data, "entry": kept})
+    done = iter(answer.get("entry", []))
+    answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
+    return fhir_response(answer)
+
+
+def _validate_entries(entries: list[Any], atomic: bool) -> dict[int, dict[str, Any]]:
+    """Batch: the error entry of each invalid entry. Transaction: the first invalid one raises."""
+    failed: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        try:
+            _validate_entry(i, entry)
+        except InvalidResource as exc:
+            if atomic:
+                raise
+            failed[i] = error_entry(exc, exc.outcome())
+        except HttpError as exc:
+            if atomic:
+                raise
+            failed[i] = error_entry(exc)
+    return failed
+
+
+def _validate_entry(index: int, entry: Any) -> None:
+    if not isinstance(entry, dict) or entry.get("resource") is None:
+        return  # structure problems are the repository's to report, with the entry index
+    resource = entry["resource"]
+    where = f"Bundle.entry[{index}].resource"
+    if not isinstance(resource, dict):
+        raise BadRequest(f"{where} must be an object", location=where)
+    validate_resource(resource, where)
+
+
+# -- CapabilityStatement ----------------------------------------------------------------------------
+
+_SEARCH_PARAMS: dict[str, tuple[str, str]] = {
+    "_id": ("token", "Logical id of the resource"),
+    "_lastUpdated": ("date", "meta.lastUpdated; prefixes eq ge gt le lt"),
+    "identifier": ("token", "system|value, |value or value"),
+    "patient": ("reference", "Type/id or id; also matched from subject when it is a Patient"),
+    "subject": ("reference", "Type/id or id"),
+    "encounter": ("reference", "Type/id or id"),
+}
+
+
+def _resource_capability(type_: str) -> dict[str, Any]:
+    model = _model(type_)
+    assert model is not None
+    fields = {info.alias or name for name, info in model.model_fields.items()}
+    params = ["_id", "_lastUpdated"] + [p for p in ("identifier", *REFERENCE_PARAMS) if p in fields]
+    if "subject" in fields and "patient" not in params:
+        params.append("patient")
+    chains = [c for c in CHAINED_PARAMS if c.split(".")[0] in params]
+    search_params = []
+    for name in params:
+        kind, doc = _SEARCH_PARAMS[name]
+        if chained := [c for c in chains if c.startswith(name + ".")]:
+            doc += f"; chained: {', '.join(chained)} (system|value of the Patient's identifier)"
+        search_params.append({"name": name, "type": kind, "documentation": doc})
+    return {
+        "type": type_,
+        "interaction": [{"code": code} for code in INTERACTIONS],
+        "versioning": "versioned",
+        "readHistory": False,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalUpdate": True,
+        "conditionalDelete": "not-supported",
+        "searchInclude": [f"{type_}:{p}" for p in REFERENCE_PARAMS if p in params],
+        "searchParam": search_params,
+    }
+
+
+@functools.cache
+def _capability_statement() -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),  # when this statement was generated
+        "publisher": "Passerelle",
+        "kind": "instance",
+        "software": {"name": "Passerelle"},
+        "fhirVersion": "4.0.1",
+        "format": ["json", FHIR_JSON],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "_count (max 500), _offset, _sort=_lastUpdated|-_lastUpdated, _include",
+                "resource": [_resource_capability(t) for t in resource_types()],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
+    }
+
+
+async def capability_statement() -> Mapping[str, Any]:
+    # The first call imports every R4B model (about a second): keep it off the event loop.
+    return await asyncio.to_thread(_capability_statement)
