@@ -327,7 +327,29 @@ def decimal(ctx: Context, value: Any) -> float | int | None:
     return number
 
 
+PASSERELLE_SEGMENT = "urn:passerelle:hl7v2-segment:"
+
+
+def _segment_extension(name: str) -> Function:
+    def keep(ctx: Context, _: Any) -> dict[str, Any] | None:
+        """Every non-empty field of the segment as a sub-extension: kept whole, never dropped."""
+        segment = ctx.message.segment(name)
+        if segment is None:
+            return None
+        parts = []
+        for n in range(1, len(segment) + 1):
+            value = ctx.read(f"{name}-{n}") if segment.field(n) else ""
+            if value.strip():
+                parts.append({"url": f"{name}-{n}", "valueString": segment.field(n)})
+        return {"url": PASSERELLE_SEGMENT + name, "extension": parts} if parts else None
+
+    return keep
+
+
 BUILTIN: dict[str, Function] = {
+    # PAM FR Z segments whose FHIR form FR Core does not fix: kept field by field (raw ER7).
+    "zfa_extension": _segment_extension("ZFA"),
+    "zfd_extension": _segment_extension("ZFD"),
     "decimal": decimal,
     "practitioner_identifier": practitioner_identifier,
     "cwe_concept": cwe_concept,

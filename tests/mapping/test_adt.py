@@ -338,3 +338,26 @@ def test_any_patient_identity_maps_to_valid_fhir_and_reads_back(
         assert patient["name"][0]["family"] == family
     assert patient["birthDate"] == f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
     assert bundle_errors(result.bundle) == []
+
+
+def test_zfa_and_zfd_are_kept_whole_not_dropped() -> None:
+    zfa = segment("ZFA", {1: "ACTIF", 9: "IO", 11: "INC"})  # DMP status, feeding and consultation consents
+    zfd = segment(
+        "ZFD", {4: "N", 5: "CN", 6: "20261120"}
+    )  # birth date corrected?, collection mode, INSi date
+    text = A01.replace("ZXY|1|", f"{zfa}\r{zfd}\rZXY|1|")
+    result = mapped(text)
+    patient = result.bundle["entry"][0]["resource"]
+    kept = {e["url"]: e["extension"] for e in patient["extension"] if e["url"].startswith("urn:passerelle:")}
+    assert kept["urn:passerelle:hl7v2-segment:ZFA"] == [
+        {"url": "ZFA-1", "valueString": "ACTIF"},
+        {"url": "ZFA-9", "valueString": "IO"},
+        {"url": "ZFA-11", "valueString": "INC"},
+    ]
+    assert kept["urn:passerelle:hl7v2-segment:ZFD"] == [
+        {"url": "ZFD-4", "valueString": "N"},
+        {"url": "ZFD-5", "valueString": "CN"},
+        {"url": "ZFD-6", "valueString": "20261120"},
+    ]
+    assert not any(u.startswith(("ZFA", "ZFD")) for u in result.unmapped)
+    assert bundle_errors(result.bundle) == []
