@@ -184,6 +184,7 @@ class ResourceMapping:
     where: str = ""
     each: str | None = None  # one resource per occurrence of this segment (an Observation per OBX)
     use: str | None = None  # "mapping-name:key": take the rules of a resource defined in another file
+    match: Rule | None = None  # builds the identifiers to find the resource by, when not its own (A47)
 
 
 @dataclass(slots=True)
@@ -223,7 +224,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 _RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "ref", "__line__"}
-_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "__line__"}
+_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "match", "__line__"}
 _FILE_KEYS = {"name", "events", "resources", "ignore_segments", "__line__"}
 _WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
 
@@ -341,6 +342,7 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
             raise ConfigError(
                 "a resource's 'each' names a segment, such as OBX", file=file, key="each", line=line
             )
+        match = _parse_rule(item["match"], file, concept_maps, functions) if "match" in item else None
         resources.append(
             ResourceMapping(
                 item["key"],
@@ -351,6 +353,7 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                 f"{file}:{line}",
                 each,
                 item.get("use"),
+                match,
             )
         )
     for res in resources:  # references must name a resource of this file
@@ -519,6 +522,11 @@ def run(
     for res, url, resource in entries:
         request: dict[str, str] = {"method": "POST", "url": res.type}
         ident = _identity(resource, res.identity) if res.identity else None
+        if res.match is not None:
+            # Found by other identifiers than those it will carry (A47: the old ones, in MRG-1).
+            probe: dict[str, Any] = {}
+            _apply(res.match, probe, ctx, library)
+            ident = _identity(_prune(probe), res.match.target.split("[")[0]) or ident
         if ident:
             request = {"method": "PUT", "url": f"{res.type}?{ident}"}
         bundle_entries.append({"fullUrl": url, "resource": resource, "request": request})

@@ -258,7 +258,7 @@ def test_zoneless_times_are_read_in_paris_time_with_daylight_saving() -> None:
 
 def test_an_event_without_mapping_is_unsupported() -> None:
     with pytest.raises(UnsupportedMessage):
-        mapped(A01.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39"))
+        mapped(A01.replace("ADT^A01^ADT_A01", "ADT^A44^ADT_A43"))
 
 
 @pytest.mark.parametrize(
@@ -361,3 +361,35 @@ def test_zfa_and_zfd_are_kept_whole_not_dropped() -> None:
     ]
     assert not any(u.startswith(("ZFA", "ZFD")) for u in result.unmapped)
     assert bundle_errors(result.bundle) == []
+
+
+def identity_event(event: str, mrg: str) -> str:
+    lines = [seg for seg in A01.split("\r") if seg.startswith(("MSH", "EVN", "PID"))]
+    lines[0] = lines[0].replace("ADT^A01^ADT_A01", event)
+    return "\r".join([*lines, f"MRG|{mrg}"]) + "\r"
+
+
+def test_a40_merge_links_both_records_and_keeps_the_merged_one() -> None:
+    result = mapped(identity_event("ADT^A40^ADT_A39", "440011^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI"))
+    assert bundle_errors(result.bundle) == []
+    survivor, merged = normalized(result)["entry"]
+    assert survivor["resource"]["link"] == [{"other": {"reference": "urn:uuid:1"}, "type": "replaces"}]
+    assert merged["resource"]["active"] is False
+    assert merged["resource"]["link"] == [{"other": {"reference": "urn:uuid:0"}, "type": "replaced-by"}]
+    assert merged["request"] == {
+        "method": "PUT",
+        "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|440011",
+    }
+    assert "MRG-1" not in result.unmapped
+
+
+def test_a47_finds_the_patient_by_its_former_identifier() -> None:
+    result = mapped(identity_event("ADT^A47^ADT_A30", "998877^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI"))
+    assert bundle_errors(result.bundle) == []
+    (entry,) = result.bundle["entry"]
+    # found by the old IPP, now carrying the new one from PID-3
+    assert entry["request"] == {
+        "method": "PUT",
+        "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|998877",
+    }
+    assert entry["resource"]["identifier"][0]["value"] == "552233"

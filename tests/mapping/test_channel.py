@@ -58,8 +58,8 @@ def test_convert_prints_the_bundle_and_what_was_left(tmp_path: Path) -> None:
     out = orjson.loads(run.stdout)
     assert out["unmapped"] == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
     assert out["bundle"]["entry"][0]["resource"]["name"][0]["family"] == "GÉRARD"
-    bad = tmp_path / "a40.hl7"
-    bad.write_bytes(A01.replace("ADT^A01^ADT_A01", "ADT^A40^ADT_A39").encode())
+    bad = tmp_path / "a44.hl7"
+    bad.write_bytes(A01.replace("ADT^A01^ADT_A01", "ADT^A44^ADT_A43").encode())
     run = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "convert", str(bad), "--mappings", str(MAPPINGS)],
         capture_output=True,
