@@ -17,6 +17,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -152,23 +153,46 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
     return total, system
 
 
-def start_gateway(workdir: Path, port: int, http_port: int) -> subprocess.Popen[bytes]:
+def channel_for(workdir: Path, destination: str) -> dict[str, object]:
+    if destination == "fhir":
+        # The default config's FHIR channel: PAM FR mapping, R4B validation, the built-in repository.
+        return {
+            "name": "adt",
+            "source": "hospital",
+            "max_in_memory": MAX_IN_MEMORY,
+            "steps": [{"type": "fhir_mapping", "directory": str(ROOT / "mappings")}],
+            "destinations": [
+                {"name": "fhir", "type": "fhir_repository", "path": str(workdir / "var" / "fhir.db")}
+            ],
+        }
+    return {
+        "name": "adt",
+        "source": "hospital",
+        "max_in_memory": MAX_IN_MEMORY,
+        "destinations": [
+            {"name": "files", "type": "file", "directory": str(workdir / "out"), "fsync": FSYNC}
+        ],
+    }
+
+
+def delivered(workdir: Path, destination: str) -> int:
+    if destination == "file":
+        return count_files(workdir / "out")
+    db = sqlite3.connect(workdir / "var" / "passerelle.db", timeout=30)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM messages WHERE status='SENT'").fetchone()[0])
+    finally:
+        db.close()
+
+
+def start_gateway(workdir: Path, port: int, http_port: int, destination: str) -> subprocess.Popen[bytes]:
     config = {
         "log_level": "warning",
         "http": {"host": "127.0.0.1", "port": http_port},
         "sources": [
             {"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": port, "max_connections": 1024}
         ],
-        "channels": [
-            {
-                "name": "adt",
-                "source": "hospital",
-                "max_in_memory": MAX_IN_MEMORY,
-                "destinations": [
-                    {"name": "files", "type": "file", "directory": str(workdir / "out"), "fsync": FSYNC}
-                ],
-            }
-        ],
+        "channels": [channel_for(workdir, destination)],
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
@@ -211,7 +235,7 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="passerelle-bench-") as tmp:
         workdir = Path(tmp)
         port = free_port()
-        proc = start_gateway(workdir, port, free_port())
+        proc = start_gateway(workdir, port, free_port(), args.destination)
         watch = RssWatch(proc.pid)
         watch.start()
         try:
@@ -223,8 +247,8 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
             t0 = time.perf_counter()
             elapsed, lat = asyncio.run(drive(port, frames, None))
             target = args.messages + 2000
-            while count_files(workdir / "out") < target:
-                time.sleep(0.01)
+            while delivered(workdir, args.destination) < target:
+                time.sleep(0.05)
             e2e = time.perf_counter() - t0
             cpu1 = cpu_seconds(gw)
             cpu_share = (cpu1[0] - cpu0[0]) / e2e
@@ -295,6 +319,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="msg/s for the latency run")
     parser.add_argument("--paced-seconds", type=float, default=10.0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--destination",
+        choices=["file", "fhir"],
+        default="file",
+        help="file: raw HL7 to files; fhir: PAM FR mapping + validation into the built-in FHIR repository",
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -304,7 +334,7 @@ def main() -> None:
         pass
     print(
         f"machine: {os.cpu_count()} cores; {args.messages} ADT^A01 over {args.connections} connections; "
-        "journal SQLite WAL synchronous=FULL; destination: file (fsync)"
+        f"journal SQLite WAL synchronous=FULL; destination: {args.destination}"
     )
     g = run_gateway(args)
     print(
