@@ -341,7 +341,10 @@ def main() -> None:
         f"passerelle  acked      {g['acked_per_s']:8.0f} msg/s   ACK p50 {g['p50']:.2f} ms"
         f"  p95 {g['p95']:.2f} ms  p99 {g['p99']:.2f} ms"
     )
-    print(f"passerelle  end-to-end {g['e2e_per_s']:8.0f} msg/s   (ACKed and written by the file destination)")
+    print(
+        f"passerelle  end-to-end {g['e2e_per_s']:8.0f} msg/s   (ACKed and delivered to the {args.destination}"
+        " destination)"
+    )
     print(
         f"passerelle  at {args.rate:.0f} msg/s: ACK p50 {g['paced_p50']:.2f} ms  p95 {g['paced_p95']:.2f} ms"
         f"  p99 {g['paced_p99']:.2f} ms"
