@@ -34,6 +34,7 @@ recorded, so what a message carries and no rule consumed can be reported.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,15 +69,12 @@ class Context:
 
     def read(self, path: str) -> str:
         """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1)."""
-        rel = _ER7_REL.match(path)
-        if rel:
+        parsed = _parse_er7(path)
+        if parsed[0] == "":
             if self.scope is None:
                 raise ValueError(f"relative path {path} outside an 'each'")
-            return _component(self.scope, rel.group(1), self.message)
-        m = _ER7_ABS.match(path)
-        if m is None:
-            raise ValueError(f"bad ER7 path {path!r}")
-        seg, occ, fld, rep, comps = m.groups()
+            return _component(self.scope, parsed[4] or "", self.message)
+        seg, occ, fld, rep, comps = parsed
         occurrence = int(occ) if occ else (self.segment[1] if self.segment and self.segment[0] == seg else 1)
         self.consumed.add((seg, occurrence, int(fld)))
         rep_index = int(rep) if rep and rep != "*" else 1
@@ -111,6 +109,19 @@ class Context:
         if isinstance(target, list):
             return [{"reference": url} for url in target]
         return {"reference": target}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_er7(path: str) -> tuple[str, str | None, str, str | None, str | None]:
+    """(segment, occurrence, field, repetition, components); segment "" for a relative path. Parsed once."""
+    rel = _ER7_REL.match(path)
+    if rel:
+        return ("", None, "", None, rel.group(1))
+    m = _ER7_ABS.match(path)
+    if m is None:
+        raise ValueError(f"bad ER7 path {path!r}")
+    seg, occ, fld, rep, comps = m.groups()
+    return (seg, occ, fld, rep, comps)
 
 
 def _repetitions(raw: str, msg: Message, atomic: bool) -> list[str]:
@@ -531,8 +542,10 @@ def run(
             request = {"method": "PUT", "url": f"{res.type}?{ident}"}
         bundle_entries.append({"fullUrl": url, "resource": resource, "request": request})
     present = {url for _, url, _ in entries}
-    for _, _, resource in entries:
-        _drop_dangling(resource, present)
+    produced = sum(1 if isinstance(u, str) else len(u) for u in refs.values())
+    if len(present) < produced:  # some resource's condition failed: references to it must go
+        for _, _, resource in entries:
+            _drop_dangling(resource, present)
     unmapped = _unmapped(message, ctx.consumed, mapping.ignore_segments)
     return MappingResult(
         {"resourceType": "Bundle", "type": "transaction", "entry": bundle_entries},
@@ -599,7 +612,8 @@ def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Libra
             item: dict[str, Any] = {}
             for inner in rule.rules:
                 _apply(inner, item, ctx, library)
-            _prune(item)
+            # Rules never set empty values, so an item is empty only when nothing applied;
+            # the resource is pruned once, at the end.
             if item:
                 if rule.target:
                     _set(target, rule.target, item.get("") if "" in item else item)

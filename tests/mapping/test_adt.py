@@ -393,3 +393,17 @@ def test_a47_finds_the_patient_by_its_former_identifier() -> None:
         "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|998877",
     }
     assert entry["resource"]["identifier"][0]["value"] == "552233"
+
+
+def test_validation_remembers_only_valid_resources() -> None:
+    good = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"}}}],
+    }
+    bad = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Encounter", "status": "planned"}}],
+    }
+    for _ in range(2):  # the second time answers from the cache, with the same verdicts
+        assert bundle_errors(good) == []
+        assert bundle_errors(bad) == ["Bundle.entry[0].resource.class: Field required"]
