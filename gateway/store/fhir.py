@@ -6,6 +6,11 @@ read-modify-write (versioning, conditional create/update, a whole transaction Bu
 even when another process (the gateway's worker) writes the same file. Reads run on a small pool
 of reader threads, each with its own connection; WAL lets them proceed while a write is under way.
 
+Writes are group-committed, as the journal's are: the writes that arrive while a commit is under
+way are applied together, in order, in one SQLite transaction, each inside its own SAVEPOINT (a
+failing write undoes only itself and fails only its caller), then one COMMIT (one fsync) covers
+them all. A caller's future resolves only after the COMMIT that holds its write.
+
 Writes are idempotent where FHIR allows it: an update whose content (meta aside) equals the
 current version writes nothing, so a replayed message leaves the repository exactly as it was.
 """
@@ -63,6 +68,8 @@ _ESCAPED = re.compile(r"\\(.)", re.S)
 _DIGITS = re.compile(r"[0-9]{1,10}")
 # FHIR's processing order inside a transaction: deletes, creates, updates, then reads.
 _METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+# At most this many writes share one commit, so that a caller never waits behind a huge batch.
+MAX_BATCH = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -673,6 +680,11 @@ class _Writer:
         return self.put(type_, given if isinstance(given, str) else new_id(), resource)
 
 
+# A queued write and its caller's future; a write's outcome: (succeeded?, result or exception).
+_Pending = tuple[Callable[[_Writer], Any], "asyncio.Future[Any]"]
+_Outcome = tuple[bool, Any]
+
+
 # -- Bundles ------------------------------------------------------------------------------------
 
 
@@ -927,6 +939,13 @@ class SqliteFhirRepository:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # Group commit: writes wait in ``_queue`` while a batch is on the writer thread.
+        self._queue: list[_Pending] = []
+        self._flush_scheduled = False
+        self._inflight: asyncio.Future[list[_Outcome]] | None = None
+        self.max_batch = MAX_BATCH
+        self.commits = 0  # SQLite transactions committed
+        self.committed_writes = 0  # writes they held
 
     async def open(self) -> None:
         if self._wexec is not None:
@@ -964,6 +983,13 @@ class SqliteFhirRepository:
         return conn
 
     async def close(self) -> None:
+        # Whatever was queued is written first: a caller already waiting gets its answer.
+        while self._queue or self._inflight is not None:
+            if self._inflight is not None:
+                await asyncio.wait([self._inflight])
+            else:
+                self._flush()
+            await asyncio.sleep(0)  # let the landing batch settle its callers
         for ex in (self._wexec, self._rexec):
             if ex is not None:
                 ex.shutdown(wait=True)
@@ -985,25 +1011,112 @@ class SqliteFhirRepository:
     async def _write(self, fn: Callable[[_Writer], T]) -> T:
         if self._wexec is None:
             raise StoreError("the FHIR repository is not open")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, fut))
+        if self._inflight is None and not self._flush_scheduled:
+            # Once per loop turn: every write submitted in this turn goes into the same batch.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        result: T = await fut
+        return result
 
-        def run() -> T:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+    def _flush(self) -> None:
+        """Send the queued writes (up to ``max_batch``) to the writer thread: one hop per batch."""
+        self._flush_scheduled = False
+        if self._inflight is not None or not self._queue:
+            return  # the batch in flight reschedules when it lands
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        if self._wexec is None:
+            self._settle(batch, [(False, StoreError("the FHIR repository is not open"))] * len(batch))
+            return
+        fns = [fn for fn, _ in batch]
+        inflight = asyncio.get_running_loop().run_in_executor(self._wexec, self._run_batch, fns)
+        self._inflight = inflight
+        inflight.add_done_callback(lambda f: self._landed(f, batch))
+
+    def _landed(self, fut: asyncio.Future[list[_Outcome]], batch: list[_Pending]) -> None:
+        self._inflight = None
+        if fut.cancelled():
+            outcomes: list[_Outcome] = [(False, StoreError("the FHIR repository write was cancelled"))] * len(
+                batch
+            )
+        elif (exc := fut.exception()) is not None:
+            # BEGIN or COMMIT failed: nothing of the batch is stored.
+            if isinstance(exc, sqlite3.Error):
+                log.error("fhir_write_failed", error=type(exc).__name__, writes=len(batch))
+                exc = StoreError(f"FHIR repository write failed: {type(exc).__name__}")
+            outcomes = [(False, exc)] * len(batch)
+        else:
+            outcomes = fut.result()
+        self._settle(batch, outcomes)
+        if self._queue and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    @staticmethod
+    def _settle(batch: list[_Pending], outcomes: list[_Outcome]) -> None:
+        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            if fut.done():
+                continue  # the caller gave up waiting; its write stands (or not) all the same
+            if ok:
+                fut.set_result(value)
+            else:
+                if isinstance(value, sqlite3.Error):
+                    log.error("fhir_write_failed", error=type(value).__name__)
+                    value = StoreError(f"FHIR repository write failed: {type(value).__name__}")
+                fut.set_exception(value)
+
+    def _run_batch(self, fns: list[Callable[[_Writer], Any]]) -> list[_Outcome]:
+        """On the writer thread: every write in one transaction, each in its own savepoint."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes: list[_Outcome] = []
+            for fn in fns:
+                outcomes.append(self._run_one(conn, fn))
+                if not conn.in_transaction:
+                    # An error made SQLite abandon the whole transaction (disk full, I/O error...):
+                    # the writes done before it are gone. Each write gets its own transaction.
+                    return self._run_isolated(conn, fns)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.committed_writes += len(fns)
+        return outcomes
+
+    def _run_one(self, conn: sqlite3.Connection, fn: Callable[[_Writer], Any]) -> _Outcome:
+        conn.execute("SAVEPOINT write")
+        try:
+            # The instant is taken once the write lock is held, so versions and times agree.
+            result = fn(_Writer(conn, _instant(self._clock())))
+        except Exception as exc:  # noqa: BLE001 - it is the caller's, passed on to it alone
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO write")
+                conn.execute("RELEASE write")
+            return False, exc
+        conn.execute("RELEASE write")
+        return True, result
+
+    def _run_isolated(self, conn: sqlite3.Connection, fns: list[Callable[[_Writer], Any]]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for fn in fns:
             try:
-                # The instant is taken once the write lock is held, so versions and times agree.
-                result = fn(_Writer(conn, _instant(self._clock())))
-            except BaseException:
+                conn.execute("BEGIN IMMEDIATE")
+                done = self._run_one(conn, fn)
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+                    self.commits += 1
+                    self.committed_writes += 1
+            except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._wexec, run)
-        except sqlite3.Error as exc:
-            log.error("fhir_write_failed", error=type(exc).__name__)
-            raise StoreError(f"FHIR repository write failed: {type(exc).__name__}") from exc
+                done = (False, exc)
+            outcomes.append(done)
+        return outcomes
 
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
