@@ -36,6 +36,7 @@ from tests.messages import adt  # noqa: E402 - the same authored messages the te
 
 FSYNC = os.environ.get("BENCH_FSYNC", "1") == "1"
 MAX_IN_MEMORY = int(os.environ.get("BENCH_MAX_IN_MEMORY", "10000"))
+WORKERS = 1
 SB, EB = b"\x0b", b"\x1c\x0d"
 
 
@@ -187,6 +188,7 @@ def delivered(workdir: Path, destination: str) -> int:
 
 def start_gateway(workdir: Path, port: int, http_port: int, destination: str) -> subprocess.Popen[bytes]:
     config = {
+        "workers": WORKERS,
         "log_level": "warning",
         "http": {"host": "127.0.0.1", "port": http_port},
         "sources": [
@@ -325,7 +327,10 @@ def main() -> None:
         default="file",
         help="file: raw HL7 to files; fhir: PAM FR mapping + validation into the built-in FHIR repository",
     )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes running the channels")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     try:
         import uvloop
 
@@ -334,7 +339,7 @@ def main() -> None:
         pass
     print(
         f"machine: {os.cpu_count()} cores; {args.messages} ADT^A01 over {args.connections} connections; "
-        f"journal SQLite WAL synchronous=FULL; destination: {args.destination}"
+        f"journal SQLite WAL synchronous=FULL; destination: {args.destination}; workers: {args.workers}"
     )
     g = run_gateway(args)
     print(

@@ -66,8 +66,8 @@ class Gateway:
         self.sources: dict[str, Source] = {}
         self.intakes: dict[str, Hl7Intake] = {}
         self.destinations: list[Destination] = []
-        self.worker = WorkerHandle(self.store)
-        self._worker_proc: asyncio.subprocess.Process | None = None
+        self.worker = WorkerHandle(self.store, self.workers)
+        self._worker_procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self.http_port_bound: int | None = None
@@ -121,30 +121,31 @@ class Gateway:
 
     # -- the worker process ----------------------------------------------------------
 
-    async def _start_worker(self) -> None:
+    async def _start_worker(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._worker_proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.worker", "--fd", str(child.fileno()), pass_fds=[child.fileno()]
             )
         finally:
             child.close()
+        self._worker_procs[index] = proc
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         link = Link(reader, writer)
-        link.send(("config", self.config.data, self.config.file, str(self.data_dir)))
-        self._tasks.append(asyncio.create_task(self._supervise(link, self._worker_proc), name="worker"))
+        link.send(("config", self.config.data, self.config.file, str(self.data_dir), index, self.workers))
+        self._tasks.append(asyncio.create_task(self._supervise(index, link, proc), name=f"worker-{index}"))
 
-    async def _supervise(self, link: Link, proc: asyncio.subprocess.Process) -> None:
-        await self.worker.serve(link)
+    async def _supervise(self, index: int, link: Link, proc: asyncio.subprocess.Process) -> None:
+        await self.worker.serve(index, link)
         code = await proc.wait()
         link.close()
         if self._stopping:
             return
-        log.error("worker_exited", code=code)
-        self.worker.lost("the worker process stopped; send the message again")
+        log.error("worker_exited", worker=index, code=code)
+        self.worker.lost(index, "a worker process stopped; send the message again")
         await asyncio.sleep(1.0)
         if not self._stopping:
-            await self._start_worker()
+            await self._start_worker(index)
 
     async def start(self) -> None:
         self.started_at = time.time()
@@ -154,8 +155,8 @@ class Gateway:
             intake.partition_secret = secret
         await self.store.open()
         await self.fhir.open()
-        if self.workers:
-            await self._start_worker()
+        for index in range(self.workers):
+            await self._start_worker(index)
         for channel in self.channels.values():
             if isinstance(channel, ChannelRuntime):
                 channel.start()
@@ -205,26 +206,27 @@ class Gateway:
         for channel in self.channels.values():
             if isinstance(channel, ChannelRuntime):
                 await channel.stop(self.drain_timeout)
-        if self._worker_proc is not None:
-            await self._stop_worker()
+        if self._worker_procs:
+            await self._stop_workers()
         await self._close_rest()
         log.info("gateway_stopped")
 
-    async def _stop_worker(self) -> None:
-        assert self._worker_proc is not None
-        if self.worker.connected:
-            self.worker.send(("drain", self.drain_timeout))
+    async def _stop_workers(self) -> None:
+        self.worker.broadcast(("drain", self.drain_timeout))
+        live = [self.worker.drained[i].wait() for i in self.worker.links]
+        if live:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.drain_timeout + 5):
-                    await self.worker.drained.wait()
-        if self.worker.link is not None:
-            self.worker.link.close()  # tells the worker it may exit
-        try:
-            async with asyncio.timeout(5):
-                await self._worker_proc.wait()
-        except TimeoutError:
-            self._worker_proc.kill()
-            await self._worker_proc.wait()
+                    await asyncio.gather(*live)
+        for link in list(self.worker.links.values()):
+            link.close()  # tells each worker it may exit
+        for proc in self._worker_procs.values():
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
     async def _close_rest(self) -> None:
         for task in self._tasks:

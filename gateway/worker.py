@@ -38,14 +38,16 @@ async def serve(fd: int) -> int:
     first = await anext(messages, None)
     if first is None or first[0] != "config":
         return 2
-    _, data, file, data_dir = first
+    _, data, file, data_dir, index, count = first
     config = Config(data, file, {})
     configure_logging(data.get("log_level", "info"))
     builder = Builder(config, Path(data_dir))
     store = LinkedStore(Path(data_dir) / "passerelle.db", link)
     await store.open()
     try:
-        channels = {spec.name: builder.channel(spec, store) for spec in builder.channel_specs()}
+        channels = {
+            spec.name: builder.channel(spec, store, shard=(index, count)) for spec in builder.channel_specs()
+        }
     except ConfigError as exc:  # the main process validated the same config: this is unexpected
         log.error("worker_config_error", error=str(exc))
         return 2
@@ -53,7 +55,7 @@ async def serve(fd: int) -> int:
         channel.start()
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]
     tasks.append(asyncio.create_task(_report(link, channels)))
-    log.info("worker_started", pid=os.getpid(), channels=len(channels))
+    log.info("worker_started", pid=os.getpid(), channels=len(channels), worker=index, workers=count)
     drain: asyncio.Task[None] | None = None
     async for msg in messages:
         kind = msg[0]

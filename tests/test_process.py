@@ -23,8 +23,9 @@ from tests.messages import adt
 PASSERELLE = [sys.executable, "-m", "gateway.cli"]
 
 
-def write_config(tmp_path: Path, out_dir: Path, *, partitions: int = 16) -> Path:
+def write_config(tmp_path: Path, out_dir: Path, *, partitions: int = 16, workers: int = 1) -> Path:
     data = {
+        "workers": workers,
         "log_level": "info",
         "drain_timeout_s": 10,
         "http": {"host": "127.0.0.1", "port": 0},
@@ -209,12 +210,13 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, procs: list[Proc]) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_loses_no_acked_message_and_delivers_each_exactly_once(
-    tmp_path: Path, procs: list[Proc]
+    tmp_path: Path, procs: list[Proc], workers: int
 ) -> None:
     """5,000 messages over 10 connections; SIGKILL mid-stream; restart; senders resend what was not ACKed."""
     out_dir, data_dir = tmp_path / "out", tmp_path / "var"
-    config = write_config(tmp_path, out_dir)
+    config = write_config(tmp_path, out_dir, workers=workers)
     total_per_conn, conns = 500, 10
     acked: set[str] = set()
     state = {"port": 0}

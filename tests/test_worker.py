@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
@@ -24,10 +25,11 @@ def files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.hl7")) if directory.exists() else []
 
 
-async def test_worker_delivers_and_the_trace_is_recorded(start_gateway, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_worker_delivers_and_the_trace_is_recorded(start_gateway, tmp_path: Path, workers: int) -> None:
     out = tmp_path / "out"
     cfg = make_config(tmp_path, destinations=[{"name": "files", "type": "file", "directory": str(out)}])
-    cfg.data["workers"] = 1
+    cfg.data["workers"] = workers
     gw = await start_gateway(cfg)
     client = MllpClient("127.0.0.1", mllp_port(gw))
     try:
@@ -50,12 +52,15 @@ async def test_worker_delivers_and_the_trace_is_recorded(start_gateway, tmp_path
     assert checks["worker"] == {"ok": True}
 
 
-async def test_a_killed_worker_is_restarted_and_nothing_is_lost(start_gateway, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
+    start_gateway, tmp_path: Path, workers: int
+) -> None:
     out = tmp_path / "out"
     cfg = make_config(tmp_path, destinations=[{"name": "files", "type": "file", "directory": str(out)}])
-    cfg.data["workers"] = 1
+    cfg.data["workers"] = workers
     gw = await start_gateway(cfg)
-    first = gw._worker_proc
+    first = gw._worker_procs[0]
     assert first is not None
     client = MllpClient("127.0.0.1", mllp_port(gw))
     try:
@@ -67,7 +72,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(start_gateway, t
             assert ack_code(await client.send(adt(f"K{i}"))) == "AA"
     finally:
         await client.close()
-    await wait_for(lambda: gw._worker_proc is not first and gw.worker.connected, timeout=15)
+    await wait_for(lambda: gw._worker_procs[0] is not first and gw.worker.connected, timeout=15)
     await wait_for(lambda: len(files(out)) == 30, timeout=15)
     cids = sorted(Message.decode(p.read_bytes()).control_id for p in files(out))
     assert cids == sorted(f"K{i}" for i in range(30))
@@ -147,3 +152,37 @@ async def test_idle_connections_are_closed(start_gateway, tmp_path: Path) -> Non
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
     finally:
         writer.close()
+
+
+async def test_two_workers_keep_each_patients_order(
+    start_gateway, tmp_path: Path, receiver: Receiver
+) -> None:
+    cfg = make_config(
+        tmp_path, destinations=[{"name": "sih", "type": "mllp", "host": "127.0.0.1", "port": receiver.port}]
+    )
+    cfg.data["workers"] = 2
+    gw = await start_gateway(cfg)
+    patients = [f"8{p:04d}" for p in range(8)]
+    sent: dict[str, list[str]] = {p: [] for p in patients}
+
+    async def sender(conn: int) -> None:
+        client = MllpClient("127.0.0.1", mllp_port(gw))
+        try:
+            for i in range(15):
+                patient = patients[(conn * 3 + i) % len(patients)]
+                cid = f"S{conn}-{i}"
+                assert ack_code(await client.send(adt(cid, patient=patient))) == "AA"
+                sent[patient].append(cid)
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(sender(c) for c in range(4)))
+    await wait_for(lambda: len(receiver.received) == 60, timeout=20)
+    seen: dict[str, list[str]] = {p: [] for p in patients}
+    for raw in receiver.received:
+        msg = Message.decode(raw, default_charset="UNICODE UTF-8")
+        seen[msg.get("PID-3.1")].append(msg.control_id)
+    assert seen == sent
+    # worker snapshots arrive every half second: both report, and their counts add up
+    await wait_for(lambda: gw.channels["adt"].snapshot()["counters"].get("sent") == 60)
+    assert gw.channels["adt"].snapshot()["workers"] == 2

@@ -7,6 +7,7 @@ of these same Protocols.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -75,6 +76,12 @@ class Destination(Protocol):
 
 SourceFactory = Callable[[str, Mapping[str, Any], Intake], Source]
 DestinationFactory = Callable[[str, Mapping[str, Any]], Destination]
+
+
+def shard_of(partition_key: str, count: int) -> int:
+    """Which of ``count`` workers handles a partition: fixed for a given count, so one patient's
+    messages, old and new, always reach the same worker and keep their order."""
+    return zlib.crc32(partition_key.encode()) % count if count > 1 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +170,13 @@ class MessageStore(Journal, Protocol):
     def release_dedupe(self, message_id: str) -> Awaitable[None]: ...
 
     async def pending(
-        self, channel: str, after_seq: int, limit: int, *, recovering: bool
+        self,
+        channel: str,
+        after_seq: int,
+        limit: int,
+        *,
+        recovering: bool,
+        shard: tuple[int, int] | None = None,
     ) -> list[WorkItem]: ...
 
     async def get_message(self, message_id: str, *, with_payloads: bool) -> dict[str, Any] | None: ...

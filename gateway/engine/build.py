@@ -100,7 +100,9 @@ class Builder:
             specs.append(ChannelSpec(ci, ch["name"], ch["source"], ch, charset))
         return specs
 
-    def channel(self, spec: ChannelSpec, store: MessageStore) -> ChannelRuntime:
+    def channel(
+        self, spec: ChannelSpec, store: MessageStore, *, shard: tuple[int, int] | None = None
+    ) -> ChannelRuntime:
         ch = spec.data
         dests = []
         for di, d in enumerate(ch["destinations"]):
@@ -124,4 +126,5 @@ class Builder:
             dedupe=ch.get("dedupe", True),
             default_charset=spec.default_charset,
             sending_application=spec.sending_application,
+            shard=shard,
         )

@@ -111,6 +111,7 @@ class ChannelRuntime:
         dedupe: bool = True,
         default_charset: str = "ASCII",
         sending_application: str = "PASSERELLE",
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -124,6 +125,7 @@ class ChannelRuntime:
         self.default_charset = default_charset
         self.sending_application = sending_application
         self.max_in_memory = max_in_memory
+        self.shard = shard  # (index, count): this worker's share of the patients
         self._lanes = [_Lane() for _ in range(partitions)]
         self._in_memory = 0
         # Start spilled: recovery reads what the journal holds before new work is taken directly.
@@ -189,7 +191,7 @@ class ChannelRuntime:
     def accepts(self, msg: Message) -> bool:
         return self.filter.accepts(msg)
 
-    def expect_outcome(self, message_id: str) -> asyncio.Future[Outcome]:
+    def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiters[message_id] = fut
         return fut
@@ -243,7 +245,7 @@ class ChannelRuntime:
             limit = min(room, batch)
             try:
                 items = await self.store.pending(
-                    self.name, self._watermark, limit, recovering=self._recovering
+                    self.name, self._watermark, limit, recovering=self._recovering, shard=self.shard
                 )
             except Exception as exc:  # noqa: BLE001 - keep trying; the journal still has everything
                 log.error("channel_reload_failed", channel=self.name, error=type(exc).__name__)

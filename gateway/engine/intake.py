@@ -46,7 +46,7 @@ class IntakeChannel(Protocol):
 
     def offer(self, item: WorkItem) -> None: ...
 
-    def expect_outcome(self, message_id: str) -> asyncio.Future[Outcome]: ...
+    def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]: ...
 
 
 class Hl7Intake:
@@ -240,7 +240,7 @@ class Hl7Intake:
     ) -> list[tuple[asyncio.Future[Outcome], str]]:
         # Waiters are registered before the lanes can finish the work.
         expected = {
-            res.message_id: channel.expect_outcome(res.message_id)
+            res.message_id: channel.expect_outcome(res.message_id, env.partition_key)
             for channel, env, res in zip(self.channels, envelopes, results, strict=True)
             if not res.duplicate
             and env.status is Status.RECEIVED

@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.core.envelope import Envelope
 from gateway.core.errors import AckCode, MessageError, StoreError
-from gateway.core.protocols import AppendResult, StageRecord, WorkItem
+from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
 from gateway.engine.channel import Filter, Outcome
 from gateway.engine.link import Link
@@ -49,7 +49,7 @@ def error_from_wire(data: tuple[str, str, str | None, str] | None) -> MessageErr
 
 
 class ChannelPort:
-    """Main-process stand-in for a channel that runs in the worker (what the intake needs of it)."""
+    """Main-process stand-in for a channel that runs in the workers (what the intake needs of it)."""
 
     def __init__(
         self,
@@ -70,69 +70,91 @@ class ChannelPort:
         self.worker = worker
         self.dedupe = dedupe
         self.counters: dict[str, int] = {"received": 0, "filtered": 0, "duplicates": 0}
-        self.remote: dict[str, Any] = {}
+        self.remote: dict[int, dict[str, Any]] = {}  # worker index → its latest snapshot
+        self.recovered_by: set[int] = set()
         self.recovered_event = asyncio.Event()
 
     def accepts(self, msg: Message) -> bool:
         return self.filter.accepts(msg)
 
     def offer(self, item: WorkItem) -> None:
-        self.worker.send(("offer", self.name, item))
+        self.worker.send_for(item.envelope.partition_key, ("offer", self.name, item))
 
     def replay(self, item: WorkItem) -> None:
-        self.worker.send(("replay", self.name, item))
+        self.worker.send_for(item.envelope.partition_key, ("replay", self.name, item))
 
-    def expect_outcome(self, message_id: str) -> asyncio.Future[Outcome]:
-        return self.worker.expect(self.name, message_id)
+    def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]:
+        return self.worker.expect(self.name, message_id, partition)
 
     async def recovered(self) -> None:
         await self.recovered_event.wait()
 
+    def mark_recovered(self, index: int) -> None:
+        self.recovered_by.add(index)
+        if len(self.recovered_by) >= self.worker.count:
+            self.recovered_event.set()
+
     def snapshot(self) -> dict[str, Any]:
-        snap = dict(self.remote) or {"name": self.name, "source": self.source, "recovering": True}
-        counters = dict(snap.get("counters", {}))
-        counters.update(self.counters)  # intake-side counts are kept here, the rest in the worker
+        """The workers' snapshots summed; intake-side counts are kept here."""
+        snap: dict[str, Any] = {"name": self.name, "source": self.source, "workers": len(self.remote)}
+        counters: dict[str, int] = {}
+        in_memory = 0
+        for part in self.remote.values():
+            for key, value in part.get("counters", {}).items():
+                counters[key] = counters.get(key, 0) + int(value)
+            in_memory += int(part.get("in_memory", 0))
+        counters.update(self.counters)
         snap["counters"] = counters
+        snap["in_memory"] = in_memory
+        snap["recovering"] = not self.recovered_event.is_set()
         return snap
 
 
 class WorkerHandle:
-    """The main process's side of the link: routes what the worker says, relays what the intake says."""
+    """The main process's side of the links: routes what workers say, sends each patient to its worker."""
 
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: SqliteStore, count: int = 1) -> None:
         self.store = store
-        self.link: Link | None = None
+        self.count = max(count, 1)
+        self.links: dict[int, Link] = {}
         self.ports: dict[str, ChannelPort] = {}
         self._outcomes: dict[str, asyncio.Future[Outcome]] = {}
-        self.drained = asyncio.Event()
+        self.drained: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(self.count)}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
-        return self.link is not None and not self.link.closed
+        return len(self.links) == self.count and not any(link.closed for link in self.links.values())
 
-    def send(self, msg: tuple[Any, ...]) -> None:
-        if self.link is not None:
-            self.link.send(msg)
+    def send_for(self, partition: str, msg: tuple[Any, ...]) -> None:
+        link = self.links.get(shard_of(partition, self.count))
+        if link is not None:
+            link.send(msg)  # with no worker up, the journal keeps the message for the next one
 
-    def expect(self, channel: str, message_id: str) -> asyncio.Future[Outcome]:
+    def broadcast(self, msg: tuple[Any, ...]) -> None:
+        for link in self.links.values():
+            link.send(msg)
+
+    def expect(self, channel: str, message_id: str, partition: str) -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._outcomes[message_id] = fut
-        self.send(("expect", channel, message_id))
+        self.send_for(partition, ("expect", channel, message_id))
         return fut
 
-    def lost(self, reason: str) -> None:
-        """The worker went away: whoever waits for an outcome hears of it (its sender gets AE)."""
+    def lost(self, index: int, reason: str) -> None:
+        """A worker went away: whoever waits for an outcome hears of it (its sender gets AE)."""
+        self.links.pop(index, None)
         for fut in self._outcomes.values():
             if not fut.done():
                 fut.set_result(Outcome(Status.ERROR, MessageError(reason)))
         self._outcomes.clear()
         for port in self.ports.values():
+            port.recovered_by.discard(index)
             port.recovered_event.clear()
-            port.remote = {}
+            port.remote.pop(index, None)
 
-    async def serve(self, link: Link) -> None:
-        self.link = link
+    async def serve(self, index: int, link: Link) -> None:
+        self.links[index] = link
         async for msg in link.messages():
             kind = msg[0]
             if kind == "op":
@@ -140,7 +162,7 @@ class WorkerHandle:
                 if name in FORWARDED_WRITES:
                     getattr(self.store, name)(*args, **kwargs)
             elif kind == "flush":
-                task = asyncio.create_task(self._flushed(msg[1]))
+                task = asyncio.create_task(self._flushed(link, msg[1]))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif kind == "outcome":
@@ -151,19 +173,19 @@ class WorkerHandle:
             elif kind == "recovered":
                 port = self.ports.get(msg[1])
                 if port is not None:
-                    port.recovered_event.set()
+                    port.mark_recovered(index)
             elif kind == "snapshot":
                 for name, snap in msg[1].items():
                     if name in self.ports:
-                        self.ports[name].remote = snap
+                        self.ports[name].remote[index] = snap
             elif kind == "drained":
-                self.drained.set()
+                self.drained[index].set()
 
-    async def _flushed(self, token: int) -> None:
+    async def _flushed(self, link: Link, token: int) -> None:
         # On failure the worker's flush ends with its own timeout; the store logs the cause.
         with contextlib.suppress(StoreError):
             await self.store.flush()
-        self.send(("flushed", token))
+        link.send(("flushed", token))
 
 
 class LinkedStore:
@@ -236,8 +258,16 @@ class LinkedStore:
     def release_dedupe(self, message_id: str) -> Awaitable[None]:
         return self._forward("release_dedupe", message_id)
 
-    async def pending(self, channel: str, after_seq: int, limit: int, *, recovering: bool) -> list[WorkItem]:
-        return await self._reader.pending(channel, after_seq, limit, recovering=recovering)
+    async def pending(
+        self,
+        channel: str,
+        after_seq: int,
+        limit: int,
+        *,
+        recovering: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> list[WorkItem]:
+        return await self._reader.pending(channel, after_seq, limit, recovering=recovering, shard=shard)
 
     async def ping(self) -> None:
         await self._reader.ping()

@@ -24,7 +24,7 @@ import orjson
 from gateway.core.envelope import Envelope
 from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
-from gateway.core.protocols import AppendResult, StageRecord, WorkItem
+from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
 
 log = get_logger("passerelle.store")
@@ -172,6 +172,8 @@ class SqliteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout=30000")
+        # Workers reload only their own patients' messages (see protocols.shard_of).
+        conn.create_function("shard_of", 2, shard_of, deterministic=True)
         return conn
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -511,15 +513,25 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {type(exc).__name__}") from exc
 
-    async def pending(self, channel: str, after_seq: int, limit: int, *, recovering: bool) -> list[WorkItem]:
+    async def pending(
+        self,
+        channel: str,
+        after_seq: int,
+        limit: int,
+        *,
+        recovering: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> list[WorkItem]:
         statuses = _PENDING_STATUSES if recovering else (Status.RECEIVED.value,)
         marks = ",".join("?" * len(statuses))
+        index, count = shard if shard is not None else (0, 1)
 
         def fn(conn: sqlite3.Connection) -> list[WorkItem]:
             rows = conn.execute(
                 f"SELECT {_MSG_COLUMNS}, raw FROM messages WHERE channel=? AND seq>? AND status IN ({marks})"  # noqa: S608
-                " AND discarded_at IS NULL ORDER BY seq LIMIT ?",
-                (channel, after_seq, *statuses, limit),
+                " AND discarded_at IS NULL AND (? = 1 OR shard_of(partition_key, ?) = ?)"
+                " ORDER BY seq LIMIT ?",
+                (channel, after_seq, *statuses, count, count, index, limit),
             ).fetchall()
             items = []
             for row in rows:

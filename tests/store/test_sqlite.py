@@ -124,3 +124,19 @@ async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "x.db")
     with pytest.raises(StoreError):
         await s.append([env("Z")])
+
+
+async def test_pending_can_be_limited_to_one_workers_share(store: SqliteStore) -> None:
+    from dataclasses import replace
+
+    from gateway.core.protocols import shard_of
+
+    keys = [f"patient-{i}" for i in range(20)]
+    for i, key in enumerate(keys):
+        await store.append([replace(env(f"SH{i}"), partition_key=key)])
+    shares = [await store.pending("c", 0, 100, recovering=True, shard=(i, 2)) for i in range(2)]
+    assert sorted(len(s) for s in shares) != [0, 20]  # both workers get some
+    assert sum(len(s) for s in shares) == 20
+    for index, share in enumerate(shares):
+        assert all(shard_of(item.envelope.partition_key, 2) == index for item in share)
+    assert shard_of("x", 1) == 0
