@@ -365,3 +365,60 @@ def test_dlq_and_replay_commands_drive_the_running_gateway(tmp_path: Path, procs
     assert orjson.loads(_cli("dlq", "list", "--api", api).stdout)["messages"] == []
     assert _cli("dlq", "discard", "--api", api).returncode == 2
     assert proc.kill(signal.SIGTERM) == 0
+
+
+def test_logs_carry_no_patient_data(tmp_path: Path, procs: list[Proc]) -> None:
+    """Every path that logs (accept, duplicate, reject, mapping warnings, API reads) stays PHI-free."""
+    from tests.mapping.test_adt import A01, MAPPINGS
+
+    data = {
+        "log_level": "debug",
+        "workers": 1,
+        "http": {"host": "127.0.0.1", "port": 0},
+        "sources": [{"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": 0}],
+        "channels": [
+            {
+                "name": "fhir",
+                "source": "hospital",
+                "steps": [{"type": "fhir_mapping", "directory": str(MAPPINGS)}],
+                "destinations": [{"name": "repo", "type": "fhir_repository", "path": "{data_dir}/fhir.db"}],
+            }
+        ],
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = Proc(config, tmp_path / "var")
+    procs.append(proc)
+    to = f"mllp://127.0.0.1:{proc.mllp_port}"
+    api = f"http://127.0.0.1:{proc.wait_event('gateway_started')['http_port']}"
+    without_vali = A01.replace("|VALI\r", "|PROV\r").replace("A01-0001", "A01-0002")  # INS dropped: a warning
+    files = {
+        "ok.hl7": A01.encode(),
+        "dup.hl7": A01.encode(),
+        "warn.hl7": without_vali.encode(),
+        # not valid UTF-8 as MSH-18 declares: answered AR and journaled as ERROR
+        "bad.hl7": A01.replace("A01-0001", "A01-0003").encode("utf-8").replace("Zoé".encode(), b"Zo\xe9"),
+        "junk.hl7": b"PID|||552233\r",
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        _cli("send", str(tmp_path / name), "--to", to)
+    time.sleep(1.0)
+    listed = _cli("dlq", "list", "--api", api)
+    assert listed.returncode == 0
+    assert proc.kill(signal.SIGTERM) == 0
+    logs = proc.log_path.read_text("utf-8")
+    assert "message_received" in logs and "message_rejected" in logs  # the paths did log
+    for phi in (
+        "GÉRARD",
+        "G\\u00c9RARD",
+        "Zoé",
+        "Zo\\u00e9",
+        "MARTIN-GÉRARD",
+        "552233",
+        "275042512345678",
+        "19750425",
+        "Tanneurs",
+        "0381000000",
+    ):
+        assert phi not in logs, f"patient data in the logs: {phi!r}"
