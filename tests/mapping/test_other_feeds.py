@@ -108,3 +108,161 @@ def test_vxu_immunization() -> None:
     assert immunization["doseQuantity"] == {"value": 0.5, "unit": "mL"}
     assert immunization["lotNumber"] == "LOT-AB12"
     assert immunization["patient"] == {"reference": "urn:uuid:0"}
+
+
+LOINC = "http://loinc.org"
+
+
+def test_siu_golden() -> None:
+    bundle = mapped(
+        "SIU^S12^SIU_S12",
+        segment(
+            "SCH",
+            {
+                2: "RDV-9^AGENDA^1.2.250.1.71.4.2.2.4455^ISO",
+                7: "CS^Consultation de suivi^L",
+                11: "^^^20261201093000^20261201100000",
+            },
+        ),
+        segment("AIL", {3: "CS-CARDIO"}),
+    )
+    assert bundle["entry"][1:] == [
+        {
+            "fullUrl": "urn:uuid:1",
+            "resource": {
+                "resourceType": "Appointment",
+                "identifier": [{"value": "RDV-9", "system": OID}],
+                "status": "booked",
+                "reasonCode": [
+                    {
+                        "coding": [{"code": "CS", "display": "Consultation de suivi"}],
+                        "text": "Consultation de suivi",
+                    }
+                ],
+                "description": "Consultation de suivi",
+                "start": "2026-12-01T09:30:00+01:00",
+                "end": "2026-12-01T10:00:00+01:00",
+                "participant": [
+                    {"actor": {"reference": "urn:uuid:0"}, "status": "accepted"},
+                    {"actor": {"display": "CS-CARDIO"}, "status": "accepted"},
+                ],
+            },
+            "request": {"method": "PUT", "url": f"Appointment?identifier={OID}|RDV-9"},
+        }
+    ]
+
+
+def test_orm_golden() -> None:
+    bundle = mapped(
+        "ORM^O01^ORM_O01",
+        segment(
+            "ORC",
+            {
+                1: "NW",
+                2: "CMD-77^SIH^1.2.250.1.71.4.2.2.4455^ISO",
+                9: "20261123100000",
+                12: "10000000001^MARTIN^Paul^^^^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO^^^^RPPS",
+            },
+        ),
+        segment("OBR", {4: "24331-1^Bilan lipidique^LN", 7: "20261124080000"}),
+    )
+    assert bundle["entry"][1:] == [
+        {
+            "fullUrl": "urn:uuid:1",
+            "resource": {
+                "resourceType": "Practitioner",
+                "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"]},
+                "identifier": [
+                    {
+                        "value": "10000000001",
+                        "system": "https://rpps.esante.gouv.fr",
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                    "code": "RPPS",
+                                }
+                            ]
+                        },
+                    }
+                ],
+                "name": [{"family": "MARTIN", "given": ["Paul"]}],
+            },
+            "request": {
+                "method": "PUT",
+                "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10000000001",
+            },
+        },
+        {
+            "fullUrl": "urn:uuid:2",
+            "resource": {
+                "resourceType": "ServiceRequest",
+                "identifier": [
+                    {
+                        "value": "CMD-77",
+                        "system": OID,
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                            ]
+                        },
+                    }
+                ],
+                "status": "active",
+                "intent": "order",
+                "code": {
+                    "coding": [{"system": LOINC, "code": "24331-1", "display": "Bilan lipidique"}],
+                    "text": "Bilan lipidique",
+                },
+                "subject": {"reference": "urn:uuid:0"},
+                "authoredOn": "2026-11-23T10:00:00+01:00",
+                "requester": {"reference": "urn:uuid:1"},
+                "occurrenceDateTime": "2026-11-24T08:00:00+01:00",
+            },
+            "request": {"method": "PUT", "url": f"ServiceRequest?identifier={OID}|CMD-77"},
+        },
+    ]
+
+
+def test_vxu_golden() -> None:
+    bundle = mapped(
+        "VXU^V04^VXU_V04",
+        segment("ORC", {1: "RE", 3: "VAC-3^SIH^1.2.250.1.71.4.2.2.4455^ISO"}),
+        segment(
+            "RXA",
+            {
+                1: "0",
+                2: "1",
+                3: "20261110103000",
+                5: "3421012^VAXIGRIPTETRA^L",
+                6: "0.5",
+                7: "mL",
+                15: "LOT-AB12",
+                20: "CP",
+            },
+        ),
+        segment("RXR", {1: "IM^Intramusculaire^L"}),
+    )
+    assert bundle["entry"][1:] == [
+        {
+            "fullUrl": "urn:uuid:1",
+            "resource": {
+                "resourceType": "Immunization",
+                "identifier": [{"value": "VAC-3", "system": OID}],
+                "status": "completed",
+                "vaccineCode": {
+                    "coding": [{"code": "3421012", "display": "VAXIGRIPTETRA"}],
+                    "text": "VAXIGRIPTETRA",
+                },
+                "patient": {"reference": "urn:uuid:0"},
+                "occurrenceDateTime": "2026-11-10T10:30:00+01:00",
+                "doseQuantity": {"value": 0.5, "unit": "mL"},
+                "lotNumber": "LOT-AB12",
+                "route": {
+                    "coding": [{"code": "IM", "display": "Intramusculaire"}],
+                    "text": "Intramusculaire",
+                },
+            },
+            "request": {"method": "PUT", "url": f"Immunization?identifier={OID}|VAC-3"},
+        }
+    ]
