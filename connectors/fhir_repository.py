@@ -13,13 +13,11 @@ from typing import Any
 
 import orjson
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.errors import HttpError, PermanentDeliveryError, RetryLater, StoreError
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.store.fhir import SqliteFhirRepository
-
-FHIR_JSON = "application/fhir+json"
 
 
 class FhirRepositoryDestination:

@@ -14,13 +14,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.errors import PermanentDeliveryError, RetryLater
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 
 _RETRYABLE = frozenset({408, 429})
-FHIR_JSON = "application/fhir+json"
 
 
 class FhirRestDestination:

@@ -154,7 +154,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     """Print, for each message, the FHIR Bundle the configured mappings make, with what they left unread."""
-    from gateway.core.envelope import Envelope
+    from gateway.core.envelope import HL7_V2, Envelope
     from gateway.engine.steps import FhirMapping, StepContext
     from gateway.hl7.er7 import Message
 
@@ -178,7 +178,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     channel="convert",
                     source="file",
                     raw=raw,
-                    content_type="application/hl7-v2",
+                    content_type=HL7_V2,
                     sender="",
                     control_id=msg.control_id,
                     message_type=f"{msg.message_type}^{msg.trigger}",

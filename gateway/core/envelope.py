@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.core.status import Status
+
+# The content types payloads are stored and exchanged with.
+HL7_V2 = "application/hl7-v2"
+FHIR_JSON = "application/fhir+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +17,7 @@ class Envelope:
     channel: str
     source: str
     raw: bytes
-    content_type: str  # "application/hl7-v2" or "application/fhir+json"
+    content_type: str  # HL7_V2 or FHIR_JSON
     sender: str  # MSH-3^MSH-4 (application^facility)
     control_id: str  # MSH-10
     message_type: str  # e.g. "ADT^A01"
@@ -25,7 +29,6 @@ class Envelope:
     # Status decided at intake: RECEIVED, or FILTERED when the channel filter declined it.
     status: Status = Status.RECEIVED
     dedupe: bool = True  # the channel detects resends of the same sender + MSH-10
-    meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def dedupe_key(self) -> str:

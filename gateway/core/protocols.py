@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import MessageError
 from gateway.core.status import Status
 
@@ -33,7 +33,7 @@ class DeliveryResult:
     status: Status  # SENT or ERROR
     detail: str = ""  # a code or short reason, PHI-free
     response: bytes | None = None  # e.g. the remote ACK, kept as a stage payload
-    response_type: str = "application/hl7-v2"
+    response_type: str = HL7_V2
     retry: bool = True  # for ERROR: is another attempt worth it?
 
 
@@ -74,10 +74,6 @@ class Destination(Protocol):
     async def aclose(self) -> None: ...
 
 
-SourceFactory = Callable[[str, Mapping[str, Any], Intake], Source]
-DestinationFactory = Callable[[str, Mapping[str, Any]], Destination]
-
-
 def shard_of(partition_key: str, count: int) -> int:
     """Which of ``count`` workers handles a partition: fixed for a given count, so one patient's
     messages, old and new, always reach the same worker and keep their order."""
@@ -113,13 +109,6 @@ class WorkItem:
     pending_destinations: tuple[str, ...]
     attempts: Mapping[str, int]
     checked: bool = False  # the channel filter was applied at intake, just now
-
-
-class MessageQuery(Protocol):
-    status: str | None
-    control_id: str | None
-    channel: str | None
-    limit: int
 
 
 class Journal(Protocol):

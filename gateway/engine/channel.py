@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import MessageError, PermanentDeliveryError, ProcessingError, RetryLater
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, MessageStore, StageRecord, WorkItem
@@ -30,8 +30,6 @@ from gateway.engine.steps import Step, StepContext
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.channel")
-
-HL7_V2 = "application/hl7-v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +156,6 @@ class ChannelRuntime:
     async def recovered(self) -> None:
         """Wait until start-up recovery has handed every pending message to a lane."""
         await self._recovered.wait()
-
-    @property
-    def depth(self) -> int:
-        return self._in_memory
 
     async def stop(self, drain_timeout: float) -> None:
         """Let lanes finish the message in hand (up to the timeout); what waits stays in the journal."""
@@ -461,7 +455,7 @@ class ChannelRuntime:
     ) -> _Attempt:
         defer: float | None = None
         response: bytes | None = None
-        response_type = "application/hl7-v2"
+        response_type = HL7_V2
         try:
             # asyncio.timeout, not wait_for: no extra task (and loop turn) per delivery.
             async with asyncio.timeout(dest.retry.timeout_s):

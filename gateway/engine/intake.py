@@ -13,7 +13,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import (
     AckCode,
     EncodingError,
@@ -26,7 +26,7 @@ from gateway.core.ids import new_id
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, Peer, Reply, StageRecord, WorkItem
 from gateway.core.status import Status
-from gateway.engine.channel import HL7_V2, Outcome
+from gateway.engine.channel import Outcome
 from gateway.hl7.ack import ack_request, build_ack
 from gateway.hl7.er7 import Message
 

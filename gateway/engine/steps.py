@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.errors import ValidationError
 from gateway.hl7.er7 import Message
 from gateway.mapping import functions
@@ -143,5 +143,5 @@ class FhirMapping:
         if errors:
             raise ValidationError("the FHIR produced is not valid: " + "; ".join(errors[:5]))
         ctx.body = orjson.dumps(result.bundle)
-        ctx.content_type = "application/fhir+json"
+        ctx.content_type = FHIR_JSON
         ctx.changed = True

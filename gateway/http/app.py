@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.core.envelope import HL7_V2
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.core.protocols import MessageStore
 from gateway.core.status import Status
@@ -14,8 +15,6 @@ from gateway.http.fhir import add_fhir_routes
 from gateway.http.masking import mask_hl7, payload_text
 from gateway.http.outcome import json_response, outcome_middleware
 from gateway.store.fhir import FhirRepository
-
-HL7_V2 = "application/hl7-v2"
 
 
 class Runtime(Protocol):

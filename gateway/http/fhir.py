@@ -21,8 +21,8 @@ from aiohttp import web
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 
+from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import BadRequest, HttpError, NotFound, Unprocessable, UnsupportedMediaType
-from gateway.http.outcome import FHIR_JSON
 from gateway.store.fhir import (
     CHAINED_PARAMS,
     DEFAULT_COUNT,
@@ -36,7 +36,7 @@ from gateway.store.fhir import (
 
 FHIR_REPOSITORY: web.AppKey[FhirRepository] = web.AppKey("fhir_repository", FhirRepository)
 
-JSON_TYPES = ("application/fhir+json", "application/json")
+JSON_TYPES = (FHIR_JSON, "application/json")
 INTERACTIONS = ("read", "search-type", "create", "update", "delete")
 # Result parameters with no effect on a JSON-only server.
 _IGNORED_PARAMS = ("_format", "_pretty")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.core.errors import MessageError
+from gateway.hl7.charsets import CHARSETS
 from gateway.hl7.er7 import Message
 
 # Segments that carry no patient data: shown as they are.
@@ -31,7 +32,5 @@ def mask_hl7(raw: bytes, default_charset: str = "ASCII") -> str:
 
 def payload_text(raw: bytes, charset: str) -> str:
     """Stored bytes as text for JSON, decoded with the message's own charset when it is known."""
-    from gateway.hl7.charsets import CHARSETS
-
     codec = CHARSETS.get(charset, "utf-8")
     return raw.decode(codec, errors="replace")

@@ -7,12 +7,11 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import PasserelleError
 from gateway.core.logging import get_logger
 
 log = get_logger("passerelle.http")
-
-FHIR_JSON = "application/fhir+json"
 
 
 def operation_outcome(code: str, text: str, *, severity: str = "error", location: str | None = None) -> bytes:

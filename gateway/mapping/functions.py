@@ -291,8 +291,9 @@ def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     if not order:
         return None
     ident: dict[str, Any] = {"value": f"{order}-{set_id}"}
-    if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", oid):
-        ident["system"] = f"urn:oid:{oid}"
+    system = oid_system(ctx, oid)
+    if system:
+        ident["system"] = system
     return ident
 
 

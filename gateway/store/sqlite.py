@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
@@ -396,7 +396,7 @@ class SqliteStore:
                     if ack is not None:
                         conn.execute(
                             _INSERT_STAGE,
-                            (row[0], "ack", row[5], row[3], "application/hl7-v2", ack[0], ack_detail),
+                            (row[0], "ack", row[5], row[3], HL7_V2, ack[0], ack_detail),
                         )
                     continue
                 first = conn.execute("SELECT id, seq FROM messages WHERE dedupe_key=?", (row[-1],)).fetchone()
