@@ -25,6 +25,7 @@ from gateway.engine.intake import Hl7Intake
 from gateway.engine.link import Link
 from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
+from gateway.http.auth import TokenTable
 from gateway.store.fhir import SqliteFhirRepository
 from gateway.store.sqlite import SqliteStore
 
@@ -183,7 +184,11 @@ class Gateway:
         )
 
     async def _start_http(self) -> None:
-        app = build_app(self, max_body_bytes=int(self.http_settings.get("max_body_bytes", 32 * 1024 * 1024)))
+        app = build_app(
+            self,
+            max_body_bytes=int(self.http_settings.get("max_body_bytes", 32 * 1024 * 1024)),
+            authenticator=TokenTable(self.config.data.get("auth", {}).get("tokens", ())),
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(

@@ -11,6 +11,7 @@ from gateway.core.envelope import HL7_V2
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.core.protocols import MessageStore
 from gateway.core.status import Status
+from gateway.http.auth import Authenticator, auth_middleware
 from gateway.http.fhir import add_fhir_routes
 from gateway.http.masking import mask_hl7, payload_text
 from gateway.http.outcome import json_response, outcome_middleware
@@ -36,8 +37,15 @@ class Runtime(Protocol):
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 
 
-def build_app(runtime: Runtime, *, max_body_bytes: int = 32 * 1024 * 1024) -> web.Application:
-    app = web.Application(middlewares=[outcome_middleware], client_max_size=max_body_bytes)
+def build_app(
+    runtime: Runtime,
+    *,
+    max_body_bytes: int = 32 * 1024 * 1024,
+    authenticator: Authenticator | None = None,
+) -> web.Application:
+    app = web.Application(
+        middlewares=[outcome_middleware, auth_middleware(authenticator)], client_max_size=max_body_bytes
+    )
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
