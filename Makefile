@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck bench clean
+.PHONY: run test install lint typecheck bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/passerelle run --config config.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway connectors tests bench
-	$(BIN)/ruff format --check gateway connectors tests bench
+	$(BIN)/ruff check gateway connectors conformance tests bench
+	$(BIN)/ruff format --check gateway connectors conformance tests bench
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
@@ -30,6 +30,9 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_mllp.py
+
+fuzz: $(STAMP)  # hostile-input tests with many more examples than CI (FUZZ_EXAMPLES=2000)
+	$(BIN)/python bench/fuzz.py $(or $(FUZZ_EXAMPLES),2000)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -3,11 +3,19 @@
 The Bundle's conditional creates/updates make a replayed message leave the
 repository as it was. Runs where the channel runs (the worker process by
 default), on its own connection to the repository's SQLite file.
+
+A Bundle that carries a DocumentReference (MDM, ORU with an embedded document) is published
+through the document store, by the same code path as ITI-65: a SubmissionSet is added when the
+message brought none (one per message, so a replay adds no second one), the bytes are kept once
+with their size and hash checked, a replacement supersedes the old document, a deletion is
+logical. The feed acts as the gateway itself: the author-only delete rule is for HTTP callers.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +25,18 @@ from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.errors import HttpError, PermanentDeliveryError, RetryLater, StoreError
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
+from gateway.store.documents import FEED, Mode, SqliteDocumentStore, with_submission_set
 from gateway.store.fhir import SqliteFhirRepository
+
+# Names each message's SubmissionSet: the same message always gives the same identifier.
+_SUBMISSIONS = uuid.UUID("8f1d8a52-6a51-4c36-9d38-52c1e3a5b7f0")
+
+
+def carries_documents(bundle: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(e, dict) and (e.get("resource") or {}).get("resourceType") == "DocumentReference"
+        for e in bundle.get("entry") or ()
+    )
 
 
 class FhirRepositoryDestination:
@@ -26,12 +45,16 @@ class FhirRepositoryDestination:
     CONFIG_SCHEMA: Mapping[str, Any] = {
         "type": "object",
         "required": ["path"],
-        "properties": {"path": {"type": "string", "minLength": 1}},
+        "properties": {
+            "path": {"type": "string", "minLength": 1},
+            "documents": {"enum": [m.value for m in Mode]},  # metadata checks: pdsm (warn) or dmp
+        },
     }
 
     def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
         self.name = name
         self.repository = SqliteFhirRepository(Path(settings["path"]))
+        self.documents = SqliteDocumentStore(self.repository, mode=settings.get("documents", Mode.PDSM))
         self._opened = False
 
     async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult:
@@ -41,11 +64,18 @@ class FhirRepositoryDestination:
             bundle = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise PermanentDeliveryError("the payload is not JSON") from exc
+        if not isinstance(bundle, dict):
+            raise PermanentDeliveryError("the payload is not a FHIR Bundle")
         if not self._opened:
             await self.repository.open()
             self._opened = True
         try:
-            response = await self.repository.transaction(bundle)
+            if carries_documents(bundle):
+                submission = f"urn:uuid:{uuid.uuid5(_SUBMISSIONS, envelope.id)}"
+                when = datetime.fromtimestamp(envelope.received_at, UTC).isoformat(timespec="seconds")
+                response = await self.documents.publish(with_submission_set(bundle, submission, when), FEED)
+            else:
+                response = await self.repository.transaction(bundle)
         except HttpError as exc:  # the Bundle itself is at fault: no retry will change it
             raise PermanentDeliveryError(f"repository refused the transaction: {exc.message}") from exc
         except StoreError as exc:

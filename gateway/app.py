@@ -19,14 +19,21 @@ from gateway.core.config import Config
 from gateway.core.errors import ConfigError, PasserelleError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, Source
+from gateway.core.tls import server_context
 from gateway.engine.build import Builder
 from gateway.engine.channel import ChannelRuntime
+from gateway.engine.fhir_intake import FhirIntake, FhirRoute
 from gateway.engine.intake import Hl7Intake
 from gateway.engine.link import Link
+from gateway.engine.nats_channel import JetStreamChannel
 from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
-from gateway.http.auth import TokenTable
+from gateway.http.auth import build_authenticator
+from gateway.http.fhir_routing import FHIR_INTAKE
+from gateway.store import backends
+from gateway.store.audit import AuditLog
 from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 
 log = get_logger("passerelle.app")
@@ -46,6 +53,8 @@ class Gateway:
         mllp_port: int | None = None,
         http_port: int | None = None,
         workers: int | None = None,
+        journal_url: str | None = None,
+        store_dsn: str | None = None,
     ) -> None:
         self.config = config
         data = config.data
@@ -55,19 +64,24 @@ class Gateway:
         if http_port is not None:
             self.http_settings["port"] = http_port
         self.workers = int(data.get("workers", 1) if workers is None else workers)
-        journal = data.get("journal", {})
-        self.store = SqliteStore(
-            self.data_dir / "passerelle.db",
-            synchronous=journal.get("synchronous", "FULL"),
-            max_batch=journal.get("max_batch", 4096),
-        )
+        self.backends = backends.select(config, self.data_dir, journal_url=journal_url, store_dsn=store_dsn)
+        self.store = self.backends.store
+        if not isinstance(self.store, SqliteStore):
+            self.workers = 0  # worker processes exist for the single SQLite writer; nodes scale instead
         self.fhir = SqliteFhirRepository(self.data_dir / "fhir.db")
+        # Receipts are audited by following the SQLite journal (no cost on the intake path).
+        self.audit = AuditLog(
+            self.data_dir / "audit.db",
+            journal=self.data_dir / "passerelle.db" if isinstance(self.store, SqliteStore) else None,
+        )
         self.drain_timeout = float(data.get("drain_timeout_s", 10))
         self.channels: dict[str, ChannelRuntime | ChannelPort] = {}
         self.sources: dict[str, Source] = {}
         self.intakes: dict[str, Hl7Intake] = {}
+        self.fhir_intake = FhirIntake(self.store)  # channels fed by 'type: fhir' sources (the /fhir routes)
         self.destinations: list[Destination] = []
-        self.worker = WorkerHandle(self.store, self.workers)
+        # Only used with workers, which only the SQLite store has.
+        self.worker = WorkerHandle(cast(SqliteStore, self.store), self.workers)
         self._worker_procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -85,6 +99,8 @@ class Gateway:
         for spec in builder.channel_specs():
             # Built in every mode, so that connector settings are checked before anything listens.
             runtime = builder.channel(spec, self.store)
+            if self.backends.jetstream is not None:
+                runtime = JetStreamChannel(runtime, self.backends.jetstream)
             channel: ChannelRuntime | ChannelPort = runtime
             if self.workers:
                 channel = ChannelPort(
@@ -110,6 +126,17 @@ class Gateway:
             if self.mllp_port is not None and src["type"] == "mllp" and not port_overridden:
                 item["port"] = self.mllp_port
                 port_overridden = True
+            if src["type"] == "fhir":
+                rules = {c["name"]: c.get("fhir") for c in data["channels"]}
+                for ch in channels:
+                    self.fhir_intake.add(src["name"], ch, FhirRoute.from_config(rules.get(ch.name)))
+                self.sources[src["name"]] = builder.connector(
+                    "passerelle.sources", item, ("sources", si), self.fhir_intake
+                )
+                continue
+            for ci, ch_data in enumerate(data["channels"]):
+                if ch_data["source"] == src["name"] and "fhir" in ch_data:
+                    raise self.config.error(("channels", ci, "fhir"), "needs a source of type fhir")
             intake = Hl7Intake(
                 src["name"],
                 channels,
@@ -155,7 +182,14 @@ class Gateway:
         for intake in self.intakes.values():
             intake.partition_secret = secret
         await self.store.open()
+        if isinstance(self.store, PostgresStore):
+            # Every node must digest a patient to the same partition key: the key is shared.
+            secret = await self.store.shared_secret("partition.key")
+            for intake in self.intakes.values():
+                intake.partition_secret = secret
+        self.fhir_intake.partition_secret = secret
         await self.fhir.open()
+        await self.audit.open()
         for index in range(self.workers):
             await self._start_worker(index)
         for channel in self.channels.values():
@@ -184,18 +218,35 @@ class Gateway:
         )
 
     async def _start_http(self) -> None:
+        auth = self.config.data.get("auth", {})
+        authenticator, token_file = build_authenticator(
+            auth, data_dir=self.data_dir, base_dir=Path(self.config.file).parent
+        )
+        if token_file is not None:
+            # The path only: the token itself never reaches a log line.
+            log.info("admin_token_file", path=str(token_file))
         app = build_app(
             self,
             max_body_bytes=int(self.http_settings.get("max_body_bytes", 32 * 1024 * 1024)),
-            authenticator=TokenTable(self.config.data.get("auth", {}).get("tokens", ())),
+            authenticator=authenticator,
+            audit=self.audit,
+            metrics=self.metrics_data,
+            rate_limit=self.http_settings.get("rate_limit", {}),
+            documents=self.config.data.get("documents", {}),
         )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app[FHIR_INTAKE] = self.fhir_intake
+        max_header = int(self.http_settings.get("max_header_bytes", 8190))
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, max_line_size=max_header, max_field_size=max_header
+        )
         await self._runner.setup()
+        tls = self.http_settings.get("tls")
         site = web.TCPSite(
             self._runner,
             self.http_settings.get("host", "127.0.0.1"),
             int(self.http_settings.get("port", 8080)),
             reuse_address=True,
+            ssl_context=server_context(tls, where="http.tls") if tls else None,
         )
         await site.start()
         server = cast(asyncio.Server | None, site._server)  # aiohttp keeps the bound sockets there
@@ -247,6 +298,7 @@ class Gateway:
             self._runner = None
         await self.store.close()
         await self.fhir.close()
+        await self.audit.close()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,6 +356,26 @@ class Gateway:
             checks["worker"] = {"ok": self.worker.connected}
         checks["sources"] = {"ok": bool(self.sources) or not self.channels, "count": len(self.sources)}
         return checks
+
+    async def metrics_data(self) -> Mapping[str, Any]:
+        """What /metrics exposes, gathered in this (main) process: see gateway.http.metrics."""
+        stats = await self.store.stats()
+        received: dict[tuple[str, str], int] = {}
+        for intake in self.intakes.values():
+            for key, n in intake.received_by_type.items():
+                received[key] = received.get(key, 0) + n
+        return {
+            "received": received,
+            "sources": {name: {"acked": i.acked, "rejected": i.rejected} for name, i in self.intakes.items()},
+            "by_type": stats.get("by_type", {}),
+            "destinations": stats.get("destinations", {}),
+            "journal": stats.get("journal", {}),
+            "channels": [c.snapshot() for c in self.channels.values()],
+            "ack_latency": {
+                name: src.ack_latency for name, src in self.sources.items() if hasattr(src, "ack_latency")
+            },
+            "ready": await self.readiness(),
+        }
 
     def snapshot(self) -> Mapping[str, Any]:
         return {

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway.core import config as config_mod
-from gateway.core.errors import ConfigError, MessageError
+from gateway.core.errors import ConfigError, MessageError, StoreError
 from gateway.core.logging import configure as configure_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -33,7 +33,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
         configure_logging(cfg.data.get("log_level", "info"))
-        gateway = Gateway(cfg, data_dir=args.data_dir, mllp_port=args.mllp_port, http_port=args.http_port)
+        gateway = Gateway(
+            cfg,
+            data_dir=args.data_dir,
+            mllp_port=args.mllp_port,
+            http_port=args.http_port,
+            journal_url=args.journal,
+            store_dsn=args.store,
+        )
     except ConfigError as exc:
         print(f"passerelle: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -46,6 +53,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"passerelle: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as exc:  # e.g. PostgreSQL or NATS unreachable at start-up; the URL is named
+        print(f"passerelle: cannot start: {exc.message}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -111,10 +121,29 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(_send(args.files, host, port, args.timeout))
 
 
-async def _api(method: str, base: str, path: str) -> tuple[int, Any]:
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else $PASSERELLE_TOKEN, else the first-start admin token in the data directory."""
+    import os
+
+    if args.token:
+        return str(args.token)
+    if os.environ.get("PASSERELLE_TOKEN"):
+        return os.environ["PASSERELLE_TOKEN"]
+    path = Path(args.data_dir or "./var") / "admin-token"
+    try:
+        return path.read_text("ascii").strip() or None
+    except OSError:
+        return None
+
+
+async def _api(method: str, base: str, path: str, token: str | None = None) -> tuple[int, Any]:
     import aiohttp
 
-    async with aiohttp.ClientSession() as session, session.request(method, base.rstrip("/") + path) as resp:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.request(method, base.rstrip("/") + path) as resp,
+    ):
         body = await resp.read()
         try:
             return resp.status, orjson.loads(body) if body else None
@@ -122,9 +151,9 @@ async def _api(method: str, base: str, path: str) -> tuple[int, Any]:
             return resp.status, body.decode("utf-8", "replace")
 
 
-def _call_api(method: str, base: str, path: str) -> int:
+def _call_api(method: str, base: str, path: str, token: str | None = None) -> int:
     try:
-        status, body = asyncio.run(_api(method, base, path))
+        status, body = asyncio.run(_api(method, base, path, token))
     except OSError as exc:
         print(f"passerelle: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -135,20 +164,20 @@ def _call_api(method: str, base: str, path: str) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     for mid in args.message_ids:
-        worst = max(worst, _call_api("POST", args.api, f"/api/messages/{mid}/replay"))
+        worst = max(worst, _call_api("POST", args.api, f"/api/messages/{mid}/replay", _token(args)))
     return worst
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "list":
         query = f"?limit={args.limit}" + (f"&channel={args.channel}" if args.channel else "")
-        return _call_api("GET", args.api, f"/api/dlq{query}")
+        return _call_api("GET", args.api, f"/api/dlq{query}", _token(args))
     if not args.message_ids:
         print(f"passerelle dlq {args.action}: give at least one message id", file=sys.stderr)
         return EXIT_USAGE
     worst = EXIT_OK
     for mid in args.message_ids:
-        worst = max(worst, _call_api("POST", args.api, f"/api/dlq/{mid}/{args.action}"))
+        worst = max(worst, _call_api("POST", args.api, f"/api/dlq/{mid}/{args.action}", _token(args)))
     return worst
 
 
@@ -158,8 +187,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from gateway.engine.steps import FhirMapping, StepContext
     from gateway.hl7.er7 import Message
 
+    if args.to == "hl7v2":
+        return _convert_to_hl7v2(args)
     try:
-        step = FhirMapping("convert", {"directory": args.mappings, "timezone": args.timezone})
+        step = FhirMapping("convert", {"directory": args.mappings or "mappings", "timezone": args.timezone})
     except ConfigError as exc:
         print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -198,6 +229,111 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return worst
 
 
+def _convert_to_hl7v2(args: argparse.Namespace) -> int:
+    """Print the HL7v2 messages the reverse mappings make of FHIR files (the gateway's own step)."""
+    import time
+
+    from gateway.core.envelope import FHIR_JSON, Envelope
+    from gateway.core.ids import new_id
+    from gateway.engine.steps import Hl7v2Mapping, StepContext
+
+    settings = {
+        "directory": args.mappings or "mappings/reverse",
+        "timezone": args.timezone,
+        "charset": args.charset,
+    }
+    try:
+        step = Hl7v2Mapping("convert", settings)
+    except ConfigError as exc:
+        print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    worst = EXIT_OK
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            print(f"passerelle convert: no such file: {name}", file=sys.stderr)
+            return EXIT_USAGE
+        raw = path.read_bytes()
+        env = Envelope(
+            id=new_id(),
+            channel="convert",
+            source="file",
+            raw=raw,
+            content_type=FHIR_JSON,
+            sender="",
+            control_id="",
+            message_type=f"{'PUT' if args.update else 'POST'} file",
+            partition_key="",
+            received_at=time.time(),
+            trace_id="convert",
+        )
+        ctx = StepContext(env, None, FHIR_JSON, body=raw)
+        try:
+            step(ctx)
+        except MessageError as exc:
+            print(f"passerelle convert: {name}: {exc.message}", file=sys.stderr)
+            worst = EXIT_FAIL
+            continue
+        for warning in ctx.warnings:
+            print(f"passerelle convert: {name}: warning: {warning}", file=sys.stderr)
+        # One segment per line, a blank line between messages: readable, and `send` takes it back.
+        text = ctx.payload().decode(step.codec)
+        sys.stdout.write(text.replace("\rMSH", "\r\nMSH").replace("\r", "\n"))
+        sys.stdout.flush()
+    return worst
+
+
+def _token_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token", help="bearer token (default: $PASSERELLE_TOKEN, else DATA_DIR/admin-token)"
+    )
+    parser.add_argument("--data-dir", default=None, help="where to find admin-token (default: ./var)")
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from gateway.logtail import run_tail
+
+    return run_tail(args)
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.store.audit import verify
+
+    path = args.file or args.data_dir / "audit.db"
+    result = verify(path)
+    if result.ok:
+        print(f"audit log intact: {result.entries} entries; head {result.head}")
+        return EXIT_OK
+    where = f"entry {result.bad_seq}: " if result.bad_seq is not None else ""
+    print(f"audit log BROKEN at {where}{result.reason} ({result.entries} entries verified before it)")
+    return EXIT_FAIL
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from conformance import cli as conformance_cli
+
+    return conformance_cli.validate(args.files, args.profile, args.profiles)
+
+
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    from conformance import cli as conformance_cli
+
+    if args.action == "list":
+        return conformance_cli.list_suites()
+    if not args.suite:
+        print("passerelle conformance run: name the suite (passerelle conformance list)", file=sys.stderr)
+        return EXIT_USAGE
+    return conformance_cli.run(
+        args.suite,
+        args.target,
+        listen=args.listen,
+        report_dir=args.report_dir,
+        token=args.token,
+        profile=args.profile,
+        count=args.count,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="passerelle", description="HL7v2 / FHIR interoperability gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, default=None)
     run.add_argument("--mllp-port", type=int, default=None)
     run.add_argument("--http-port", type=int, default=None)
+    run.add_argument("--journal", default=None, help="nats://HOST:PORT: the shared JetStream journal")
+    run.add_argument("--store", default=None, help="postgresql://HOST:PORT/DB: the shared message store")
     run.set_defaults(func=_cmd_run)
 
     send = sub.add_parser("send", help="send HL7v2 files over MLLP and print each ACK")
@@ -217,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="print the FHIR the mappings make of HL7v2 files (no service)")
     convert.add_argument("files", nargs="+")
-    convert.add_argument("--to", choices=["fhir"], default="fhir")
-    convert.add_argument("--mappings", default="mappings", help="the mapping directory (default: ./mappings)")
+    convert.add_argument("--to", choices=["fhir", "hl7v2"], default="fhir", help="hl7v2: FHIR JSON files in")
+    convert.add_argument(
+        "--mappings", default=None, help="the mapping directory (default: ./mappings, or ./mappings/reverse)"
+    )
+    convert.add_argument("--charset", default="UNICODE UTF-8", help="--to hl7v2: MSH-18 of the output")
+    convert.add_argument("--update", action="store_true", help="--to hl7v2: the resources are updates (A31)")
     convert.add_argument("--default-charset", default="8859/15", help="charset when MSH-18 is empty")
     convert.add_argument("--timezone", default="Europe/Paris", help="zone of HL7 times sent without one")
     convert.set_defaults(func=_cmd_convert)
@@ -227,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="process stored messages again")
     replay.add_argument("message_ids", nargs="+")
     replay.add_argument("--api", default="http://127.0.0.1:8080", help=api_help)
+    _token_args(replay)
     replay.set_defaults(func=_cmd_replay)
 
     dlq = sub.add_parser("dlq", help="list, replay or discard dead messages")
@@ -235,7 +378,44 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--channel")
     dlq.add_argument("--limit", type=int, default=100)
     dlq.add_argument("--api", default="http://127.0.0.1:8080", help=api_help)
+    _token_args(dlq)
+
+    tail = sub.add_parser("tail", help="follow a JSON log stream (a file, or stdin) with filters")
+    tail.add_argument("file", nargs="?", default="-", help="a log file, or - for stdin (default)")
+    tail.add_argument("--channel")
+    tail.add_argument("--level", choices=["debug", "info", "warning", "error", "critical"])
+    tail.add_argument("--message-id")
+    tail.add_argument("--since", help="an ISO time, or a duration back from now: 30s, 15m, 2h, 1d")
+    tail.add_argument("--no-follow", action="store_true", help="print what is there and stop")
+    tail.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    tail.set_defaults(func=_cmd_tail)
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check the hash chain; exits non-zero at the first bad entry"
+    )
+    verify.add_argument("--data-dir", type=Path, default=Path("./var"))
+    verify.add_argument("--file", type=Path, default=None, help="the audit log (default: DATA_DIR/audit.db)")
+    verify.set_defaults(func=_cmd_audit_verify)
     dlq.set_defaults(func=_cmd_dlq)
+
+    validate = sub.add_parser("validate", help="check HL7v2 (PAM FR) or FHIR JSON files; non-zero on error")
+    validate.add_argument("files", nargs="+")
+    validate.add_argument("--profile", help="FHIR profile (id, name or url) instead of meta.profile")
+    validate.add_argument("--profiles", help="StructureDefinition directory (default: profiles/)")
+    validate.set_defaults(func=_cmd_validate)
+
+    conformance = sub.add_parser("conformance", help="list or run conformance suites")
+    conformance.add_argument("action", choices=["list", "run"])
+    conformance.add_argument("suite", nargs="?", help="suite name or path to a suite YAML file")
+    conformance.add_argument("--target", help="mllp://HOST:PORT, http(s)://HOST/fhir, or a file or directory")
+    conformance.add_argument("--listen", help="mllp://HOST:PORT to receive on (live sender suites)")
+    conformance.add_argument("--report-dir", help="write NAME.json, NAME.junit.xml and NAME.html there")
+    conformance.add_argument("--token", help="bearer token for HTTP targets")
+    conformance.add_argument("--profile", help="FHIR profile for the files suite")
+    conformance.add_argument("--count", type=int, help="messages to wait for (live sender suites)")
+    conformance.set_defaults(func=_cmd_conformance)
     return parser
 
 

@@ -19,6 +19,7 @@ from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.engine import registry
 from tests.fakes import Receiver
+from tests.phi_scan import PhiScan
 
 
 class FakeDestination:
@@ -61,12 +62,24 @@ FakeDestination.CONFIG_SCHEMA = {  # type: ignore[attr-defined]
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The whole suite's log output is scanned for the patient data the tests use (tests/phi_scan.py).
+    if not config.pluginmanager.has_plugin("passerelle-phi-scan"):
+        config.pluginmanager.register(PhiScan(), "passerelle-phi-scan")
+
+
 @pytest.fixture(autouse=True)
 def _fake_destination() -> Any:
     registry.register("passerelle.destinations", "fake", FakeDestination)
     FakeDestination.instances.clear()
     yield
     registry.unregister("passerelle.destinations", "fake")
+
+
+# Access control is always on: every test gateway knows this admin token, and clients send it.
+ADMIN_TOKEN = "test-admin-token-7f3c9a1e5b2d4c68"  # noqa: S105 - a test credential
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ADMIN_ENTRY = {"token": ADMIN_TOKEN, "subject": "test-admin", "role": "admin"}
 
 
 def make_config(tmp_path: Path, **channel: Any) -> config_mod.Config:
@@ -85,6 +98,7 @@ def make_config(tmp_path: Path, **channel: Any) -> config_mod.Config:
         "drain_timeout_s": 5,
         "workers": 0,  # in-process channels: the fakes live in this process
         "http": {"host": "127.0.0.1", "port": 0},
+        "auth": {"tokens": [ADMIN_ENTRY]},
         "sources": [
             {
                 "name": "hospital",

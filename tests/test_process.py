@@ -338,13 +338,17 @@ def test_dlq_and_replay_commands_drive_the_running_gateway(tmp_path: Path, procs
     procs.append(proc)
     port = proc.mllp_port
     api = f"http://127.0.0.1:{proc.wait_event('gateway_started')['http_port']}"
+    cli_api = ("--api", api, "--data-dir", str(tmp_path / "var"))  # the token is read from there
+    # No admin credential configured: the first start wrote one (0600), and the CLI reads it from there.
+    assert (tmp_path / "var" / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert _cli("dlq", "list", "--api", api, "--data-dir", str(tmp_path / "elsewhere")).returncode == 1
     msg = tmp_path / "m.hl7"
     msg.write_bytes(adt("DLQ1"))
     assert _cli("send", str(msg), "--to", f"mllp://127.0.0.1:{port}").returncode == 0
     deadline = time.monotonic() + 20
     listed: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        run = _cli("dlq", "list", "--api", api)
+        run = _cli("dlq", "list", *cli_api)
         assert run.returncode == 0
         listed = orjson.loads(run.stdout)["messages"]
         if listed:
@@ -352,18 +356,16 @@ def test_dlq_and_replay_commands_drive_the_running_gateway(tmp_path: Path, procs
         time.sleep(0.2)
     assert [m["control_id"] for m in listed] == ["DLQ1"]
     mid = str(listed[0]["id"])
-    replay = _cli("replay", mid, "--api", api)
+    replay = _cli("replay", mid, *cli_api)
     assert replay.returncode == 0
     assert orjson.loads(replay.stdout) == {"id": mid, "status": "RECEIVED"}
-    assert _cli("replay", "NO-SUCH-MESSAGE", "--api", api).returncode == 1
+    assert _cli("replay", "NO-SUCH-MESSAGE", *cli_api).returncode == 1
     deadline = time.monotonic() + 20
-    while (
-        time.monotonic() < deadline and not orjson.loads(_cli("dlq", "list", "--api", api).stdout)["messages"]
-    ):
+    while time.monotonic() < deadline and not orjson.loads(_cli("dlq", "list", *cli_api).stdout)["messages"]:
         time.sleep(0.2)  # dead again after the replayed attempt
-    assert _cli("dlq", "discard", mid, "--api", api).returncode == 0
-    assert orjson.loads(_cli("dlq", "list", "--api", api).stdout)["messages"] == []
-    assert _cli("dlq", "discard", "--api", api).returncode == 2
+    assert _cli("dlq", "discard", mid, *cli_api).returncode == 0
+    assert orjson.loads(_cli("dlq", "list", *cli_api).stdout)["messages"] == []
+    assert _cli("dlq", "discard", *cli_api).returncode == 2
     assert proc.kill(signal.SIGTERM) == 0
 
 
@@ -391,6 +393,7 @@ def test_logs_carry_no_patient_data(tmp_path: Path, procs: list[Proc]) -> None:
     procs.append(proc)
     to = f"mllp://127.0.0.1:{proc.mllp_port}"
     api = f"http://127.0.0.1:{proc.wait_event('gateway_started')['http_port']}"
+    cli_api = ("--api", api, "--data-dir", str(tmp_path / "var"))  # the token is read from there
     without_vali = A01.replace("|VALI\r", "|PROV\r").replace("A01-0001", "A01-0002")  # INS dropped: a warning
     files = {
         "ok.hl7": A01.encode(),
@@ -404,7 +407,7 @@ def test_logs_carry_no_patient_data(tmp_path: Path, procs: list[Proc]) -> None:
         (tmp_path / name).write_bytes(raw)
         _cli("send", str(tmp_path / name), "--to", to)
     time.sleep(1.0)
-    listed = _cli("dlq", "list", "--api", api)
+    listed = _cli("dlq", "list", *cli_api)
     assert listed.returncode == 0
     assert proc.kill(signal.SIGTERM) == 0
     logs = proc.log_path.read_text("utf-8")

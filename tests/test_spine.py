@@ -13,7 +13,7 @@ from connectors.mllp.client import MllpClient
 from connectors.mllp.framing import frame
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
-from tests.conftest import FakeDestination, mllp_port, wait_for
+from tests.conftest import AUTH, FakeDestination, mllp_port, wait_for
 from tests.messages import adt
 
 
@@ -237,7 +237,7 @@ async def test_failed_deliveries_go_dead_after_the_attempts_then_replay(start_ga
     assert trace["deliveries"][0]["attempts"] == 3
     assert far.attempts == 3  # no fourth attempt
     far.plan = ["ok"]
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         url = f"http://127.0.0.1:{gw.http_port_bound}/api/dlq/{dead[0]['id']}/replay"
         async with http.post(url) as resp:
             assert resp.status == 202
@@ -263,7 +263,7 @@ async def test_discard_removes_from_the_dead_letter_list(start_gateway, client_f
     await asyncio.sleep(0.05)
     await gw.store.flush()
     (dead,) = await gw.store.dead_letters(None, 10)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         base = f"http://127.0.0.1:{gw.http_port_bound}"
         async with http.post(f"{base}/api/dlq/{dead['id']}/discard") as resp:
             assert resp.status == 200
@@ -312,7 +312,7 @@ async def test_api_lists_traces_masks_and_reports(start_gateway, client_for) -> 
     await wait_for(lambda: len(FakeDestination.instances["far"].received) == 1)
     await gw.store.flush()
     base = f"http://127.0.0.1:{gw.http_port_bound}"
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         async with http.get(f"{base}/health") as resp:
             assert resp.status == 200
         async with http.get(f"{base}/ready") as resp:

@@ -12,7 +12,7 @@ import pytest
 
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
-from tests.conftest import make_config, mllp_port, wait_for
+from tests.conftest import AUTH, make_config, mllp_port, wait_for
 from tests.fakes import Receiver
 from tests.messages import adt
 
@@ -130,7 +130,7 @@ async def test_dead_letters_and_replay_through_the_worker(
         await asyncio.sleep(0.05)
     assert [d["control_id"] for d in dead] == ["DL1"]
     receiver.plan = ["AA"]
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         url = f"http://127.0.0.1:{gw.http_port_bound}/api/messages/{dead[0]['id']}/replay"
         async with http.post(url) as resp:
             assert resp.status == 202

@@ -4,21 +4,28 @@ Per connection, frames are answered strictly in arrival order. Reading pauses wh
 a sender pipelines too far ahead. A frame that can be framed is always answered;
 an oversize frame is answered AR (from its readable header) and the connection is
 then closed, while the server keeps serving the others.
+
+Who may connect is checked before a byte is read: TLS (mTLS with ``require_client_cert``),
+``allow.networks`` (IP ranges), ``allow.subjects`` (certificate subjects), a per-address
+connection limit, and ``senders`` (certificate subject → the channels that sender may feed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from connectors.mllp.framing import FrameDecoder, Oversize, frame
-from gateway.core.errors import FrameTooLarge
+from gateway.core.errors import ConfigError, FrameTooLarge
+from gateway.core.latency import Histogram
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Intake, Peer
+from gateway.core.tls import peer_subject, server_context
 
 log = get_logger("passerelle.mllp")
 
@@ -37,6 +44,39 @@ class MllpSource:
             "idle_timeout_s": {"type": "number", "minimum": 0},
             "max_connections": {"type": "integer", "minimum": 1},
             "default_charset": {"type": "string"},
+            "max_connections_per_address": {"type": "integer", "minimum": 1},
+            "tls": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["cert", "key"],
+                "properties": {
+                    "cert": {"type": "string"},
+                    "key": {"type": "string"},
+                    "ca": {"type": "string"},
+                    "require_client_cert": {"type": "boolean"},
+                },
+            },
+            "allow": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "networks": {"type": "array", "items": {"type": "string"}},
+                    "subjects": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "senders": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["subject", "channels"],
+                    "properties": {
+                        "subject": {"type": "string"},
+                        "name": {"type": "string"},
+                        "channels": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
         },
     }
 
@@ -47,9 +87,23 @@ class MllpSource:
         self.max_frame_bytes = int(settings.get("max_frame_bytes", 16 * 1024 * 1024))
         self.idle_timeout_s = float(settings.get("idle_timeout_s", 600))
         self.max_connections = int(settings.get("max_connections", 256))
+        self.max_per_address = int(settings.get("max_connections_per_address", 64))
+        self.ssl = server_context(settings["tls"], where=f"sources.{name}.tls") if "tls" in settings else None
+        allow = settings.get("allow", {})
+        try:
+            self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in allow.get("networks", ()))
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=f"sources.{name}.allow.networks") from exc
+        self.subjects = tuple(parse_subject(s) for s in allow.get("subjects", ()))
+        self.senders = tuple(
+            (parse_subject(s["subject"]), frozenset(s["channels"])) for s in settings.get("senders", ())
+        )
+        if (self.subjects or self.senders) and self.ssl is None:
+            raise ConfigError("certificate subjects need tls", key=f"sources.{name}.allow")
         self.intake = intake
         self.connections: set[_Connection] = set()
         self.refused_connections = 0
+        self.ack_latency = Histogram()  # frame read → answer written, seconds
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -62,11 +116,34 @@ class MllpSource:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=512
+            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=512, ssl=self.ssl
         )
         if self.idle_timeout_s > 0:
             self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"mllp-idle-{self.name}")
-        log.info("mllp_listening", source=self.name, host=self.host, port=self.bound_port)
+        log.info(
+            "mllp_listening", source=self.name, host=self.host, port=self.bound_port, tls=self.ssl is not None
+        )
+
+    def admit(self, address: str, subject: str | None) -> tuple[str | None, frozenset[str] | None]:
+        """Why a new connection is refused (or None), and the channels its sender may feed."""
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return "address", None
+            if not any(ip in net for net in self.networks):
+                return "address", None
+        if sum(1 for c in self.connections if c.address == address) >= self.max_per_address:
+            return "max_connections_per_address", None
+        rdns = parse_subject(subject) if subject else frozenset()
+        if self.subjects and not any(want <= rdns for want in self.subjects):
+            return "subject", None
+        if self.senders:
+            for want, channels in self.senders:
+                if want <= rdns:
+                    return None, channels
+            return "sender", None
+        return None, None
 
     async def _sweep_idle(self) -> None:
         # One periodic sweep instead of a timer per message keeps the hot path lean.
@@ -104,15 +181,29 @@ class MllpSource:
         log.info("mllp_stopped", source=self.name)
 
 
+def parse_subject(text: str) -> frozenset[tuple[str, str]]:
+    """Subject text → its attribute set: "CN=lab,O=Hopital" → {("CN", "lab"), ("O", "Hopital")}.
+
+    A configured subject matches a certificate whose subject holds all of its attributes.
+    """
+    out = set()
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if sep:
+            out.add((key.strip().upper(), value.strip()))
+    return frozenset(out)
+
+
 class _Connection(asyncio.Protocol):
     """One sender. Each frame takes a slot; answers leave strictly in slot order."""
 
     def __init__(self, source: MllpSource) -> None:
         self.source = source
         self.decoder = FrameDecoder(source.max_frame_bytes)
-        self.slots: deque[list[bytes | None]] = deque()
+        self.slots: deque[list[Any]] = deque()  # [answer or None, time the frame was read]
         self.transport: asyncio.Transport | None = None
         self.peer = Peer("?", source.name)
+        self.address = "?"
         self.draining = False
         self.closed = False
         self.paused = False
@@ -128,15 +219,19 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         addr = self.transport.get_extra_info("peername")
-        self.peer = Peer(f"{addr[0]}:{addr[1]}" if addr else "?", self.source.name)
-        if len(self.source.connections) >= self.source.max_connections:
+        self.address = str(addr[0]) if addr else "?"
+        subject = peer_subject(self.transport.get_extra_info("ssl_object"))
+        refused, channels = self.source.admit(self.address, subject)
+        self.peer = Peer(
+            f"{addr[0]}:{addr[1]}" if addr else "?", self.source.name, tls_subject=subject, channels=channels
+        )
+        if refused is None and len(self.source.connections) >= self.source.max_connections:
+            refused = "max_connections"
+        if refused is not None:
             # Nothing has been received yet, so nothing is left unanswered.
             self.source.refused_connections += 1
             log.warning(
-                "mllp_connection_refused",
-                source=self.source.name,
-                peer=self.peer.address,
-                reason="max_connections",
+                "mllp_connection_refused", source=self.source.name, peer=self.peer.address, reason=refused
             )
             self.transport.abort()
             self.closed = True
@@ -149,8 +244,9 @@ class _Connection(asyncio.Protocol):
         if self.close_after_answers:
             return  # after an oversize frame nothing more is read from this sender
         intake = self.source.intake
+        now = self.last_activity
         for item in self.decoder.feed(data):
-            slot: list[bytes | None] = [None]
+            slot: list[Any] = [None, now]
             self.slots.append(slot)
             if isinstance(item, Oversize):
                 err = FrameTooLarge(f"frame larger than {item.limit} bytes")
@@ -166,20 +262,22 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused = True
 
-    def _reply_into(self, slot: list[bytes | None]) -> Callable[[bytes], None]:
+    def _reply_into(self, slot: list[Any]) -> Callable[[bytes], None]:
         def reply(ack: bytes) -> None:
             self._fill(slot, ack)
 
         return reply
 
-    def _fill(self, slot: list[bytes | None], ack: bytes) -> None:
+    def _fill(self, slot: list[Any], ack: bytes) -> None:
         slot[0] = ack
         transport = self.transport
+        now = time.monotonic()
         while self.slots and self.slots[0][0] is not None:
-            answer = self.slots.popleft()[0]
+            answer, read_at = self.slots.popleft()
             if answer and transport is not None and not self.closed:
                 transport.write(frame(answer))
-        self.last_activity = time.monotonic()
+                self.source.ack_latency.observe(now - read_at)
+        self.last_activity = now
         if self.paused and len(self.slots) < _MAX_QUEUED_FRAMES // 2 and not self.closed:
             assert transport is not None
             transport.resume_reading()

@@ -13,6 +13,7 @@ Library errors are translated once per boundary with ``raise ... from exc``.
     │   ├── ParseError               malformed ER7 (AR)
     │   ├── EncodingError            unknown charset / undecodable bytes (AR)
     │   ├── UnsupportedMessage       type or trigger this channel does not take (AR)
+    │   ├── SenderNotAllowed         the sender identity may not feed this channel (AR)
     │   ├── ValidationError          content breaks a rule (AE)
     │   └── ProcessingError          a step failed on a valid message (AE)
     ├── DeliveryError                a destination did not take the message
@@ -23,7 +24,8 @@ Library errors are translated once per boundary with ``raise ... from exc``.
         ├── BadRequest (400) · Unauthorized (401) · Forbidden (403)
         ├── NotFound (404) · MethodNotAllowed (405) · Conflict (409)
         ├── PayloadTooLarge (413) · UnsupportedMediaType (415)
-        └── Unprocessable (422)
+        ├── Unprocessable (422)
+        └── TooManyRequests (429)
 """
 
 from __future__ import annotations
@@ -123,6 +125,15 @@ class UnsupportedMessage(MessageError):
     fhir_issue_code = "not-supported"
 
 
+class SenderNotAllowed(MessageError):
+    """The connection's sender identity may not feed the channel(s) this message is for (AR)."""
+
+    ack_code = AckCode.AR
+    hl7_error_code = "207"
+    http_status = 403
+    fhir_issue_code = "forbidden"
+
+
 class ValidationError(MessageError):
     ack_code = AckCode.AE
     hl7_error_code = "101"
@@ -212,3 +223,14 @@ class UnsupportedMediaType(HttpError):
 class Unprocessable(HttpError):
     http_status = 422
     fhir_issue_code = "processing"
+
+
+class TooManyRequests(HttpError):
+    """A client over its request rate; it may retry after ``retry_after`` seconds."""
+
+    http_status = 429
+    fhir_issue_code = "throttled"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

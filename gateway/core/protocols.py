@@ -24,6 +24,8 @@ class Peer:
     address: str
     source: str
     tls_subject: str | None = None
+    # The channels this sender may feed (mTLS sender identity); None: every channel of the source.
+    channels: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,6 +312,9 @@ class ChannelRuntime:
         destinations = [d.name for d in self.destinations]
         if checked and not self.steps:
             return self._transformed(env, env.raw, destinations, [])
+        if env.content_type != HL7_V2:
+            # A FHIR request: its routing rules were applied at intake; the steps read the body.
+            return self._run_steps(env, StepContext(env, None, env.content_type, body=env.raw), destinations)
         try:
             msg = Message.decode(env.raw, default_charset=env.charset or self.default_charset)
         except MessageError as exc:
@@ -326,7 +329,12 @@ class ChannelRuntime:
             )
             self._finish(env.id, Outcome(Status.FILTERED))
             return None
-        ctx = StepContext(env, msg, env.content_type)
+        return self._run_steps(env, StepContext(env, msg, env.content_type), destinations)
+
+    def _run_steps(
+        self, env: Envelope, ctx: StepContext, destinations: list[str]
+    ) -> tuple[bytes, StageRecord] | None:
+        store = self.store
         for step in self.steps:
             ctx.changed = False
             try:

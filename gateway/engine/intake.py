@@ -20,6 +20,7 @@ from gateway.core.errors import (
     MessageError,
     MissingField,
     ProcessingError,
+    SenderNotAllowed,
     StoreError,
 )
 from gateway.core.ids import new_id
@@ -68,6 +69,8 @@ class Hl7Intake:
         self.sending_application = sending_application
         self.rejected = 0
         self.acked = 0
+        # (channel, message type) → count; read by /metrics (the intake runs in the main process only)
+        self.received_by_type: dict[tuple[str, str], int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.partition_secret = b""  # set by the gateway at start, from the data directory
         # Channels that acknowledge on commit take the callback path; the others wait for processing.
@@ -80,6 +83,10 @@ class Hl7Intake:
         try:
             msg = Message.decode(raw, default_charset=self.default_charset)
             _check_header(msg)
+            if peer.channels is not None and not any(
+                c.name in peer.channels and c.accepts(msg) for c in self.channels
+            ):
+                raise SenderNotAllowed("this sender may not send this message to this gateway")
         except MessageError as exc:
             self._spawn(self._reject_journaled(raw, exc, peer, now), reply)
             return
@@ -159,7 +166,9 @@ class Hl7Intake:
                     trace_id=mid,
                     charset=msg.charset,
                     peer=peer.address,
-                    status=Status.RECEIVED if channel.accepts(msg) else Status.FILTERED,
+                    status=Status.RECEIVED
+                    if channel.accepts(msg) and (peer.channels is None or channel.name in peer.channels)
+                    else Status.FILTERED,
                     dedupe=channel.dedupe,
                 )
             )
@@ -182,6 +191,8 @@ class Hl7Intake:
                 )
                 continue
             channel.counters["received"] += 1
+            key = (channel.name, env.message_type)
+            self.received_by_type[key] = self.received_by_type.get(key, 0) + 1
             log.info(
                 "message_received",
                 channel=channel.name,

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import orjson
 
-from gateway.core.envelope import FHIR_JSON, Envelope
+from gateway.core.envelope import FHIR_JSON, HL7_V2, Envelope
 from gateway.core.errors import ValidationError
+from gateway.hl7.charsets import CHARSETS, codec_for
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions
+from gateway.mapping import functions, reverse_functions
 from gateway.mapping.engine import Library
+from gateway.mapping.reverse import ReverseLibrary
 from gateway.mapping.validate import bundle_errors
 
 
@@ -119,12 +122,14 @@ class FhirMapping:
             "directory": {"type": "string", "minLength": 1},
             "unmapped": {"enum": ["report", "reject"]},
             "timezone": {"type": "string", "minLength": 1},
+            "fr_core_version": {"enum": list(functions.FR_CORE_VERSIONS)},
         },
     }
 
     def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
         self.name = name
         self.library = Library.load(Path(settings["directory"]), functions.available())
+        self.fr_core_version: str = settings.get("fr_core_version", "2.1.0")
         self.reject_unmapped = settings.get("unmapped", "report") == "reject"
         self.timezone: str = settings.get("timezone", "Europe/Paris")
         ZoneInfo(self.timezone)  # an unknown zone fails at start-up
@@ -132,7 +137,7 @@ class FhirMapping:
     def __call__(self, ctx: StepContext) -> None:
         if ctx.message is None:
             return
-        result = self.library.map(ctx.message, timezone=self.timezone)
+        result = self.library.map(ctx.message, timezone=self.timezone, fr_core_version=self.fr_core_version)
         ctx.warnings.extend(result.warnings)
         ctx.unmapped = result.unmapped
         if result.unmapped and self.reject_unmapped:
@@ -144,4 +149,65 @@ class FhirMapping:
             raise ValidationError("the FHIR produced is not valid: " + "; ".join(errors[:5]))
         ctx.body = orjson.dumps(result.bundle)
         ctx.content_type = FHIR_JSON
+        ctx.changed = True
+
+
+class Hl7v2Mapping:
+    """FHIR (a resource or a transaction/batch Bundle) → HL7v2 through the reverse mappings.
+
+    The messages are built with the ER7 codec in the step's ``charset`` (MSH-18). A request that
+    makes several messages (two Encounters, say) gives them in order, each ended by its CR; the
+    MLLP destination sends them one by one. MSH-7 and MSH-10 derive from the envelope, so a
+    replay produces the same messages (a receiver that dedupes on MSH-10 sees a resend).
+    """
+
+    CONFIG_SCHEMA: Mapping[str, Any] = {
+        "type": "object",
+        "required": ["directory"],
+        "properties": {
+            "directory": {"type": "string", "minLength": 1},
+            "timezone": {"type": "string", "minLength": 1},
+            "charset": {"enum": sorted(CHARSETS)},
+            "sending_application": {"type": "string"},
+            "sending_facility": {"type": "string"},
+            "receiving_application": {"type": "string"},
+            "receiving_facility": {"type": "string"},
+            "processing_id": {"enum": ["P", "T", "D"]},
+        },
+    }
+
+    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+        self.name = name
+        self.library = ReverseLibrary.load(Path(settings["directory"]), reverse_functions.available())
+        self.timezone: str = settings.get("timezone", "Europe/Paris")
+        ZoneInfo(self.timezone)  # an unknown zone fails at start-up
+        keys = ("sending_application", "sending_facility", "receiving_application", "receiving_facility")
+        self.header = {k: str(settings[k]) for k in keys if k in settings}
+        self.header["charset"] = settings.get("charset", "UNICODE UTF-8")
+        self.codec = codec_for(self.header["charset"])
+        self.header["processing_id"] = settings.get("processing_id", "P")
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.content_type != FHIR_JSON:
+            return
+        try:
+            data = orjson.loads(ctx.payload())
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(f"not JSON: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise ValidationError("a FHIR resource or Bundle is a JSON object")
+        env = ctx.envelope
+        interaction = "update" if env.message_type.startswith(("PUT ", "PATCH ")) else "create"
+        result = self.library.map(
+            data,
+            interaction=interaction,
+            header=self.header,
+            control_id=env.id[-20:],
+            now=datetime.fromtimestamp(env.received_at, UTC),
+            timezone=self.timezone,
+        )
+        ctx.warnings.extend(result.warnings)
+        ctx.body = b"".join(msg.encode() for msg in result.messages)
+        ctx.message = result.messages[0]
+        ctx.content_type = HL7_V2
         ctx.changed = True

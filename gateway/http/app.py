@@ -6,15 +6,22 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.core.envelope import HL7_V2
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.core.protocols import MessageStore
 from gateway.core.status import Status
-from gateway.http.auth import Authenticator, auth_middleware
+from gateway.http.audit import add_audit_routes, audit_middleware, record_reveal
+from gateway.http.auth import Authenticator, Role, auth_middleware, require
+from gateway.http.console import add_console_routes
+from gateway.http.documents import add_document_routes
 from gateway.http.fhir import add_fhir_routes
+from gateway.http.limits import rate_limit_middleware
 from gateway.http.masking import mask_hl7, payload_text
+from gateway.http.metrics import MetricsSource, add_metrics_route
 from gateway.http.outcome import json_response, outcome_middleware
+from gateway.store.audit import AuditLog
 from gateway.store.fhir import FhirRepository
 
 
@@ -42,10 +49,18 @@ def build_app(
     *,
     max_body_bytes: int = 32 * 1024 * 1024,
     authenticator: Authenticator | None = None,
+    audit: AuditLog | None = None,
+    metrics: MetricsSource | None = None,
+    rate_limit: Mapping[str, Any] | None = None,
+    documents: Mapping[str, Any] | None = None,
 ) -> web.Application:
-    app = web.Application(
-        middlewares=[outcome_middleware, auth_middleware(authenticator)], client_max_size=max_body_bytes
-    )
+    """Access control is always on: without an authenticator only /health, /ready and the
+    console's static files answer; everything else is 401."""
+    middlewares: list[Middleware] = [outcome_middleware]
+    if rate_limit is not None:
+        middlewares.append(rate_limit_middleware(rate_limit))
+    middlewares += [auth_middleware(authenticator), audit_middleware()]
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -56,6 +71,10 @@ def build_app(
     app.router.add_get("/api/dlq", dead_letters)
     app.router.add_post("/api/dlq/{id}/replay", replay)
     app.router.add_post("/api/dlq/{id}/discard", discard)
+    add_metrics_route(app, metrics)
+    add_console_routes(app)
+    add_audit_routes(app, audit)  # before /fhir/{type}, which would take /fhir/AuditEvent
+    add_document_routes(app, runtime.fhir, documents)  # the MHD routes, before the generic /fhir ones
     add_fhir_routes(app, runtime.fhir)
     return app
 
@@ -108,7 +127,12 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def get_message(request: web.Request) -> web.Response:
     reveal = request.query.get("reveal", "").lower() in ("1", "true", "yes")
+    if reveal:
+        require(request, Role.OPERATOR)
     msg = await request.app[RUNTIME].store.get_message(request.match_info["id"], with_payloads=True)
+    if reveal:
+        # Recorded before anything is shown: an unaudited reveal does not happen (StoreError → 503).
+        await record_reveal(request, request.match_info["id"], 200 if msg is not None else 404)
     if msg is None:
         raise NotFound(f"no message {request.match_info['id']}")
     charset = msg.get("charset") or "ASCII"

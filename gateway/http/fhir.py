@@ -23,6 +23,7 @@ from fhir.resources.R4B.resource import Resource
 
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import BadRequest, HttpError, NotFound, Unprocessable, UnsupportedMediaType
+from gateway.http.fhir_routing import routed
 from gateway.store.fhir import (
     CHAINED_PARAMS,
     DEFAULT_COUNT,
@@ -315,8 +316,12 @@ async def create(request: web.Request) -> web.Response:
     _require_type(type_)
     resource = await _resource_body(request, type_)
     condition = request.headers.get("If-None-Exist") or None
-    stored, created = await _repository(request).create(resource, if_none_exist=condition)
-    return _written(request, stored, created)
+
+    async def write() -> web.Response:
+        stored, created = await _repository(request).create(resource, if_none_exist=condition)
+        return _written(request, stored, created)
+
+    return await routed(request, resource, "POST", write)  # a channel may route it (journaled first)
 
 
 async def update(request: web.Request) -> web.Response:
@@ -326,8 +331,12 @@ async def update(request: web.Request) -> web.Response:
     if resource.get("id", id_) != id_:
         raise BadRequest("the resource id does not match the URL id", location=f"{type_}.id")
     if_match = request.headers.get("If-Match") or None
-    stored, created = await _repository(request).update(type_, id_, resource, if_match=if_match)
-    return _written(request, stored, created)
+
+    async def write() -> web.Response:
+        stored, created = await _repository(request).update(type_, id_, resource, if_match=if_match)
+        return _written(request, stored, created)
+
+    return await routed(request, resource, "PUT", write)
 
 
 async def conditional_update(request: web.Request) -> web.Response:
@@ -336,8 +345,12 @@ async def conditional_update(request: web.Request) -> web.Response:
     if not request.query_string:
         raise BadRequest("PUT to a type needs search criteria (or use PUT Type/id)")
     resource = await _resource_body(request, type_)
-    stored, created = await _repository(request).conditional_update(type_, request.query_string, resource)
-    return _written(request, stored, created)
+
+    async def write() -> web.Response:
+        stored, created = await _repository(request).conditional_update(type_, request.query_string, resource)
+        return _written(request, stored, created)
+
+    return await routed(request, resource, "PUT", write)
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -366,14 +379,18 @@ async def bundle(request: web.Request) -> web.Response:
     repo = _repository(request)
     # Model validation is CPU work: off the loop that also answers MLLP senders.
     failed = await asyncio.to_thread(_validate_entries, entries, kind == "transaction")
-    if kind == "transaction":
-        return fhir_response(await repo.transaction(data))
-    # A batch: invalid entries get their own error responses; the others still run.
-    kept = [e for i, e in enumerate(entries) if i not in failed]
-    answer = await repo.transaction({**data, "entry": kept})
-    done = iter(answer.get("entry", []))
-    answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
-    return fhir_response(answer)
+
+    async def write() -> web.Response:
+        if kind == "transaction":
+            return fhir_response(await repo.transaction(data))
+        # A batch: invalid entries get their own error responses; the others still run.
+        kept = [e for i, e in enumerate(entries) if i not in failed]
+        answer = await repo.transaction({**data, "entry": kept})
+        done = iter(answer.get("entry", []))
+        answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
+        return fhir_response(answer)
+
+    return await routed(request, data, "POST", write)
 
 
 def _validate_entries(entries: list[Any], atomic: bool) -> dict[int, dict[str, Any]]:

@@ -66,6 +66,26 @@ class Context:
     scope_field: tuple[str, int, int] | None = None
     segment: tuple[str, int] | None = None  # the segment iterated by a segment-level "each"
     timezone: str = "Europe/Paris"  # for HL7 times sent without a zone
+    fr_core_version: str = "2.1.0"  # the FR Core release the output is shaped to
+    layout: Layout | None = None  # segment groups (ORU: ORC/OBR), when the mapping declares them
+    group: int | None = None  # the group of the segment being iterated
+    ref_segments: dict[str, str] = field(default_factory=dict)  # key → segment of a per-segment resource
+    skipped: set[str] = field(default_factory=set)  # fullUrls of resources already found not produced
+    forward: set[str] = field(default_factory=set)  # fullUrls referenced before being decided
+    decided: set[str] = field(default_factory=set)  # fullUrls whose resource was built or skipped
+
+    def enter(self, segment: tuple[str, int] | None) -> None:
+        """Iterate ``segment`` (name, occurrence): reads and references follow its group."""
+        self.segment = segment
+        self.group = self.layout.group_of.get(segment) if self.layout and segment else None
+
+    def occurrence(self, seg: str) -> int | None:
+        """Which occurrence of ``seg`` an unqualified path means here; None when its group has none."""
+        if self.segment is not None and self.segment[0] == seg:
+            return self.segment[1]
+        if self.layout is not None and self.group is not None and seg in self.layout.grouped:
+            return self.layout.first_in_group.get((seg, self.group))
+        return 1
 
     def read(self, path: str) -> str:
         """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1)."""
@@ -75,7 +95,10 @@ class Context:
                 raise ValueError(f"relative path {path} outside an 'each'")
             return _component(self.scope, parsed[4] or "", self.message)
         seg, occ, fld, rep, comps = parsed
-        occurrence = int(occ) if occ else (self.segment[1] if self.segment and self.segment[0] == seg else 1)
+        found = int(occ) if occ else self.occurrence(seg)
+        if found is None:
+            return ""
+        occurrence = found
         self.consumed.add((seg, occurrence, int(fld)))
         rep_index = int(rep) if rep and rep != "*" else 1
         segment = self.message.segment(seg, occurrence)
@@ -91,24 +114,85 @@ class Context:
         )
 
     def repetitions(self, path: str) -> list[str]:
+        """The non-empty repetitions of a field; ``PV1-7[1]`` takes only the first (the others are
+        reported as a warning, never dropped silently)."""
         m = _ER7_ABS.match(path)
         if m is None or m.group(5):
             raise ValueError(f"'each' takes a field path such as PID-3, not {path!r}")
-        seg, occ, fld, _, _ = m.groups()
-        occurrence = int(occ) if occ else (self.segment[1] if self.segment and self.segment[0] == seg else 1)
-        self.consumed.add((seg, occurrence, int(fld)))
-        segment = self.message.segment(seg, occurrence)
+        seg, occ, fld, rep, _ = m.groups()
+        found = int(occ) if occ else self.occurrence(seg)
+        if found is None:
+            return []
+        self.consumed.add((seg, found, int(fld)))
+        segment = self.message.segment(seg, found)
         if segment is None:
             return []
-        return [r for r in _repetitions(segment.field(int(fld)), self.message, False) if r]
+        reps = _repetitions(segment.field(int(fld)), self.message, False)
+        if rep is None or rep == "*":
+            return [r for r in reps if r]
+        index = int(rep)
+        others = sum(1 for i, r in enumerate(reps, 1) if r and i != index)
+        if others:
+            self.warnings.append(f"{seg}-{fld}: only repetition {index} is mapped; {others} more left out")
+        return [reps[index - 1]] if index <= len(reps) and reps[index - 1] else []
 
     def ref(self, key: str) -> dict[str, str] | list[dict[str, str]]:
+        """A reference to a resource of this mapping. A per-segment resource is narrowed to what
+        belongs here: the same occurrence of the same segment, else the current group's ones."""
         if key not in self.refs:
             raise ValueError(f"no resource {key!r} in this mapping")
         target = self.refs[key]
-        if isinstance(target, list):
-            return [{"reference": url} for url in target]
-        return {"reference": target}
+        if not isinstance(target, list):
+            return {"reference": target} if self._wanted(target) else []
+        seg = self.ref_segments.get(key, "")
+        if self.segment is not None and self.segment[0] == seg:
+            n = self.segment[1]
+            urls = [target[n - 1]] if n <= len(target) else []
+        elif self.layout is not None and self.group is not None and seg in self.layout.grouped:
+            group_of, group = self.layout.group_of, self.group
+            urls = [url for n, url in enumerate(target, 1) if group_of.get((seg, n)) == group]
+        else:
+            urls = target
+        return [{"reference": url} for url in urls if self._wanted(url)]
+
+    def _wanted(self, url: str) -> bool:
+        """A resource already skipped is not referenced; one not built yet is checked at the end."""
+        if url in self.skipped:
+            return False
+        if url not in self.decided:
+            self.forward.add(url)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each segment sits: groups start at an anchor segment (ORC or OBR in an ORU), so that a
+    result reads its own order's OBR and a report lists only its own observations."""
+
+    group_of: dict[tuple[str, int], int]  # (segment, occurrence) → group (0 before the first anchor)
+    first_in_group: dict[tuple[str, int], int]  # (segment, group) → its first occurrence there
+    grouped: frozenset[str]  # segments met inside a group
+
+    @classmethod
+    def of(cls, message: Message, anchors: frozenset[str]) -> Layout:
+        counts: dict[str, int] = {}
+        group, opened_by = 0, set[str]()
+        group_of: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], int] = {}
+        grouped: set[str] = set()
+        for seg in message.segments:
+            name = seg.name
+            counts[name] = occ = counts.get(name, 0) + 1
+            if name in anchors:
+                # ORC then OBR open one group together; a second OBR (or a new ORC) opens the next
+                if group == 0 or name in opened_by:
+                    group, opened_by = group + 1, set()
+                opened_by.add(name)
+            group_of[(name, occ)] = group
+            first.setdefault((name, group), occ)
+            if group:
+                grouped.add(name)
+        return cls(group_of, first, frozenset(grouped))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -171,6 +255,16 @@ class Condition:
         return not (self.not_in is not None and value in self.not_in)
 
 
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    """``when: [..., ...]``: every condition must hold."""
+
+    conditions: tuple[Condition, ...]
+
+    def holds(self, ctx: Context) -> bool:
+        return all(c.holds(ctx) for c in self.conditions)
+
+
 @dataclass(slots=True)
 class Rule:
     target: str  # FHIR element path: "gender", "name[]", "identifier[0].system", "" for the resource itself
@@ -178,7 +272,7 @@ class Rule:
     const: Any = None
     concept_map: str | None = None
     function: str | None = None
-    when: Condition | None = None
+    when: Condition | AllOf | None = None
     each: str | None = None  # a field (repetitions) or a segment name (occurrences)
     rules: list[Rule] = field(default_factory=list)
     ref: str | None = None
@@ -191,11 +285,12 @@ class ResourceMapping:
     type: str
     rules: list[Rule]
     identity: str | None = None  # element whose first system|value makes the conditional update
-    when: Condition | None = None
+    when: Condition | AllOf | None = None
     where: str = ""
     each: str | None = None  # one resource per occurrence of this segment (an Observation per OBX)
     use: str | None = None  # "mapping-name:key": take the rules of a resource defined in another file
     match: Rule | None = None  # builds the identifiers to find the resource by, when not its own (A47)
+    scope: str | None = None  # a field repetition (PV1-7[1]) the rules' relative paths read
 
 
 @dataclass(slots=True)
@@ -205,6 +300,7 @@ class Mapping_:
     resources: list[ResourceMapping]
     file: str
     ignore_segments: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()  # anchor segments of repeated groups (ORU: ORC, OBR)
 
     def serves(self, event: str) -> bool:
         family = event.split("^")[0] + "^*"
@@ -235,8 +331,8 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 _RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "ref", "__line__"}
-_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "match", "__line__"}
-_FILE_KEYS = {"name", "events", "resources", "ignore_segments", "__line__"}
+_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "match", "scope", "__line__"}
+_FILE_KEYS = {"name", "events", "resources", "ignore_segments", "groups", "__line__"}
 _WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
 
 
@@ -281,12 +377,14 @@ class Library:
         family = [m for m in self.mappings if m.serves(event)]
         return family[0] if family else None
 
-    def map(self, message: Message, *, timezone: str = "Europe/Paris") -> MappingResult:
+    def map(
+        self, message: Message, *, timezone: str = "Europe/Paris", fr_core_version: str = "2.1.0"
+    ) -> MappingResult:
         event = f"{message.message_type}^{message.trigger}"
         mapping = self.for_event(event)
         if mapping is None:
             raise UnsupportedMessage(f"no mapping for {event}", location="MSH-9")
-        return run(mapping, message, self, timezone=timezone)
+        return run(mapping, message, self, timezone=timezone, fr_core_version=fr_core_version)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -354,6 +452,16 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                 "a resource's 'each' names a segment, such as OBX", file=file, key="each", line=line
             )
         match = _parse_rule(item["match"], file, concept_maps, functions) if "match" in item else None
+        scope = item.get("scope")
+        if scope is not None:
+            m = _ER7_ABS.match(str(scope))
+            if m is None or m.group(5):
+                raise ConfigError(
+                    "a resource's 'scope' names a field repetition, such as PV1-7[1]",
+                    file=file,
+                    key="scope",
+                    line=line,
+                )
         resources.append(
             ResourceMapping(
                 item["key"],
@@ -365,6 +473,7 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                 each,
                 item.get("use"),
                 match,
+                scope,
             )
         )
     for res in resources:  # references must name a resource of this file
@@ -376,8 +485,23 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                     key="ref",
                     line=int(rule.where.rsplit(":", 1)[1]),
                 )
+    groups = data.get("groups", [])
+    if not isinstance(groups, list) or not all(
+        isinstance(g, str) and re.fullmatch(r"[A-Z][A-Z0-9]{2}", g) for g in groups
+    ):
+        raise ConfigError(
+            "a list of the segments that open a group, such as [ORC, OBR]",
+            file=file,
+            key="groups",
+            line=data["__line__"],
+        )
     return Mapping_(
-        data["name"], frozenset(events), resources, file, frozenset(data.get("ignore_segments", []))
+        data["name"],
+        frozenset(events),
+        resources,
+        file,
+        frozenset(data.get("ignore_segments", [])),
+        frozenset(groups),
     )
 
 
@@ -407,6 +531,8 @@ def _resolve_uses(mappings: Sequence[Mapping_]) -> None:
                 )
             res.rules = [*base.rules, *res.rules]
             res.identity = res.identity or base.identity
+            res.scope = res.scope or base.scope
+            res.when = res.when or base.when
 
 
 def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
@@ -415,7 +541,13 @@ def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
         yield from _walk(rule.rules)
 
 
-def _parse_when(data: Any, file: str) -> Condition:
+def _parse_when(data: Any, file: str) -> Condition | AllOf:
+    if isinstance(data, list) and data:
+        return AllOf(tuple(_parse_condition(d, file) for d in data))
+    return _parse_condition(data, file)
+
+
+def _parse_condition(data: Any, file: str) -> Condition:
     if not isinstance(data, dict) or "from" not in data:
         raise ConfigError(
             "a condition needs 'from' and one test (equals, in, not_in, present)",
@@ -496,15 +628,31 @@ def _parse_rule(
 
 
 def run(
-    mapping: Mapping_, message: Message, library: Library, *, timezone: str = "Europe/Paris"
+    mapping: Mapping_,
+    message: Message,
+    library: Library,
+    *,
+    timezone: str = "Europe/Paris",
+    fr_core_version: str = "2.1.0",
 ) -> MappingResult:
     refs: dict[str, str | list[str]] = {}
+    ref_segments: dict[str, str] = {}
     for r in mapping.resources:
         if r.each is None:
             refs[r.key] = f"urn:uuid:{uuid.uuid4()}"
         else:
             refs[r.key] = [f"urn:uuid:{uuid.uuid4()}" for _ in message.segments_named(r.each)]
-    ctx = Context(message, [], set(), refs, timezone=timezone)
+            ref_segments[r.key] = r.each
+    ctx = Context(
+        message,
+        [],
+        set(),
+        refs,
+        timezone=timezone,
+        fr_core_version=fr_core_version,
+        layout=Layout.of(message, mapping.groups) if mapping.groups else None,
+        ref_segments=ref_segments,
+    )
     # Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
     for fld in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21):
         ctx.consumed.add(("MSH", 1, fld))
@@ -517,7 +665,15 @@ def run(
             else [(url, (res.each or "", n)) for n, url in enumerate(urls, 1)]
         )
         for url, segment in scopes:
-            ctx.segment = segment
+            ctx.enter(segment)
+            ctx.scope = None
+            ctx.decided.add(url)
+            ctx.skipped.add(url)  # until it is built
+            if res.scope is not None:
+                reps = ctx.repetitions(res.scope)
+                if not reps:
+                    continue
+                ctx.scope = reps[0]
             if res.when is not None and not res.when.holds(ctx):
                 continue
             resource: dict[str, Any] = {"resourceType": res.type}
@@ -526,33 +682,68 @@ def run(
                     _apply(rule, resource, ctx, library)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
-            _prune(resource)
-            entries.append((res, url, resource))
-        ctx.segment = None
-    bundle_entries = []
+            if len(_prune(resource)) > 1:  # a resource nothing was mapped into is not produced
+                entries.append((res, url, resource))
+                ctx.skipped.discard(url)
+        ctx.enter(None)
+        ctx.scope = None
+    bundle_entries: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}  # conditional URL → fullUrl of the entry that carries it
+    merged: dict[str, str] = {}  # fullUrl of a dropped duplicate → the kept one
     for res, url, resource in entries:
         request: dict[str, str] = {"method": "POST", "url": res.type}
-        ident = _identity(resource, res.identity) if res.identity else None
-        if res.match is not None:
-            # Found by other identifiers than those it will carry (A47: the old ones, in MRG-1).
-            probe: dict[str, Any] = {}
-            _apply(res.match, probe, ctx, library)
-            ident = _identity(_prune(probe), res.match.target.split("[")[0]) or ident
-        if ident:
-            request = {"method": "PUT", "url": f"{res.type}?{ident}"}
+        if res.identity == "id":
+            # No business identifier (Binary): the mapping computes a stable id, so a replay
+            # updates the same resource.
+            if isinstance(resource.get("id"), str):
+                request = {"method": "PUT", "url": f"{res.type}/{resource['id']}"}
+        else:
+            ident = _identity(resource, res.identity) if res.identity else None
+            if res.match is not None:
+                # Found by other identifiers than those it will carry (A47: the old ones, in MRG-1).
+                probe: dict[str, Any] = {}
+                _apply(res.match, probe, ctx, library)
+                ident = _identity(_prune(probe), res.match.target.split("[")[0]) or ident
+            if ident:
+                request = {"method": "PUT", "url": f"{res.type}?{ident}"}
+        if request["method"] == "PUT":
+            # One resource named twice (the same doctor attending and admitting): one entry,
+            # or the two writes would race to create it twice.
+            if request["url"] in seen:
+                merged[url] = seen[request["url"]]
+                continue
+            seen[request["url"]] = url
         bundle_entries.append({"fullUrl": url, "resource": resource, "request": request})
-    present = {url for _, url, _ in entries}
-    produced = sum(1 if isinstance(u, str) else len(u) for u in refs.values())
-    if len(present) < produced:  # some resource's condition failed: references to it must go
-        for _, _, resource in entries:
-            _drop_dangling(resource, present)
+    present = {e["fullUrl"] for e in bundle_entries}
+    for entry in bundle_entries if merged else ():
+        _redirect(entry["resource"], merged)
+    # References to resources decided earlier were left out at once; only a reference made before
+    # its target was decided (a forward one) may point at nothing now.
+    if ctx.forward - present - merged.keys():
+        for entry in bundle_entries:
+            _drop_dangling(entry["resource"], present)
+            _prune(entry["resource"])  # what held only that reference goes too
     unmapped = _unmapped(message, ctx.consumed, mapping.ignore_segments)
     return MappingResult(
         {"resourceType": "Bundle", "type": "transaction", "entry": bundle_entries},
-        ctx.warnings,
+        list(dict.fromkeys(ctx.warnings)),
         unmapped,
         mapping.name,
     )
+
+
+def _redirect(node: Any, merged: Mapping[str, str]) -> None:
+    """References to a merged duplicate point to the entry that was kept."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in merged:
+            node["reference"] = merged[ref]
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                _redirect(value, merged)
+    elif isinstance(node, list):
+        for value in node:
+            _redirect(value, merged)
 
 
 def _identity(resource: Mapping[str, Any], element: str) -> str | None:
@@ -575,6 +766,11 @@ def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -
         return
     if rule.ref is not None:
         value: Any = ctx.ref(rule.ref)
+        if isinstance(value, list) and not rule.target.endswith("[]"):
+            # a single Reference element takes the one resource that belongs here
+            if len(value) > 1:
+                ctx.warnings.append(f"{rule.target}: {len(value)} candidates for one reference; first kept")
+            value = value[0] if value else None
     elif rule.source is not None:
         value = ctx.read(rule.source)
         if not value.strip():  # FHIR strings need a non-blank character: blank is absent
@@ -597,16 +793,20 @@ def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -
 def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -> None:
     assert rule.each is not None
     saved = (ctx.scope, ctx.segment)
-    if re.fullmatch(r"[A-Z][A-Z0-9]{2}", rule.each):  # every occurrence of a segment
+    if _SEGMENT.fullmatch(rule.each):  # every occurrence of a segment (of the current group, if any)
         count = len(ctx.message.segments_named(rule.each))
+        layout, group = ctx.layout, ctx.group
         scopes: list[tuple[str | None, tuple[str, int] | None]] = [
-            (None, (rule.each, i)) for i in range(1, count + 1)
+            (None, (rule.each, i))
+            for i in range(1, count + 1)
+            if layout is None or group is None or layout.group_of.get((rule.each, i)) == group
         ]
     else:
         scopes = [(rep, ctx.segment) for rep in ctx.repetitions(rule.each)]
     try:
         for scope, segment in scopes:
-            ctx.scope, ctx.segment = scope, segment
+            ctx.scope = scope
+            ctx.enter(segment)
             if rule.when is not None and not rule.when.holds(ctx):
                 continue
             item: dict[str, Any] = {}
@@ -620,9 +820,11 @@ def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Libra
                 else:
                     target.update(item)
     finally:
-        ctx.scope, ctx.segment = saved
+        ctx.scope = saved[0]
+        ctx.enter(saved[1])
 
 
+_SEGMENT = re.compile(r"[A-Z][A-Z0-9]{2}")
 _STEP = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*)(?:\[(\d*)\])?$")
 
 
@@ -690,6 +892,8 @@ def _drop_dangling(node: Any, present: set[str]) -> None:
                 del node[key]
             else:
                 _drop_dangling(value, present)
+                if value == []:
+                    del node[key]
     elif isinstance(node, list):
         node[:] = [
             v

@@ -7,6 +7,9 @@ entry-point group ``passerelle.mapping_functions``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +17,8 @@ from importlib.metadata import entry_points
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from gateway.hl7.er7 import unescape
+from gateway.mapping.documents import MDM_FUNCTIONS
 from gateway.mapping.engine import Context
 
 # FR Core 2.1.0 and PAM FR 2.11 facts (see the project's reference notes).
@@ -35,6 +40,13 @@ IDENTITY_STATUSES = frozenset(
     {"VIDE", "PROV", "VALI", "DOUB", "DESA", "DPOT", "DOUA", "COLP", "COLV"}
     | {"FILI", "CACH", "ANOM", "IDVER", "RECD", "IDRA", "USUR", "HOMD", "INVA"}
 )
+# The codes of fr-core-cs-v2-0445 by FR Core release. 2.2.0 adds the identity attributes that
+# PAM FR sends as extra PID-32 repetitions (HOMA, FICT, DOUT); the extension is otherwise the same.
+FR_CORE_VERSIONS = ("2.1.0", "2.2.0")
+IDENTITY_CODES = {
+    "2.1.0": IDENTITY_STATUSES,
+    "2.2.0": IDENTITY_STATUSES | {"HOMA", "FICT", "DOUT"},
+}
 
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
 
@@ -117,22 +129,30 @@ def pid_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 
 def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """PID-32 → the FR Core identity-reliability extension (first known status code)."""
-    for code in ctx.message.repetitions("PID-32"):
-        if code in IDENTITY_STATUSES:
-            return {
-                "url": FR_IDENTITY_RELIABILITY,
-                "extension": [{"url": "identityStatus", "valueCoding": {"system": FR_CS_0445, "code": code}}],
-            }
-    if ctx.message.get("PID-32"):
-        ctx.warnings.append("PID-32 holds no identity status of table 0445")
-    return None
+    """PID-32 → the FR Core identity-reliability extension: the first code of the target release's
+    table 0445. The extension holds one status; any other code is reported, not dropped silently."""
+    known = IDENTITY_CODES.get(ctx.fr_core_version, IDENTITY_STATUSES)
+    codes = [c for c in ctx.message.repetitions("PID-32") if c]
+    status = next((c for c in codes if c in known), None)
+    left = [c for c in codes if c != status]
+    if left:
+        ctx.warnings.append(
+            f"PID-32: {', '.join(left)} not carried by the FR Core {ctx.fr_core_version} identity-reliability"
+            " extension (one status of its table 0445)"
+        )
+    if status is None:
+        return None
+    return {
+        "url": FR_IDENTITY_RELIABILITY,
+        "extension": [{"url": "identityStatus", "valueCoding": {"system": FR_CS_0445, "code": status}}],
+    }
 
 
 def birth_place(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The PID-11 repetition with XAD-7 = BDL → patient-birthPlace with the INSEE commune code."""
     for rep in ctx.message.repetitions("PID-11"):
-        parts = rep.split(ctx.message.separators.component)
+        seps = ctx.message.separators
+        parts = [unescape(p, seps, ctx.message.codec) for p in rep.split(seps.component)]
         if len(parts) >= 7 and parts[6] == "BDL":
             address: dict[str, Any] = {}
             if len(parts) > 2 and parts[2]:
@@ -255,10 +275,7 @@ def obx_value(ctx: Context, _: Any) -> dict[str, Any] | None:
     if kind in ("DT", "TS", "DTM"):
         value = hl7_datetime(ctx, ctx.message.get(f"OBX[{n}]-5.1"))
         return {"valueDateTime": value} if value else None
-    if kind == "ED":
-        ctx.warnings.append(
-            f"OBX[{n}]-5: ED (embedded document) goes to the document flow, not an Observation"
-        )
+    if kind == "ED":  # mapped as DocumentReference + Binary, not as an Observation value
         return None
     ctx.warnings.append(f"OBX[{n}]-2: value type {kind or '(empty)'} is not mapped; value left out")
     return None
@@ -303,7 +320,13 @@ FR_CORE_PRACTITIONER = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-
 
 
 def practitioner_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """An XCN (inside an 'each') → Identifier: RPPS and IDNPS by their national systems, else the HD OID."""
+    """The current XCN → Identifier shaped to the FR Core 2.1.0 Practitioner slices.
+
+    XCN-13 says which number XCN-1 is (PAM FR: RPPS, ADELI, IDNPS). RPPS → slice ``rpps``,
+    IDNPS → slice ``idNatPs``; ADELI is typed but FR Core 2.1.0 gives it no system, so none is
+    invented (the IDNPS OID would claim the idNatPs slice, whose values carry a prefix).
+    Any other kind keeps the OID of XCN-9, typed with HL7 table 0203.
+    """
     value, kind = ctx.read(".1"), ctx.read(".13")
     if not value:
         return None
@@ -311,13 +334,124 @@ def practitioner_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     ident: dict[str, Any] = {"value": value}
     if kind == "RPPS":
         ident["system"] = RPPS_SYSTEM
-    elif kind == "IDNPS" or (oid == IDNPS_OID and universal_type == "ISO"):
+    elif kind == "IDNPS" or (not kind and oid == IDNPS_OID and universal_type == "ISO"):
+        kind = "IDNPS"
         ident["system"] = f"urn:oid:{IDNPS_OID}"
-    elif oid and universal_type == "ISO":
+    elif kind != "ADELI" and oid and universal_type == "ISO" and oid != IDNPS_OID:
         ident["system"] = f"urn:oid:{oid}"
-    if kind:
+    if kind in ("RPPS", "ADELI", "IDNPS"):
         ident["type"] = {"coding": [{"system": FR_CS_0203, "code": kind}]}
+    elif kind:
+        ident["type"] = {"coding": [{"system": HL7_CS_0203, "code": kind}]}
     return ident
+
+
+FINESS_SYSTEM = "https://finess.esante.gouv.fr"
+URI_SYSTEM = "urn:ietf:rfc:3986"
+# HD-3 as IHE France uses it: M = FINESS of the legal entity (EJ), N = of the site (EG).
+_FINESS_KINDS = {"M": "FINEJ", "N": "FINEG"}
+
+
+def _hd_identifier(ctx: Context, uid: str, kind: str) -> dict[str, Any] | None:
+    if not uid:
+        return None
+    if kind in _FINESS_KINDS:
+        return {
+            "use": "official",
+            "type": {"coding": [{"system": FR_CS_0203, "code": _FINESS_KINDS[kind]}]},
+            "system": FINESS_SYSTEM,
+            "value": uid,
+        }
+    if kind == "ISO" and oid_system(ctx, uid):
+        return {"system": URI_SYSTEM, "value": f"urn:oid:{uid}"}
+    return None  # a local namespace identifies nothing outside the sender
+
+
+def hd_organization_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current HD (MSH-4, inside a 'scope') → the FR Core Organization identifier: FINESS
+    EJ/EG (HD-3 M/N) in the ``finess`` slice, an OID as a URI; a local name gives none."""
+    return _hd_identifier(ctx, ctx.read(".2"), ctx.read(".3"))
+
+
+def pl_facility_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The facility (PL-4, an HD) of the current location → Organization identifier, as above."""
+    return _hd_identifier(ctx, ctx.read(".4.2"), ctx.read(".4.3"))
+
+
+def hl7_instant(ctx: Context, value: Any) -> str | None:
+    """HL7 TS → FHIR instant, which needs a time to the second: a date alone is left out."""
+    text = hl7_datetime(ctx, value)
+    return text if text and "T" in text else None
+
+
+def _ed(ctx: Context) -> tuple[str, bytes] | None:
+    """OBX-5 of type ED (source^type^subtype^encoding^data) → (content type, bytes)."""
+    n = _occ(ctx)
+    kind, subtype = ctx.message.get(f"OBX[{n}]-5.2"), ctx.message.get(f"OBX[{n}]-5.3")
+    encoding, data = ctx.message.get(f"OBX[{n}]-5.4"), ctx.message.get(f"OBX[{n}]-5.5")
+    ctx.consumed.add(("OBX", n, 5))
+    if not data:
+        ctx.warnings.append(f"OBX[{n}]-5: ED without data; no document")
+        return None
+    content_type = f"{kind}/{subtype}".lower() if kind and subtype else "application/octet-stream"
+    try:
+        if encoding.lower() == "base64":
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        elif encoding.lower() == "hex":
+            raw = bytes.fromhex(data)
+        elif encoding in ("", "A"):
+            raw = data.encode("utf-8")
+        else:
+            ctx.warnings.append(f"OBX[{n}]-5.4: encoding {encoding!r} unknown; no document")
+            return None
+    except (binascii.Error, ValueError):
+        ctx.warnings.append(f"OBX[{n}]-5.5: the data is not valid {encoding}; no document")
+        return None
+    return content_type, raw
+
+
+def _document_key(ctx: Context) -> str | None:
+    """A stable name for the document of this OBX: its order (OBR-3) and set id."""
+    order = ctx.read("OBR-3.1")
+    if not order:
+        return None
+    return f"{ctx.read('OBR-3.3')}|{order}|{ctx.read('OBX-1') or _occ(ctx)}"
+
+
+def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX ED → Binary (merged into the resource), with an id derived from the order and set id
+    so that a replay updates the same Binary."""
+    found = _ed(ctx)
+    if found is None:
+        return None
+    content_type, raw = found
+    binary: dict[str, Any] = {"contentType": content_type, "data": base64.b64encode(raw).decode()}
+    key = _document_key(ctx)
+    if key is None:
+        ctx.warnings.append("OBX ED without OBR-3: the Binary has no stable id; a replay adds another")
+    else:
+        binary["id"] = "doc-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    return binary
+
+
+def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks."""
+    found = _ed(ctx)
+    if found is None:
+        return None
+    content_type, raw = found
+    attachment: dict[str, Any] = {
+        "contentType": content_type,
+        "size": len(raw),
+        "hash": base64.b64encode(hashlib.sha1(raw).digest()).decode(),  # noqa: S324 - FHIR says SHA-1
+    }
+    key = _document_key(ctx)
+    if key is not None:
+        attachment["url"] = "Binary/doc-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    title = ctx.read("OBX-3.2")
+    if title:
+        attachment["title"] = title
+    return attachment
 
 
 def decimal(ctx: Context, value: Any) -> float | int | None:
@@ -353,6 +487,11 @@ BUILTIN: dict[str, Function] = {
     "zfd_extension": _segment_extension("ZFD"),
     "decimal": decimal,
     "practitioner_identifier": practitioner_identifier,
+    "hd_organization_identifier": hd_organization_identifier,
+    "pl_facility_identifier": pl_facility_identifier,
+    "hl7_instant": hl7_instant,
+    "document_binary": document_binary,
+    "document_attachment": document_attachment,
     "cwe_concept": cwe_concept,
     "obx_value": obx_value,
     "reference_range": reference_range,
@@ -369,7 +508,7 @@ BUILTIN: dict[str, Function] = {
 
 def available() -> dict[str, Function]:
     """Built-in functions plus those registered by installed packages."""
-    found = dict(BUILTIN)
+    found = {**BUILTIN, **MDM_FUNCTIONS}
     for ep in entry_points(group="passerelle.mapping_functions"):
         found[ep.name] = ep.load()
     return found

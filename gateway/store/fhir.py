@@ -715,9 +715,9 @@ def _entry_of(index: int, raw: Any) -> _Entry:
         raise BadRequest("entry.request needs a method and a url", location="request")
     if method not in _METHOD_ORDER:
         raise MethodNotAllowed(f"method {method} is not supported here", location="request.method")
-    if "://" in url:
-        raise BadRequest("request.url must be relative (Type, Type/id or Type?query)", location="request.url")
     path, _, query = url.lstrip("/").partition("?")
+    if "://" in path:  # the query may hold system URLs; only the path must be relative
+        raise BadRequest("request.url must be relative (Type, Type/id or Type?query)", location="request.url")
     segments = path.split("/")
     type_ = segments[0]
     if not TYPE_RE.fullmatch(type_) or len(segments) > 2:

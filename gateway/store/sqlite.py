@@ -649,17 +649,26 @@ class SqliteStore:
     async def stats(self) -> dict[str, Any]:
         def fn(conn: sqlite3.Connection) -> dict[str, Any]:
             by_channel: dict[str, dict[str, int]] = {}
+            by_type: dict[str, dict[str, dict[str, int]]] = {}  # channel → message type → status → n
             for row in conn.execute(
-                "SELECT channel, status, COUNT(*) FROM messages GROUP BY channel, status"
+                "SELECT channel, message_type, status, COUNT(*) FROM messages"
+                " GROUP BY channel, message_type, status"
             ):
-                by_channel.setdefault(row[0], {})[row[1]] = row[2]
+                counts = by_channel.setdefault(row[0], {})
+                counts[row[2]] = counts.get(row[2], 0) + row[3]
+                by_type.setdefault(row[0], {}).setdefault(row[1], {})[row[2]] = row[3]
             deliveries: dict[str, dict[str, int]] = {}
             for row in conn.execute(
                 "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"
             ):
                 deliveries.setdefault(row[0], {})[row[1]] = row[2]
             duplicates = conn.execute("SELECT COUNT(*) FROM stages WHERE stage='duplicate'").fetchone()[0]
-            return {"channels": by_channel, "destinations": deliveries, "duplicates": duplicates}
+            return {
+                "channels": by_channel,
+                "by_type": by_type,
+                "destinations": deliveries,
+                "duplicates": duplicates,
+            }
 
         result: dict[str, Any] = await self._read(fn)
         result["journal"] = {

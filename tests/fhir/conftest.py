@@ -11,7 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.http.app import build_app
+from gateway.http.auth import TokenTable
 from gateway.store.fhir import SqliteFhirRepository
+from tests.conftest import ADMIN_ENTRY, AUTH
 
 INS = "urn:oid:1.2.250.1.213.1.4.8"  # INS-NIR, the French national health identifier
 IPP = "urn:oid:1.2.250.1.71.4.2.7"  # a fictional hospital's patient-number system
@@ -86,6 +88,7 @@ async def repo(tmp_path: Path, clock: Clock) -> AsyncIterator[SqliteFhirReposito
 
 @pytest.fixture
 async def client(repo: SqliteFhirRepository) -> AsyncIterator[TestClient[Any, Any]]:
-    server = TestServer(build_app(FhirOnlyRuntime(repo)), host="127.0.0.1", port=0)
-    async with TestClient(server) as c:
+    app = build_app(FhirOnlyRuntime(repo), authenticator=TokenTable([ADMIN_ENTRY]))
+    server = TestServer(app, host="127.0.0.1", port=0)
+    async with TestClient(server, headers=AUTH) as c:
         yield c

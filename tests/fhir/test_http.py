@@ -14,7 +14,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from multidict import CIMultiDict
 
 from gateway.store.fhir import SqliteFhirRepository
-from tests.conftest import GatewayFactory
+from tests.conftest import AUTH, GatewayFactory
 from tests.fhir.conftest import INS, IPP, patient
 
 Client = TestClient[Any, Any]
@@ -359,7 +359,7 @@ async def test_post_fhir_takes_only_transaction_or_batch(client: Client, body: d
 async def test_gateway_serves_fhir_and_reports_it_ready(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway()
     base = f"http://127.0.0.1:{gw.http_port_bound}"
-    async with ClientSession() as http:
+    async with ClientSession(headers=AUTH) as http:
         async with http.get(f"{base}/ready") as resp:
             ready = await resp.json()
             assert ready["checks"]["fhir"] == {"ok": True}

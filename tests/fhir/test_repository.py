@@ -474,6 +474,21 @@ async def test_conditional_update_in_a_transaction_updates_the_match(repo: Sqlit
     assert enc is not None and enc["status"] == "finished"
 
 
+async def test_conditional_url_may_carry_a_system_url_in_its_query(repo: SqliteFhirRepository) -> None:
+    rpps = {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": "https://rpps.esante.gouv.fr", "value": "10003456789"}],
+    }
+    url = "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789"
+    first = await repo.transaction(bundle("transaction", entry("PUT", url, rpps)))
+    again = await repo.transaction(bundle("transaction", entry("PUT", url, rpps)))
+    assert first["entry"][0]["response"]["status"] == "201 Created"
+    assert again["entry"][0]["response"]["location"] == first["entry"][0]["response"]["location"]
+    assert (
+        await repo.search("Practitioner", [("identifier", "https://rpps.esante.gouv.fr|10003456789")])
+    ).total == 1
+
+
 async def test_transaction_is_all_or_nothing(repo: SqliteFhirRepository, tmp_path: Path) -> None:
     await repo.update("Patient", "keep", patient())
     before = counts(tmp_path / "fhir.db")

@@ -176,7 +176,7 @@ def test_each_obx_value_type(kind: str, value: str, expected: dict[str, object])
     ("kind", "value", "warning"),
     [
         ("NM", "beaucoup", "not a number"),
-        ("ED", "^application^pdf^Base64^JVBERi0=", "document flow"),
+        ("ED", "^application^pdf^Base64^%%%", "not valid Base64"),
         ("XYZ", "?", "not mapped"),
     ],
 )

@@ -11,7 +11,7 @@ import aiohttp
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
 from gateway.store.fhir import SqliteFhirRepository
-from tests.conftest import make_config, mllp_port
+from tests.conftest import AUTH, make_config, mllp_port
 from tests.mapping.test_adt import A01, MAPPINGS
 
 
@@ -69,7 +69,7 @@ async def run_flow(start_gateway: Any, tmp_path: Path, workers: int) -> None:
         visit_ref = movement.matches[0]["partOf"]["reference"]
         assert visit_ref.startswith("Encounter/")
         # replay: the same transaction again, and the repository does not change
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=AUTH) as http:
             url = f"http://127.0.0.1:{gw.http_port_bound}/api/messages/{row['id']}/replay"
             async with http.post(url) as resp:
                 assert resp.status == 202

@@ -1,0 +1,187 @@
+"""HL7v2 validation: v2.5 structure (from hl7apy, compiled once), PAM FR 2.11 rules, ACK rules.
+
+The message is read with the lazy ER7 codec; nothing here parses with hl7apy.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from conformance.findings import Finding, Severity
+from conformance.hl7v2 import pamfr
+from conformance.hl7v2.structure import (
+    FLD_REPEAT,
+    FLD_REQUIRED,
+    FLD_TYPE,
+    check_segments,
+    message_structure,
+    segment_spec,
+    type_ok,
+)
+from gateway.core.errors import MessageError
+from gateway.hl7.er7 import Message
+
+UNREADABLE: Final = "HL7-MSG-001"
+UNKNOWN_STRUCTURE: Final = "HL7-MSG-002"
+ACK_CODE: Final = "ACK-MSA-001"
+ACK_ECHO: Final = "ACK-MSA-002"
+ACK_ERR: Final = "ACK-ERR-001"
+
+ACK_CODES: Final = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
+
+
+def validate_hl7(
+    raw: bytes | str | Message,
+    *,
+    profile: str = "pam-fr",
+    default_charset: str = "8859/15",
+    answers: str | None = None,
+) -> list[Finding]:
+    """Every finding for one message.
+
+    ``profile`` is ``pam-fr`` (v2.5 structure + PAM FR rules on ADT) or ``v2.5`` (structure only).
+    ``answers``: for an ACK, the MSH-10 of the message it acknowledges (MSA-2 must echo it);
+    ``""`` when that message had none (an unreadable input), so MSA-2 may be empty.
+    """
+    if isinstance(raw, Message):
+        msg = raw
+    else:
+        try:
+            msg = (
+                Message.decode(raw, default_charset=default_charset)
+                if isinstance(raw, bytes)
+                else Message.parse(raw)
+            )
+        except MessageError as exc:
+            return [
+                Finding(
+                    UNREADABLE,
+                    Severity.FATAL,
+                    exc.location or "MSH",
+                    f"not readable ER7: {exc.message}",
+                    "structure",
+                )
+            ]
+    findings: list[Finding] = []
+    _structure(msg, findings)
+    if msg.message_type == "ACK":
+        if answers == "":
+            # The acknowledged input had no readable MSH-10: an empty MSA-2 is then the only answer.
+            findings = [f for f in findings if not (f.rule == FLD_REQUIRED and f.location == "MSA-2")]
+        check_ack(msg, answers or None, findings)
+    elif profile == "pam-fr" and msg.message_type == "ADT":
+        findings.extend(pamfr.check(msg))
+    return findings
+
+
+def _structure_name(msg: Message) -> str:
+    declared = msg.structure
+    if declared:
+        return declared
+    if msg.message_type == "ACK":
+        return "ACK"
+    if msg.message_type == "ADT" and msg.trigger in pamfr.TRIGGERS:
+        return pamfr.TRIGGERS[msg.trigger]
+    return f"{msg.message_type}_{msg.trigger}"
+
+
+def _structure(msg: Message, findings: list[Finding]) -> None:
+    name = _structure_name(msg)
+    nodes = message_structure(name)
+    segments = msg.segments
+    if nodes is None:
+        findings.append(
+            Finding(
+                UNKNOWN_STRUCTURE,
+                Severity.ERROR,
+                "MSH-9",
+                f"no v2.5 message structure {name}",
+                "not-supported",
+            )
+        )
+    else:
+        names = [s.name for s in segments if s.name[0] != "Z"]
+        findings.extend(check_segments(name, nodes, names))
+    seen: dict[str, int] = {}
+    rep = msg.separators.repetition
+    comp = msg.separators.component
+    for seg in segments:
+        occurrence = seen[seg.name] = seen.get(seg.name, 0) + 1
+        spec = segment_spec(seg.name)
+        if spec is None:
+            continue
+        prefix = seg.name if occurrence == 1 else f"{seg.name}[{occurrence}]"
+        fields = seg.fields()
+        count = len(fields)
+        for number in spec.required:
+            if number > count or not fields[number - 1]:
+                findings.append(
+                    Finding(
+                        FLD_REQUIRED,
+                        Severity.ERROR,
+                        f"{prefix}-{number}",
+                        f"{seg.name}-{number} is required",
+                        "required",
+                    )
+                )
+        if seg.name == "MSH":
+            continue  # MSH-1/MSH-2 hold the separators themselves
+        for number in spec.single:
+            if number <= count and rep in fields[number - 1]:
+                findings.append(
+                    Finding(
+                        FLD_REPEAT,
+                        Severity.ERROR,
+                        f"{prefix}-{number}",
+                        f"{seg.name}-{number} may not repeat",
+                        "structure",
+                    )
+                )
+        for number, component, datatype in spec.typed:
+            if number > count or not fields[number - 1]:
+                continue
+            for index, value in enumerate(fields[number - 1].split(rep), 1):
+                if component:
+                    value = value.split(comp, 1)[0]
+                if value and value != '""' and not type_ok(datatype, value):
+                    where = f"{prefix}-{number}[{index}]" + (f".{component}" if component else "")
+                    findings.append(
+                        Finding(
+                            FLD_TYPE,
+                            Severity.ERROR,
+                            where,
+                            f"{seg.name}-{number} is not a valid {datatype}",
+                            "value",
+                        )
+                    )
+
+
+def check_ack(msg: Message, answers: str | None, findings: list[Finding]) -> None:
+    """ACK rules (HL7 v2.5 §2.9, IHE ITI original mode)."""
+    code = msg.get("MSA-1")
+    if code not in ACK_CODES:
+        findings.append(
+            Finding(
+                ACK_CODE, Severity.ERROR, "MSA-1", "MSA-1 must be AA, AE, AR, CA, CE or CR", "code-invalid"
+            )
+        )
+    if answers is not None and msg.get("MSA-2") != answers:
+        findings.append(
+            Finding(
+                ACK_ECHO,
+                Severity.ERROR,
+                "MSA-2",
+                "MSA-2 must echo MSH-10 of the acknowledged message",
+                "value",
+            )
+        )
+    if code in ("AE", "AR", "CE", "CR") and msg.segment("ERR") is None:
+        findings.append(
+            Finding(
+                ACK_ERR,
+                Severity.ERROR,
+                "ERR",
+                f"an {code} acknowledgement must carry an ERR segment",
+                "required",
+            )
+        )

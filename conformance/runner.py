@@ -1,0 +1,285 @@
+"""Runs a suite against its target: files, a live MLLP receiver or sender, a live FHIR document server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from conformance.fhir.registry import Registry, default_registry
+from conformance.findings import Finding
+from conformance.hl7v2.validator import validate_hl7
+from conformance.report import CaseResult, SuiteResult
+from conformance.suite import Suite, SuiteError
+from gateway.core.errors import MessageError
+
+Progress = Callable[[int, int, str], None]  # (done, total, case id)
+
+HL7_SUFFIXES = (".hl7", ".er7", ".txt")
+
+
+def _noop(done: int, total: int, label: str) -> None:
+    return None
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """A file may hold several messages, one per MSH; line ends of any kind become CR."""
+    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    out: list[bytes] = []
+    for line in text.split(b"\r"):
+        if not line.strip():
+            continue
+        if line.startswith(b"MSH") or not out:
+            out.append(line + b"\r")
+        else:
+            out[-1] += line + b"\r"
+    return out
+
+
+def parse_mllp(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "mllp" or not parts.hostname or parts.port is None:
+        raise SuiteError(f"expected mllp://HOST:PORT, got {url!r}")
+    return parts.hostname, parts.port
+
+
+async def run_suite(
+    suite: Suite,
+    target: str,
+    *,
+    token: str | None = None,
+    profile: str | None = None,
+    count: int | None = None,
+    registry: Registry | None = None,
+    progress: Progress = _noop,
+    timeout: float = 30.0,
+) -> SuiteResult:
+    result = SuiteResult(suite.name, suite.title, target)
+    start = time.monotonic()
+    registry = registry or default_registry()
+    if suite.kind == "files":
+        _run_files(suite, Path(target.removeprefix("file://")), result, registry, profile, progress)
+    elif suite.kind == "mllp-receiver":
+        await _run_mllp_receiver(suite, target, result, progress, timeout)
+    elif suite.kind == "mllp-sender":
+        await _run_mllp_sender(suite, target, result, progress, count)
+    else:
+        from conformance.mhd import run_document_server
+
+        await run_document_server(suite, target, result, registry, progress, token=token, timeout=timeout)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def validate_file(
+    path: Path, registry: Registry, profile: str | None, hl7_profile: str = "pam-fr"
+) -> list[tuple[str, list[Finding]]]:
+    """(label, findings) for each message or resource in one file."""
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            resource = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            from conformance.fhir.registry import NOT_JSON
+            from conformance.findings import Severity
+
+            return [
+                (path.name, [Finding(NOT_JSON, Severity.FATAL, "$this", f"not JSON: {exc}", "structure")])
+            ]
+        return [(path.name, registry.validate(resource, [profile] if profile else ()))]
+    out = []
+    for index, raw in enumerate(split_messages(data), 1):
+        out.append((f"{path.name}#{index}", validate_hl7(raw, profile=hl7_profile)))
+    return out
+
+
+def _run_files(
+    suite: Suite,
+    target: Path,
+    result: SuiteResult,
+    registry: Registry,
+    profile: str | None,
+    progress: Progress,
+) -> None:
+    if target.is_dir():
+        patterns = suite.settings.get("patterns") or ["*.hl7", "*.er7", "*.txt", "*.json"]
+        files = sorted({p for pattern in patterns for p in target.rglob(pattern) if p.is_file()})
+    elif target.is_file():
+        files = [target]
+    else:
+        raise SuiteError(f"no such file or directory: {target}")
+    hl7_profile = str(suite.settings.get("hl7_profile", "pam-fr"))
+    for done, path in enumerate(files, 1):
+        started = time.monotonic()
+        for label, findings in validate_file(path, registry, profile, hl7_profile):
+            case = CaseResult(label, str(path))
+            case.findings(findings, "validate", label, label)
+            case.seconds = time.monotonic() - started
+            result.cases.append(case)
+        progress(done, len(files), path.name)
+
+
+# -- live MLLP receiver ----------------------------------------------------------------------------
+
+
+async def _run_mllp_receiver(
+    suite: Suite, target: str, result: SuiteResult, progress: Progress, timeout: float
+) -> None:
+    from connectors.mllp.client import MllpClient
+    from gateway.hl7.er7 import Message
+
+    host, port = parse_mllp(target)
+    run_id = uuid.uuid4().hex[:8].upper()
+    client = MllpClient(host, port)
+    serial = 0
+    try:
+        for done, case in enumerate(suite.cases, 1):
+            started = time.monotonic()
+            outcome = CaseResult(case.id, case.title)
+            for number, step in enumerate(case.steps, 1):
+                where = f"step {number}"
+                raw = suite.data(str(step["send"])).read_bytes()
+                control_id = ""  # raw steps send bytes with no readable MSH-10
+                if not step.get("raw"):
+                    serial += 1
+                    msg = Message.decode(raw, default_charset="UNICODE UTF-8")
+                    control_id = f"CF{run_id}{serial:04d}"
+                    msg.set("MSH-10", control_id)
+                    msg.set("MSH-7", time.strftime("%Y%m%d%H%M%S"))
+                    raw = msg.encode()
+                try:
+                    answer = await client.send(raw, timeout=timeout)
+                except (TimeoutError, OSError, ConnectionError, MessageError) as exc:
+                    outcome.fail("ACK-RECEIVED", where, f"no acknowledgement: {type(exc).__name__}")
+                    await client.close()
+                    continue
+                _check_ack(outcome, where, answer, control_id, step.get("expect") or {})
+            outcome.seconds = time.monotonic() - started
+            result.cases.append(outcome)
+            progress(done, len(suite.cases), case.id)
+    finally:
+        await client.close()
+
+
+def _check_ack(case: CaseResult, where: str, answer: bytes, control_id: str, expect: dict[str, Any]) -> None:
+    from gateway.hl7.er7 import Message
+
+    findings = validate_hl7(answer, profile="v2.5", answers=control_id, default_charset="UNICODE UTF-8")
+    case.findings(findings, "ACK", where, "the acknowledgement")
+    try:
+        ack = Message.decode(answer, default_charset="UNICODE UTF-8")
+    except MessageError:
+        return
+    code = ack.get("MSA-1")
+    wanted = [str(c) for c in expect.get("ack", ["AA", "CA"])]
+    case.expect(
+        code in wanted,
+        "ACK-EXPECTED",
+        f"{where} MSA-1",
+        f"MSA-1 is {code or '(empty)'}; expected {'/'.join(wanted)}",
+    )
+    if expect.get("err"):
+        case.expect(
+            ack.segment("ERR") is not None,
+            "ACK-ERR-EXPECTED",
+            f"{where} ERR",
+            "an ERR segment explains the refusal",
+        )
+
+
+# -- live MLLP sender ------------------------------------------------------------------------------
+
+
+async def _run_mllp_sender(
+    suite: Suite, listen: str, result: SuiteResult, progress: Progress, count: int | None
+) -> None:
+    from connectors.mllp.framing import FrameDecoder, Oversize, frame
+    from gateway.core.errors import AckCode, ValidationError
+    from gateway.hl7.ack import build_ack
+    from gateway.hl7.er7 import Message
+
+    host, port = parse_mllp(listen)
+    wanted = count or int(suite.settings.get("messages", 10))
+    idle = float(suite.settings.get("idle_timeout_s", 60))
+    profile = str(suite.settings.get("profile", "pam-fr"))
+    received = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        try:
+            while not finished.is_set():
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for item in decoder.feed(data):
+                    if isinstance(item, Oversize):
+                        return
+                    started = time.monotonic()
+                    findings = validate_hl7(item, profile=profile)
+                    msg: Message | None
+                    try:
+                        msg = Message.decode(item, default_charset="8859/15")
+                    except MessageError:
+                        msg = None
+                    label = f"message-{len(result.cases) + 1}"
+                    title = (
+                        f"{msg.message_type}^{msg.trigger} control id {msg.control_id}"
+                        if msg
+                        else "unreadable"
+                    )
+                    case = CaseResult(label, title)
+                    case.findings(findings, "validate", label, "the message")
+                    case.seconds = time.monotonic() - started
+                    result.cases.append(case)
+                    errors = [f for f in findings if f.is_error]
+                    if errors:
+                        first = errors[0]
+                        ack = build_ack(
+                            msg,
+                            AckCode.AE,
+                            ValidationError(f"{first.rule}: {first.message}", location=first.location),
+                        )
+                    else:
+                        ack = build_ack(msg, AckCode.AA)
+                    writer.write(frame(ack))
+                    await writer.drain()
+                    progress(len(result.cases), wanted, label)
+                    received.set()
+                    if len(result.cases) >= wanted:
+                        finished.set()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port)
+    try:
+        while not finished.is_set():
+            received.clear()
+            try:
+                await asyncio.wait_for(received.wait(), idle)
+            except TimeoutError:
+                break
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# -- helpers shared with the FHIR runner -------------------------------------------------------------
+
+
+def sha1_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha1(data, usedforsecurity=False).digest()).decode()

@@ -1,0 +1,243 @@
+"""A channel fed by JetStream consumers shared by every node (see gateway.store.nats_journal).
+
+Each node pulls from every partition's durable consumer; JetStream gives each partition's next
+message to one puller at a time. Per message: journal it in PostgreSQL (a redelivery finds its row
+and resumes where it stopped; a resend of another message is a duplicate), run the steps, try the
+destinations still pending, commit the trace, and only then ack. A failed delivery that is worth
+retrying is NAKed with the destination's backoff as delay; once a destination's attempts are spent
+it is DEAD, a reference goes to the dead-letter stream and the message is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from gateway.core.errors import StoreError
+from gateway.core.logging import get_logger
+from gateway.core.protocols import WorkItem
+from gateway.core.status import Status
+from gateway.engine.channel import ChannelRuntime
+from gateway.store.nats_journal import NATS_ERRORS, JetStreamStore, decode, in_progress_while
+
+log = get_logger("passerelle.channel")
+
+_DONE = -1.0
+_TERMINAL = frozenset({Status.SENT.value, Status.FILTERED.value, Status.DEAD.value})
+
+
+class JetStreamChannel(ChannelRuntime):
+    """The channel's steps and destinations, driven by the shared stream instead of local lanes."""
+
+    def __init__(self, base: ChannelRuntime, store: JetStreamStore, *, fetch_timeout: float = 2.0) -> None:
+        super().__init__(
+            name=base.name,
+            source=base.source,
+            store=store,
+            filter=base.filter,
+            steps=base.steps,
+            destinations=base.destinations,
+            queued=base.queued,
+            ack_timing=base.ack_timing,
+            partitions=1,
+            max_in_memory=base.max_in_memory,
+            dedupe=base.dedupe,
+            default_charset=base.default_charset,
+            sending_application=base.sending_application,
+        )
+        self.pg = store
+        self.journal = store.journal
+        self.fetch_timeout = fetch_timeout
+        # Room for redeliveries after a node failure on top of the destinations' own attempts;
+        # past it JetStream gives up by itself and says so in the dead-letter stream.
+        self.max_deliver = max((d.retry.max_attempts for d in self.destinations), default=1) + 5
+        self._consumers: list[asyncio.Task[None]] = []
+        self._busy: set[int] = set()
+        self._idle = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self._recovering = False
+        self._spilled = False
+        self._recovered.set()  # nothing to reload: the stream holds the pending work
+        for p in range(self.journal.partitions):
+            self._consumers.append(asyncio.create_task(self._consume(p), name=f"consumer-{self.name}-{p}"))
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop pulling; let messages in hand finish (up to the timeout); the rest stays in the stream."""
+        self._stopping = True
+        if self._busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    await self._idle.wait()
+        for task in self._consumers:
+            task.cancel()
+        if self._consumers:
+            await asyncio.wait(self._consumers)
+        self._consumers.clear()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=drain_timeout)
+
+    def offer(self, item: WorkItem) -> None:
+        """Nothing to do: the intake published the envelope and some node's consumer will take it."""
+
+    def replay(self, item: WorkItem) -> None:
+        """Back into the stream, at the end of its partition (the store already reset it)."""
+        task = asyncio.get_running_loop().create_task(self.journal.publish(item.envelope, None))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _consume(self, partition: int) -> None:
+        sub: Any = None
+        while not self._stopping:
+            try:
+                if sub is None:
+                    sub = await self.journal.subscribe(self.name, partition, max_deliver=self.max_deliver)
+                msgs = await sub.fetch(1, timeout=self.fetch_timeout)
+            except TimeoutError:
+                continue  # nothing for this partition just now
+            except (*NATS_ERRORS, StoreError) as exc:
+                log.warning(
+                    "consumer_fetch_failed", channel=self.name, partition=partition, error=type(exc).__name__
+                )
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                self._busy.add(partition)
+                self._idle.clear()
+                try:
+                    await in_progress_while(msg, self.journal.ack_wait_s / 3, self._take(msg))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("consumer_unexpected_error", channel=self.name, error=type(exc).__name__)
+                    with contextlib.suppress(*NATS_ERRORS):
+                        await msg.nak(delay=1.0)
+                finally:
+                    self._busy.discard(partition)
+                    if not self._busy:
+                        self._idle.set()
+
+    async def _take(self, msg: Msg) -> None:
+        env, ack = decode(msg.data)
+        delivered = msg.metadata.num_delivered
+        try:
+            result, existing = await self.pg.admit(env, ack)
+            if result.duplicate:
+                self.counters["duplicates"] += 1
+                log.info("message_duplicate", channel=self.name, message_id=result.message_id)
+                await msg.ack_sync()
+                return
+            if existing in _TERMINAL:  # done by a node that stopped before its ack: nothing left
+                await msg.ack_sync()
+                return
+            if existing is None or existing == Status.RECEIVED.value:
+                item: WorkItem | None = WorkItem(result.seq, env, Status.RECEIVED, None, (), {})
+            else:
+                item = await self.pg.work_item(env.id)
+            delay = _DONE if item is None else await self._work(item, last=delivered >= self.max_deliver)
+            await self.pg.flush()  # the trace is committed before JetStream forgets the message
+        except StoreError as exc:
+            log.error("consumer_store_failed", channel=self.name, message_id=env.id, error=exc.message)
+            await msg.nak(delay=1.0)
+            return
+        if delay == _DONE:
+            await msg.ack_sync()
+        else:
+            await msg.nak(delay=delay)
+
+    async def _work(self, item: WorkItem, *, last: bool) -> float:
+        """Process and deliver what is pending; returns _DONE or the delay before the next try."""
+        env = item.envelope
+        if item.status is Status.RECEIVED:
+            self.counters["received"] += 1
+            result = self._process(env)
+            if result is None:
+                return _DONE
+            payload, transformed = result
+            todo = list(self.destinations)
+            first = {d.name: await self._attempt(env, payload, d, 1) for d in todo}
+            if all(a.ok and a.stage is None for a in first.values()):
+                for dest in todo:
+                    dest.sent += 1
+                self.store.queue_deliveries(env.id, transformed, [d.name for d in todo], sent=True)
+                self.counters["sent"] += 1
+                return _DONE
+            self.store.queue_deliveries(env.id, transformed, [d.name for d in todo])
+            attempts: dict[str, int] = {}
+        else:
+            payload = item.payload if item.payload is not None else env.raw
+            names = set(item.pending_destinations)
+            todo = [d for d in self.destinations if d.name in names]
+            attempts = dict(item.attempts)
+            first = {}
+        delays: list[float] = []
+        for dest in todo:
+            attempt = attempts.get(dest.name, 0) + 1
+            got = first.get(dest.name) or await self._attempt(env, payload, dest, attempt)
+            if got.ok:
+                dest.sent += 1
+                self.store.delivery_update(
+                    env.id, dest.name, Status.SENT, attempt, message_status=None, stage=got.stage
+                )
+                continue
+            dest.errors += 1
+            log.warning(
+                "delivery_failed",
+                channel=self.name,
+                destination=dest.name,
+                message_id=env.id,
+                attempt=attempt,
+                detail=got.detail,
+            )
+            if not self.queued:
+                self.store.delivery_update(
+                    env.id,
+                    dest.name,
+                    Status.ERROR,
+                    attempt,
+                    message_status=Status.ERROR,
+                    stage=got.stage,
+                    error=got.detail,
+                )
+                continue
+            if got.retry and attempt < dest.retry.max_attempts and not last:
+                self.store.delivery_update(
+                    env.id,
+                    dest.name,
+                    Status.ERROR,
+                    attempt,
+                    message_status=Status.ERROR,
+                    stage=got.stage,
+                    error=got.detail,
+                )
+                delays.append(dest.retry.delay(attempt, got.defer))
+                continue
+            dest.dead += 1
+            self.counters["dead"] += 1
+            self.store.delivery_update(
+                env.id,
+                dest.name,
+                Status.DEAD,
+                attempt,
+                message_status=Status.DEAD,
+                stage=got.stage,
+                error=got.detail,
+            )
+            await self.journal.dead_letter(env, dest.name, got.detail)
+        if delays:
+            return max(min(delays), 0.001)
+        if self.queued:
+            self.pg.finish(env.id)
+            self.counters["sent"] += 1
+        return _DONE
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = super().snapshot()
+        snap["in_hand"] = len(self._busy)
+        snap["partitions"] = self.journal.partitions
+        snap["journal"] = "nats"
+        return snap

@@ -1,0 +1,220 @@
+"""Auditing of the HTTP API, and ``GET /fhir/AuditEvent`` for operators.
+
+Every /fhir interaction (read, search, create, update, delete, transaction) and every reveal
+of masked data is recorded as an AuditEvent by ``audit_middleware`` / ``record_reveal``.
+A read whose audit entry cannot be written is not answered (503): no unrecorded access.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.core.envelope import FHIR_JSON
+from gateway.core.errors import BadRequest, NotFound, PasserelleError, StoreError
+from gateway.core.logging import get_logger
+from gateway.http.auth import caller_of
+from gateway.http.outcome import Handler, error_response
+from gateway.store.audit import (
+    AUDIT_LOG_USED,
+    INTERACTION,
+    MINOR_FAILURE,
+    REST,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    AuditLog,
+    event,
+    query_entity,
+)
+
+log = get_logger("passerelle.audit")
+
+AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
+
+_SEARCH_PARAMS = frozenset({"_count", "agent", "action", "date", "_format", "_pretty"})
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return SUCCESS
+    return MINOR_FAILURE if status < 500 else SERIOUS_FAILURE
+
+
+def _interaction(method: str, parts: list[str]) -> tuple[str, str]:
+    """(restful-interaction code, AuditEvent.action) for a path below /fhir."""
+    if method == "POST" and not parts:
+        return "transaction", "E"
+    if method == "GET":
+        if len(parts) <= 1:
+            return "search-type" if parts else "search-system", "E"
+        return ("vread" if "_history" in parts else "read"), "R"
+    if method == "POST":
+        return "create", "C"
+    if method in ("PUT", "PATCH"):
+        return ("patch" if method == "PATCH" else "update"), "U"
+    if method == "DELETE":
+        return "delete", "D"
+    return "operation", "E"
+
+
+def _who(request: web.Request) -> tuple[str, str | None]:
+    caller = caller_of(request)
+    if caller is None:
+        return "anonymous", None
+    return caller.subject, caller.role.value
+
+
+def audit_middleware() -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        audit = request.app.get(AUDIT)
+        path = request.path
+        if (
+            audit is None
+            or not (path == "/fhir" or path.startswith("/fhir/"))
+            or path == "/fhir/metadata"
+            or path.startswith("/fhir/AuditEvent")
+            or request.method in ("HEAD", "OPTIONS")
+        ):
+            return await handler(request)
+        failure: BaseException | None = None
+        try:
+            response: web.StreamResponse | None = await handler(request)
+            status = response.status if response is not None else 500
+        except PasserelleError as exc:  # refused requests are audited too, then answered as before
+            failure, response, status = exc, None, exc.http_status
+        except web.HTTPException as exc:
+            failure, response, status = exc, None, exc.status
+        parts = [p for p in path[len("/fhir") :].split("/") if p]
+        code, action = _interaction(request.method, parts)
+        entities: list[dict[str, Any]] = []
+        if len(parts) >= 2:
+            entities.append({"what": {"reference": f"{parts[0]}/{parts[1]}"}})
+        elif code == "create" and response is not None and "Location" in response.headers:
+            ref = response.headers["Location"].split("/fhir/", 1)[-1].split("/_history", 1)[0]
+            entities.append({"what": {"reference": ref}})
+        if request.query_string:
+            entities.append(query_entity(request.query_string))
+        who, role = _who(request)
+        resource = event(
+            type_=REST,
+            subtype={"system": INTERACTION, "code": code},
+            action=action,
+            outcome=_outcome(status),
+            who=who,
+            role=role,
+            address=request.remote,
+            entities=entities,
+        )
+        try:
+            await audit.write(resource)
+        except StoreError as exc:
+            log.error("audit_write_failed", path_kind=parts[0] if parts else "", error=exc.message)
+            if action in ("R", "E") and request.method == "GET":
+                return error_response(503, "transient", "the access could not be audited; try again")
+        if failure is not None:
+            raise failure
+        assert response is not None
+        return response
+
+    return middleware
+
+
+async def record_reveal(request: web.Request, message_id: str, outcome_status: int) -> None:
+    """A masked payload shown in clear: who, which message, when. Raises StoreError when unrecorded."""
+    audit = request.app.get(AUDIT)
+    if audit is None:
+        raise StoreError("no audit log: revealing is disabled")
+    who, role = _who(request)
+    await audit.write(
+        event(
+            type_=REST,
+            subtype={"system": INTERACTION, "code": "read"},
+            action="R",
+            outcome=_outcome(outcome_status),
+            who=who,
+            role=role,
+            address=request.remote,
+            description="reveal of masked message data",
+            entities=[{"what": {"identifier": {"system": "urn:passerelle:message", "value": message_id}}}],
+        )
+    )
+
+
+def _date_bound(value: str) -> tuple[str, float]:
+    prefix = value[:2] if value[:2] in ("ge", "gt", "le", "lt") else "ge"
+    text = value[2:] if value[:2] in ("ge", "gt", "le", "lt") else value
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadRequest(f"date must be an ISO date or date-time, got {text!r}", location="date") from exc
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return prefix, moment.timestamp()
+
+
+async def search_audit(request: web.Request) -> web.Response:
+    audit = request.app.get(AUDIT)
+    if audit is None:
+        raise NotFound("no audit log is configured")
+    unknown = sorted(set(request.query) - _SEARCH_PARAMS)
+    if unknown:
+        raise BadRequest(f"unknown search parameter {unknown[0]!r}", location=unknown[0])
+    raw_count = request.query.get("_count", "50")
+    if not raw_count.isdigit() or not 1 <= int(raw_count) <= 1000:
+        raise BadRequest("_count must be an integer from 1 to 1000", location="_count")
+    action = request.query.get("action")
+    if action is not None and action not in ("C", "R", "U", "D", "E"):
+        raise BadRequest("action is one of C, R, U, D, E", location="action")
+    since = until = None
+    for value in request.query.getall("date", []):
+        prefix, ts = _date_bound(value)
+        if prefix in ("ge", "gt"):
+            since = ts
+        else:
+            until = ts
+    rows = await audit.search(
+        count=int(raw_count), agent=request.query.get("agent"), action=action, since=since, until=until
+    )
+    who, role = _who(request)
+    await audit.write(
+        event(
+            type_=AUDIT_LOG_USED,
+            action="E",
+            outcome=SUCCESS,
+            who=who,
+            role=role,
+            address=request.remote,
+            entities=[query_entity(urlencode(list(request.query.items())))] if request.query else [],
+        )
+    )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(rows),
+        "entry": [{"fullUrl": f"AuditEvent/{r['id']}", "resource": r} for _, r in rows],
+    }
+    return web.Response(body=orjson.dumps(bundle), content_type=FHIR_JSON)
+
+
+async def read_audit(request: web.Request) -> web.Response:
+    audit = request.app.get(AUDIT)
+    if audit is None:
+        raise NotFound("no audit log is configured")
+    resource = await audit.get(request.match_info["id"])
+    if resource is None:
+        raise NotFound(f"no AuditEvent {request.match_info['id']}")
+    return web.Response(body=orjson.dumps(resource), content_type=FHIR_JSON)
+
+
+def add_audit_routes(app: web.Application, audit: AuditLog | None) -> None:
+    """Registered before the generic /fhir/{type} routes, which would otherwise take these paths."""
+    if audit is not None:
+        app[AUDIT] = audit
+    app.router.add_get("/fhir/AuditEvent", search_audit)
+    app.router.add_get("/fhir/AuditEvent/{id}", read_audit)

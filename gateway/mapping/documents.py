@@ -1,0 +1,140 @@
+"""Mapping functions for the HL7v2 document feed (CI-SIS "Transmission de documents CDA en HL7v2").
+
+MDM^T02 publishes a document (OBX-11 F), MDM^T04 deletes it (OBX-11 D), MDM^T10 replaces the
+document named in TXA-13 (OBX-11 C). TXA-12 is the document's unique id: an OID alone, or an
+extension with its root OID in TXA-12.3 (type ISO).
+
+The document travels in OBX-5 (ED): it becomes ``attachment.data`` with its size and SHA-1 hash;
+the document store keeps the bytes (content-addressed) and makes the Binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from typing import Any
+
+from gateway.mapping.engine import Context
+
+URI_SYSTEM = "urn:ietf:rfc:3986"
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+# HL7 table 0271 (document completion status) → DocumentReference.docStatus.
+_COMPLETION = {
+    "AU": "final",  # authenticated
+    "LA": "final",  # legally authenticated
+    "PA": "preliminary",  # pre-authenticated
+    "DI": "preliminary",  # dictated
+    "DO": "preliminary",  # documented
+    "IN": "preliminary",  # incomplete
+    "IP": "preliminary",  # in progress
+}
+
+
+def _ei_identifier(ctx: Context, path: str) -> dict[str, Any] | None:
+    """An EI (TXA-12, TXA-13) → Identifier: root OID + extension, or a whole OID as a URI."""
+    value, root, kind = ctx.read(f"{path}.1"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4")
+    if not value:
+        return None
+    if root and kind == "ISO" and _OID.fullmatch(root):
+        return {"system": f"urn:oid:{root}", "value": value}
+    if _OID.fullmatch(value):
+        return {"system": URI_SYSTEM, "value": f"urn:oid:{value}"}
+    ctx.warnings.append(f"{path}: the document id is neither an OID nor an OID-rooted extension")
+    return {"value": value}
+
+
+def mdm_document_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """TXA-12 (unique document number) → the document's identifier (also its masterIdentifier)."""
+    return _ei_identifier(ctx, "TXA-12")
+
+
+def mdm_replaces(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """TXA-13 (parent document number) → relatesTo replaces, by a conditional reference that the
+    document store resolves to the published document (which becomes superseded)."""
+    ident = _ei_identifier(ctx, "TXA-13")
+    if ident is None:
+        if ctx.message.trigger == "T10":
+            ctx.warnings.append("MDM^T10 without TXA-13: nothing says which document is replaced")
+        return None
+    system = ident.get("system", "")
+    target = f"DocumentReference?identifier={system}|{ident['value']}"
+    return {"code": "replaces", "target": {"reference": target}}
+
+
+def mdm_status(ctx: Context, _: Any) -> str:
+    """T04 / OBX-11 D (a deletion) → entered-in-error; T02 and T10 publish a current document."""
+    result = ctx.read("OBX-11")
+    if ctx.message.trigger == "T04" or result == "D":
+        return "entered-in-error"
+    return "current"
+
+
+def mdm_doc_status(ctx: Context, value: Any) -> str | None:
+    """TXA-17 (table 0271) → docStatus."""
+    code = str(value or "")
+    if code not in _COMPLETION:
+        ctx.warnings.append(f"TXA-17: completion status {code!r} not in table 0271; left out")
+        return None
+    return _COMPLETION[code]
+
+
+def _ed(ctx: Context) -> tuple[str, bytes] | None:
+    """OBX-5 ED (source^type^subtype^encoding^data) → (content type, bytes), or None with a warning."""
+    kind, subtype = ctx.read("OBX-5.2"), ctx.read("OBX-5.3")
+    encoding, data = ctx.read("OBX-5.4"), ctx.read("OBX-5.5")
+    if not data:
+        ctx.warnings.append("OBX-5: ED without data; no document")
+        return None
+    content_type = _content_type(kind, subtype)
+    if encoding.lower() == "base64":
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except ValueError:
+            ctx.warnings.append("OBX-5.5: the data is not valid Base64; no document")
+            return None
+    elif encoding in ("", "A"):  # plain text, already unescaped from ER7
+        raw = data.encode("utf-8")
+    else:
+        ctx.warnings.append(f"OBX-5.4: encoding {encoding!r} unknown; no document")
+        return None
+    return content_type, raw
+
+
+def _content_type(kind: str, subtype: str) -> str:
+    """ED type/subtype → MIME type: CDA travels as TEXT^XML (CI-SIS), PDF as application^pdf."""
+    k, s = kind.lower(), subtype.lower()
+    if s == "xml":
+        return "application/xml" if k in ("text", "application", "") else f"{k}/xml"
+    if s == "pdf":
+        return "application/pdf"
+    if k and s:
+        return f"{k}/{s}"
+    return "text/plain" if k == "text" else "application/octet-stream"
+
+
+def mdm_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX-5 → Attachment with the bytes, their size and SHA-1 hash, and the title (OBX-3.2)."""
+    found = _ed(ctx)
+    if found is None:
+        return None
+    content_type, raw = found
+    attachment: dict[str, Any] = {
+        "contentType": content_type,
+        "data": base64.b64encode(raw).decode("ascii"),
+        "size": len(raw),
+        "hash": base64.b64encode(hashlib.sha1(raw, usedforsecurity=False).digest()).decode("ascii"),
+    }
+    title = ctx.read("OBX-3.2")
+    if title:
+        attachment["title"] = title
+    return attachment
+
+
+MDM_FUNCTIONS = {
+    "mdm_document_identifier": mdm_document_identifier,
+    "mdm_replaces": mdm_replaces,
+    "mdm_status": mdm_status,
+    "mdm_doc_status": mdm_doc_status,
+    "mdm_attachment": mdm_attachment,
+}

@@ -1,0 +1,99 @@
+"""Which journal and message store a gateway runs on, from config.yaml and the command line.
+
+    journal: {backend: sqlite}                 store: {backend: sqlite}        the default, one node
+    journal: {backend: sqlite}                 store: {backend: postgresql}    one node, PostgreSQL
+    journal: {backend: nats, url: nats://…}    store: {backend: postgresql}    several nodes
+
+With the nats journal the message state must be shared, so the store must be PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.core.config import Config
+from gateway.store.nats_journal import JetStreamStore, NatsJournal
+from gateway.store.postgres import PostgresStore
+from gateway.store.sqlite import SqliteStore
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    store: SqliteStore | PostgresStore
+    journal: str  # "sqlite", "postgresql" (the store itself) or "nats"
+    shared: bool  # several nodes may run on the same backends
+
+    @property
+    def jetstream(self) -> JetStreamStore | None:
+        return self.store if isinstance(self.store, JetStreamStore) else None
+
+
+def select(
+    config: Config, data_dir: Path, *, journal_url: str | None = None, store_dsn: str | None = None
+) -> Backends:
+    """Build (not open) the store; a contradiction in the settings is a ConfigError naming the key."""
+    data = config.data
+    journal: dict[str, Any] = dict(data.get("journal", {}))
+    store: dict[str, Any] = dict(data.get("store", {}))
+    if journal_url:
+        journal.update(backend="nats", url=journal_url)
+    if store_dsn:
+        store.update(backend="postgresql", dsn=store_dsn)
+    journal_kind = journal.get("backend", "sqlite")
+    store_kind = store.get("backend", "sqlite")
+    if store_kind == "postgresql":
+        dsn = store.get("dsn")
+        if not dsn:
+            raise config.error(
+                ("store", "dsn"), "the postgresql store needs a dsn (postgresql://HOST:PORT/DB)"
+            )
+        if urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+            raise config.error(("store", "dsn"), f"expected postgresql://HOST:PORT/DB, got {dsn!r}")
+    if journal_kind == "nats":
+        url = journal.get("url")
+        if not url:
+            raise config.error(("journal", "url"), "the nats journal needs a url (nats://HOST:PORT)")
+        if urlsplit(url).scheme not in ("nats", "tls"):
+            raise config.error(("journal", "url"), f"expected nats://HOST:PORT, got {url!r}")
+        if store_kind != "postgresql":
+            raise config.error(
+                ("store", "backend"),
+                "the nats journal needs the postgresql store: the nodes share the message state",
+            )
+        for i, ch in enumerate(data.get("channels", [])):
+            timing = ch.get("ack", {}).get("timing", "before_processing")
+            if ch.get("enabled", True) and timing != "before_processing":
+                # Another node may process the message: the ACK cannot wait for an outcome here.
+                raise config.error(
+                    ("channels", i, "ack", "timing"),
+                    "with the nats journal the ACK follows the JetStream commit: use before_processing",
+                )
+        nats = NatsJournal(
+            url,
+            prefix=journal.get("stream_prefix", "PASSERELLE"),
+            partitions=int(journal.get("partitions", 32)),
+            dedupe_window_s=float(journal.get("dedupe_window_s", 120)),
+            ack_wait_s=float(journal.get("ack_wait_s", 30)),
+        )
+        pg = JetStreamStore(
+            store["dsn"], nats, schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))
+        )
+        return Backends(pg, "nats", True)
+    if store_kind == "postgresql":
+        return Backends(
+            PostgresStore(store["dsn"], schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))),
+            "postgresql",  # the store journals too
+            False,
+        )
+    return Backends(
+        SqliteStore(
+            data_dir / "passerelle.db",
+            synchronous=journal.get("synchronous", "FULL"),
+            max_batch=journal.get("max_batch", 4096),
+        ),
+        "sqlite",
+        False,
+    )

@@ -1,0 +1,219 @@
+"""Every PAM FR ADT trigger the feed serves, each compared whole: Patient + visit + movement, with the
+visit status the trigger gives and the movement marked (INSERT, UPDATE on Z99, CANCEL kept as
+entered-in-error); A28/A31 give the Patient alone."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from gateway.hl7.er7 import Message
+from gateway.mapping.validate import bundle_errors
+from tests.mapping.test_adt import A01, LIB, normalized, segment
+
+# (trigger, structure, ZBE-4, ZBE-6 original trigger, visit status, movement status)
+MOVEMENTS = [
+    ("A01", "ADT_A01", "INSERT", "", "in-progress", "in-progress"),
+    ("A02", "ADT_A02", "INSERT", "", "in-progress", "in-progress"),
+    ("A03", "ADT_A03", "INSERT", "", "finished", "in-progress"),
+    ("A04", "ADT_A01", "INSERT", "", "in-progress", "in-progress"),
+    ("A05", "ADT_A05", "INSERT", "", "planned", "in-progress"),
+    ("A06", "ADT_A06", "INSERT", "", "in-progress", "in-progress"),
+    ("A07", "ADT_A06", "INSERT", "", "in-progress", "in-progress"),
+    ("A11", "ADT_A09", "CANCEL", "A01", "cancelled", "entered-in-error"),
+    ("A12", "ADT_A12", "CANCEL", "A02", "in-progress", "entered-in-error"),
+    ("A13", "ADT_A01", "CANCEL", "A03", "in-progress", "entered-in-error"),
+    ("A21", "ADT_A21", "INSERT", "", "onleave", "in-progress"),
+    ("A22", "ADT_A21", "INSERT", "", "in-progress", "in-progress"),
+    ("A38", "ADT_A38", "CANCEL", "A05", "cancelled", "entered-in-error"),
+    ("A52", "ADT_A52", "CANCEL", "A21", "in-progress", "entered-in-error"),
+    ("A53", "ADT_A52", "CANCEL", "A22", "onleave", "entered-in-error"),
+    ("A54", "ADT_A54", "INSERT", "", "in-progress", "in-progress"),
+    ("A55", "ADT_A52", "CANCEL", "A54", "in-progress", "entered-in-error"),
+    ("Z99", "ADT_A01", "UPDATE", "A01", "in-progress", "in-progress"),
+]
+
+
+def message(trigger: str, structure: str, action: str, original: str) -> str:
+    zbe = segment(
+        "ZBE",
+        {
+            1: "MVT-7788^CHU-EST^1.2.250.1.71.4.2.2.4455^ISO",
+            2: "20261123101500",
+            4: action,
+            5: "N",
+            **({6: original} if original else {}),
+            7: "CARDIOLOGIE^^^^^^^^^4010",
+        },
+    )
+    text = A01.replace("ADT^A01^ADT_A01", f"ADT^{trigger}^{structure}")
+    return "\r".join(zbe if line.startswith("ZBE") else line for line in text.split("\r"))
+
+
+@pytest.mark.parametrize(("trigger", "structure", "action", "original", "visit", "movement"), MOVEMENTS)
+def test_movement_trigger(
+    trigger: str, structure: str, action: str, original: str, visit: str, movement: str
+) -> None:
+    result = LIB.map(Message.parse(message(trigger, structure, action, original)))
+    assert bundle_errors(result.bundle) == []
+    expected = copy.deepcopy(A01_BUNDLE)
+    expected["entry"][1]["resource"]["status"] = visit
+    expected["entry"][2]["resource"]["status"] = movement
+    assert normalized(result) == expected
+    # ZBE-6 (the trigger an UPDATE or CANCEL acts on) is shown as unmapped content, not lost
+    assert result.unmapped == ["EVN-2", "ZBE-5", *(["ZBE-6"] if original else []), "ZXY-1", "ZXY-2"]
+
+
+def test_discharge_closes_the_visit_period() -> None:
+    text = message("A03", "ADT_A03", "INSERT", "").replace(
+        "|20261123101500\rZBE", "|20261123101500|20261128160000\rZBE"
+    )
+    visit = LIB.map(Message.parse(text)).bundle["entry"][1]["resource"]
+    assert visit["period"] == {"start": "2026-11-23T10:15:00+01:00", "end": "2026-11-28T16:00:00+01:00"}
+
+
+@pytest.mark.parametrize("event", ["ADT^A28^ADT_A05", "ADT^A31^ADT_A05"])
+def test_identity_triggers_give_the_patient_only(event: str) -> None:
+    text = "\r".join(line for line in A01.split("\r") if not line.startswith(("PV1", "ZBE")))
+    result = LIB.map(Message.parse(text.replace("ADT^A01^ADT_A01", event)))
+    assert bundle_errors(result.bundle) == []
+    assert normalized(result)["entry"] == A01_BUNDLE["entry"][:1]
+
+
+A01_BUNDLE: dict[str, Any] = {
+    "resourceType": "Bundle",
+    "type": "transaction",
+    "entry": [
+        {
+            "fullUrl": "urn:uuid:0",
+            "resource": {
+                "resourceType": "Patient",
+                "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient"]},
+                "identifier": [
+                    {
+                        "value": "552233",
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}
+                            ]
+                        },
+                        "use": "usual",
+                    },
+                    {
+                        "use": "official",
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                    "code": "INS-NIR",
+                                }
+                            ]
+                        },
+                        "system": "urn:oid:1.2.250.1.213.1.4.8",
+                        "value": "275042512345678",
+                    },
+                ],
+                "name": [
+                    {"family": "GÉRARD", "given": ["Zoé"], "prefix": ["Mme"], "use": "official"},
+                    {"family": "MARTIN-GÉRARD", "given": ["Zoé"], "use": "usual"},
+                ],
+                "gender": "female",
+                "birthDate": "1975-04-25",
+                "address": [
+                    {
+                        "line": ["3 rue des Tanneurs & fils"],
+                        "city": "Besançon",
+                        "postalCode": "25000",
+                        "country": "FRA",
+                    }
+                ],
+                "extension": [
+                    {
+                        "url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                        "valueAddress": {
+                            "city": "Besançon",
+                            "extension": [
+                                {
+                                    "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code",
+                                    "valueCoding": {
+                                        "system": "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM",
+                                        "code": "25056",
+                                    },
+                                }
+                            ],
+                            "country": "FRA",
+                        },
+                    },
+                    {
+                        "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability",
+                        "extension": [
+                            {
+                                "url": "identityStatus",
+                                "valueCoding": {
+                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445",
+                                    "code": "VALI",
+                                },
+                            }
+                        ],
+                    },
+                ],
+                "telecom": [{"value": "0381000000", "system": "phone", "use": "home"}],
+            },
+            "request": {"method": "PUT", "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|552233"},
+        },
+        {
+            "fullUrl": "urn:uuid:1",
+            "resource": {
+                "resourceType": "Encounter",
+                "identifier": [
+                    {
+                        "value": "V26-000456",
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN"}
+                            ]
+                        },
+                    }
+                ],
+                "status": "in-progress",
+                "class": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": "IMP",
+                    "display": "inpatient encounter",
+                },
+                "subject": {"reference": "urn:uuid:0"},
+                "period": {"start": "2026-11-23T10:15:00+01:00"},
+            },
+            "request": {
+                "method": "PUT",
+                "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|V26-000456",
+            },
+        },
+        {
+            "fullUrl": "urn:uuid:2",
+            "resource": {
+                "resourceType": "Encounter",
+                "identifier": [{"value": "MVT-7788", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+                "status": "in-progress",
+                "class": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": "IMP",
+                    "display": "inpatient encounter",
+                },
+                "subject": {"reference": "urn:uuid:0"},
+                "partOf": {"reference": "urn:uuid:1"},
+                "period": {"start": "2026-11-23T10:15:00+01:00"},
+                "location": [{"location": {"display": "CARDIO"}}],
+                "serviceType": {"coding": [{"code": "4010", "display": "CARDIOLOGIE"}]},
+            },
+            "request": {
+                "method": "PUT",
+                "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|MVT-7788",
+            },
+        },
+    ],
+}
