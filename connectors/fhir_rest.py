@@ -8,6 +8,7 @@ retry, the server's OperationOutcome kept as the delivery's response.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +16,10 @@ import aiohttp
 import orjson
 
 from gateway.core.envelope import FHIR_JSON, Envelope
-from gateway.core.errors import PermanentDeliveryError, RetryLater
+from gateway.core.errors import ConfigError, PermanentDeliveryError, RetryLater
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
+from gateway.core.tls import client_context
 
 _RETRYABLE = frozenset({408, 429})
 
@@ -32,6 +34,18 @@ class FhirRestDestination:
             "base_url": {"type": "string", "pattern": "^https?://"},
             "bearer_token_env": {"type": "string", "minLength": 1},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            # For https: the authorities to trust (system store otherwise), a client certificate.
+            "tls": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "ca": {"type": "string"},
+                    "cert": {"type": "string"},
+                    "key": {"type": "string"},
+                    "check_hostname": {"type": "boolean"},
+                },
+                "dependentRequired": {"cert": ["key"], "key": ["cert"]},
+            },
         },
     }
 
@@ -41,6 +55,11 @@ class FhirRestDestination:
         # The token is named by an environment variable: secrets stay out of config.yaml.
         self._token_env: str | None = settings.get("bearer_token_env")
         self.timeout = aiohttp.ClientTimeout(total=float(settings.get("timeout_s", 30)))
+        self._ssl: ssl.SSLContext | None = None
+        if "tls" in settings:
+            if not self.base_url.startswith("https://"):
+                raise ConfigError("tls needs an https:// base_url", key=f"destinations.{name}.tls")
+            self._ssl = client_context(settings["tls"], where=f"destinations.{name}.tls")
         self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -61,7 +80,8 @@ class FhirRestDestination:
             raise PermanentDeliveryError("the payload is not JSON") from exc
         url = self.base_url if kind == "Bundle" else f"{self.base_url}/{kind}"
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         try:
             async with self._session.post(url, data=payload, headers=self._headers()) as resp:
                 body = await resp.read()

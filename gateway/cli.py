@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,18 +74,37 @@ def split_messages(data: bytes) -> list[bytes]:
     return messages
 
 
-def _parse_mllp_url(url: str) -> tuple[str, int]:
+def _parse_mllp_url(url: str, schemes: tuple[str, ...] = ("mllp",)) -> tuple[str, int]:
     parts = urlsplit(url)
-    if parts.scheme != "mllp" or not parts.hostname or not parts.port:
-        raise ValueError(f"expected mllp://HOST:PORT, got {url!r}")
+    if parts.scheme not in schemes or not parts.hostname or not parts.port:
+        raise ValueError(f"expected {' or '.join(s + '://HOST:PORT' for s in schemes)}, got {url!r}")
     return parts.hostname, parts.port
 
 
-async def _send(files: Sequence[str], host: str, port: int, timeout: float) -> int:
+def _send_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """mllps:// is MLLP over TLS; --tls-ca (else the system store), --tls-cert/--tls-key for mTLS."""
+    from gateway.core.tls import client_context
+
+    settings = {k: v for k, v in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key)) if v}
+    if not args.to.startswith("mllps://"):
+        if settings:
+            raise ValueError("--tls-ca, --tls-cert and --tls-key go with an mllps:// address")
+        return None
+    if ("cert" in settings) != ("key" in settings):
+        raise ValueError("--tls-cert and --tls-key go together")
+    try:
+        return client_context(settings, where="--tls")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+async def _send(
+    files: Sequence[str], host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None
+) -> int:
     from connectors.mllp.client import MllpClient
     from gateway.hl7.ack import parse_ack
 
-    client = MllpClient(host, port)
+    client = MllpClient(host, port, ssl=tls)
     worst = EXIT_OK
     try:
         for name in files:
@@ -110,7 +130,8 @@ async def _send(files: Sequence[str], host: str, port: int, timeout: float) -> i
 
 def _cmd_send(args: argparse.Namespace) -> int:
     try:
-        host, port = _parse_mllp_url(args.to)
+        host, port = _parse_mllp_url(args.to, ("mllp", "mllps"))
+        tls = _send_tls(args)
     except ValueError as exc:
         print(f"passerelle send: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -118,7 +139,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         if not Path(name).is_file():
             print(f"passerelle send: no such file: {name}", file=sys.stderr)
             return EXIT_USAGE
-    return asyncio.run(_send(args.files, host, port, args.timeout))
+    return asyncio.run(_send(args.files, host, port, args.timeout, tls))
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -349,8 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", help="send HL7v2 files over MLLP and print each ACK")
     send.add_argument("files", nargs="+")
-    send.add_argument("--to", required=True, help="mllp://HOST:PORT")
+    send.add_argument("--to", required=True, help="mllp://HOST:PORT, or mllps://HOST:PORT for MLLP over TLS")
     send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--tls-ca", help="mllps: PEM of the authorities to trust (default: the system's)")
+    send.add_argument("--tls-cert", help="mllps: client certificate (PEM), for a server that asks (mTLS)")
+    send.add_argument("--tls-key", help="mllps: the client certificate's private key (PEM)")
     send.set_defaults(func=_cmd_send)
 
     convert = sub.add_parser("convert", help="print the FHIR the mappings make of HL7v2 files (no service)")

@@ -180,7 +180,11 @@ class MessageStore(Journal, Protocol):
         channel: str | None,
         limit: int,
         before_seq: int | None,
-    ) -> list[dict[str, Any]]: ...
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first; ``since`` / ``until`` bound ``received_at`` (epoch seconds, inclusive)."""
+        ...
 
     async def stats(self) -> dict[str, Any]: ...
 

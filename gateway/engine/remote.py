@@ -299,9 +299,17 @@ class LinkedStore:
         channel: str | None,
         limit: int,
         before_seq: int | None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         return await self._reader.list_messages(
-            status=status, control_id=control_id, channel=channel, limit=limit, before_seq=before_seq
+            status=status,
+            control_id=control_id,
+            channel=channel,
+            limit=limit,
+            before_seq=before_seq,
+            since=since,
+            until=until,
         )
 
     async def stats(self) -> dict[str, Any]:

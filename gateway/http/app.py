@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -112,17 +114,42 @@ async def list_messages(request: web.Request) -> web.Response:
         )
     limit = _int(request, "limit", 50) or 50
     before = _int(request, "before", None, low=1, high=2**62)
+    since, until = _instant(request, "since"), _instant(request, "until")
+    if since is not None and until is not None and since > until:
+        raise BadRequest("since is after until", location="since")
     rows = await request.app[RUNTIME].store.list_messages(
         status=status,
         control_id=request.query.get("control_id") or None,
         channel=request.query.get("channel") or None,
         limit=limit,
         before_seq=before,
+        since=since,
+        until=until,
     )
     body: dict[str, Any] = {"messages": rows}
     if len(rows) == limit:
-        body["next"] = f"/api/messages?before={rows[-1]['seq']}&limit={limit}"
+        # The next page keeps every filter; only the position moves.
+        kept = [(k, v) for k, v in request.query.items() if k not in ("before", "limit")]
+        body["next"] = "/api/messages?" + urlencode([*kept, ("before", rows[-1]["seq"]), ("limit", limit)])
     return json_response(body)
+
+
+def _instant(request: web.Request, name: str) -> float | None:
+    """An ISO 8601 instant (date, time and offset, e.g. 2024-05-14T10:00:00Z) as epoch seconds."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    # An unencoded "+02:00" arrives as " 02:00" (form encoding); the T separator is required anyway.
+    text = raw.replace(" ", "+")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise BadRequest(
+            f"{name} must be an ISO 8601 instant, e.g. 2024-05-14T10:00:00Z", location=name
+        ) from exc
+    if moment.tzinfo is None or "T" not in text.upper():
+        raise BadRequest(f"{name} needs a time and a UTC offset (Z or ±hh:mm)", location=name)
+    return moment.timestamp()
 
 
 async def get_message(request: web.Request) -> web.Response:

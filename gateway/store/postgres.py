@@ -586,6 +586,8 @@ class PostgresStore:
         channel: str | None,
         limit: int,
         before_seq: int | None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         where: list[str] = ["TRUE"]
         args: list[Any] = []
@@ -596,6 +598,10 @@ class PostgresStore:
         if before_seq is not None:
             args.append(before_seq)
             where.append(f"seq<${len(args)}")
+        for operator, bound in ((">=", since), ("<=", until)):
+            if bound is not None:
+                args.append(bound)
+                where.append(f"received_at{operator}${len(args)}")
         args.append(limit)
         sql = (
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE {' AND '.join(where)}"  # noqa: S608

@@ -614,6 +614,8 @@ class SqliteStore:
         channel: str | None,
         limit: int,
         before_seq: int | None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         where, args = ["1=1"], []
         for column, value in (("status", status), ("control_id", control_id), ("channel", channel)):
@@ -623,6 +625,10 @@ class SqliteStore:
         if before_seq is not None:
             where.append("seq<?")
             args.append(str(before_seq))
+        for condition, bound in (("received_at>=?", since), ("received_at<=?", until)):
+            if bound is not None:
+                where.append(condition)
+                args.append(bound)
 
         def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(

@@ -5,13 +5,12 @@ entered-in-error); A28/A31 give the Patient alone."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 
 from gateway.hl7.er7 import Message
 from gateway.mapping.validate import bundle_errors
-from tests.mapping.test_adt import A01, LIB, normalized, segment
+from tests.mapping.test_adt import A01, A01_BUNDLE, LIB, normalized, segment
 
 # (trigger, structure, ZBE-4, ZBE-6 original trigger, visit status, movement status)
 MOVEMENTS = [
@@ -80,140 +79,3 @@ def test_identity_triggers_give_the_patient_only(event: str) -> None:
     result = LIB.map(Message.parse(text.replace("ADT^A01^ADT_A01", event)))
     assert bundle_errors(result.bundle) == []
     assert normalized(result)["entry"] == A01_BUNDLE["entry"][:1]
-
-
-A01_BUNDLE: dict[str, Any] = {
-    "resourceType": "Bundle",
-    "type": "transaction",
-    "entry": [
-        {
-            "fullUrl": "urn:uuid:0",
-            "resource": {
-                "resourceType": "Patient",
-                "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient"]},
-                "identifier": [
-                    {
-                        "value": "552233",
-                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
-                        "type": {
-                            "coding": [
-                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}
-                            ]
-                        },
-                        "use": "usual",
-                    },
-                    {
-                        "use": "official",
-                        "type": {
-                            "coding": [
-                                {
-                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
-                                    "code": "INS-NIR",
-                                }
-                            ]
-                        },
-                        "system": "urn:oid:1.2.250.1.213.1.4.8",
-                        "value": "275042512345678",
-                    },
-                ],
-                "name": [
-                    {"family": "GÉRARD", "given": ["Zoé"], "prefix": ["Mme"], "use": "official"},
-                    {"family": "MARTIN-GÉRARD", "given": ["Zoé"], "use": "usual"},
-                ],
-                "gender": "female",
-                "birthDate": "1975-04-25",
-                "address": [
-                    {
-                        "line": ["3 rue des Tanneurs & fils"],
-                        "city": "Besançon",
-                        "postalCode": "25000",
-                        "country": "FRA",
-                    }
-                ],
-                "extension": [
-                    {
-                        "url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
-                        "valueAddress": {
-                            "city": "Besançon",
-                            "extension": [
-                                {
-                                    "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code",
-                                    "valueCoding": {
-                                        "system": "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM",
-                                        "code": "25056",
-                                    },
-                                }
-                            ],
-                            "country": "FRA",
-                        },
-                    },
-                    {
-                        "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability",
-                        "extension": [
-                            {
-                                "url": "identityStatus",
-                                "valueCoding": {
-                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445",
-                                    "code": "VALI",
-                                },
-                            }
-                        ],
-                    },
-                ],
-                "telecom": [{"value": "0381000000", "system": "phone", "use": "home"}],
-            },
-            "request": {"method": "PUT", "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|552233"},
-        },
-        {
-            "fullUrl": "urn:uuid:1",
-            "resource": {
-                "resourceType": "Encounter",
-                "identifier": [
-                    {
-                        "value": "V26-000456",
-                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
-                        "type": {
-                            "coding": [
-                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN"}
-                            ]
-                        },
-                    }
-                ],
-                "status": "in-progress",
-                "class": {
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                    "code": "IMP",
-                    "display": "inpatient encounter",
-                },
-                "subject": {"reference": "urn:uuid:0"},
-                "period": {"start": "2026-11-23T10:15:00+01:00"},
-            },
-            "request": {
-                "method": "PUT",
-                "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|V26-000456",
-            },
-        },
-        {
-            "fullUrl": "urn:uuid:2",
-            "resource": {
-                "resourceType": "Encounter",
-                "identifier": [{"value": "MVT-7788", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
-                "status": "in-progress",
-                "class": {
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                    "code": "IMP",
-                    "display": "inpatient encounter",
-                },
-                "subject": {"reference": "urn:uuid:0"},
-                "partOf": {"reference": "urn:uuid:1"},
-                "period": {"start": "2026-11-23T10:15:00+01:00"},
-                "location": [{"location": {"display": "CARDIO"}}],
-                "serviceType": {"coding": [{"code": "4010", "display": "CARDIOLOGIE"}]},
-            },
-            "request": {
-                "method": "PUT",
-                "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|MVT-7788",
-            },
-        },
-    ],
-}

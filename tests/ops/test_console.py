@@ -152,6 +152,26 @@ async def test_console_login_channels_trace_and_dlq_replay(
         "document.querySelector('#search-form').requestSubmit(); true"
     )
     await page.until("document.querySelectorAll('#results tbody tr').length === 1")
+    # the time window is the store's filter: the API is asked with since/until
+    await page.js(
+        "window.asked = []; const plain = window.fetch;"
+        "window.fetch = (url, init) => { window.asked.push(String(url)); return plain(url, init); }; true"
+    )
+    await page.js(
+        "document.querySelector('#search-form [name=to]').value = '2000-01-01T00:00';"
+        "document.querySelector('#search-form').requestSubmit(); true"
+    )
+    await page.until("document.querySelectorAll('#results tbody tr').length === 0")
+    asked = await page.js("window.asked.filter(u => u.includes('/api/messages?'))")
+    assert len(asked) == 1 and "until=" in asked[0] and "since=" not in asked[0]
+    await page.js(
+        "document.querySelector('#search-form [name=to]').value = '';"
+        "document.querySelector('#search-form [name=from]').value = '2000-01-01T00:00';"
+        "document.querySelector('#search-form').requestSubmit(); true"
+    )
+    await page.until("document.querySelectorAll('#results tbody tr').length === 1")
+    asked = await page.js("window.asked.filter(u => u.includes('/api/messages?'))")
+    assert len(asked) == 2 and "since=" in asked[1] and "until=" not in asked[1]
     await page.js("document.querySelector('#results tbody tr').click(); true")
     await page.until("document.querySelector('#trace-raw').textContent.includes('PID|')")
     raw = await page.js("document.querySelector('#trace-raw').textContent")

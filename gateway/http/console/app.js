@@ -189,8 +189,9 @@ async function search(event) {
   const form = new FormData($("#search-form"));
   const params = new URLSearchParams({ limit: "500" });
   for (const key of ["control_id", "status", "channel"]) if (form.get(key)) params.set(key, form.get(key));
-  const from = form.get("from") ? new Date(form.get("from")).getTime() / 1000 : null;
-  const to = form.get("to") ? new Date(form.get("to")).getTime() / 1000 : null;
+  // The store filters on the time window too: datetime-local is local time, sent as a UTC instant.
+  if (form.get("from")) params.set("since", new Date(form.get("from")).toISOString());
+  if (form.get("to")) params.set("until", new Date(form.get("to")).toISOString());
   let found;
   try {
     found = await api("GET", "/api/messages?" + params.toString());
@@ -198,8 +199,7 @@ async function search(event) {
     $("#results tbody").replaceChildren(row(["search failed: " + err.message]));
     return;
   }
-  // The time window narrows the newest 500 matches here; the other filters run in the store.
-  const rows = found.messages.filter((m) => (from === null || m.received_at >= from) && (to === null || m.received_at <= to));
+  const rows = found.messages;
   const tbody = $("#results tbody");
   tbody.replaceChildren();
   for (const m of rows) {
