@@ -156,7 +156,13 @@ async def test_postgres_store_filters_the_same_way() -> None:
 
         async def between(since: float | None, until: float | None) -> list[str]:
             rows = await store.list_messages(
-                status=None, control_id=None, channel=None, limit=10, before_seq=None, since=since, until=until
+                status=None,
+                control_id=None,
+                channel=None,
+                limit=10,
+                before_seq=None,
+                since=since,
+                until=until,
             )
             return [str(r["control_id"]) for r in rows]
 
