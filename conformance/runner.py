@@ -21,6 +21,7 @@ from conformance.hl7v2.validator import validate_hl7
 from conformance.report import CaseResult, SuiteResult
 from conformance.suite import Suite, SuiteError
 from gateway.core.errors import MessageError
+from gateway.hl7.er7 import split_messages
 
 Progress = Callable[[int, int, str], None]  # (done, total, case id)
 
@@ -29,20 +30,6 @@ HL7_SUFFIXES = (".hl7", ".er7", ".txt")
 
 def _noop(done: int, total: int, label: str) -> None:
     return None
-
-
-def split_messages(data: bytes) -> list[bytes]:
-    """A file may hold several messages, one per MSH; line ends of any kind become CR."""
-    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-    out: list[bytes] = []
-    for line in text.split(b"\r"):
-        if not line.strip():
-            continue
-        if line.startswith(b"MSH") or not out:
-            out.append(line + b"\r")
-        else:
-            out[-1] += line + b"\r"
-    return out
 
 
 def parse_mllp(url: str) -> tuple[str, int]:

@@ -16,6 +16,7 @@ import orjson
 from gateway.core import config as config_mod
 from gateway.core.errors import ConfigError, MessageError, StoreError
 from gateway.core.logging import configure as configure_logging
+from gateway.hl7.er7 import split_messages
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -58,20 +59,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"passerelle: cannot start: {exc.message}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
-
-
-def split_messages(data: bytes) -> list[bytes]:
-    """A file may hold several messages, one per MSH; line ends of any kind become \\r."""
-    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-    messages: list[bytes] = []
-    for segment in text.split(b"\r"):
-        if not segment.strip():
-            continue
-        if segment.startswith(b"MSH") or not messages:
-            messages.append(segment + b"\r")
-        else:
-            messages[-1] += segment + b"\r"
-    return messages
 
 
 def _parse_mllp_url(url: str, schemes: tuple[str, ...] = ("mllp",)) -> tuple[str, int]:

@@ -550,6 +550,20 @@ def _where(name: str, separators_before: int, column: int) -> str:
 # ---------------------------------------------------------------------------
 
 
+def split_messages(data: bytes) -> list[bytes]:
+    """A file may hold several messages, one per MSH; line ends of any kind become \\r."""
+    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    messages: list[bytes] = []
+    for segment in text.split(b"\r"):
+        if not segment.strip():
+            continue
+        if segment.startswith(b"MSH") or not messages:
+            messages.append(segment + b"\r")
+        else:
+            messages[-1] += segment + b"\r"
+    return messages
+
+
 class Message:
     """One HL7v2 message.
 

@@ -79,26 +79,30 @@ def mdm_doc_status(ctx: Context, value: Any) -> str | None:
     return _COMPLETION[code]
 
 
-def _ed(ctx: Context) -> tuple[str, bytes] | None:
-    """OBX-5 ED (source^type^subtype^encoding^data) → (content type, bytes), or None with a warning."""
-    kind, subtype = ctx.read("OBX-5.2"), ctx.read("OBX-5.3")
-    encoding, data = ctx.read("OBX-5.4"), ctx.read("OBX-5.5")
+def decode_ed(ctx: Context) -> tuple[str, bytes] | None:
+    """The current OBX-5 of type ED (source^type^subtype^encoding^data) → (content type, bytes);
+    None, with a warning on the message, when there is no usable document."""
+    n = ctx.segment[1] if ctx.segment else 1
+    kind, subtype = ctx.message.get(f"OBX[{n}]-5.2"), ctx.message.get(f"OBX[{n}]-5.3")
+    encoding, data = ctx.message.get(f"OBX[{n}]-5.4"), ctx.message.get(f"OBX[{n}]-5.5")
+    ctx.consumed.add(("OBX", n, 5))
     if not data:
-        ctx.warnings.append("OBX-5: ED without data; no document")
+        ctx.warnings.append(f"OBX[{n}]-5: ED without data; no document")
         return None
-    content_type = _content_type(kind, subtype)
-    if encoding.lower() == "base64":
-        try:
+    try:
+        if encoding.lower() == "base64":
             raw = base64.b64decode("".join(data.split()), validate=True)
-        except ValueError:
-            ctx.warnings.append("OBX-5.5: the data is not valid Base64; no document")
+        elif encoding.lower() == "hex":
+            raw = bytes.fromhex(data)
+        elif encoding in ("", "A"):  # plain text, already unescaped from ER7
+            raw = data.encode("utf-8")
+        else:
+            ctx.warnings.append(f"OBX[{n}]-5.4: encoding {encoding!r} unknown; no document")
             return None
-    elif encoding in ("", "A"):  # plain text, already unescaped from ER7
-        raw = data.encode("utf-8")
-    else:
-        ctx.warnings.append(f"OBX-5.4: encoding {encoding!r} unknown; no document")
+    except ValueError:  # binascii.Error is a ValueError
+        ctx.warnings.append(f"OBX[{n}]-5.5: the data is not valid {encoding}; no document")
         return None
-    return content_type, raw
+    return _content_type(kind, subtype), raw
 
 
 def _content_type(kind: str, subtype: str) -> str:
@@ -115,7 +119,7 @@ def _content_type(kind: str, subtype: str) -> str:
 
 def mdm_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
     """OBX-5 → Attachment with the bytes, their size and SHA-1 hash, and the title (OBX-3.2)."""
-    found = _ed(ctx)
+    found = decode_ed(ctx)
     if found is None:
         return None
     content_type, raw = found

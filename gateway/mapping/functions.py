@@ -8,7 +8,6 @@ entry-point group ``passerelle.mapping_functions``.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.hl7.er7 import unescape
-from gateway.mapping.documents import MDM_FUNCTIONS
+from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed
 from gateway.mapping.engine import Context
 
 # FR Core 2.1.0 and PAM FR 2.11 facts (see the project's reference notes).
@@ -384,32 +383,6 @@ def hl7_instant(ctx: Context, value: Any) -> str | None:
     return text if text and "T" in text else None
 
 
-def _ed(ctx: Context) -> tuple[str, bytes] | None:
-    """OBX-5 of type ED (source^type^subtype^encoding^data) → (content type, bytes)."""
-    n = _occ(ctx)
-    kind, subtype = ctx.message.get(f"OBX[{n}]-5.2"), ctx.message.get(f"OBX[{n}]-5.3")
-    encoding, data = ctx.message.get(f"OBX[{n}]-5.4"), ctx.message.get(f"OBX[{n}]-5.5")
-    ctx.consumed.add(("OBX", n, 5))
-    if not data:
-        ctx.warnings.append(f"OBX[{n}]-5: ED without data; no document")
-        return None
-    content_type = f"{kind}/{subtype}".lower() if kind and subtype else "application/octet-stream"
-    try:
-        if encoding.lower() == "base64":
-            raw = base64.b64decode("".join(data.split()), validate=True)
-        elif encoding.lower() == "hex":
-            raw = bytes.fromhex(data)
-        elif encoding in ("", "A"):
-            raw = data.encode("utf-8")
-        else:
-            ctx.warnings.append(f"OBX[{n}]-5.4: encoding {encoding!r} unknown; no document")
-            return None
-    except (binascii.Error, ValueError):
-        ctx.warnings.append(f"OBX[{n}]-5.5: the data is not valid {encoding}; no document")
-        return None
-    return content_type, raw
-
-
 def _document_key(ctx: Context) -> str | None:
     """A stable name for the document of this OBX: its order (OBR-3) and set id."""
     order = ctx.read("OBR-3.1")
@@ -421,7 +394,7 @@ def _document_key(ctx: Context) -> str | None:
 def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
     """OBX ED → Binary (merged into the resource), with an id derived from the order and set id
     so that a replay updates the same Binary."""
-    found = _ed(ctx)
+    found = decode_ed(ctx)
     if found is None:
         return None
     content_type, raw = found
@@ -436,7 +409,7 @@ def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
     """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks."""
-    found = _ed(ctx)
+    found = decode_ed(ctx)
     if found is None:
         return None
     content_type, raw = found
