@@ -2,7 +2,10 @@
 
 The Bundle's conditional creates/updates make a replayed message leave the
 repository as it was. Runs where the channel runs (the worker process by
-default), on its own connection to the repository's SQLite file.
+default), on its own connection to the repository's SQLite file (``path``) or,
+with ``dsn``, to the PostgreSQL repository that several nodes share. A node whose
+store is PostgreSQL gives its ``dsn`` and ``schema`` to this destination, so that
+the channels write where /fhir reads.
 
 A Bundle that carries a DocumentReference (MDM, ORU with an embedded document) is published
 through the document store, by the same code path as ITI-65: a SubmissionSet is added when the
@@ -26,7 +29,8 @@ from gateway.core.errors import HttpError, PermanentDeliveryError, RetryLater, S
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.store.documents import FEED, Mode, SqliteDocumentStore, with_submission_set
-from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.fhir import FhirRepository, SqliteFhirRepository
+from gateway.store.pg_fhir import PgFhirRepository
 
 # Names each message's SubmissionSet: the same message always gives the same identifier.
 _SUBMISSIONS = uuid.UUID("8f1d8a52-6a51-4c36-9d38-52c1e3a5b7f0")
@@ -44,17 +48,25 @@ class FhirRepositoryDestination:
 
     CONFIG_SCHEMA: Mapping[str, Any] = {
         "type": "object",
-        "required": ["path"],
+        "anyOf": [{"required": ["path"]}, {"required": ["dsn"]}],
         "properties": {
-            "path": {"type": "string", "minLength": 1},
+            "path": {"type": "string", "minLength": 1},  # SQLite file
+            "dsn": {"type": "string", "pattern": "^postgres(ql)?://"},  # PostgreSQL; wins over path
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_]{1,63}$"},
             "documents": {"enum": [m.value for m in Mode]},  # metadata checks: pdsm (warn) or dmp
         },
     }
 
     def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
         self.name = name
-        self.repository = SqliteFhirRepository(Path(settings["path"]))
-        self.documents = SqliteDocumentStore(self.repository, mode=settings.get("documents", Mode.PDSM))
+        self.repository: FhirRepository
+        self.documents: SqliteDocumentStore | None = None
+        if settings.get("dsn"):
+            self.repository = PgFhirRepository(settings["dsn"], schema=settings.get("schema"))
+        else:
+            sqlite = SqliteFhirRepository(Path(settings["path"]))
+            self.repository = sqlite
+            self.documents = SqliteDocumentStore(sqlite, mode=settings.get("documents", Mode.PDSM))
         self._opened = False
 
     async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult:
@@ -66,11 +78,14 @@ class FhirRepositoryDestination:
             raise PermanentDeliveryError("the payload is not JSON") from exc
         if not isinstance(bundle, dict):
             raise PermanentDeliveryError("the payload is not a FHIR Bundle")
-        if not self._opened:
-            await self.repository.open()
-            self._opened = True
         try:
+            if not self._opened:
+                await self.repository.open()
+                self._opened = True
             if carries_documents(bundle):
+                if self.documents is None:
+                    # Not stored as plain resources: that would skip the DMP rules (hash, replacement).
+                    raise PermanentDeliveryError("the document store is not available on PostgreSQL yet")
                 submission = f"urn:uuid:{uuid.uuid5(_SUBMISSIONS, envelope.id)}"
                 when = datetime.fromtimestamp(envelope.received_at, UTC).isoformat(timespec="seconds")
                 response = await self.documents.publish(with_submission_set(bundle, submission, when), FEED)

@@ -32,7 +32,6 @@ from gateway.http.auth import build_authenticator
 from gateway.http.fhir_routing import FHIR_INTAKE
 from gateway.store import backends
 from gateway.store.audit import AuditLog
-from gateway.store.fhir import SqliteFhirRepository
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 
@@ -68,7 +67,7 @@ class Gateway:
         self.store = self.backends.store
         if not isinstance(self.store, SqliteStore):
             self.workers = 0  # worker processes exist for the single SQLite writer; nodes scale instead
-        self.fhir = SqliteFhirRepository(self.data_dir / "fhir.db")
+        self.fhir = self.backends.fhir_repository(self.data_dir)
         # Receipts are audited by following the SQLite journal (no cost on the intake path).
         self.audit = AuditLog(
             self.data_dir / "audit.db",
@@ -94,7 +93,9 @@ class Gateway:
 
     def _build(self) -> None:
         data = self.config.data
-        builder = Builder(self.config, self.data_dir)
+        builder = Builder(
+            self.config, self.data_dir, defaults={"fhir_repository": self.backends.repository_settings}
+        )
         by_source: dict[str, list[ChannelRuntime | ChannelPort]] = {}
         for spec in builder.channel_specs():
             # Built in every mode, so that connector settings are checked before anything listens.

@@ -51,9 +51,14 @@ class ChannelSpec:
 
 
 class Builder:
-    def __init__(self, config: Config, data_dir: Path) -> None:
+    def __init__(
+        self, config: Config, data_dir: Path, *, defaults: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
+        # Settings a connector type takes from the node unless its item sets them (e.g. the
+        # repository destination writes to the node's shared PostgreSQL repository).
+        self.defaults = dict(defaults or {})
 
     def expand(self, value: Any) -> Any:
         """``{data_dir}`` and ``{config_dir}`` in any string setting."""
@@ -73,7 +78,8 @@ class Builder:
             raise self.config.error(
                 (*at, "type"), f"unknown type {kind!r}; available: {', '.join(registry.available(group))}"
             )
-        settings = {k: v for k, v in item.items() if k not in _COMMON_KEYS}
+        settings = {**self.defaults.get(kind, {})}
+        settings.update((k, v) for k, v in item.items() if k not in _COMMON_KEYS)
         schema = dict(getattr(factory, "CONFIG_SCHEMA", {"type": "object"}))
         schema.setdefault("additionalProperties", False)
         schema.setdefault("properties", {})

@@ -19,6 +19,7 @@ from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import BadRequest, NotFound, PasserelleError, StoreError
 from gateway.core.logging import get_logger
 from gateway.http.auth import caller_of
+from gateway.http.fhir import add_capability
 from gateway.http.outcome import Handler, error_response
 from gateway.store.audit import (
     AUDIT_LOG_USED,
@@ -36,7 +37,13 @@ log = get_logger("passerelle.audit")
 
 AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
 
-_SEARCH_PARAMS = frozenset({"_count", "agent", "action", "date", "_format", "_pretty"})
+# name → (FHIR type, what it matches); the CapabilityStatement is made from it.
+SEARCH_PARAMS: dict[str, tuple[str, str]] = {
+    "agent": ("token", "the agent's who.identifier value (the caller's subject)"),
+    "action": ("token", "C R U D or E"),
+    "date": ("date", "recorded; prefixes ge gt le lt"),
+}
+_SEARCH_PARAMS = frozenset({*SEARCH_PARAMS, "_count", "_format", "_pretty"})
 
 
 def _outcome(status: int) -> str:
@@ -218,3 +225,22 @@ def add_audit_routes(app: web.Application, audit: AuditLog | None) -> None:
         app[AUDIT] = audit
     app.router.add_get("/fhir/AuditEvent", search_audit)
     app.router.add_get("/fhir/AuditEvent/{id}", read_audit)
+    add_capability(
+        app,
+        {
+            "type": "AuditEvent",
+            "documentation": "The gateway's own hash-chained audit trail: operators and admins, read only;"
+            " _count up to 1000",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "versioning": "no-version",
+            "readHistory": False,
+            "updateCreate": False,
+            "conditionalCreate": False,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchParam": [
+                {"name": name, "type": kind, "documentation": doc}
+                for name, (kind, doc) in SEARCH_PARAMS.items()
+            ],
+        },
+    )

@@ -35,21 +35,27 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.core.errors import BadRequest, MethodNotAllowed, NotFound, UnsupportedMediaType
+from gateway.core.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, UnsupportedMediaType
 from gateway.http import fhir as fhir_routes
-from gateway.http.auth import Caller, Role, require
+from gateway.http.auth import Caller, Role, caller_of, require
 from gateway.http.fhir import (
+    FHIR_REPOSITORY,
     Handler,
     InvalidResource,
     _body,
     _validate_entries,
+    _version_headers,
+    add_capability,
     fhir_response,
     searchset,
     validate_resource,
 )
+from gateway.http.fhir_routing import routed
+from gateway.store.doc_search import SEARCH_PARAM_TYPES
 from gateway.store.documents import (
     INVISIBLE_PATIENT,
     INVISIBLE_REPRESENTANTS_LEGAUX,
+    LIST_SEARCH_PARAMS,
     MASQUE_PS,
     MASQUE_PSOCIAL,
     MASQUE_PT,
@@ -58,7 +64,7 @@ from gateway.store.documents import (
     SqliteDocumentStore,
     ValueSets,
 )
-from gateway.store.fhir import FhirRepository, SqliteFhirRepository
+from gateway.store.fhir import DEFAULT_COUNT, FhirRepository, SqliteFhirRepository
 
 DOCUMENT_STORE: web.AppKey[SqliteDocumentStore] = web.AppKey("document_store", SqliteDocumentStore)
 JSON_PATCH = "application/json-patch+json"
@@ -69,6 +75,8 @@ _GENERIC_LIST_PARAMS = frozenset(
 )
 _READ_ROLES = (Role.PROFESSIONAL, Role.PATIENT, Role.OPERATOR)
 _WRITE_ROLES = (Role.PROFESSIONAL,)
+# A patient may add documents to their own record (the store checks whose record it is).
+_PUBLISH_ROLES = (Role.PROFESSIONAL, Role.PATIENT)
 
 
 def actor_for(caller: Caller) -> Actor:
@@ -115,11 +123,94 @@ def add_document_routes(
     router.add_patch(docs + "/{id}", update_metadata)
     router.add_delete(docs + "/{id}", delete_document)
     router.add_get(lists, find_lists)
+    router.add_get(lists + "/{id}", read_list)
     router.add_get(binary + "/{id}", retrieve_document)
+    router.add_get(binary, find_binaries)
+    for entry in _capabilities():
+        add_capability(app, entry)
+
+
+_PARAM_DOCS = {
+    "patient": "required (or patient.identifier): Patient/id or id",
+    "patient.identifier": "required (or patient): system|value of an INS or IPP",
+    "status": "required: current, superseded, entered-in-error",
+    "relatesto": "DocumentReference/id (alias relatesTo)",
+    "author": "Practitioner/id, or a contained author's reference",
+    "author.identifier": "system|value of the author (RPPS, IDNPS...)",
+    "period": "overlaps the service period; prefixes eq ge gt le lt",
+    "isArchived": "true or false (PDSm archive flag)",
+}
+_FIXED = {"versioning": "versioned", "readHistory": False, "conditionalDelete": "not-supported"}
+
+
+def _params(table: Mapping[str, str], docs: Mapping[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for name, kind in table.items():
+        param = {"name": name, "type": kind}
+        if name in docs:
+            param["documentation"] = docs[name]
+        out.append(param)
+    return out
+
+
+def _capabilities() -> list[dict[str, Any]]:
+    """The CapabilityStatement entries of the routes above, made from the tables the handlers use."""
+    generic_lists = {"_id": "token", "identifier": "token", "subject": "reference", "encounter": "reference"}
+    generic_lists |= {"subject.identifier": "token", "_lastUpdated": "date"}
+    return [
+        {
+            "type": "DocumentReference",
+            "documentation": "PDSm / IHE MHD Document Responder with the DMP rules (replacement, archive,"
+            " masking by role, author-only delete, size and SHA-1 hash checked); _count, _offset",
+            "interaction": [
+                {"code": "read", "documentation": "masked documents are not found by who may not see them"},
+                {"code": "search-type", "documentation": "ITI-67 Find Document References"},
+                {"code": "create", "documentation": "ITI-105 Simplified Publish (attachment.data)"},
+                {
+                    "code": "patch",
+                    "documentation": "metadata update, JSON Patch, also conditional (DocumentReference?"
+                    "identifier=…): status, securityLabel and the isArchived extension only, else 405",
+                },
+                {"code": "delete", "documentation": "logical (status entered-in-error), by the author only"},
+            ],
+            **_FIXED,
+            "updateCreate": False,
+            "conditionalCreate": False,
+            "conditionalUpdate": False,
+            "searchParam": _params(SEARCH_PARAM_TYPES, _PARAM_DOCS),
+        },
+        {
+            "type": "List",
+            "documentation": "ITI-66 Find Lists (SubmissionSets, Folders) with patient or patient.identifier;"
+            " without them, the generic search on _id, identifier, subject, encounter, _lastUpdated",
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")],
+            **_FIXED,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": True,
+            "searchParam": _params({**LIST_SEARCH_PARAMS, **generic_lists}, {}),
+        },
+        {
+            "type": "Binary",
+            "documentation": "ITI-68 Retrieve Document: GET Binary/{id} answers the bytes in their own"
+            " content type (a Binary resource when FHIR JSON is asked); no search for callers that"
+            " masking or patient scope limits",
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")],
+            **_FIXED,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": True,
+            "searchParam": _params({"_id": "token", "_lastUpdated": "date"}, {}),
+        },
+    ]
 
 
 def _store(request: web.Request) -> SqliteDocumentStore:
     return request.app[DOCUMENT_STORE]
+
+
+def _repository(request: web.Request) -> FhirRepository:
+    return request.app[FHIR_REPOSITORY]
 
 
 def _reports_issues(handler: Handler) -> Handler:
@@ -166,28 +257,68 @@ def _is_document_bundle(data: Mapping[str, Any]) -> bool:
 async def provide_bundle(request: web.Request) -> web.Response:
     """ITI-65 when the Bundle carries documents; any other Bundle goes to the generic handler."""
     data = await _body(request)
+    _no_document_reads(request, data)
     if (
         data.get("resourceType") != "Bundle"
         or data.get("type") != "transaction"
         or not _is_document_bundle(data)
     ):
         return await fhir_routes.bundle(request)  # the body is cached: it reads it again
-    actor = actor_for(require(request, *_WRITE_ROLES))
+    actor = actor_for(require(request, *_PUBLISH_ROLES))
     entries = data.get("entry") or []
     if not isinstance(entries, list):
         raise BadRequest("Bundle.entry must be a list", location="Bundle.entry")
     await asyncio.to_thread(_validate_entries, entries, True)
-    answer = await _store(request).publish(data, actor)
-    return fhir_response(answer)
+
+    async def write() -> web.Response:
+        return fhir_response(await _store(request).publish(data, actor))
+
+    return await routed(request, data, "POST", write)  # a channel may route it too (e.g. to MDM)
+
+
+_DOCUMENT_TYPES = ("DocumentReference", "Binary", "List")
+
+
+def _no_document_reads(request: web.Request, data: Mapping[str, Any]) -> None:
+    """A Bundle's GET entries would read documents past the masking and patient rules: a caller
+    those rules limit reads documents through ITI-66/67/68 instead."""
+    caller = caller_of(request)
+    if caller is None:
+        return
+    actor = actor_for(caller)
+    if actor.patients is None and not actor.hidden:
+        return
+    for i, entry in enumerate(data.get("entry") or ()):
+        req = entry.get("request") if isinstance(entry, dict) else None
+        url = req.get("url") if isinstance(req, dict) else None
+        if (
+            isinstance(url, str)
+            and req is not None
+            and req.get("method") in ("GET", "HEAD")
+            and url.lstrip("/").split("?")[0].split("/")[0] in _DOCUMENT_TYPES
+        ):
+            raise Forbidden(
+                "read documents with DocumentReference?, List? and Binary/{id} (ITI-67/66/68),"
+                " not inside a Bundle",
+                location=f"Bundle.entry[{i}].request.url",
+            )
 
 
 async def simplified_publish(request: web.Request) -> web.Response:
     """ITI-105: one DocumentReference carrying its document in ``attachment.data``."""
-    actor = actor_for(require(request, *_WRITE_ROLES))
+    actor = actor_for(require(request, *_PUBLISH_ROLES))
     resource = await _body(request)
     if resource.get("resourceType") != "DocumentReference":
         raise BadRequest("resourceType must be DocumentReference", location="resourceType")
     await asyncio.to_thread(validate_resource, resource)
+
+    async def write() -> web.Response:
+        return await _published(request, resource, actor)
+
+    return await routed(request, resource, "POST", write)
+
+
+async def _published(request: web.Request, resource: dict[str, Any], actor: Actor) -> web.Response:
     stored, warnings = await _store(request).publish_document(resource, actor)
     version = stored["meta"]["versionId"]
     headers = {
@@ -275,7 +406,38 @@ async def find_lists(request: web.Request) -> web.Response:
     if all(name in _GENERIC_LIST_PARAMS for name, _ in params) and not any(
         name in ("patient", "patient.identifier") for name, _ in params
     ):
-        return await fhir_routes.search(request)
+        caller = caller_of(request)
+        allowed = await _store(request).allowed_patients(actor_for(caller)) if caller is not None else None
+        if allowed is None:
+            return await fhir_routes.search(request)
+        # A patient's generic List search: narrowed to the Lists about their own record.
+        result = await _repository(request).search(
+            "List", [*params, ("subject", ",".join(sorted(allowed)) or "Patient/-")], count=DEFAULT_COUNT
+        )
+        return fhir_response(searchset(request, "List", params, result))
     actor = actor_for(require(request, *_READ_ROLES))
     result = await _store(request).search_lists(params, actor)
     return fhir_response(searchset(request, "List", params, result))
+
+
+async def read_list(request: web.Request) -> web.Response:
+    """A List read: a caller limited to some patients reads the Lists about them only."""
+    caller = caller_of(request)
+    actor = actor_for(caller) if caller is not None else None
+    if actor is None or actor.patients is None:
+        return await fhir_routes.read(request)
+    id_ = request.match_info["id"]
+    found = await _store(request).read_list(id_, actor)
+    if found is None:
+        raise NotFound(f"List/{id_} is not known")
+    return fhir_response(found, headers=_version_headers(found))
+
+
+async def find_binaries(request: web.Request) -> web.Response:
+    """A Binary search would list documents past the masking and patient rules: unrestricted callers only."""
+    caller = caller_of(request)
+    if caller is not None:
+        actor = actor_for(caller)
+        if actor.patients is not None or actor.hidden:
+            raise Forbidden("documents are found with DocumentReference? (ITI-67), then read by their URL")
+    return await fhir_routes.search(request)

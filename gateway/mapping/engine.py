@@ -89,22 +89,20 @@ class Context:
 
     def read(self, path: str) -> str:
         """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1)."""
-        parsed = _parse_er7(path)
-        if parsed[0] == "":
+        seg, occ, fld, rep_index, comps = _read_plan(path)
+        if seg == "":
             if self.scope is None:
                 raise ValueError(f"relative path {path} outside an 'each'")
-            return _component(self.scope, parsed[4] or "", self.message)
-        seg, occ, fld, rep, comps = parsed
-        found = int(occ) if occ else self.occurrence(seg)
+            return _component(self.scope, comps or "", self.message)
+        found = occ if occ is not None else self.occurrence(seg)
         if found is None:
             return ""
         occurrence = found
-        self.consumed.add((seg, occurrence, int(fld)))
-        rep_index = int(rep) if rep and rep != "*" else 1
+        self.consumed.add((seg, occurrence, fld))
         segment = self.message.segment(seg, occurrence)
         if segment is None:
             return ""
-        reps = _repetitions(segment.field(int(fld)), self.message, seg == "MSH" and int(fld) <= 2)
+        reps = _repetitions(segment.field(fld), self.message, seg == "MSH" and fld <= 2)
         if rep_index > len(reps):
             return ""
         return (
@@ -116,10 +114,12 @@ class Context:
     def repetitions(self, path: str) -> list[str]:
         """The non-empty repetitions of a field; ``PV1-7[1]`` takes only the first (the others are
         reported as a warning, never dropped silently)."""
-        m = _ER7_ABS.match(path)
-        if m is None or m.group(5):
+        try:
+            seg, occ, fld, rep, comps = _parse_er7(path)
+        except ValueError:
+            seg, comps = "", None
+        if seg == "" or comps:
             raise ValueError(f"'each' takes a field path such as PID-3, not {path!r}")
-        seg, occ, fld, rep, _ = m.groups()
         found = int(occ) if occ else self.occurrence(seg)
         if found is None:
             return []
@@ -208,6 +208,22 @@ def _parse_er7(path: str) -> tuple[str, str | None, str, str | None, str | None]
     return (seg, occ, fld, rep, comps)
 
 
+@functools.lru_cache(maxsize=4096)
+def _read_plan(path: str) -> tuple[str, int | None, int, int, str | None]:
+    """(segment, occurrence, field, repetition index, components) with the numbers already read."""
+    seg, occ, fld, rep, comps = _parse_er7(path)
+    if seg == "":
+        return ("", None, 0, 1, comps)
+    return (seg, int(occ) if occ else None, int(fld), int(rep) if rep and rep != "*" else 1, comps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _component_plan(comps: str) -> tuple[int, int]:
+    """'.2' or '.2.1' → (component, subcomponent)."""
+    parts = [int(p) for p in comps.strip(".").split(".")]
+    return parts[0], parts[1] if len(parts) > 1 else 1
+
+
 def _repetitions(raw: str, msg: Message, atomic: bool) -> list[str]:
     if atomic:
         return [raw]
@@ -223,11 +239,9 @@ def _leaf(text: str, msg: Message) -> str:
 
 def _component(rep: str, comps: str, msg: Message) -> str:
     seps = msg.separators
-    parts = [int(p) for p in comps.strip(".").split(".")]
-    value = rep
-    pieces = value.split(seps.component)
-    value = pieces[parts[0] - 1] if parts[0] <= len(pieces) else ""
-    sub = parts[1] if len(parts) > 1 else 1
+    first, sub = _component_plan(comps)
+    pieces = rep.split(seps.component)
+    value = pieces[first - 1] if first <= len(pieces) else ""
     subs = value.split(seps.subcomponent)
     value = subs[sub - 1] if sub <= len(subs) else ""
     return unescape(value, seps, msg.codec)
@@ -836,14 +850,11 @@ def _set(target: dict[str, Any], path: str, value: Any) -> None:
             return
         target[""] = value
         return
-    steps = path.split(".")
+    steps = _set_plan(path)
     node: Any = target
-    for i, step in enumerate(steps):
-        m = _STEP.match(step)
-        if m is None:
-            raise ValueError(f"bad element path {path!r}")
-        name, index = m.groups()
-        last = i == len(steps) - 1
+    end = len(steps) - 1
+    for i, (name, index, pos) in enumerate(steps):
+        last = i == end
         if index is None:
             if last:
                 node[name] = value
@@ -858,7 +869,6 @@ def _set(target: dict[str, Any], path: str, value: Any) -> None:
             items.append({})
             node = items[-1]
             continue
-        pos = int(index)
         while len(items) <= pos:
             items.append({})
         if last:
@@ -867,15 +877,40 @@ def _set(target: dict[str, Any], path: str, value: Any) -> None:
         node = items[pos]
 
 
+@functools.lru_cache(maxsize=4096)
+def _set_plan(path: str) -> tuple[tuple[str, str | None, int], ...]:
+    """Each step of an element path as (name, index text, index), read once per path."""
+    plan = []
+    for step in path.split("."):
+        m = _STEP.match(step)
+        if m is None:
+            raise ValueError(f"bad element path {path!r}")
+        name, index = m.groups()
+        plan.append((name, index, int(index) if index else -1))
+    return tuple(plan)
+
+
 def _prune(node: Any) -> Any:
-    """Drop empty objects and lists left by rules that found nothing."""
+    """Drop empty objects and lists left by rules that found nothing (empty text and None too)."""
     if isinstance(node, dict):
         for key in list(node):
-            node[key] = _prune(node[key])
-            if node[key] in ({}, [], "", None):
+            value = node[key]
+            if isinstance(value, (dict, list)):
+                _prune(value)
+                if not value:
+                    del node[key]
+            elif value is None or value == "":
                 del node[key]
     elif isinstance(node, list):
-        node[:] = [x for x in (_prune(v) for v in node) if x not in ({}, [], "", None)]
+        kept = []
+        for value in node:
+            if isinstance(value, (dict, list)):
+                _prune(value)
+                if value:
+                    kept.append(value)
+            elif not (value is None or value == ""):
+                kept.append(value)
+        node[:] = kept
     return node
 
 
@@ -916,9 +951,9 @@ def _unmapped(message: Message, consumed: set[tuple[str, int, int]], ignored: fr
         occ = counts[seg.name]
         if seg.name in ignored:
             continue
-        for n in range(1, len(seg) + 1):
+        for n, value in enumerate(seg.fields(), 1):
             if seg.name == "MSH" and n <= 2:
                 continue
-            if seg.field(n) and (seg.name, occ, n) not in consumed:
+            if value and (seg.name, occ, n) not in consumed:
                 out.append(f"{seg.name}{f'[{occ}]' if occ > 1 else ''}-{n}")
     return out

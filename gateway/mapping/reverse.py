@@ -129,6 +129,80 @@ def _walk(node: Any, names: Sequence[str]) -> list[Any]:
     return nodes
 
 
+# -- what the rules read ---------------------------------------------------------------------------
+
+
+class _Reads:
+    """The (object id, key) pairs read while a message was built: what is left is reported unmapped."""
+
+    __slots__ = ("keys", "on")
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[int, str]] = set()
+        self.on = False
+
+
+class _Tracked(dict[str, Any]):
+    """A JSON object of the request that notes which of its keys a rule or a function reads."""
+
+    __slots__ = ("_reads",)
+
+    def __init__(self, items: Iterable[tuple[str, Any]], reads: _Reads) -> None:
+        super().__init__(items)
+        self._reads = reads
+
+    def __getitem__(self, key: str) -> Any:
+        if self._reads.on:
+            self._reads.keys.add((id(self), key))
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        if self._reads.on:
+            self._reads.keys.add((id(self), key))
+        return dict.get(self, key, default)
+
+
+def _track(value: Any, reads: _Reads) -> Any:
+    if isinstance(value, dict):
+        return _Tracked(((k, _track(v, reads)) for k, v in value.items()), reads)
+    if isinstance(value, list):
+        return [_track(v, reads) for v in value]
+    return value
+
+
+# Not content: the resource's identity and bookkeeping, its narrative, our own marker.
+_NOT_CONTENT = frozenset({"resourceType", "id", "meta", "text", "__fullUrl"})
+
+
+def _unread(resources: Sequence[dict[str, Any]], reads: _Reads) -> list[str]:
+    """FHIR paths of the request's content that no rule and no function read."""
+    out: list[str] = []
+    seen = reads.keys
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in dict.items(node):
+            if key in _NOT_CONTENT or value in (None, "", [], {}):
+                continue
+            if (id(node), key) not in seen:
+                out.append(f"{where}.{key}")
+            elif isinstance(value, dict | list):
+                walk(value, f"{where}.{key}")
+
+    for n, resource in enumerate(resources):
+        rtype = str(dict.get(resource, "resourceType", "Resource"))
+        if not any((id(resource), key) in seen for key in resource if key not in _NOT_CONTENT):
+            out.append(f"{rtype} (entry {n}): not read by any rule" if len(resources) > 1 else rtype)
+            continue
+        walk(resource, rtype)
+    return out
+
+
 # -- output: segments as nested maps of unescaped leaves -------------------------------------------
 
 
@@ -382,6 +456,7 @@ class ReverseResult:
     messages: list[Message]
     warnings: list[str]
     mappings: list[str]
+    unmapped: list[str] = field(default_factory=list)  # request content no rule read
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -418,6 +493,8 @@ class ReverseLibrary:
         self.mappings = sorted(mappings, key=lambda m: -m.priority)
         self.concept_maps = dict(concept_maps)
         self.functions = dict(functions)
+        # What a message cannot go without (its Patient): looked up elsewhere when the request lacks it.
+        self.required_types = frozenset(b.type for m in mappings for b in m.bind if b.required and b.type)
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> ReverseLibrary:
@@ -453,10 +530,16 @@ class ReverseLibrary:
         control_id: str = "",
         now: datetime | None = None,
         timezone: str = "Europe/Paris",
+        known: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> ReverseResult:
-        """A resource or a transaction/batch Bundle → the HL7v2 messages the mappings make of it."""
-        resources, interactions = _entries(data, interaction)
-        index = _Index(resources)
+        """A resource or a transaction/batch Bundle → the HL7v2 messages the mappings make of it.
+
+        ``known``: resources the request refers to by id ("Patient/123") without holding them,
+        read beforehand from the repository (see :meth:`wanted`).
+        """
+        reads = _Reads()
+        resources, interactions = _entries(data, interaction, reads)
+        index = _Index(resources, known)
         for mapping in self.mappings:
             candidates = [r for r in resources if r.get("resourceType") == mapping.focus]
             # A resource that another of its kind points to is part of that one's message
@@ -475,31 +558,56 @@ class ReverseLibrary:
             messages = []
             for n, group in enumerate(groups):
                 cid = control_id if len(groups) == 1 else f"{control_id[: 20 - len(str(n + 1))]}{n + 1}"
-                msg = run(
-                    mapping,
-                    group,
-                    index,
-                    self,
-                    warnings,
-                    interaction=interactions.get(id(group[0]), interaction),
-                    header=header or {},
-                    control_id=cid,
-                    now=now or datetime.now(UTC),
-                    timezone=timezone,
-                )
+                reads.on = True
+                try:
+                    msg = run(
+                        mapping,
+                        group,
+                        index,
+                        self,
+                        warnings,
+                        interaction=interactions.get(id(group[0]), interaction),
+                        header=header or {},
+                        control_id=cid,
+                        now=now or datetime.now(UTC),
+                        timezone=timezone,
+                    )
+                finally:
+                    reads.on = False
                 if msg is not None:
                     messages.append(msg)
             if messages:
-                return ReverseResult(messages, warnings, [mapping.name])
+                return ReverseResult(messages, warnings, [mapping.name], _unread(resources, reads))
         kinds = sorted({str(r.get("resourceType")) for r in resources})
         raise UnsupportedMessage(
             f"no reverse mapping for {', '.join(kinds) or 'an empty request'}", location="resourceType"
         )
 
+    def wanted(self, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(type, id) of what a message cannot go without (its Patient) that the request names by a
+        literal reference but does not hold: the caller may read them from the repository."""
+        resources, _ = _entries(data, "create", None)
+        index = _Index(resources)
+        out: list[tuple[str, str]] = []
+        for resource in resources:
+            for ref in _references(resource):
+                literal = _LITERAL.search(str(ref["reference"]))
+                if literal is None or literal.group(1) not in self.required_types:
+                    continue
+                if index.resolve(ref) is None and (literal.group(1), literal.group(2)) not in out:
+                    out.append((literal.group(1), literal.group(2)))
+        return out
 
-def _entries(data: Mapping[str, Any], interaction: str) -> tuple[list[dict[str, Any]], dict[int, str]]:
+
+# "Patient/123", also at the end of an absolute URL or followed by a version.
+_LITERAL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+def _entries(
+    data: Mapping[str, Any], interaction: str, reads: _Reads | None
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
     if data.get("resourceType") != "Bundle":
-        return [dict(data)], {}
+        return [_track(data, reads) if reads is not None else dict(data)], {}
     resources, interactions = [], {}
     for entry in data.get("entry") or []:
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
@@ -507,6 +615,8 @@ def _entries(data: Mapping[str, Any], interaction: str) -> tuple[list[dict[str, 
         resource = entry["resource"]
         if entry.get("fullUrl"):
             resource = {**resource, "__fullUrl": entry["fullUrl"]}
+        if reads is not None:
+            resource = _track(resource, reads)
         method = str((entry.get("request") or {}).get("method", "")).upper()
         resources.append(resource)
         if method in ("PUT", "PATCH"):
@@ -532,7 +642,10 @@ def _references(resource: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
 class _Index:
     """Finds the resource a Reference points to within the request."""
 
-    def __init__(self, resources: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self, resources: Sequence[dict[str, Any]], known: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        self.known = known  # read from the repository ("Type/id" → resource); None: not looked up
         self.by_url: dict[str, dict[str, Any]] = {}
         self.by_ident: dict[tuple[str, str, str], dict[str, Any]] = {}
         for r in resources:
@@ -561,9 +674,14 @@ class _Index:
                 return self.by_url[tail]
         ident = ref.get("identifier")
         if isinstance(ident, dict) and ref.get("type"):
-            return self.by_ident.get(
+            found = self.by_ident.get(
                 (str(ref["type"]), str(ident.get("system", "")), str(ident.get("value")))
             )
+            if found is not None:
+                return found
+        if self.known and (literal := _LITERAL.search(target)) is not None:
+            known = self.known.get(f"{literal.group(1)}/{literal.group(2)}")
+            return dict(known) if known is not None else None
         return None
 
 
@@ -823,6 +941,7 @@ def _bind(
     bindings: dict[str, Any],
 ) -> Any:
     found: list[Any] = []
+    missing: list[str] = []  # literal references found neither in the request nor in the repository
     for alt in _split_top(bind.path, "|"):
         alt = alt.strip()
         for resource in focus:
@@ -839,9 +958,15 @@ def _bind(
                     # A logical reference: the identifier is all the request says of it.
                     target = {"resourceType": bind.type or ref.get("type"), "identifier": [ref["identifier"]]}
                 if target is None:
-                    note = f"{bind.name}: reference not found in the request"
+                    note = (
+                        f"{bind.name}: reference found neither in the request nor in the repository"
+                        if index.known is not None
+                        else f"{bind.name}: reference not found in the request"
+                    )
                     if note not in warnings:
                         warnings.append(note)
+                    if isinstance(ref.get("reference"), str) and ref["reference"] not in missing:
+                        missing.append(ref["reference"])
                     continue
                 if bind.type and target.get("resourceType") != bind.type:
                     continue
@@ -850,10 +975,16 @@ def _bind(
         if found:
             break
     if not found and bind.required:
-        raise ValidationError(
-            f"{mapping.focus}: the {bind.type or bind.name} it refers to ({bind.path}) is not in the request",
-            location=f"{mapping.focus}.{bind.path}",
-        )
+        if missing:
+            # Ids only: they name records, they are not patient data.
+            reason = (
+                f"{mapping.focus}: the {bind.type or bind.name} it refers to ({', '.join(missing)}) is "
+                "neither in the request nor in the repository"
+            )
+        else:
+            what = bind.type or bind.name
+            reason = f"{mapping.focus}: the {what} it refers to ({bind.path}) is not in the request"
+        raise ValidationError(reason, location=f"{mapping.focus}.{bind.path}")
     return found if bind.many else (found[0] if found else None)
 
 

@@ -1,4 +1,4 @@
-"""Which journal and message store a gateway runs on, from config.yaml and the command line.
+"""Which journal, message store and FHIR repository a gateway runs on, from config.yaml and the CLI.
 
     journal: {backend: sqlite}                 store: {backend: sqlite}        the default, one node
     journal: {backend: sqlite}                 store: {backend: postgresql}    one node, PostgreSQL
@@ -15,7 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.core.config import Config
+from gateway.store.fhir import FhirRepository, SqliteFhirRepository
 from gateway.store.nats_journal import JetStreamStore, NatsJournal
+from gateway.store.pg_fhir import PgFhirRepository
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 
@@ -29,6 +31,19 @@ class Backends:
     @property
     def jetstream(self) -> JetStreamStore | None:
         return self.store if isinstance(self.store, JetStreamStore) else None
+
+    @property
+    def repository_settings(self) -> dict[str, Any]:
+        """Where the FHIR repository lives when it is shared: the store's database and schema."""
+        if isinstance(self.store, PostgresStore):
+            return {"dsn": self.store.dsn, **({"schema": self.store.schema} if self.store.schema else {})}
+        return {}
+
+    def fhir_repository(self, data_dir: Path) -> FhirRepository:
+        """The node's FHIR repository (and so its document store): beside the message store."""
+        if isinstance(self.store, PostgresStore):
+            return PgFhirRepository(self.store.dsn, schema=self.store.schema)
+        return SqliteFhirRepository(data_dir / "fhir.db")
 
 
 def select(

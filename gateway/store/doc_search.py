@@ -59,6 +59,19 @@ ALL_PARAMS = (
     *DATE_PARAMS,
     *RESULT_PARAMS,
 )
+# The FHIR type of every search parameter ``parse_document_search`` takes: the CapabilityStatement
+# is made from it. ``relatesTo`` is an alias of ``relatesto``.
+SEARCH_PARAM_TYPES: dict[str, str] = {
+    "patient": "reference",
+    "patient.identifier": "token",
+    "status": "token",
+    "_id": "token",
+    "isArchived": "token",
+    "period": "date",
+    **dict.fromkeys(TOKEN_PARAMS, "token"),
+    **{name: "reference" for name in REFERENCE_PARAMS if name != "relatesTo"},
+    **dict.fromkeys(DATE_PARAMS, "date"),
+}
 _PREFIXES = ("eq", "ge", "gt", "le", "lt")
 
 

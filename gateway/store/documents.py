@@ -83,6 +83,15 @@ MASK_BITS = {
     "MASQUE_PT": MASQUE_PT,
 }
 STATUSES = ("current", "superseded", "entered-in-error")
+# ITI-66 search parameters (name → FHIR type); the CapabilityStatement is made from it.
+LIST_SEARCH_PARAMS: dict[str, str] = {
+    "patient": "reference",
+    "patient.identifier": "token",
+    "code": "token",
+    "status": "token",
+    "identifier": "token",
+    "source.identifier": "token",
+}
 DEFAULT_VALUESETS = Path(__file__).resolve().parents[2] / "profiles" / "valuesets"
 
 # The element each value set checks: (path in the resource, ValueSet id).
@@ -812,6 +821,12 @@ class _Publication:
         entries = bundle.get("entry")
         if not isinstance(entries, list) or not entries:
             raise BadRequest("the Bundle has no entry", location="Bundle.entry")
+        if self.actor.patients is not None:
+            for i, entry in enumerate(entries):
+                try:
+                    self._within_own_record(entry)
+                except PasserelleError as exc:
+                    raise _at(exc, i) from None
         prepared = [self._prepare(i, e) for i, e in enumerate(entries)]
         sets = sum(1 for e in prepared if _is_submission_set(e.get("resource")))
         if need_submission_set and sets != 1:
@@ -832,6 +847,8 @@ class _Publication:
                     self._resolve_conditional_refs(resource, patients)
                 except PasserelleError as exc:
                     raise _at(exc, i) from None
+        if self.actor.patients is not None:
+            self._resolved_within_own_record(prepared)
         answer = _process_bundle(self.w, {**bundle, "entry": prepared})
         results: list[dict[str, Any]] = answer["entry"]
         self._after(prepared, results)
@@ -839,6 +856,67 @@ class _Publication:
             if issues:
                 results[i]["response"]["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
         return answer
+
+    # A patient publishes to their own record (DMP): new documents, their bytes and their
+    # SubmissionSet, for a patient they may see; nothing else of the repository.
+    def _within_own_record(self, entry: Any) -> None:
+        """Before any lookup, so that a refusal says nothing of whether another patient exists."""
+        if not isinstance(entry, dict):
+            return  # the repository reports it with its index
+        request = entry.get("request")
+        method = request.get("method") if isinstance(request, dict) else None
+        resource = entry.get("resource")
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if not isinstance(resource, dict) or method != "POST" or rtype not in ("DocumentReference", "List"):
+            if not (rtype == "Binary" and method in ("POST", "PUT")):
+                raise Forbidden(
+                    "a patient publishes new documents (DocumentReference, Binary, List) only",
+                    location="request",
+                )
+            return
+        if rtype == "DocumentReference" and any(
+            isinstance(rel, dict) and rel.get("code") == "replaces" for rel in resource.get("relatesTo") or ()
+        ):
+            raise Forbidden("a patient does not replace documents", location="resource.relatesTo")
+        if not self._own_subject(resource.get("subject")):
+            raise Forbidden("a patient publishes to their own record only", location="resource.subject")
+
+    def _own_subject(self, subject: Any) -> bool:
+        assert self.actor.patients is not None
+        mine = [_split_identifier(p) for p in self.actor.patients]
+
+        def allowed(system: str | None, value: str) -> bool:
+            return any(value == v and (system is None or system == s) for s, v in mine)
+
+        if not isinstance(subject, dict):
+            return True  # missing: the document checks answer 422
+        ref = subject.get("reference")
+        if isinstance(ref, str) and ref.startswith("Patient?"):
+            params = parse_qsl(ref.partition("?")[2])
+            return bool(params) and all(
+                k == "identifier" and allowed(*_split_identifier(v)) for k, v in params
+            )
+        if isinstance(ref, str):
+            return ref in (_allowed_patients(self.conn, self.actor) or set())
+        ident = subject.get("identifier")
+        if isinstance(ident, dict):
+            return allowed(ident.get("system"), str(ident.get("value", "")))
+        return True  # no patient named: the document checks answer 422
+
+    def _resolved_within_own_record(self, entries: list[Any]) -> None:
+        """After resolution: every subject is one of the patient's own records."""
+        allowed = _allowed_patients(self.conn, self.actor) or set()
+        for i, entry in enumerate(entries):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") in ("DocumentReference", "List"):
+                ref = (resource.get("subject") or {}).get("reference")
+                if ref not in allowed:
+                    raise _at(
+                        Forbidden(
+                            "a patient publishes to their own record only", location="resource.subject"
+                        ),
+                        i,
+                    )
 
     def _prepare(self, i: int, raw: Any) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -1355,14 +1433,7 @@ class SqliteDocumentStore:
                 count, offset = (
                     (min(int(value), MAX_COUNT), offset) if name == "_count" else (count, int(value))
                 )
-            elif name in (
-                "patient",
-                "patient.identifier",
-                "code",
-                "status",
-                "identifier",
-                "source.identifier",
-            ):
+            elif name in LIST_SEARCH_PARAMS:
                 wanted.setdefault(name, []).extend(v for v in value.split(",") if v)
             else:
                 raise BadRequest(f"unsupported search parameter {name!r} for List", location=name)
@@ -1392,6 +1463,31 @@ class SqliteDocumentStore:
             return SearchResult(lists[offset : offset + count], len(lists), [], count, offset)
 
         result: SearchResult = await self._reading(run)
+        return result
+
+    async def allowed_patients(self, actor: Actor) -> set[str] | None:
+        """The "Patient/id" records this actor may see; None when it is not limited to some."""
+        if actor.patients is None:
+            return None
+        result: set[str] | None = await self._reading(lambda conn: _allowed_patients(conn, actor))
+        return result
+
+    async def read_list(self, id_: str, actor: Actor) -> dict[str, Any] | None:
+        """A List (SubmissionSet, Folder...), when it is about a patient this actor may see."""
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(
+                "SELECT body FROM resources WHERE type='List' AND id=? AND deleted=0", (id_,)
+            ).fetchone()
+            if row is None:
+                return None
+            found: dict[str, Any] = orjson.loads(row[0])
+            allowed = _allowed_patients(conn, actor)
+            if allowed is not None and (found.get("subject") or {}).get("reference") not in allowed:
+                return None
+            return found
+
+        result: dict[str, Any] | None = await self._reading(run)
         return result
 
     async def read(self, id_: str, actor: Actor) -> dict[str, Any] | None:
@@ -1511,4 +1607,24 @@ def _list_matches(item: Mapping[str, Any], wanted: Mapping[str, list[str]]) -> b
         idents |= {str(i.get("value")) for i in item.get("identifier") or () if isinstance(i, dict)}
         if not idents & set(wanted["identifier"]):
             return False
-    return True
+    return "source.identifier" not in wanted or bool(
+        _source_identifiers(item) & set(wanted["source.identifier"])
+    )
+
+
+def _source_identifiers(item: Mapping[str, Any]) -> set[str]:
+    """``system|value`` and ``value`` of the List's source: a logical reference or a contained author."""
+    source = item.get("source")
+    if not isinstance(source, dict):
+        return set()
+    found: list[Any] = [source.get("identifier")]
+    ref = source.get("reference")
+    if isinstance(ref, str) and ref.startswith("#"):
+        for contained in item.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("id") == ref[1:]:
+                found += contained.get("identifier") or []
+    out: set[str] = set()
+    for ident in found:
+        if isinstance(ident, dict) and ident.get("value") is not None:
+            out |= {f"{ident.get('system')}|{ident['value']}", str(ident["value"])}
+    return out

@@ -15,59 +15,50 @@ Writes are idempotent where FHIR allows it: an update whose content (meta aside)
 current version writes nothing, so a replayed message leaves the repository exactly as it was.
 """
 
-from __future__ import annotations
-
 import asyncio
-import http
-import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-from urllib.parse import parse_qsl
+from typing import Any, TypeVar
 
 import orjson
 
-from gateway.core.errors import (
-    BadRequest,
-    Conflict,
-    MethodNotAllowed,
-    NotFound,
-    PasserelleError,
-    StoreError,
-)
-from gateway.core.ids import new_id
+from gateway.core.errors import BadRequest, StoreError
 from gateway.core.logging import get_logger
+from gateway.store import fhir_common as common
+
+# The backend-neutral parts, under the names the rest of the gateway imports them by.
+from gateway.store.fhir_common import CHAINED_PARAMS as CHAINED_PARAMS
+from gateway.store.fhir_common import DEFAULT_COUNT as DEFAULT_COUNT
+from gateway.store.fhir_common import ID_RE as ID_RE
+from gateway.store.fhir_common import MAX_COUNT as MAX_COUNT
+from gateway.store.fhir_common import MAX_OFFSET as MAX_OFFSET
+from gateway.store.fhir_common import REFERENCE_PARAMS as REFERENCE_PARAMS
+from gateway.store.fhir_common import RESULT_PARAMS as RESULT_PARAMS
+from gateway.store.fhir_common import SEARCH_PARAMS as SEARCH_PARAMS
+from gateway.store.fhir_common import TYPE_RE as TYPE_RE
+from gateway.store.fhir_common import FhirRepository as FhirRepository
+from gateway.store.fhir_common import SearchQuery as SearchQuery
+from gateway.store.fhir_common import SearchResult as SearchResult
+from gateway.store.fhir_common import _copy as _copy
+from gateway.store.fhir_common import _date_range as _date_range
+from gateway.store.fhir_common import _instant as _instant
+from gateway.store.fhir_common import _resource_type as _resource_type
+from gateway.store.fhir_common import _split as _split
+from gateway.store.fhir_common import _Stored as _Stored
+from gateway.store.fhir_common import _unescape as _unescape
+from gateway.store.fhir_common import error_entry as error_entry
+from gateway.store.fhir_common import index_rows as index_rows
+from gateway.store.fhir_common import outcome as outcome
+from gateway.store.fhir_common import parse_search as parse_search
 
 log = get_logger("passerelle.fhir")
 
 T = TypeVar("T")
 
-ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
-MAX_COUNT = 500
-DEFAULT_COUNT = 50
-MAX_OFFSET = 10**9
-REFERENCE_PARAMS = ("patient", "subject", "encounter")
-CHAINED_PARAMS = ("patient.identifier", "subject.identifier")
-SEARCH_PARAMS = ("_id", "identifier", *REFERENCE_PARAMS, *CHAINED_PARAMS, "_lastUpdated")
-RESULT_PARAMS = ("_count", "_offset", "_include", "_sort")
-
-# "Type/id", possibly inside an absolute URL or followed by a version: the part the index keeps.
-_REFERENCE_RE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{0,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
-_DATE_RE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
-    r"(Z|[+\- ]\d{2}:\d{2})?)?)?)?"
-)
-_PREFIXES = ("eq", "ge", "gt", "le", "lt")
-_ESCAPED = re.compile(r"\\(.)", re.S)
-_DIGITS = re.compile(r"[0-9]{1,10}")
-# FHIR's processing order inside a transaction: deletes, creates, updates, then reads.
-_METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 # At most this many writes share one commit, so that a caller never waits behind a huge batch.
 MAX_BATCH = 256
 
@@ -104,320 +95,6 @@ CREATE INDEX IF NOT EXISTS search_index_owner ON search_index(type, id);
 CREATE TABLE IF NOT EXISTS fhir_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO fhir_meta(key, value) VALUES ('schema_version', '1');
 """
-
-
-@dataclass(frozen=True, slots=True)
-class SearchResult:
-    """One page of a search: the matches, how many match in all, and the ``_include``d resources."""
-
-    matches: list[dict[str, Any]]
-    total: int
-    included: list[dict[str, Any]] = field(default_factory=list)
-    count: int = DEFAULT_COUNT  # the page size actually used (``_count``, capped)
-    offset: int = 0
-
-
-class FhirRepository(Protocol):
-    """Where FHIR resources are kept. Callers validate resources; the repository trusts them."""
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> None: ...
-
-    async def read(self, type_: str, id_: str) -> dict[str, Any] | None:
-        """The current version; None when absent or deleted."""
-        ...
-
-    async def is_deleted(self, type_: str, id_: str) -> bool:
-        """True when the resource existed and its current version is a deletion (HTTP 410)."""
-        ...
-
-    async def search(
-        self, type_: str, params: Sequence[tuple[str, str]], *, count: int = DEFAULT_COUNT, offset: int = 0
-    ) -> SearchResult: ...
-
-    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
-        """A ``transaction`` or ``batch`` Bundle → its ``transaction-response``/``batch-response``."""
-        ...
-
-    async def create(
-        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        """(stored, created?): not created when ``if_none_exist`` matched exactly one resource."""
-        ...
-
-    async def update(
-        self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        """(stored, created?); unchanged content writes nothing and returns the current version."""
-        ...
-
-    async def conditional_update(
-        self, type_: str, query: str, resource: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], bool]: ...
-
-    async def delete(self, type_: str, id_: str) -> bool:
-        """True when a live resource was deleted; deleting what is absent is not an error."""
-        ...
-
-
-# -- search parameters ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SearchQuery:
-    """A parsed search: a WHERE clause over ``resources r`` (placeholders only) and result options."""
-
-    type_: str
-    where: str
-    args: tuple[Any, ...]
-    includes: tuple[tuple[str, str | None], ...] = ()  # (reference param, target type or None)
-    descending: bool = False
-    count: int | None = None
-    offset: int | None = None
-
-
-def _split(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` unless it is escaped with a backslash (FHIR search escaping)."""
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            current.append(text[i : i + 2])
-            i += 2
-            continue
-        if ch == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def _unescape(text: str) -> str:
-    return _ESCAPED.sub(lambda m: m.group(1), text)
-
-
-def _identifier_condition(token: str, name: str, alias: str) -> tuple[str, list[Any]]:
-    parts = _split(token, "|")
-    if len(parts) == 1:
-        return f"{alias}.value=?", [_unescape(parts[0])]
-    if len(parts) != 2:
-        raise BadRequest(f"{name}: expected system|value, |value or value", location=name)
-    system, value = (_unescape(p) for p in parts)
-    if not value:
-        if not system:
-            raise BadRequest(f"{name}: empty system and value", location=name)
-        return f"{alias}.system=?", [system]
-    return f"({alias}.system=? AND {alias}.value=?)", [system, value]
-
-
-def _identifier_clause(values: list[str], name: str, alias: str) -> tuple[str, list[Any]]:
-    sql, args = [], []
-    for token in values:
-        cond, cargs = _identifier_condition(token, name, alias)
-        sql.append(cond)
-        args += cargs
-    return "(" + " OR ".join(sql) + ")", args
-
-
-def _reference_target(value: str, name: str) -> tuple[str, str]:
-    """A search value → (SQL condition on s.value, argument): "Type/id", a URL ending so, or a bare id."""
-    text = _unescape(value)
-    if ID_RE.fullmatch(text):
-        # A bare id may point at any type (``subject``); ids never hold GLOB metacharacters.
-        if name == "patient":
-            return "s.value=?", f"Patient/{text}"
-        if name == "encounter":
-            return "s.value=?", f"Encounter/{text}"
-        return "s.value GLOB ?", f"*/{text}"
-    match = _REFERENCE_RE.search(text)
-    if match is None:
-        raise BadRequest(f"{name}: expected Type/id or id", location=name)
-    return "s.value=?", f"{match[1]}/{match[2]}"
-
-
-def _instant(moment: datetime) -> str:
-    """The one text form of an instant: fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _date_range(text: str, name: str) -> tuple[str, str | None]:
-    """A FHIR date/dateTime → [low, high) as instants; high None means "after every date"."""
-    match = _DATE_RE.fullmatch(text)
-    if match is None:
-        raise BadRequest(f"{name}: not a date or dateTime", location=name)
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        tz = UTC
-        if zone and zone != "Z":
-            # A '+' left unencoded in a query string arrives as a space.
-            sign = -1 if zone[0] == "-" else 1
-            tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-        micro = int((fraction or "0")[:6].ljust(6, "0"))
-        low = datetime(
-            int(year),
-            int(month or 1),
-            int(day or 1),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            micro,
-            tzinfo=tz,
-        )
-        low_text = _instant(low)
-    except (ValueError, OverflowError) as exc:
-        raise BadRequest(f"{name}: not a valid date", location=name) from exc
-    # The value stands for the whole interval its precision covers (FHIR date search semantics).
-    try:
-        if month is None:
-            high = low.replace(year=low.year + 1)
-        elif day is None:
-            high = low.replace(year=low.year + low.month // 12, month=low.month % 12 + 1)
-        elif hour is None:
-            high = low + timedelta(days=1)
-        elif second is None:
-            high = low + timedelta(minutes=1)
-        elif fraction is None:
-            high = low + timedelta(seconds=1)
-        else:
-            high = low + timedelta(microseconds=10 ** max(0, 6 - len(fraction)))
-        high_text: str | None = _instant(high)
-    except (ValueError, OverflowError):
-        high_text = None  # past the end of year 9999
-    return low_text, high_text
-
-
-def _date_clause(values: list[str], name: str) -> tuple[str, list[Any]]:
-    sql, args = [], []
-    for token in values:
-        prefix, text = ("eq", token)
-        if token[:2].isalpha():
-            prefix, text = token[:2], token[2:]
-            if prefix not in _PREFIXES:
-                raise BadRequest(f"{name}: unsupported prefix {prefix!r} (eq ge gt le lt)", location=name)
-        low, high = _date_range(text, name)
-        if prefix == "eq":
-            sql.append("(s.value>=? AND s.value<?)" if high else "s.value>=?")
-            args += [low, high] if high else [low]
-        elif prefix == "ge":
-            sql.append("s.value>=?")
-            args.append(low)
-        elif prefix == "gt":
-            sql.append("s.value>=?" if high else "0")
-            args += [high] if high else []
-        elif prefix == "le":
-            sql.append("s.value<?" if high else "1")
-            args += [high] if high else []
-        else:
-            sql.append("s.value<?")
-            args.append(low)
-    return "(" + " OR ".join(sql) + ")", args
-
-
-def _bounded_int(name: str, value: str, high: int) -> int:
-    if not _DIGITS.fullmatch(value):
-        raise BadRequest(f"{name} must be a non-negative integer", location=name)
-    return min(int(value), high)
-
-
-# The Patients an identifier condition on ``p`` selects, as "Patient/id" values of ``s``.
-_CHAINED_PATIENT = (
-    "s.system='' AND s.value IN (SELECT 'Patient/' || p.id FROM search_index p"
-    " WHERE p.type='Patient' AND p.param='identifier' AND "
-)
-
-
-def _indexed(cond: str) -> str:
-    """Resources of the searched type with an index row (type ?, param ?) that meets ``cond``.
-
-    ``cond`` is built from constants and placeholders only, never from caller text.
-    """
-    return "r.id IN (SELECT s.id FROM search_index s WHERE s.type=? AND s.param=? AND " + cond + ")"  # noqa: S608
-
-
-def parse_search(type_: str, params: Sequence[tuple[str, str]]) -> SearchQuery:
-    """Parse search parameters into SQL over ``resources r``; anything unsupported is a BadRequest.
-
-    Repeated parameters are ANDed, comma-separated values ORed. Only placeholders carry caller
-    text: the SQL itself is assembled from constants.
-    """
-    if not TYPE_RE.fullmatch(type_):
-        raise BadRequest("not a resource type", location="type")
-    where: list[str] = ["r.type=?", "r.deleted=0"]
-    args: list[Any] = [type_]
-    includes: list[tuple[str, str | None]] = []
-    descending = False
-    count: int | None = None
-    offset: int | None = None
-    seen: set[str] = set()
-    for name, raw in params:
-        if name in ("_count", "_offset", "_sort") and name in seen:
-            raise BadRequest(f"{name} given more than once", location=name)
-        seen.add(name)
-        if raw == "":
-            continue  # FHIR: a parameter without a value is ignored
-        if name == "_count":
-            count = _bounded_int(name, raw, MAX_COUNT)
-            continue
-        if name == "_offset":
-            offset = _bounded_int(name, raw, MAX_OFFSET)
-            continue
-        if name == "_sort":
-            if raw not in ("_lastUpdated", "-_lastUpdated"):
-                raise BadRequest("_sort: only _lastUpdated or -_lastUpdated", location=name)
-            descending = raw.startswith("-")
-            continue
-        if name == "_include":
-            parts = raw.split(":")
-            if (
-                len(parts) not in (2, 3)
-                or parts[0] != type_
-                or parts[1] not in REFERENCE_PARAMS
-                or (len(parts) == 3 and not TYPE_RE.fullmatch(parts[2]))
-            ):
-                raise BadRequest(
-                    f"_include: expected {type_}:patient, {type_}:subject or {type_}:encounter",
-                    location=name,
-                )
-            includes.append((parts[1], parts[2] if len(parts) == 3 else None))
-            continue
-        values = [v for v in _split(raw, ",") if v]
-        if not values:
-            continue
-        if name == "_id":
-            ids = [_unescape(v) for v in values]
-            where.append("r.id IN (" + ",".join("?" * len(ids)) + ")")
-            args += ids
-        elif name == "identifier":
-            cond, cargs = _identifier_clause(values, name, "s")
-            where.append(_indexed(cond))
-            args += [type_, name, *cargs]
-        elif name in REFERENCE_PARAMS:
-            conds, cargs = [], []
-            for value in values:
-                cond, arg = _reference_target(value, name)
-                conds.append(cond)
-                cargs.append(arg)
-            where.append(_indexed("s.system='' AND (" + " OR ".join(conds) + ")"))
-            args += [type_, name, *cargs]
-        elif name in CHAINED_PARAMS:
-            cond, cargs = _identifier_clause(values, name, "p")
-            where.append(_indexed(_CHAINED_PATIENT + cond + ")"))
-            args += [type_, name.split(".")[0], *cargs]
-        elif name == "_lastUpdated":
-            cond, cargs = _date_clause(values, name)
-            where.append(_indexed("s.system='' AND " + cond))
-            args += [type_, name, *cargs]
-        else:
-            raise BadRequest(f"unsupported search parameter {name!r}", location=name)
-    return SearchQuery(type_, " AND ".join(where), tuple(args), tuple(includes), descending, count, offset)
 
 
 def run_search(
@@ -469,12 +146,7 @@ def _included(
     return out
 
 
-def match_ids(conn: sqlite3.Connection, type_: str, query: str, *, limit: int = 2) -> list[str]:
-    """Ids of the live resources a conditional URL's query part selects (at most ``limit``)."""
-    # Accept "Type?criteria" as well as the bare criteria.
-    params = parse_qsl(query.partition("?")[2] if "?" in query else query, keep_blank_values=True)
-    if not [p for p in params if p[0] not in RESULT_PARAMS and p[1]]:
-        raise BadRequest("a conditional operation needs search criteria", location="query")
+def _match(conn: sqlite3.Connection, type_: str, params: Sequence[tuple[str, str]], limit: int) -> list[str]:
     parsed = parse_search(type_, params)
     rows = conn.execute(
         f"SELECT r.id FROM resources r WHERE {parsed.where} ORDER BY r.id LIMIT ?",  # noqa: S608
@@ -483,101 +155,23 @@ def match_ids(conn: sqlite3.Connection, type_: str, query: str, *, limit: int = 
     return [str(row[0]) for row in rows]
 
 
-# -- writing ----------------------------------------------------------------------------------
+def match_ids(conn: sqlite3.Connection, type_: str, query: str, *, limit: int = 2) -> list[str]:
+    """Ids of the live resources a conditional URL's query part selects (at most ``limit``)."""
+    return _match(conn, type_, common.criteria(query), limit)
 
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
+class _Writer(common.Transaction):
+    """One SQLite write transaction: the connection and the instant every write in it shares.
 
-
-def _reference_of(value: Any) -> str | None:
-    if not isinstance(value, dict) or not isinstance(value.get("reference"), str):
-        return None
-    match = _REFERENCE_RE.search(value["reference"])
-    return f"{match[1]}/{match[2]}" if match else None
-
-
-def index_rows(type_: str, id_: str, body: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """The search-index rows of one resource version."""
-    rows: dict[tuple[str, str, str, str, str], None] = {}
-    last_updated = body.get("meta", {}).get("lastUpdated")
-    if isinstance(last_updated, str):
-        rows[(type_, id_, "_lastUpdated", "", last_updated)] = None
-    for ident in _as_list(body.get("identifier")):
-        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
-            system = ident.get("system")
-            rows[(type_, id_, "identifier", system if isinstance(system, str) else "", ident["value"])] = None
-    for param in REFERENCE_PARAMS:
-        for item in _as_list(body.get(param)):
-            target = _reference_of(item)
-            if target is None:
-                continue
-            rows[(type_, id_, param, "", target)] = None
-            if param == "subject" and target.startswith("Patient/"):
-                rows[(type_, id_, "patient", "", target)] = None
-    return list(rows)
-
-
-def _content(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A resource without the meta elements the server owns: what "unchanged" compares."""
-    out = dict(body)
-    meta = out.get("meta")
-    if isinstance(meta, dict):
-        rest = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-        if rest:
-            out["meta"] = rest
-        else:
-            out.pop("meta")
-    return out
-
-
-def _copy(resource: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep, JSON-only copy: the caller's object is never kept or changed."""
-    try:
-        data = orjson.loads(orjson.dumps(resource))
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise BadRequest("the resource is not JSON-serialisable") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("a resource must be a JSON object")
-    return data
-
-
-def _resource_type(resource: Mapping[str, Any]) -> str:
-    rtype = resource.get("resourceType")
-    if not isinstance(rtype, str) or not TYPE_RE.fullmatch(rtype):
-        raise BadRequest("resourceType is missing or invalid", location="resourceType")
-    return rtype
-
-
-def _etag(version: int) -> str:
-    return f'W/"{version}"'
-
-
-def _parse_etag(value: str) -> int:
-    text = value.strip()
-    text = text.removeprefix("W/").strip('"')
-    if not _DIGITS.fullmatch(text):
-        raise BadRequest('If-Match: expected W/"<versionId>"', location="If-Match")
-    return int(text)
-
-
-@dataclass(slots=True)
-class _Stored:
-    body: dict[str, Any]
-    version: int
-    last_updated: str
-
-
-class _Writer:
-    """One write transaction: the connection and the instant every write in it shares."""
+    The primitives never suspend (``run_sync`` drives the shared logic on the writer thread);
+    the synchronous methods are for code that runs inside a write, such as the document store.
+    """
 
     def __init__(self, conn: sqlite3.Connection, now: str) -> None:
         self.conn = conn
         self.now = now
 
-    def current(self, type_: str, id_: str) -> tuple[int, bool, dict[str, Any] | None] | None:
+    def current(self, type_: str, id_: str) -> common.Row | None:
         row = self.conn.execute(
             "SELECT version_id, deleted, body FROM resources WHERE type=? AND id=?", (type_, id_)
         ).fetchone()
@@ -606,318 +200,58 @@ class _Writer:
                 index_rows(type_, id_, body),
             )
 
+    # -- primitives (BEGIN IMMEDIATE already serialises every writer) --
+
+    async def fetch(self, type_: str, id_: str) -> common.Row | None:
+        return self.current(type_, id_)
+
+    async def store(self, type_: str, id_: str, version: int, body: dict[str, Any] | None) -> None:
+        self._write(type_, id_, version, body)
+
+    async def match(self, type_: str, params: Sequence[tuple[str, str]], limit: int) -> list[str]:
+        return _match(self.conn, type_, params, limit)
+
+    async def find(self, type_: str, params: Sequence[tuple[str, str]]) -> SearchResult:
+        return run_search(self.conn, parse_search(type_, params))
+
+    async def savepoint(self) -> None:
+        self.conn.execute("SAVEPOINT entry")
+
+    async def rollback_savepoint(self) -> None:
+        self.conn.execute("ROLLBACK TO entry")
+
+    async def release_savepoint(self) -> None:
+        self.conn.execute("RELEASE entry")
+
+    # -- the shared logic, run synchronously --
+
     def put(
         self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
     ) -> tuple[_Stored, bool]:
         """Create or update ``type_/id_``; (stored, created?). Unchanged content writes nothing."""
-        if not ID_RE.fullmatch(id_):
-            raise BadRequest("invalid id (1-64 of A-Z a-z 0-9 - .)", location="id")
-        if _resource_type(resource) != type_:
-            raise BadRequest(f"resourceType {resource['resourceType']} does not match {type_}")
-        if resource.get("id", id_) != id_:
-            raise BadRequest("the resource id does not match the URL id", location="id")
-        incoming = {"resourceType": type_, "id": id_, **_content(resource)}
-        current = self.current(type_, id_)
-        if if_match is not None:
-            wanted = _parse_etag(if_match)
-            if current is None or current[1]:
-                raise Conflict(f"If-Match: {type_}/{id_} does not exist", location="If-Match")
-            if current[0] != wanted:
-                raise Conflict(
-                    f"version conflict: {type_}/{id_} is at version {current[0]}, not {wanted}",
-                    location="If-Match",
-                )
-        if current is not None and current[2] is not None and _content(current[2]) == incoming:
-            # Same content: no new version, so a replayed message changes nothing.
-            return _Stored(current[2], current[0], current[2]["meta"]["lastUpdated"]), False
-        version = current[0] + 1 if current is not None else 1
-        meta = {"versionId": str(version), "lastUpdated": self.now}
-        extra = incoming.pop("meta", None)
-        if isinstance(extra, dict):
-            meta.update(extra)
-        body = {"resourceType": type_, "id": id_, "meta": meta}
-        body.update((k, v) for k, v in incoming.items() if k not in body)
-        self._write(type_, id_, version, body)
-        return _Stored(body, version, self.now), current is None or current[1]
+        return common.run_sync(common.put(self, type_, id_, resource, if_match=if_match))
 
     def delete(self, type_: str, id_: str) -> bool:
-        current = self.current(type_, id_)
-        if current is None or current[1]:
-            return False
-        self._write(type_, id_, current[0] + 1, None)
-        return True
+        return common.run_sync(common.delete(self, type_, id_))
 
     def create(self, resource: Mapping[str, Any], if_none_exist: str | None) -> tuple[_Stored, bool]:
-        type_ = _resource_type(resource)
-        if if_none_exist:
-            found = self.single_match(type_, if_none_exist)
-            if found is not None:
-                return found, False
-        body = dict(resource)
-        body.pop("id", None)  # FHIR: the server assigns the id of a created resource
-        return self.put(type_, new_id(), body)[0], True
+        return common.run_sync(common.create(self, resource, if_none_exist))
 
     def single_match(self, type_: str, query: str) -> _Stored | None:
-        ids = match_ids(self.conn, type_, query)
-        if len(ids) > 1:
-            raise Conflict(
-                f"the conditional criteria match more than one {type_} (precondition failed)",
-                location="query",
-            )
-        if not ids:
-            return None
-        current = self.current(type_, ids[0])
-        assert current is not None and current[2] is not None
-        return _Stored(current[2], current[0], current[2]["meta"]["lastUpdated"])
+        return common.run_sync(common.single_match(self, type_, query))
 
     def conditional_update(self, type_: str, query: str, resource: Mapping[str, Any]) -> tuple[_Stored, bool]:
-        found = self.single_match(type_, query)
-        given = resource.get("id")
-        if found is not None:
-            if given is not None and given != found.body["id"]:
-                raise BadRequest("the resource id differs from the one the criteria match", location="id")
-            return self.put(type_, found.body["id"], resource)
-        return self.put(type_, given if isinstance(given, str) else new_id(), resource)
+        return common.run_sync(common.conditional_update(self, type_, query, resource))
+
+
+def _process_bundle(writer: _Writer, bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs inside one write transaction. A transaction raises on the first failing entry."""
+    return common.run_sync(common.process_bundle(writer, bundle))
 
 
 # A queued write and its caller's future; a write's outcome: (succeeded?, result or exception).
 _Pending = tuple[Callable[[_Writer], Any], "asyncio.Future[Any]"]
 _Outcome = tuple[bool, Any]
-
-
-# -- Bundles ------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Entry:
-    index: int
-    method: str
-    type_: str
-    id_: str | None
-    query: str | None
-    resource: dict[str, Any] | None
-    full_url: str | None
-    if_none_exist: str | None
-    if_match: str | None
-    target: str | None = None  # the id the entry writes to, decided before any write
-    existing: _Stored | None = None  # a conditional create that matched
-
-
-def _entry_of(index: int, raw: Any) -> _Entry:
-    if not isinstance(raw, dict):
-        raise BadRequest("an entry must be an object", location="entry")
-    request = raw.get("request")
-    if not isinstance(request, dict):
-        raise BadRequest("entry.request is required", location="request")
-    method = request.get("method")
-    url = request.get("url")
-    if not isinstance(method, str) or not isinstance(url, str) or not url:
-        raise BadRequest("entry.request needs a method and a url", location="request")
-    if method not in _METHOD_ORDER:
-        raise MethodNotAllowed(f"method {method} is not supported here", location="request.method")
-    path, _, query = url.lstrip("/").partition("?")
-    if "://" in path:  # the query may hold system URLs; only the path must be relative
-        raise BadRequest("request.url must be relative (Type, Type/id or Type?query)", location="request.url")
-    segments = path.split("/")
-    type_ = segments[0]
-    if not TYPE_RE.fullmatch(type_) or len(segments) > 2:
-        raise BadRequest("request.url must be Type, Type/id or Type?query", location="request.url")
-    id_ = segments[1] if len(segments) == 2 else None
-    if id_ is not None and not ID_RE.fullmatch(id_):
-        raise BadRequest("invalid id in request.url", location="request.url")
-    resource = raw.get("resource")
-    if resource is not None and not isinstance(resource, dict):
-        raise BadRequest("entry.resource must be an object", location="resource")
-    if method in ("POST", "PUT"):
-        if resource is None:
-            raise BadRequest(f"{method} needs a resource", location="resource")
-        if resource.get("resourceType") != type_:
-            raise BadRequest("resource.resourceType does not match request.url", location="resource")
-    if method == "POST" and (id_ is not None or query):
-        raise BadRequest("POST goes to Type (use ifNoneExist for a condition)", location="request.url")
-    if method in ("PUT", "DELETE") and (id_ is None) == (not query):
-        raise BadRequest(f"{method} goes to Type/id or Type?query", location="request.url")
-    full_url = raw.get("fullUrl")
-    if_none_exist = request.get("ifNoneExist")
-    if_match = request.get("ifMatch")
-    return _Entry(
-        index,
-        method,
-        type_,
-        id_,
-        query or None,
-        resource,
-        full_url if isinstance(full_url, str) else None,
-        if_none_exist if isinstance(if_none_exist, str) and if_none_exist else None,
-        if_match if isinstance(if_match, str) and if_match else None,
-    )
-
-
-def _plan(writer: _Writer, entry: _Entry) -> None:
-    """Decide which id each write goes to, so that urn:uuid references can be rewritten first."""
-    if entry.method == "POST":
-        if entry.if_none_exist:
-            entry.existing = writer.single_match(entry.type_, entry.if_none_exist)
-        entry.target = entry.existing.body["id"] if entry.existing else new_id()
-    elif entry.method == "PUT":
-        if entry.id_ is not None:
-            if entry.resource is not None and entry.resource.get("id", entry.id_) != entry.id_:
-                raise BadRequest("resource.id does not match request.url", location="resource.id")
-            entry.target = entry.id_
-        else:
-            assert entry.query is not None and entry.resource is not None
-            found = writer.single_match(entry.type_, entry.query)
-            given = entry.resource.get("id")
-            if found is not None and given is not None and given != found.body["id"]:
-                raise BadRequest(
-                    "resource.id differs from the one the criteria match", location="resource.id"
-                )
-            entry.target = found.body["id"] if found else (given if isinstance(given, str) else new_id())
-    elif entry.method == "DELETE":
-        if entry.id_ is not None:
-            entry.target = entry.id_
-        else:
-            assert entry.query is not None
-            found = writer.single_match(entry.type_, entry.query)
-            entry.target = found.body["id"] if found else None
-
-
-def _rewrite(value: Any, targets: Mapping[str, str]) -> Any:
-    """Every ``reference`` equal to a resolved fullUrl becomes the final Type/id."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and item in targets:
-                out[key] = targets[item]
-            else:
-                out[key] = _rewrite(item, targets)
-        return out
-    if isinstance(value, list):
-        return [_rewrite(item, targets) for item in value]
-    return value
-
-
-def _response(status: int, stored: _Stored | None = None, type_: str = "") -> dict[str, Any]:
-    response: dict[str, Any] = {"status": f"{status} {http.HTTPStatus(status).phrase}"}
-    if stored is not None:
-        response["location"] = f"{type_}/{stored.body['id']}/_history/{stored.version}"
-        response["etag"] = _etag(stored.version)
-        response["lastModified"] = stored.last_updated
-    return {"response": response}
-
-
-def outcome(exc: PasserelleError) -> dict[str, Any]:
-    issue: dict[str, Any] = {"severity": "error", "code": exc.fhir_issue_code, "diagnostics": exc.message}
-    if exc.location:
-        issue["expression"] = [exc.location]
-    return {"resourceType": "OperationOutcome", "issue": [issue]}
-
-
-def error_entry(exc: PasserelleError, result: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A batch-response entry for a failed request entry."""
-    status = exc.http_status
-    return {
-        "response": {
-            "status": f"{status} {http.HTTPStatus(status).phrase}",
-            "outcome": result if result is not None else outcome(exc),
-        }
-    }
-
-
-def _searchset(result: SearchResult) -> dict[str, Any]:
-    entries = [{"resource": r, "search": {"mode": "match"}} for r in result.matches]
-    entries += [{"resource": r, "search": {"mode": "include"}} for r in result.included]
-    return {"resourceType": "Bundle", "type": "searchset", "total": result.total, "entry": entries}
-
-
-def _execute(writer: _Writer, entry: _Entry) -> dict[str, Any]:
-    if entry.method == "POST":
-        if entry.existing is not None:
-            return _response(200, entry.existing, entry.type_)
-        assert entry.resource is not None and entry.target is not None
-        body = dict(entry.resource)
-        body.pop("id", None)
-        stored, _ = writer.put(entry.type_, entry.target, body)
-        return _response(201, stored, entry.type_)
-    if entry.method == "PUT":
-        assert entry.resource is not None and entry.target is not None
-        stored, created = writer.put(entry.type_, entry.target, entry.resource, if_match=entry.if_match)
-        return _response(201 if created else 200, stored, entry.type_)
-    if entry.method == "DELETE":
-        if entry.target is not None:
-            writer.delete(entry.type_, entry.target)
-        return _response(204)
-    if entry.id_ is not None:
-        current = writer.current(entry.type_, entry.id_)
-        if current is None or current[2] is None:
-            raise NotFound(f"{entry.type_}/{entry.id_} is not known", location="request.url")
-        body = current[2]
-        stored = _Stored(body, current[0], body["meta"]["lastUpdated"])
-        return {"resource": body, **_response(200, stored, entry.type_)}
-    query = parse_search(entry.type_, parse_qsl(entry.query or "", keep_blank_values=True))
-    return {"resource": _searchset(run_search(writer.conn, query)), **_response(200)}
-
-
-def _at_entry(exc: PasserelleError, index: int) -> PasserelleError:
-    """Name the failing entry in the error, keeping its class (and so its HTTP status)."""
-    where = f"Bundle.entry[{index}]"
-    inner = exc.location
-    exc.location = f"{where}.{inner}" if inner and inner.startswith(("request", "resource")) else where
-    exc.message = f"{where}: {exc.message}"
-    exc.args = (exc.message,)
-    return exc
-
-
-def _process_bundle(writer: _Writer, bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """Runs inside one write transaction. A transaction raises on the first failing entry."""
-    if bundle.get("resourceType") != "Bundle":
-        raise BadRequest("expected a Bundle", location="resourceType")
-    kind = bundle.get("type")
-    if kind not in ("transaction", "batch"):
-        raise BadRequest("Bundle.type must be transaction or batch", location="Bundle.type")
-    raw_entries = bundle.get("entry") or []
-    if not isinstance(raw_entries, list):
-        raise BadRequest("Bundle.entry must be a list", location="Bundle.entry")
-    atomic = kind == "transaction"
-    results: list[dict[str, Any] | None] = [None] * len(raw_entries)
-    entries: list[_Entry] = []
-    for i, raw in enumerate(raw_entries):
-        try:
-            entry = _entry_of(i, raw)
-            _plan(writer, entry)
-        except PasserelleError as exc:
-            if atomic:
-                raise _at_entry(exc, i) from None
-            results[i] = error_entry(_at_entry(exc, i))
-            continue
-        entries.append(entry)
-    targets = {
-        e.full_url: f"{e.type_}/{e.target}"
-        for e in entries
-        if e.full_url and e.full_url.startswith("urn:") and e.target and e.method in ("POST", "PUT")
-    }
-    for entry in sorted(entries, key=lambda e: (_METHOD_ORDER[e.method], e.index)):
-        if entry.resource is not None and targets:
-            entry.resource = _rewrite(entry.resource, targets)
-        if atomic:
-            try:
-                results[entry.index] = _execute(writer, entry)
-            except PasserelleError as exc:
-                raise _at_entry(exc, entry.index) from None
-            continue
-        # A batch entry stands alone: a savepoint undoes its half-done writes, the others stay.
-        writer.conn.execute("SAVEPOINT entry")
-        try:
-            results[entry.index] = _execute(writer, entry)
-        except PasserelleError as exc:
-            writer.conn.execute("ROLLBACK TO entry")
-            results[entry.index] = error_entry(_at_entry(exc, entry.index))
-        writer.conn.execute("RELEASE entry")
-    return {
-        "resourceType": "Bundle",
-        "type": f"{kind}-response",
-        "entry": [r for r in results if r is not None],
-    }
 
 
 # -- the repository ------------------------------------------------------------------------------

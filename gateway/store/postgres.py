@@ -130,7 +130,9 @@ async def connect_pool(dsn: str, schema: str | None, *, max_size: int = 8) -> An
         if schema:
             conn = await asyncpg.connect(dsn, timeout=10)
             try:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{_ident(schema)}"')
+                # IF NOT EXISTS is not atomic: a node starting at the same moment may win the race.
+                with contextlib.suppress(asyncpg.UniqueViolationError):
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{_ident(schema)}"')
             finally:
                 await conn.close()
         return await asyncpg.create_pool(

@@ -617,7 +617,8 @@ class SqliteStore:
         since: float | None = None,
         until: float | None = None,
     ) -> list[dict[str, Any]]:
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
         for column, value in (("status", status), ("control_id", control_id), ("channel", channel)):
             if value:
                 where.append(f"{column}=?")

@@ -179,9 +179,13 @@ async def test_missing_size_and_hash_are_computed_with_warnings(client: Client) 
     assert att["size"] == len(CDA) and att["hash"] == sha1_b64(CDA)
 
 
-async def test_publishing_needs_a_professional(client: Client) -> None:
-    status, _answer = await publish(client, provide_bundle(document()), who="patient")
+async def test_publishing_needs_a_professional_or_the_patient(client: Client) -> None:
+    # an operator runs the gateway, it does not write in patients' records
+    status, _answer = await publish(client, provide_bundle(document()), who="operator")
     assert status == 403
+    # the patient adds to their own record (more in test_polish_patient_publish.py)
+    status, _answer = await publish(client, provide_bundle(document()), who="patient")
+    assert status == 200
     resp = await client.post("/fhir", json=provide_bundle(document()))
     assert resp.status == 401
 
