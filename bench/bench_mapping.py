@@ -109,8 +109,8 @@ def main() -> None:
     for name, text in MESSAGES.items():
         assert bundle_errors(lib.map(Message.decode((text + "\r").encode())).bundle) == []
 
-        # Every message distinct (another patient id each time): the validation cache never helps here,
-        # so these are worst-case figures.
+        # Every message distinct (another patient id each time): nothing repeats from one message to
+        # the next, so these are worst-case figures.
         def variant(text: str = text, counter: Iterator[int] = itertools.count()) -> bytes:  # noqa: B008
             # the counter is meant to live across calls: each call gets the next patient id
             return (text.replace("552233", f"P{next(counter):08d}") + "\r").encode()

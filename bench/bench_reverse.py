@@ -111,9 +111,17 @@ async def bench_post(requests: int, concurrency: int, workers: int, store: bool,
         config = gateway_config(tmp, receiver.port, workers, store)
         log_path = tmp / "gateway.log"
         with log_path.open("wb") as out:
-            proc = subprocess.Popen(  # noqa: S603 - our own command line
-                [str(ROOT / ".venv" / "bin" / "passerelle"), "run", "--config", str(config), "--http-port", "0",
-                 "--mllp-port", "0"],
+            proc = subprocess.Popen(
+                [
+                    str(ROOT / ".venv" / "bin" / "passerelle"),
+                    "run",
+                    "--config",
+                    str(config),
+                    "--http-port",
+                    "0",
+                    "--mllp-port",
+                    "0",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=tmp,
@@ -172,19 +180,25 @@ async def bench_post(requests: int, concurrency: int, workers: int, store: bool,
     count = requests - 50
     latencies.sort()
     answer = "201" if store else "202"
-    print(f"POST /fhir/Patient → {answer} → ADT^A28 over MLLP: {count} requests, {concurrency} clients, "
-          f"workers: {workers}, store: {str(store).lower()} (after {warm} warm-up)")
+    print(
+        f"POST /fhir/Patient → {answer} → ADT^A28 over MLLP: {count} requests, {concurrency} clients, "
+        f"workers: {workers}, store: {str(store).lower()} (after {warm} warm-up)"
+    )
     print(f"  answered:  {count / answered:8,.0f} req/s")
     print(f"  delivered: {count / delivered:8,.0f} msg/s (receiver has them all)")
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(f"  POST → answer latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"  gateway process CPU while answering: {100 * cpu / answered:.0f}% of one core, "
-          f"{1000 * cpu / count:.2f} ms per request")
+    print(
+        f"  gateway process CPU while answering: {100 * cpu / answered:.0f}% of one core, "
+        f"{1000 * cpu / count:.2f} ms per request"
+    )
     commits = journal1["commits"] - journal0["commits"]
     ops = journal1["ops"] - journal0["ops"]
-    print(f"  journal while answering: {commits} commits (fsyncs), {ops / max(commits, 1):.1f} writes each, "
-          f"{count / max(commits, 1):.1f} requests per commit")
+    print(
+        f"  journal while answering: {commits} commits (fsyncs), {ops / max(commits, 1):.1f} writes each, "
+        f"{count / max(commits, 1):.1f} requests per commit"
+    )
     if profile and spy is not None:
         _print_profile(profile)
 
@@ -206,8 +220,21 @@ def _start_profiler(pid: int, path: str) -> subprocess.Popen[bytes] | None:
     if not os.path.exists(spy):
         print("py-spy is not installed: no profile", file=sys.stderr)
         return None
-    return subprocess.Popen(  # noqa: S603 - our own command line
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--output", path, "--rate", "250", "--nonblocking", "--gil"],
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--output",
+            path,
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--gil",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -234,7 +261,9 @@ def _print_profile(path: str, top: int = 25) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=20)

@@ -22,7 +22,7 @@ from gateway.core.protocols import Destination, Source
 from gateway.core.tls import server_context
 from gateway.engine.build import Builder
 from gateway.engine.channel import ChannelRuntime
-from gateway.engine.fhir_intake import FhirIntake, FhirRoute
+from gateway.engine.fhir_intake import FhirIntake, FhirRoute, attach_repository
 from gateway.engine.intake import Hl7Intake
 from gateway.engine.link import Link
 from gateway.engine.nats_channel import JetStreamChannel
@@ -100,6 +100,7 @@ class Gateway:
         for spec in builder.channel_specs():
             # Built in every mode, so that connector settings are checked before anything listens.
             runtime = builder.channel(spec, self.store)
+            attach_repository(runtime.steps, self.fhir)  # read-only: Patients named by id only
             if self.backends.jetstream is not None:
                 runtime = JetStreamChannel(runtime, self.backends.jetstream)
             channel: ChannelRuntime | ChannelPort = runtime

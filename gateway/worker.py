@@ -24,8 +24,10 @@ from gateway.core.logging import configure as configure_logging
 from gateway.core.logging import get_logger
 from gateway.engine.build import Builder
 from gateway.engine.channel import ChannelRuntime
+from gateway.engine.fhir_intake import attach_repository
 from gateway.engine.link import Link
 from gateway.engine.remote import LinkedStore, outcome_sender, snapshots
+from gateway.store.fhir import SqliteFhirRepository
 
 log = get_logger("passerelle.worker")
 
@@ -51,6 +53,11 @@ async def serve(fd: int) -> int:
     except ConfigError as exc:  # the main process validated the same config: this is unexpected
         log.error("worker_config_error", error=str(exc))
         return 2
+    # The repository's file, read-only here: the reverse mapping looks up Patients named by id only.
+    repository = SqliteFhirRepository(Path(data_dir) / "fhir.db", readers=1)
+    wanted = [attach_repository(ch.steps, repository) for ch in channels.values()]
+    if any(wanted):
+        await repository.open()
     for channel in channels.values():
         channel.start()
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]
@@ -78,6 +85,8 @@ async def serve(fd: int) -> int:
     for task in tasks:
         task.cancel()
     await store.close()
+    if any(wanted):
+        await repository.close()
     return code
 
 

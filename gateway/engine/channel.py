@@ -18,15 +18,15 @@ import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gateway.core.envelope import HL7_V2, Envelope
-from gateway.core.errors import MessageError, PermanentDeliveryError, ProcessingError, RetryLater
+from gateway.core.errors import MessageError, PermanentDeliveryError, ProcessingError, RetryLater, StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, MessageStore, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.retry import RetryPolicy
-from gateway.engine.steps import Step, StepContext
+from gateway.engine.steps import PreparingStep, Step, StepContext
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.channel")
@@ -116,6 +116,10 @@ class ChannelRuntime:
         self.store = store
         self.filter = filter
         self.steps = list(steps)
+        # Steps that read something before they run (a step's async ``prepare``), in step order.
+        self._preparers = [
+            cast(PreparingStep, s) for s in self.steps if callable(getattr(s, "prepare", None))
+        ]
         self.destinations = list(destinations)
         self.queued = queued
         self.ack_timing = ack_timing
@@ -290,7 +294,10 @@ class ChannelRuntime:
         payload: bytes
         transformed: StageRecord | None = None
         if item.status is Status.RECEIVED:
-            result = self._process(env, checked=item.checked)
+            resolved = await self._prepare(env) if self._preparers else {}
+            if resolved is None:
+                return
+            result = self._process(env, checked=item.checked, resolved=resolved)
             if result is None:
                 return
             (payload, transformed), pending = result, tuple(d.name for d in self.destinations)
@@ -302,7 +309,20 @@ class ChannelRuntime:
             self._finish(env.id, Outcome(Status.QUEUED))
         await self._deliver(env, payload, pending, attempts, transformed)
 
-    def _process(self, env: Envelope, *, checked: bool = False) -> tuple[bytes, StageRecord] | None:
+    async def _prepare(self, env: Envelope) -> dict[str, Any] | None:
+        """What steps read before they run (the repository's Patients for a FHIR request); None: failed."""
+        resolved: dict[str, Any] = {}
+        for step in self._preparers:
+            try:
+                resolved.update(await step.prepare(env))
+            except StoreError as exc:  # kept in ERROR: a replay reads again
+                self._fail(env, ProcessingError(f"step {step.name}: {exc.message}"), f"step:{step.name}")
+                return None
+        return resolved
+
+    def _process(
+        self, env: Envelope, *, checked: bool = False, resolved: dict[str, Any] | None = None
+    ) -> tuple[bytes, StageRecord] | None:
         """Filter and steps. Returns the payload and its TRANSFORMED record, or None when done.
 
         ``checked``: the intake applied this filter a moment ago; with no steps there is then
@@ -314,7 +334,8 @@ class ChannelRuntime:
             return self._transformed(env, env.raw, destinations, [])
         if env.content_type != HL7_V2:
             # A FHIR request: its routing rules were applied at intake; the steps read the body.
-            return self._run_steps(env, StepContext(env, None, env.content_type, body=env.raw), destinations)
+            ctx = StepContext(env, None, env.content_type, body=env.raw, resolved=resolved or {})
+            return self._run_steps(env, ctx, destinations)
         try:
             msg = Message.decode(env.raw, default_charset=env.charset or self.default_charset)
         except MessageError as exc:

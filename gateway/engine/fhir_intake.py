@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 from gateway.core.envelope import FHIR_JSON, Envelope
-from gateway.core.errors import DeliveryError, MessageError, ProcessingError
+from gateway.core.errors import DeliveryError, MessageError, PasserelleError, ProcessingError, Unprocessable
 from gateway.core.ids import new_id
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.intake import IntakeChannel
+from gateway.store.fhir import FhirRepository
 
 log = get_logger("passerelle.fhir_intake")
 
@@ -180,6 +183,22 @@ class FhirIntake:
                 await self.store.release_dedupe(mid)
         return failure
 
+    def narrow(self, receipt: Receipt, data: Mapping[str, Any], refused: Sequence[int]) -> Mapping[str, Any]:
+        """A batch whose entries the repository partly refused: the channels get only the accepted
+        ones (the refused ones were answered in the batch-response). Recorded on each message."""
+        entries = list(data.get("entry") or [])
+        kept = {**data, "entry": [e for i, e in enumerate(entries) if i not in set(refused)]}
+        raw = orjson.dumps(kept)
+        for n, (env, res) in enumerate(zip(receipt.envelopes, receipt.results, strict=True)):
+            if res.duplicate:
+                continue
+            receipt.envelopes[n] = replace(env, raw=raw)
+            self.store.record(
+                res.message_id,
+                StageRecord("intake", Status.RECEIVED, raw, FHIR_JSON, {"not_routed": list(refused)}),
+            )
+        return kept
+
     async def abandon(self, receipt: Receipt, error: Exception) -> None:
         """The request was refused after it was journaled (the repository said no): not routed,
         kept with its error, and a corrected resend is processed afresh."""
@@ -202,8 +221,16 @@ class FhirIntake:
         return hashlib.blake2b(key.encode(), digest_size=10, key=self.partition_secret).hexdigest()
 
 
-def delivery_failed(error: MessageError) -> DeliveryError:
-    """The answer when a channel that answers after delivery could not deliver (502)."""
+# HL7 error codes of a refusal of the content itself (a mapping that cannot read it, content no
+# rule reads under ``unmapped: reject``): the sender must change the request, a resend cannot help.
+_CONTENT_CODES = frozenset({"100", "101", "102", "103", "200", "201", "202", "203"})
+
+
+def delivery_failed(error: MessageError) -> PasserelleError:
+    """The answer when a channel that answers after processing failed: 422 when its steps refused
+    the content, else 502 (not delivered)."""
+    if error.hl7_error_code in _CONTENT_CODES:
+        return Unprocessable(f"not processed: {error.message}", location=error.location)
     return DeliveryError(f"not delivered: {error.message}", location=error.location)
 
 
@@ -260,3 +287,14 @@ class FhirSource:
 
     async def stop(self, drain_timeout: float) -> None:
         return None
+
+
+def attach_repository(steps: Iterable[object], repository: FhirRepository) -> bool:
+    """Give the runtime's FHIR repository to the steps that read from it (the reverse mapping looks
+    up the Patient a request names by id only). True when a step took it."""
+    taken = False
+    for step in steps:
+        if hasattr(step, "repository") and callable(getattr(step, "prepare", None)):
+            step.repository = repository
+            taken = True
+    return taken

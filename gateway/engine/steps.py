@@ -23,6 +23,7 @@ from gateway.mapping import functions, reverse_functions
 from gateway.mapping.engine import Library
 from gateway.mapping.reverse import ReverseLibrary
 from gateway.mapping.validate import bundle_errors
+from gateway.store.fhir import FhirRepository
 
 
 @dataclass(slots=True)
@@ -35,6 +36,9 @@ class StepContext:
     changed: bool = False
     warnings: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)  # fields no mapping rule read
+    # Resources read from the repository for this message ("Patient/123" → resource): those the
+    # request names by id without holding them (see Hl7v2Mapping.prepare).
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         if self.body is not None:
@@ -48,6 +52,12 @@ class Step(Protocol):
     name: str
 
     def __call__(self, ctx: StepContext) -> None: ...
+
+
+class PreparingStep(Step, Protocol):
+    """A step that reads something before it runs (awaited by the channel, then the step is called)."""
+
+    async def prepare(self, envelope: Envelope) -> dict[str, Any]: ...
 
 
 StepFactory = Callable[[str, Mapping[str, Any]], Step]
@@ -173,6 +183,7 @@ class Hl7v2Mapping:
             "receiving_application": {"type": "string"},
             "receiving_facility": {"type": "string"},
             "processing_id": {"enum": ["P", "T", "D"]},
+            "unmapped": {"enum": ["report", "reject"]},
         },
     }
 
@@ -186,6 +197,30 @@ class Hl7v2Mapping:
         self.header["charset"] = settings.get("charset", "UNICODE UTF-8")
         self.codec = codec_for(self.header["charset"])
         self.header["processing_id"] = settings.get("processing_id", "P")
+        self.reject_unmapped = settings.get("unmapped", "report") == "reject"
+        # The runtime's FHIR repository, read-only here (set by the runtime; None: not looked up).
+        self.repository: FhirRepository | None = None
+
+    async def prepare(self, envelope: Envelope) -> dict[str, Any]:
+        """Read the Patients the request names by id only (``Patient/123``) from the repository.
+
+        Raises StoreError when the repository cannot be read (the message is then kept in ERROR,
+        to be replayed). What is not found stays absent: the mapping then says so.
+        """
+        if self.repository is None or envelope.content_type != FHIR_JSON:
+            return {}
+        try:
+            data = orjson.loads(envelope.raw)
+        except orjson.JSONDecodeError:
+            return {}  # __call__ reports it
+        if not isinstance(data, dict):
+            return {}
+        found: dict[str, Any] = {}
+        for type_, id_ in self.library.wanted(data):
+            resource = await self.repository.read(type_, id_)
+            if resource is not None:
+                found[f"{type_}/{id_}"] = resource
+        return found
 
     def __call__(self, ctx: StepContext) -> None:
         if ctx.content_type != FHIR_JSON:
@@ -205,8 +240,15 @@ class Hl7v2Mapping:
             control_id=env.id[-20:],
             now=datetime.fromtimestamp(env.received_at, UTC),
             timezone=self.timezone,
+            known=ctx.resolved if self.repository is not None else None,
         )
         ctx.warnings.extend(result.warnings)
+        ctx.unmapped = result.unmapped
+        if result.unmapped and self.reject_unmapped:
+            raise ValidationError(
+                f"content no reverse rule reads: {', '.join(result.unmapped[:10])}",
+                location=result.unmapped[0],
+            )
         ctx.body = b"".join(msg.encode() for msg in result.messages)
         ctx.message = result.messages[0]
         ctx.content_type = HL7_V2

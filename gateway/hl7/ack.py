@@ -113,27 +113,36 @@ def build_ack(
     f, c = seps.field, seps.component
     if msg is not None:
         trigger = msg.trigger
+        # The header is split already: read its fields (first repetition, raw) directly.
+        parts = msg._msh_parts
+        count = len(parts)
+        rep = seps.repetition
+
+        def raw(n: int) -> str:
+            value = parts[n] if n < count else ""
+            return value.split(rep, 1)[0] if rep in value else value
+
         msh = [
             "MSH",
             seps.encoding_characters,
-            msg.get_raw("MSH-5") or escape(sending_application, seps),
-            msg.get_raw("MSH-6"),
-            msg.get_raw("MSH-3"),
-            msg.get_raw("MSH-4"),
+            raw(5) or escape(sending_application, seps),
+            raw(6),
+            raw(3),
+            raw(4),
             _timestamp(now),
             "",
             f"ACK{c}{trigger}{c}ACK" if trigger else f"ACK{c}{c}ACK",
             control_id or _control_id(now),
-            msg.get_raw("MSH-11") or "P",
-            msg.get_raw("MSH-12") or "2.5",
+            raw(11) or "P",
+            raw(12) or "2.5",
             "",
             "",
             "",
             "",
-            msg.get_raw("MSH-17"),
-            msg.get_raw("MSH-18"),
+            raw(17),
+            raw(18),
         ]
-        echo = msg.get_raw("MSH-10")
+        echo = raw(10)
         codec = msg.codec
     else:
         msh = [

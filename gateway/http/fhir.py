@@ -421,7 +421,8 @@ async def bundle(request: web.Request) -> web.Response:
         answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
         return fhir_response(answer)
 
-    return await routed(request, data, "POST", write)
+    # A batch's invalid entries are answered in the batch-response and not routed.
+    return await routed(request, data, "POST", write, refused=failed)
 
 
 def _validate_entries(entries: list[Any], atomic: bool) -> dict[int, dict[str, Any]]:

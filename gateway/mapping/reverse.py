@@ -147,34 +147,43 @@ class _Tracked(dict[str, Any]):
 
     __slots__ = ("_reads",)
 
-    def __init__(self, items: Iterable[tuple[str, Any]], reads: _Reads) -> None:
-        super().__init__(items)
+    def __init__(self, reads: _Reads) -> None:
+        super().__init__()
         self._reads = reads
 
     def __getitem__(self, key: str) -> Any:
-        if self._reads.on:
-            self._reads.keys.add((id(self), key))
+        reads = self._reads
+        if reads.on:
+            reads.keys.add((id(self), key))
         return dict.__getitem__(self, key)
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        if self._reads.on:
-            self._reads.keys.add((id(self), key))
+    def get(self, key: str, default: Any = None) -> Any:
+        reads = self._reads
+        if reads.on:
+            reads.keys.add((id(self), key))
         return dict.get(self, key, default)
 
 
 def _track(value: Any, reads: _Reads) -> Any:
-    if isinstance(value, dict):
-        return _Tracked(((k, _track(v, reads)) for k, v in value.items()), reads)
-    if isinstance(value, list):
-        return [_track(v, reads) for v in value]
+    kind = type(value)
+    if kind is dict or isinstance(value, dict):
+        out = _Tracked(reads)
+        for k, v in value.items():
+            out[k] = _track(v, reads) if type(v) in _CONTAINERS else v
+        return out
+    if kind is list:
+        return [_track(v, reads) if type(v) in _CONTAINERS else v for v in value]
     return value
+
+
+_CONTAINERS = (dict, list)
 
 
 # Not content: the resource's identity and bookkeeping, its narrative, our own marker.
 _NOT_CONTENT = frozenset({"resourceType", "id", "meta", "text", "__fullUrl"})
 
 
-def _unread(resources: Sequence[dict[str, Any]], reads: _Reads) -> list[str]:
+def _unread(resources: Sequence[dict[str, Any]], positions: Mapping[int, int], reads: _Reads) -> list[str]:
     """FHIR paths of the request's content that no rule and no function read."""
     out: list[str] = []
     seen = reads.keys
@@ -186,20 +195,23 @@ def _unread(resources: Sequence[dict[str, Any]], reads: _Reads) -> list[str]:
             return
         if not isinstance(node, dict):
             return
+        here = id(node)
         for key, value in dict.items(node):
-            if key in _NOT_CONTENT or value in (None, "", [], {}):
-                continue
-            if (id(node), key) not in seen:
+            if key in _NOT_CONTENT or not (value or value is False or value == 0):
+                continue  # absent (None, "", [], {}) is not content
+            if (here, key) not in seen:
                 out.append(f"{where}.{key}")
-            elif isinstance(value, dict | list):
+            elif isinstance(value, (dict, list)):
                 walk(value, f"{where}.{key}")
 
-    for n, resource in enumerate(resources):
-        rtype = str(dict.get(resource, "resourceType", "Resource"))
+    for resource in resources:
+        # In a Bundle, the entry's place (as in validation reports); a lone resource by its type.
+        n = positions.get(id(resource))
+        where = f"Bundle.entry[{n}].resource" if n is not None else str(dict.get(resource, "resourceType"))
         if not any((id(resource), key) in seen for key in resource if key not in _NOT_CONTENT):
-            out.append(f"{rtype} (entry {n}): not read by any rule" if len(resources) > 1 else rtype)
+            out.append(f"{where} ({dict.get(resource, 'resourceType')}): not read by any rule")
             continue
-        walk(resource, rtype)
+        walk(resource, where)
     return out
 
 
@@ -538,7 +550,8 @@ class ReverseLibrary:
         read beforehand from the repository (see :meth:`wanted`).
         """
         reads = _Reads()
-        resources, interactions = _entries(data, interaction, reads)
+        positions: dict[int, int] = {}
+        resources, interactions = _entries(data, interaction, reads, positions)
         index = _Index(resources, known)
         for mapping in self.mappings:
             candidates = [r for r in resources if r.get("resourceType") == mapping.focus]
@@ -577,7 +590,7 @@ class ReverseLibrary:
                 if msg is not None:
                     messages.append(msg)
             if messages:
-                return ReverseResult(messages, warnings, [mapping.name], _unread(resources, reads))
+                return ReverseResult(messages, warnings, [mapping.name], _unread(resources, positions, reads))
         kinds = sorted({str(r.get("resourceType")) for r in resources})
         raise UnsupportedMessage(
             f"no reverse mapping for {', '.join(kinds) or 'an empty request'}", location="resourceType"
@@ -604,12 +617,12 @@ _LITERAL = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_histo
 
 
 def _entries(
-    data: Mapping[str, Any], interaction: str, reads: _Reads | None
+    data: Mapping[str, Any], interaction: str, reads: _Reads | None, positions: dict[int, int] | None = None
 ) -> tuple[list[dict[str, Any]], dict[int, str]]:
     if data.get("resourceType") != "Bundle":
         return [_track(data, reads) if reads is not None else dict(data)], {}
     resources, interactions = [], {}
-    for entry in data.get("entry") or []:
+    for n, entry in enumerate(data.get("entry") or []):
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             continue
         resource = entry["resource"]
@@ -617,6 +630,8 @@ def _entries(
             resource = {**resource, "__fullUrl": entry["fullUrl"]}
         if reads is not None:
             resource = _track(resource, reads)
+        if positions is not None:
+            positions[id(resource)] = n
         method = str((entry.get("request") or {}).get("method", "")).upper()
         resources.append(resource)
         if method in ("PUT", "PATCH"):

@@ -237,9 +237,23 @@ def encounter_event(ctx: Context, value: Any) -> str:
         return _inserted_event(focus, visit, "")
     if visit.get("status") == "cancelled":
         return "ADT^A11"
+    original = _original_trigger(focus)
+    if f"ADT^{original}" in _CANCEL_OF:  # the inbound side kept the cancelled movement's trigger
+        return _CANCEL_OF[f"ADT^{original}"]
     history = [h for h in focus.get("statusHistory") or [] if isinstance(h, dict)]
     previous = to_text(history[-1].get("status")) if history else ""
     return _CANCEL_OF[_inserted_event(focus, visit, previous)]
+
+
+ORIGINAL_TRIGGER = "urn:passerelle:hl7v2-field:ZBE-6"
+
+
+def _original_trigger(encounter: dict[str, Any]) -> str:
+    """ZBE-6 as the inbound side kept it on the movement Encounter, else ""."""
+    for ext in encounter.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == ORIGINAL_TRIGGER:
+            return to_text(ext.get("valueCode"))
+    return ""
 
 
 def original_event(ctx: Context, value: Any) -> str | None:

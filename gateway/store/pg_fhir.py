@@ -289,19 +289,22 @@ class PgFhirRepository:
         self._pool_size = pool_size
         self._clock = clock  # tests pin lastUpdated with it
         self._pool: Any = None
+        self._opening = asyncio.Lock()
         self.schema_version = 0
         self.retries = 0  # transactions run again after a deadlock or serialisation failure
 
     async def open(self) -> None:
-        if self._pool is not None:
-            return
-        pool = await connect_pool(self.dsn, self.schema, max_size=self._pool_size)
-        try:
-            self.schema_version = await migrate(pool, MIGRATIONS, "fhir_schema_version")
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            await pool.close()
-            raise StoreError(f"cannot migrate the FHIR repository at {redacted(self.dsn)}: {exc}") from exc
-        self._pool = pool
+        async with self._opening:  # concurrent first callers (a destination's sends) share one pool
+            if self._pool is not None:
+                return
+            pool = await connect_pool(self.dsn, self.schema, max_size=self._pool_size)
+            try:
+                self.schema_version = await migrate(pool, MIGRATIONS, "fhir_schema_version")
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                await pool.close()
+                where = redacted(self.dsn)
+                raise StoreError(f"cannot migrate the FHIR repository at {where}: {exc}") from exc
+            self._pool = pool
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

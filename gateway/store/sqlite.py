@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
 import time
@@ -87,6 +88,12 @@ _MSG_COLUMNS = (
 # Built from constants only: no caller text ever reaches an SQL string.
 _SELECT_BY_ID = "SELECT " + _MSG_COLUMNS + ", raw FROM messages WHERE id=?"  # noqa: S608
 _PENDING_STATUSES = (Status.RECEIVED.value, Status.TRANSFORMED.value, Status.QUEUED.value, Status.ERROR.value)
+
+
+@functools.lru_cache(maxsize=16)
+def _ack_detail(code: str) -> str:
+    # A handful of codes, one per message on the hot path: serialise each once.
+    return orjson.dumps({"code": code}).decode()
 
 
 def _row_to_message(row: sqlite3.Row) -> dict[str, Any]:
@@ -358,7 +365,7 @@ class SqliteStore:
         ack: tuple[bytes, str] | None = None,
     ) -> None:
         """Like ``append``, but ``then`` is called right after the commit, in the same loop turn."""
-        ack_detail = orjson.dumps({"code": ack[1]}).decode() if ack else None
+        ack_detail = _ack_detail(ack[1]) if ack else None
         rows = [
             (
                 e.id,

@@ -109,11 +109,15 @@ def msh(event: str, structure: str) -> str:
     return f"{head}||{event}^{structure}|C1|P|2.5|||||FRA|UNICODE UTF-8"
 
 
+CANCELS = {"A11": "A01", "A12": "A02", "A13": "A03"}
+
+
 @st.composite
 def adt(draw: st.DrawFn) -> tuple[str, Message]:
-    trigger = draw(st.sampled_from(["A01", "A02", "A03", "A11", "A28", "A31"]))
+    trigger = draw(st.sampled_from(["A01", "A02", "A03", "A11", "A12", "A13", "A28", "A31"]))
     pid_text, _ = draw(pid())
-    structure = {"A02": "ADT_A02", "A03": "ADT_A03", "A11": "ADT_A09", "A28": "ADT_A05", "A31": "ADT_A05"}
+    structure = {"A02": "ADT_A02", "A03": "ADT_A03", "A11": "ADT_A09", "A12": "ADT_A12", "A28": "ADT_A05",
+                 "A31": "ADT_A05"}  # fmt: skip
     lines = [msh(f"ADT^{trigger}", structure.get(trigger, "ADT_A01")), "EVN||20261123101500", pid_text]
     if trigger in ("A28", "A31"):
         lines.append("PV1|1|N")
@@ -134,12 +138,12 @@ def adt(draw: st.DrawFn) -> tuple[str, Message]:
             # a movement id is never the visit number
             1: comps("MVT" + draw(word), "HOSP", draw(st.sampled_from(OIDS)), "ISO"),
             2: moved,
-            4: "CANCEL" if trigger == "A11" else "INSERT",
+            4: "CANCEL" if trigger in CANCELS else "INSERT",
             5: "N",
             7: comps(esc(draw(text)), *[""] * 8, draw(code)),
         }
-        if trigger == "A11":
-            zbe[6] = "A01"
+        if trigger in CANCELS:
+            zbe[6] = CANCELS[trigger]  # the trigger of the movement withdrawn
         lines.append(segment("ZBE", zbe))
     return trigger, Message.parse("\r".join(lines) + "\r")
 
@@ -232,7 +236,7 @@ def view(msg: Message) -> dict[str, Any]:
     }
     for path in ("PID-7", "PID-8", "PID-29", "PID-32", "PV1-2", "PV1-3.1", "PV1-19.1", "PV1-19.4.2"):
         out[path] = msg.get(path)
-    for path in ("PV1-44", "PV1-45", "ZBE-1.1", "ZBE-1.3", "ZBE-2", "ZBE-4", "ZBE-7.1", "ZBE-7.10"):
+    for path in ("PV1-44", "PV1-45", "ZBE-1.1", "ZBE-1.3", "ZBE-2", "ZBE-4", "ZBE-6", "ZBE-7.1", "ZBE-7.10"):
         out[path] = msg.get(path)
     for path in ("OBR-3.1", "OBR-3.3", "OBR-4.1", "OBR-4.2", "OBR-4.3", "OBR-7", "OBR-22", "OBR-25"):
         out[path] = msg.get(path)
