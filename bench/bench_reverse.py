@@ -100,10 +100,13 @@ async def _started(log_path: Path, proc: subprocess.Popen[bytes]) -> int:
             if b"gateway_started" in line:
                 return int(orjson.loads(line)["http_port"])
         await asyncio.sleep(0.05)
-    raise SystemExit(f"the gateway exited with {proc.returncode}; see {log_path}")
+    tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+    raise SystemExit(f"the gateway exited with {proc.returncode}:\n{tail}")
 
 
-async def bench_post(requests: int, concurrency: int, workers: int, store: bool, profile: str | None) -> None:
+async def bench_post(
+    requests: int, concurrency: int, workers: int, store: bool, profile: str | None, tree: str | None = None
+) -> None:
     receiver = Receiver(["AA"])
     receiver.server = await asyncio.start_server(receiver.handle, "127.0.0.1", 0)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -111,9 +114,12 @@ async def bench_post(requests: int, concurrency: int, workers: int, store: bool,
         config = gateway_config(tmp, receiver.port, workers, store)
         log_path = tmp / "gateway.log"
         with log_path.open("wb") as out:
+            # --tree: the gateway's code from another checkout (a before/after comparison)
+            command = [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())"]
+            env = {**os.environ, "PYTHONPATH": tree} if tree else None
             proc = subprocess.Popen(
                 [
-                    str(ROOT / ".venv" / "bin" / "passerelle"),
+                    *command,
                     "run",
                     "--config",
                     str(config),
@@ -125,6 +131,7 @@ async def bench_post(requests: int, concurrency: int, workers: int, store: bool,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=tmp,
+                env=env,
             )
         spy: subprocess.Popen[bytes] | None = None
         try:
@@ -271,10 +278,13 @@ def main() -> None:
     parser.add_argument("--store", action="store_true", help="the channel also stores (store: true) → 201")
     parser.add_argument("--profile", default=None, help="py-spy raw output file (gateway process)")
     parser.add_argument("--skip-mapping", action="store_true")
+    parser.add_argument("--tree", default=None, help="run the gateway from this source tree (before/after)")
     args = parser.parse_args()
     if not args.skip_mapping:
         bench_mapping(args.seconds)
-    asyncio.run(bench_post(args.requests, args.concurrency, args.workers, args.store, args.profile))
+    asyncio.run(
+        bench_post(args.requests, args.concurrency, args.workers, args.store, args.profile, args.tree)
+    )
 
 
 if __name__ == "__main__":

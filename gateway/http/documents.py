@@ -51,6 +51,7 @@ from gateway.http.fhir import (
     validate_resource,
 )
 from gateway.http.fhir_routing import routed
+from gateway.http.scope import DOCUMENT_RULES, compartment_of, is_mhd_list, visible_included
 from gateway.store.doc_search import SEARCH_PARAM_TYPES
 from gateway.store.documents import (
     INVISIBLE_PATIENT,
@@ -110,6 +111,7 @@ def add_document_routes(
         valuesets=ValueSets.load(Path(directory)) if directory else None,
     )
     app[DOCUMENT_STORE] = store
+    app[DOCUMENT_RULES] = StoreRules(store)
     router = app.router
     # "{type:X}" keeps match_info["type"], so that a route can hand over to the generic handler.
     docs, lists, binary = "/fhir/{type:DocumentReference}", "/fhir/{type:List}", "/fhir/{type:Binary}"
@@ -203,6 +205,37 @@ def _capabilities() -> list[dict[str, Any]]:
             "searchParam": _params({"_id": "token", "_lastUpdated": "date"}, {}),
         },
     ]
+
+
+class StoreRules:
+    """The document store's rules for documents met on the generic routes (gateway.http.scope)."""
+
+    def __init__(self, store: SqliteDocumentStore) -> None:
+        self.store = store
+
+    async def visible(self, request: web.Request, resource: Mapping[str, Any]) -> bool:
+        caller = caller_of(request)
+        actor = actor_for(caller) if caller is not None else Actor()
+        type_, id_ = resource.get("resourceType"), resource.get("id")
+        if not isinstance(id_, str):
+            return False
+        if type_ == "DocumentReference":
+            return await self.store.read(id_, actor) is not None
+        if type_ == "List":
+            return await self.store.read_list(id_, actor) is not None
+        if type_ == "Binary":
+            if await self.store.retrieve(id_, actor) is not None:
+                return True
+            # A Binary outside the store: as ITI-68 answers, only for unrestricted callers.
+            return actor.patients is None and not actor.hidden
+        return True
+
+    async def managed(self, type_: str, id_: str) -> bool:
+        if type_ == "Binary":
+            return await self.store.retrieve(id_, Actor()) is not None
+        if type_ == "List":
+            return is_mhd_list(await self.store.repository.read("List", id_))
+        return False
 
 
 def _store(request: web.Request) -> SqliteDocumentStore:
@@ -414,6 +447,8 @@ async def find_lists(request: web.Request) -> web.Response:
         result = await _repository(request).search(
             "List", [*params, ("subject", ",".join(sorted(allowed)) or "Patient/-")], count=DEFAULT_COUNT
         )
+        compartment = await compartment_of(request, _repository(request), "List")
+        result = await visible_included(request, result, compartment)
         return fhir_response(searchset(request, "List", params, result))
     actor = actor_for(require(request, *_READ_ROLES))
     result = await _store(request).search_lists(params, actor)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from aiohttp import web
@@ -22,7 +22,17 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 
 from gateway.core.envelope import FHIR_JSON
-from gateway.core.errors import BadRequest, HttpError, NotFound, Unprocessable, UnsupportedMediaType
+from gateway.core.errors import (
+    BadRequest,
+    Forbidden,
+    HttpError,
+    NotFound,
+    PasserelleError,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from gateway.http import scope
+from gateway.http.auth import Role, caller_of
 from gateway.http.fhir_routing import routed
 from gateway.mapping.structure import conforms
 from gateway.store.fhir import (
@@ -138,22 +148,39 @@ def _issue_code(kind: str) -> str:
     return "value"
 
 
+def closed_codes(info: Any) -> tuple[str, ...] | None:
+    """The codes of a required binding to a closed list, None when the element's list is open.
+
+    The models take ``enum_values`` from the element's short text: "a | b | c" (possibly followed
+    by " - why" or " (when)") is the closed list of a required binding; "+" or "etc." mark more
+    codes, and a list inside other words ("formats supported (xml | json | ttl | mime type)") is
+    only examples of an open code system (MIME types there).
+    """
+    extra = info.json_schema_extra
+    allowed = extra.get("enum_values") if isinstance(extra, dict) else None
+    if not isinstance(allowed, list) or not allowed or "+" in allowed or "etc." in allowed:
+        return None
+    joined = " | ".join(map(str, allowed))
+    title = (info.title or "").strip()
+    if title != joined and not title.startswith((joined + " -", joined + " (")):
+        return None
+    return tuple(map(str, allowed))
+
+
 def _code_issues(model: Any, where: str) -> Iterator[tuple[str, str, str]]:
     """Codes outside a required binding: the models carry the list but leave the check to us."""
     for name, info in type(model).model_fields.items():
         value = getattr(model, name, None)
         if value is None:
             continue
-        extra = info.json_schema_extra
-        allowed = extra.get("enum_values") if isinstance(extra, dict) else None
+        allowed = closed_codes(info)
         key = info.alias or name
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             here = f"{where}.{key}[{i}]" if isinstance(value, list) else f"{where}.{key}"
             if isinstance(item, str):
-                # "+" in the list marks an open list (more codes exist): nothing to enforce.
-                if isinstance(allowed, list) and allowed and "+" not in allowed and item not in allowed:
-                    yield ("code-invalid", f"{item!r} is not one of {' | '.join(map(str, allowed))}", here)
+                if allowed is not None and item not in allowed:
+                    yield ("code-invalid", f"{item!r} is not one of {' | '.join(allowed)}", here)
             elif hasattr(type(item), "model_fields"):
                 yield from _code_issues(item, here)
 
@@ -294,21 +321,43 @@ async def metadata(request: web.Request) -> web.Response:
 async def read(request: web.Request) -> web.Response:
     type_, id_ = request.match_info["type"], request.match_info["id"]
     _require_type(type_)
+    resource = await scoped_read(request, type_, id_)
+    return fhir_response(resource, headers=_version_headers(resource))
+
+
+async def scoped_read(request: web.Request, type_: str, id_: str) -> dict[str, Any]:
+    """A read within what the caller may see (gateway.http.scope): outside it, as if absent."""
     repo = _repository(request)
+    compartment = await scope.compartment_of(request, repo, type_)
     resource = await repo.read(type_, id_) if ID_RE.fullmatch(id_) else None
+    if resource is not None and compartment is not None and not compartment.holds(resource):
+        resource = None
     if resource is None:
-        if ID_RE.fullmatch(id_) and await repo.is_deleted(type_, id_):
+        # 410 would tell a patient that a resource they may not see existed.
+        if compartment is None and ID_RE.fullmatch(id_) and await repo.is_deleted(type_, id_):
             raise Gone(f"{type_}/{id_} was deleted")
         raise NotFound(f"{type_}/{id_} is not known")
-    return fhir_response(resource, headers=_version_headers(resource))
+    return resource
 
 
 async def search(request: web.Request) -> web.Response:
     type_ = request.match_info["type"]
     _require_type(type_)
     params = [(k, v) for k, v in request.query.items() if k not in _IGNORED_PARAMS]
-    result = await _repository(request).search(type_, params, count=DEFAULT_COUNT)
+    result = await scoped_search(request, type_, params)
     return fhir_response(searchset(request, type_, params, result))
+
+
+async def scoped_search(request: web.Request, type_: str, params: list[tuple[str, str]]) -> SearchResult:
+    """A search narrowed in the query itself (totals and pages count only what the caller may see)."""
+    repo = _repository(request)
+    compartment = await scope.compartment_of(request, repo, type_)
+    query = list(params)
+    if compartment is not None:
+        compartment.check(type_, params)
+        query.append(compartment.criterion(type_))
+    result = await repo.search(type_, query, count=DEFAULT_COUNT)
+    return await scope.visible_included(request, result, compartment)
 
 
 def searchset(
@@ -342,7 +391,9 @@ def searchset(
 async def create(request: web.Request) -> web.Response:
     type_ = request.match_info["type"]
     _require_type(type_)
+    scope.check_writer(request)
     resource = await _resource_body(request, type_)
+    await scope.check_document_write(request, _repository(request), type_, resource=resource)
     condition = request.headers.get("If-None-Exist") or None
 
     async def write() -> web.Response:
@@ -355,9 +406,11 @@ async def create(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     type_, id_ = request.match_info["type"], request.match_info["id"]
     _require_type(type_)
+    scope.check_writer(request)
     resource = await _resource_body(request, type_)
     if resource.get("id", id_) != id_:
         raise BadRequest("the resource id does not match the URL id", location=f"{type_}.id")
+    await scope.check_document_write(request, _repository(request), type_, id_=id_, resource=resource)
     if_match = request.headers.get("If-Match") or None
 
     async def write() -> web.Response:
@@ -372,7 +425,10 @@ async def conditional_update(request: web.Request) -> web.Response:
     _require_type(type_)
     if not request.query_string:
         raise BadRequest("PUT to a type needs search criteria (or use PUT Type/id)")
+    scope.check_writer(request)
     resource = await _resource_body(request, type_)
+    criteria = parse_qsl(request.query_string, keep_blank_values=True)
+    await scope.check_document_write(request, _repository(request), type_, query=criteria, resource=resource)
 
     async def write() -> web.Response:
         stored, created = await _repository(request).conditional_update(type_, request.query_string, resource)
@@ -384,6 +440,8 @@ async def conditional_update(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     type_, id_ = request.match_info["type"], request.match_info["id"]
     _require_type(type_)
+    scope.check_writer(request)
+    await scope.check_document_write(request, _repository(request), type_, id_=id_)
     deleted = ID_RE.fullmatch(id_) is not None and await _repository(request).delete(type_, id_)
     text = f"{type_}/{id_} deleted" if deleted else f"{type_}/{id_} was not there: nothing to delete"
     return fhir_response(
@@ -405,6 +463,10 @@ async def bundle(request: web.Request) -> web.Response:
     if not isinstance(entries, list):
         raise BadRequest("Bundle.entry must be a list", location="Bundle.entry")
     repo = _repository(request)
+    caller = caller_of(request)
+    await _check_bundle_entries(request, entries)
+    if caller is not None and caller.role is Role.PATIENT:
+        return await _read_bundle(request, kind, entries)  # only GET entries come this far
     # As for one resource: the compiled check on the loop, the models on a thread when it says no.
     if all(_fast_valid(e) for e in entries):
         failed: dict[int, dict[str, Any]] = {}
@@ -413,16 +475,108 @@ async def bundle(request: web.Request) -> web.Response:
 
     async def write() -> web.Response:
         if kind == "transaction":
-            return fhir_response(await repo.transaction(data))
+            return fhir_response(await _visible_answer(request, await repo.transaction(data)))
         # A batch: invalid entries get their own error responses; the others still run.
         kept = [e for i, e in enumerate(entries) if i not in failed]
-        answer = await repo.transaction({**data, "entry": kept})
+        answer = await _visible_answer(request, await repo.transaction({**data, "entry": kept}))
         done = iter(answer.get("entry", []))
         answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
         return fhir_response(answer)
 
     # A batch's invalid entries are answered in the batch-response and not routed.
     return await routed(request, data, "POST", write, refused=failed)
+
+
+def _entry_request(entry: Any) -> tuple[str, str]:
+    """(method, url) of a Bundle entry, empty when malformed (the repository reports those)."""
+    req = entry.get("request") if isinstance(entry, dict) else None
+    method = req.get("method") if isinstance(req, dict) else None
+    url = req.get("url") if isinstance(req, dict) else None
+    return (method, url) if isinstance(method, str) and isinstance(url, str) else ("", "")
+
+
+async def _check_bundle_entries(request: web.Request, entries: list[Any]) -> None:
+    """The rules of the single-resource routes, entry by entry, before anything runs."""
+    limited = scope.is_limited(caller_of(request))
+    for i, entry in enumerate(entries):
+        method, url = _entry_request(entry)
+        path, _, query = url.lstrip("/").partition("?")
+        type_, _, id_ = path.partition("/")
+        where = f"Bundle.entry[{i}].request"
+        try:
+            if method in ("GET", "HEAD"):
+                if limited and type_ in scope.DOCUMENT_TYPES:
+                    raise Forbidden(
+                        "read documents with DocumentReference?, List? and Binary/{id} (ITI-67/66/68),"
+                        " not inside a Bundle"
+                    )
+                continue
+            scope.check_writer(request)
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            await scope.check_document_write(
+                request,
+                _repository(request),
+                type_,
+                id_=id_ or None,
+                query=parse_qsl(query, keep_blank_values=True) if query else None,
+                resource=resource if isinstance(resource, dict) else None,
+            )
+        except PasserelleError as exc:
+            exc.location = where + ".url" if exc.location is None else exc.location
+            raise
+
+
+async def _visible_answer(request: web.Request, answer: dict[str, Any]) -> dict[str, Any]:
+    """``_include``d documents a limited caller may not see leave the GET entries' searchsets."""
+    if not scope.is_limited(caller_of(request)):
+        return answer
+    for entry in answer.get("entry") or ():
+        found = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(found, dict) and found.get("type") == "searchset":
+            found["entry"] = [
+                e
+                for e in found.get("entry") or ()
+                if (e.get("search") or {}).get("mode") != "include"
+                or await scope.may_see(request, e.get("resource") or {}, None)
+            ]
+    return answer
+
+
+async def _read_bundle(request: web.Request, kind: str, entries: list[Any]) -> web.Response:
+    """A patient's Bundle (GET entries only), each read or search scoped as on its own route."""
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(await _read_entry(request, entry))
+        except PasserelleError as exc:
+            exc.location = exc.location or f"Bundle.entry[{i}].request.url"
+            if kind == "transaction":
+                raise
+            out.append(error_entry(exc))
+    return fhir_response({"resourceType": "Bundle", "type": f"{kind}-response", "entry": out})
+
+
+async def _read_entry(request: web.Request, entry: Any) -> dict[str, Any]:
+    _, url = _entry_request(entry)
+    path, _, query = url.lstrip("/").partition("?")
+    segments = path.split("/")
+    if not url or len(segments) > 2 or "://" in path:
+        raise BadRequest("request.url must be Type, Type/id or Type?query")
+    type_ = segments[0]
+    _require_type(type_)
+    if len(segments) == 2:
+        resource = await scoped_read(request, type_, segments[1])
+        meta = resource.get("meta") or {}
+        response = {"status": "200 OK", "etag": f'W/"{meta.get("versionId", "")}"'}
+        if "lastUpdated" in meta:
+            response["lastModified"] = meta["lastUpdated"]
+        return {"resource": resource, "response": response}
+    params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in _IGNORED_PARAMS]
+    result = await scoped_search(request, type_, params)
+    found = [{"resource": r, "search": {"mode": "match"}} for r in result.matches]
+    found += [{"resource": r, "search": {"mode": "include"}} for r in result.included]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "total": result.total, "entry": found}
+    return {"resource": bundle, "response": {"status": "200 OK"}}
 
 
 def _validate_entries(entries: list[Any], atomic: bool) -> dict[int, dict[str, Any]]:

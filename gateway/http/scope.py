@@ -48,17 +48,62 @@ from gateway.store.fhir import (
 # Left out: AuditEvent (its own route, operators only), and EnrollmentRequest, Person,
 # Provenance, SupplyRequest (linked through elements the index does not keep).
 COMPARTMENT_TYPES: frozenset[str] = frozenset(
-    """
-    Account AdverseEvent AllergyIntolerance Basic BodyStructure CarePlan CareTeam ChargeItem Claim
-    ClaimResponse ClinicalImpression Communication CommunicationRequest Composition Condition Consent
-    CoverageEligibilityRequest CoverageEligibilityResponse DetectedIssue DeviceRequest
-    DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference Encounter EpisodeOfCare
-    ExplanationOfBenefit FamilyMemberHistory Flag Goal ImagingStudy Immunization ImmunizationEvaluation
-    ImmunizationRecommendation Invoice List MeasureReport Media MedicationAdministration
-    MedicationDispense MedicationRequest MedicationStatement MolecularSequence NutritionOrder
-    Observation Procedure QuestionnaireResponse RelatedPerson RequestGroup RiskAssessment
-    ServiceRequest Specimen SupplyDelivery VisionPrescription
-    """.split()
+    [
+        "Account",
+        "AdverseEvent",
+        "AllergyIntolerance",
+        "Basic",
+        "BodyStructure",
+        "CarePlan",
+        "CareTeam",
+        "ChargeItem",
+        "Claim",
+        "ClaimResponse",
+        "ClinicalImpression",
+        "Communication",
+        "CommunicationRequest",
+        "Composition",
+        "Condition",
+        "Consent",
+        "CoverageEligibilityRequest",
+        "CoverageEligibilityResponse",
+        "DetectedIssue",
+        "DeviceRequest",
+        "DeviceUseStatement",
+        "DiagnosticReport",
+        "DocumentManifest",
+        "DocumentReference",
+        "Encounter",
+        "EpisodeOfCare",
+        "ExplanationOfBenefit",
+        "FamilyMemberHistory",
+        "Flag",
+        "Goal",
+        "ImagingStudy",
+        "Immunization",
+        "ImmunizationEvaluation",
+        "ImmunizationRecommendation",
+        "Invoice",
+        "List",
+        "MeasureReport",
+        "Media",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MolecularSequence",
+        "NutritionOrder",
+        "Observation",
+        "Procedure",
+        "QuestionnaireResponse",
+        "RelatedPerson",
+        "RequestGroup",
+        "RiskAssessment",
+        "ServiceRequest",
+        "Specimen",
+        "SupplyDelivery",
+        "VisionPrescription",
+    ]
 )
 DOCUMENT_TYPES = frozenset({"DocumentReference", "List", "Binary"})
 # Search parameters that name a patient, per searched type.
@@ -81,7 +126,6 @@ class DocumentRules(Protocol):
 
 
 DOCUMENT_RULES: web.AppKey[DocumentRules] = web.AppKey("document_rules", DocumentRules)
-_COMPARTMENT_KEY = "passerelle.compartment"
 
 
 def _escape(text: str) -> str:
@@ -153,6 +197,10 @@ class Compartment:
                 raise Forbidden("a patient searches their own record only", location=name)
 
 
+# One lookup of the caller's Patients per request (a Bundle reads many entries).
+_COMPARTMENT: web.RequestKey[Compartment] = web.RequestKey("passerelle.compartment", Compartment)
+
+
 def is_limited(caller: Caller | None) -> bool:
     """Callers the document store limits (masking codes, patient scope)."""
     return caller is not None and caller.role in (Role.PATIENT, Role.PROFESSIONAL)
@@ -170,16 +218,15 @@ async def compartment_of(request: web.Request, repo: FhirRepository, type_: str)
         raise Forbidden(f"{type_} is not part of a patient's record", location="type")
     if type_ in DOCUMENT_TYPES and DOCUMENT_RULES not in request.app:
         raise Forbidden(f"{type_} is served by the document store, which this repository lacks")
-    found = request.get(_COMPARTMENT_KEY)
-    if isinstance(found, Compartment):
-        return found
+    if _COMPARTMENT in request:
+        return request[_COMPARTMENT]
     identifiers = tuple(_pair(p) for p in caller.patients if p)
     if not identifiers:
         raise Forbidden("this credential names no patient record")
     partial = Compartment(identifiers, frozenset())
     result = await repo.search("Patient", [partial.criterion("Patient")], count=MAX_COUNT)
     compartment = Compartment(identifiers, frozenset(str(r["id"]) for r in result.matches))
-    request[_COMPARTMENT_KEY] = compartment
+    request[_COMPARTMENT] = compartment
     return compartment
 
 
@@ -245,7 +292,8 @@ async def check_document_write(
         return  # no document store: nothing is published
     targets = [id_] if id_ is not None and ID_RE.fullmatch(id_) else []
     if query:
-        found = await repo.search(type_, [*query, ("_count", "2")])
+        criteria = [(k, v) for k, v in query if k not in ("_count", "_offset", "_sort", "_include")]
+        found = await repo.search(type_, [*criteria, ("_count", "2")])
         targets += [str(r["id"]) for r in found.matches]
     for target in targets:
         if await rules.managed(type_, target):

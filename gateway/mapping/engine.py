@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
-from gateway.hl7.er7 import Message, unescape
+from gateway.hl7.er7 import Message, Segment, unescape
 
 _ER7_ABS = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2})$")
 _ER7_REL = re.compile(r"^((?:\.\d+){1,2})$")
@@ -73,11 +73,21 @@ class Context:
     skipped: set[str] = field(default_factory=set)  # fullUrls of resources already found not produced
     forward: set[str] = field(default_factory=set)  # fullUrls referenced before being decided
     decided: set[str] = field(default_factory=set)  # fullUrls whose resource was built or skipped
+    found: dict[tuple[str, int], Segment | None] = field(default_factory=dict)  # segment lookups so far
 
     def enter(self, segment: tuple[str, int] | None) -> None:
         """Iterate ``segment`` (name, occurrence): reads and references follow its group."""
         self.segment = segment
         self.group = self.layout.group_of.get(segment) if self.layout and segment else None
+
+    def find(self, seg: str, occurrence: int) -> Segment | None:
+        """``message.segment``, looked up once per message: the message does not change while mapped."""
+        key = (seg, occurrence)
+        found = self.found
+        if key in found:
+            return found[key]
+        segment = found[key] = self.message.segment(seg, occurrence)
+        return segment
 
     def occurrence(self, seg: str) -> int | None:
         """Which occurrence of ``seg`` an unqualified path means here; None when its group has none."""
@@ -99,7 +109,7 @@ class Context:
             return ""
         occurrence = found
         self.consumed.add((seg, occurrence, fld))
-        segment = self.message.segment(seg, occurrence)
+        segment = self.find(seg, occurrence)
         if segment is None:
             return ""
         reps = _repetitions(segment.field(fld), self.message, seg == "MSH" and fld <= 2)
@@ -124,7 +134,7 @@ class Context:
         if found is None:
             return []
         self.consumed.add((seg, found, int(fld)))
-        segment = self.message.segment(seg, found)
+        segment = self.find(seg, found)
         if segment is None:
             return []
         reps = _repetitions(segment.field(int(fld)), self.message, False)
@@ -362,6 +372,19 @@ class Library:
         self.mappings = list(mappings)
         self.concept_maps = dict(concept_maps)
         self.functions = dict(functions)
+        # Rules compiled once, here: by identity, for a mapping is a mutable dataclass.
+        self._plans: dict[int, tuple[Mapping_, list[_Plan]]] = {
+            id(m): (m, _compiled(m, self)) for m in self.mappings
+        }
+
+    def plan(self, mapping: Mapping_) -> list[_Plan]:
+        """The compiled rules of ``mapping`` (compiled now if it is not one of the library's own)."""
+        known = self._plans.get(id(mapping))
+        if known is not None and known[0] is mapping:
+            return known[1]
+        plans = _compiled(mapping, self)
+        self._plans[id(mapping)] = (mapping, plans)
+        return plans
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> Library:
@@ -648,7 +671,11 @@ def run(
     *,
     timezone: str = "Europe/Paris",
     fr_core_version: str = "2.1.0",
+    interpret: bool = False,
 ) -> MappingResult:
+    """Map one message. The library's compiled rules run, unless ``interpret`` asks for the rule
+    interpreter (the reference the compiled rules are tested against)."""
+    plans = _interpreted(mapping, library) if interpret else library.plan(mapping)
     refs: dict[str, str | list[str]] = {}
     ref_segments: dict[str, str] = {}
     for r in mapping.resources:
@@ -667,11 +694,10 @@ def run(
         layout=Layout.of(message, mapping.groups) if mapping.groups else None,
         ref_segments=ref_segments,
     )
-    # Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
-    for fld in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21):
-        ctx.consumed.add(("MSH", 1, fld))
-    entries: list[tuple[ResourceMapping, str, dict[str, Any]]] = []
-    for res in mapping.resources:
+    ctx.consumed.update(_HEADER_FIELDS)
+    entries: list[tuple[_Plan, str, dict[str, Any]]] = []
+    for plan in plans:
+        res = plan.res
         urls = refs[res.key]
         scopes: list[tuple[str, tuple[str, int] | None]] = (
             [(urls, None)]
@@ -683,28 +709,29 @@ def run(
             ctx.scope = None
             ctx.decided.add(url)
             ctx.skipped.add(url)  # until it is built
-            if res.scope is not None:
-                reps = ctx.repetitions(res.scope)
+            if plan.scope is not None:
+                reps = plan.scope(ctx)
                 if not reps:
                     continue
                 ctx.scope = reps[0]
-            if res.when is not None and not res.when.holds(ctx):
+            if plan.when is not None and not plan.when(ctx):
                 continue
             resource: dict[str, Any] = {"resourceType": res.type}
             try:
-                for rule in res.rules:
-                    _apply(rule, resource, ctx, library)
+                for apply in plan.rules:
+                    apply(resource, ctx)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
             if len(_prune(resource)) > 1:  # a resource nothing was mapped into is not produced
-                entries.append((res, url, resource))
+                entries.append((plan, url, resource))
                 ctx.skipped.discard(url)
         ctx.enter(None)
         ctx.scope = None
     bundle_entries: list[dict[str, Any]] = []
     seen: dict[str, str] = {}  # conditional URL → fullUrl of the entry that carries it
     merged: dict[str, str] = {}  # fullUrl of a dropped duplicate → the kept one
-    for res, url, resource in entries:
+    for plan, url, resource in entries:
+        res = plan.res
         request: dict[str, str] = {"method": "POST", "url": res.type}
         if res.identity == "id":
             # No business identifier (Binary): the mapping computes a stable id, so a replay
@@ -713,10 +740,10 @@ def run(
                 request = {"method": "PUT", "url": f"{res.type}/{resource['id']}"}
         else:
             ident = _identity(resource, res.identity) if res.identity else None
-            if res.match is not None:
+            if plan.match is not None and res.match is not None:
                 # Found by other identifiers than those it will carry (A47: the old ones, in MRG-1).
                 probe: dict[str, Any] = {}
-                _apply(res.match, probe, ctx, library)
+                plan.match(probe, ctx)
                 ident = _identity(_prune(probe), res.match.target.split("[")[0]) or ident
             if ident:
                 request = {"method": "PUT", "url": f"{res.type}?{ident}"}
@@ -744,6 +771,10 @@ def run(
         unmapped,
         mapping.name,
     )
+
+
+# Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
+_HEADER_FIELDS = tuple(("MSH", 1, n) for n in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21))
 
 
 def _redirect(node: Any, merged: Mapping[str, str]) -> None:
@@ -850,7 +881,10 @@ def _set(target: dict[str, Any], path: str, value: Any) -> None:
             return
         target[""] = value
         return
-    steps = _set_plan(path)
+    _set_steps(target, _set_plan(path), value)
+
+
+def _set_steps(target: dict[str, Any], steps: tuple[tuple[str, str | None, int], ...], value: Any) -> None:
     node: Any = target
     end = len(steps) - 1
     for i, (name, index, pos) in enumerate(steps):
@@ -890,27 +924,353 @@ def _set_plan(path: str) -> tuple[tuple[str, str | None, int], ...]:
     return tuple(plan)
 
 
+# -- compiled rules ------------------------------------------------------------------------------
+# Each rule becomes, once per library, a closure that does only what that rule needs: its paths
+# parsed, its concept map and function looked up, its element path planned. The closures read,
+# warn and set exactly as _apply does, in the same order (tests/mapping/test_compiled*.py).
+# Anything unusual (a name the library does not know, a path only the run may reject) is left to
+# the interpreter, so that it fails at the same moment with the same error.
+
+Apply = Callable[[dict[str, Any], Context], None]
+_Read = Callable[[Context], str]
+_Test = Callable[[Context], bool]
+_Reps = Callable[[Context], list[str]]
+_Put = Callable[[dict[str, Any], Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One resource of a mapping, ready to run: compiled, or wrapping the interpreter."""
+
+    res: ResourceMapping
+    scope: _Reps | None
+    when: _Test | None
+    rules: tuple[Apply, ...]
+    match: Apply | None
+
+
+def _interpreted(mapping: Mapping_, library: Library) -> list[_Plan]:
+    def apply(rule: Rule) -> Apply:
+        return lambda target, ctx: _apply(rule, target, ctx, library)
+
+    def reps(path: str) -> _Reps:
+        return lambda ctx: ctx.repetitions(path)
+
+    return [
+        _Plan(
+            res,
+            reps(res.scope) if res.scope is not None else None,
+            res.when.holds if res.when is not None else None,
+            tuple(apply(rule) for rule in res.rules),
+            apply(res.match) if res.match is not None else None,
+        )
+        for res in mapping.resources
+    ]
+
+
+def _compiled(mapping: Mapping_, library: Library) -> list[_Plan]:
+    return [
+        _Plan(
+            res,
+            _compile_reps(res.scope) if res.scope is not None else None,
+            _compile_when(res.when),
+            tuple(_compile_rule(rule, library) for rule in res.rules),
+            _compile_rule(res.match, library) if res.match is not None else None,
+        )
+        for res in mapping.resources
+    ]
+
+
+def _pick(text: str, first: int, sub: int, msg: Message) -> str:
+    """``_component`` with the component numbers already read."""
+    seps = msg.separators
+    pieces = text.split(seps.component)
+    value = pieces[first - 1] if first <= len(pieces) else ""
+    if sub == 1:
+        if seps.subcomponent in value:
+            value = value.split(seps.subcomponent, 1)[0]
+    else:
+        subs = value.split(seps.subcomponent)
+        value = subs[sub - 1] if sub <= len(subs) else ""
+    return unescape(value, seps, msg.codec)
+
+
+def _compile_read(path: str) -> _Read:
+    """``Context.read`` for one path."""
+    try:
+        seg, occ, fld, rep_index, comps = _read_plan(path)
+    except ValueError:
+        return lambda ctx: ctx.read(path)  # the run raises, as it always did
+    first, sub = _component_plan(comps) if comps else (0, 0)
+    if seg == "":
+
+        def read_relative(ctx: Context) -> str:
+            scope = ctx.scope
+            if scope is None:
+                raise ValueError(f"relative path {path} outside an 'each'")
+            return _pick(scope, first, sub, ctx.message)
+
+        return read_relative
+    atomic = seg == "MSH" and fld <= 2
+
+    def read(ctx: Context) -> str:
+        found = occ if occ is not None else ctx.occurrence(seg)
+        if found is None:
+            return ""
+        ctx.consumed.add((seg, found, fld))
+        segment = ctx.find(seg, found)
+        if segment is None:
+            return ""
+        raw = segment.field(fld)
+        msg = ctx.message
+        if atomic:
+            reps = [raw]
+        elif rep_index == 1:  # the usual case: the first repetition, without splitting the others
+            if not raw:
+                return ""
+            reps = [raw.partition(msg.separators.repetition)[0]]
+        else:
+            reps = raw.split(msg.separators.repetition) if raw else []
+        if rep_index > len(reps):
+            return ""
+        return _pick(reps[rep_index - 1], first, sub, msg) if comps else _leaf(reps[rep_index - 1], msg)
+
+    return read
+
+
+def _compile_reps(path: str) -> _Reps:
+    """``Context.repetitions`` for one path."""
+    try:
+        seg, occ, fld, rep, comps = _parse_er7(path)
+    except ValueError:
+        seg, comps = "", None
+    if seg == "" or comps:
+        return lambda ctx: ctx.repetitions(path)  # the run raises, as it always did
+    occurrence = int(occ) if occ else None
+    number = int(fld)
+    index = None if rep is None or rep == "*" else int(rep)
+
+    def reps(ctx: Context) -> list[str]:
+        found = occurrence if occurrence is not None else ctx.occurrence(seg)
+        if found is None:
+            return []
+        ctx.consumed.add((seg, found, number))
+        segment = ctx.find(seg, found)
+        if segment is None:
+            return []
+        raw = segment.field(number)
+        items = raw.split(ctx.message.separators.repetition) if raw else []
+        if index is None:
+            return [r for r in items if r]
+        others = sum(1 for i, r in enumerate(items, 1) if r and i != index)
+        if others:
+            ctx.warnings.append(f"{seg}-{fld}: only repetition {index} is mapped; {others} more left out")
+        return [items[index - 1]] if index <= len(items) and items[index - 1] else []
+
+    return reps
+
+
+def _compile_when(when: Condition | AllOf | None) -> _Test | None:
+    if when is None:
+        return None
+    if isinstance(when, AllOf):
+        tests = tuple(_compile_condition(c) for c in when.conditions)
+        return lambda ctx: all(test(ctx) for test in tests)
+    return _compile_condition(when)
+
+
+def _compile_condition(cond: Condition) -> _Test:
+    read = _compile_read(cond.source)
+    present, equals, in_, not_in = cond.present, cond.equals, cond.in_, cond.not_in
+    if equals is None and in_ is None and not_in is None and present is not None:
+        return lambda ctx: bool(read(ctx)) == present
+
+    def test(ctx: Context) -> bool:
+        value = read(ctx)
+        if present is not None and bool(value) != present:
+            return False
+        if equals is not None and value != equals:
+            return False
+        if in_ is not None and value not in in_:
+            return False
+        return not (not_in is not None and value in not_in)
+
+    return test
+
+
+def _compile_put(path: str) -> _Put:
+    """``_set`` for one element path."""
+    if path == "":
+        return lambda target, value: _set(target, "", value)
+    try:
+        steps = _set_plan(path)
+    except ValueError:
+        return lambda target, value: _set(target, path, value)  # the run raises, as it always did
+    if len(steps) == 1:
+        name, index, _ = steps[0]
+        if index is None:
+
+            def put_field(target: dict[str, Any], value: Any) -> None:
+                target[name] = value
+
+            return put_field
+        if index == "":
+
+            def put_append(target: dict[str, Any], value: Any) -> None:
+                items = target.setdefault(name, [])
+                if isinstance(value, list):
+                    items.extend(value)
+                else:
+                    items.append(value)
+
+            return put_append
+    return lambda target, value: _set_steps(target, steps, value)
+
+
+def _compile_rule(rule: Rule, library: Library) -> Apply:
+    """``_apply`` for one rule."""
+    if (rule.concept_map is not None and rule.concept_map not in library.concept_maps) or (
+        rule.function is not None and rule.function not in library.functions
+    ):
+        return lambda target, ctx: _apply(rule, target, ctx, library)  # fails when run, as it always did
+    if rule.each is not None:
+        return _compile_each(rule, library)
+    test = _compile_when(rule.when)
+    put = _compile_put(rule.target)
+    if rule.ref is None and rule.concept_map is None and rule.function is None:
+        if rule.source is not None:
+            read = _compile_read(rule.source)
+
+            def apply_read(target: dict[str, Any], ctx: Context) -> None:
+                if test is not None and not test(ctx):
+                    return
+                value = read(ctx)
+                if value.strip():  # FHIR strings need a non-blank character: blank is absent
+                    put(target, value)
+
+            return apply_read
+        const = rule.const
+        if not (const is None or const == "" or const == [] or const == {}):
+
+            def apply_const(target: dict[str, Any], ctx: Context) -> None:
+                if test is None or test(ctx):
+                    put(target, const)
+
+            return apply_const
+
+    ref, source, appends = rule.ref, rule.source, rule.target.endswith("[]")
+    read_source = _compile_read(source) if source is not None else None
+    table = library.concept_maps[rule.concept_map] if rule.concept_map is not None else None
+    unknown = f"{rule.source}: code not in concept map {rule.concept_map}"
+    element = rule.target
+    function = library.functions[rule.function] if rule.function is not None else None
+
+    def apply(target: dict[str, Any], ctx: Context) -> None:
+        if test is not None and not test(ctx):
+            return
+        value: Any
+        if ref is not None:
+            value = ctx.ref(ref)
+            if isinstance(value, list) and not appends:
+                if len(value) > 1:
+                    ctx.warnings.append(f"{element}: {len(value)} candidates for one reference; first kept")
+                value = value[0] if value else None
+        elif read_source is not None:
+            value = read_source(ctx)
+            if not value.strip():
+                return
+        else:
+            value = rule.const
+        if table is not None:
+            if str(value) not in table:
+                ctx.warnings.append(unknown)
+                return
+            value = table[str(value)]
+        if function is not None:
+            value = function(ctx, value)
+        if value is None or value == "" or value == [] or value == {}:
+            return
+        put(target, value)
+
+    return apply
+
+
+def _compile_each(rule: Rule, library: Library) -> Apply:
+    """``_apply_each`` for one rule."""
+    assert rule.each is not None
+    test = _compile_when(rule.when)
+    inner = tuple(_compile_rule(r, library) for r in rule.rules)
+    put = _compile_put(rule.target) if rule.target else None
+    each = rule.each
+    scopes: Callable[[Context], list[tuple[str | None, tuple[str, int] | None]]]
+    if _SEGMENT.fullmatch(each):
+
+        def segment_scopes(ctx: Context) -> list[tuple[str | None, tuple[str, int] | None]]:
+            count = len(ctx.message.segments_named(each))
+            layout, group = ctx.layout, ctx.group
+            return [
+                (None, (each, i))
+                for i in range(1, count + 1)
+                if layout is None or group is None or layout.group_of.get((each, i)) == group
+            ]
+
+        scopes = segment_scopes
+    else:
+        reps = _compile_reps(each)
+
+        def field_scopes(ctx: Context) -> list[tuple[str | None, tuple[str, int] | None]]:
+            segment = ctx.segment
+            return [(rep, segment) for rep in reps(ctx)]
+
+        scopes = field_scopes
+
+    def apply(target: dict[str, Any], ctx: Context) -> None:
+        saved_scope, saved_segment = ctx.scope, ctx.segment
+        try:
+            for scope, segment in scopes(ctx):
+                ctx.scope = scope
+                ctx.enter(segment)
+                if test is not None and not test(ctx):
+                    continue
+                item: dict[str, Any] = {}
+                for one in inner:
+                    one(item, ctx)
+                if item:
+                    if put is not None:
+                        put(target, item.get("") if "" in item else item)
+                    else:
+                        target.update(item)
+        finally:
+            ctx.scope = saved_scope
+            ctx.enter(saved_segment)
+
+    return apply
+
+
 def _prune(node: Any) -> Any:
     """Drop empty objects and lists left by rules that found nothing (empty text and None too)."""
     if isinstance(node, dict):
-        for key in list(node):
-            value = node[key]
+        dead: list[str] = []
+        for key, value in node.items():
             if isinstance(value, (dict, list)):
-                _prune(value)
-                if not value:
-                    del node[key]
-            elif value is None or value == "":
-                del node[key]
+                if value and _prune(value):
+                    continue
+            elif not (value is None or value == ""):
+                continue
+            dead.append(key)
+        for key in dead:
+            del node[key]
     elif isinstance(node, list):
-        kept = []
+        whole = True  # most lists keep every item: rebuilt only when one goes
         for value in node:
             if isinstance(value, (dict, list)):
-                _prune(value)
-                if value:
-                    kept.append(value)
+                if value and _prune(value):
+                    continue
             elif not (value is None or value == ""):
-                kept.append(value)
-        node[:] = kept
+                continue
+            whole = False
+        if not whole:
+            node[:] = [v for v in node if (v if isinstance(v, (dict, list)) else not (v is None or v == ""))]
     return node
 
 

@@ -152,6 +152,15 @@ def lock_keys(type_: str, params: Sequence[tuple[str, str]]) -> list[str]:
     return sorted(keys)  # one order for every transaction: fewer deadlocks
 
 
+def _parse(type_: str, params: Sequence[tuple[str, str]]) -> SearchQuery:
+    """``parse_search`` for PostgreSQL, whose text cannot hold NUL: such a value is a BadRequest."""
+    query = parse_search(type_, params, POSTGRESQL)
+    for arg in query.args:
+        if isinstance(arg, str) and "\x00" in arg:
+            raise BadRequest("a search value holds a NUL character", location="query")
+    return query
+
+
 async def _search(
     conn: Conn, query: SearchQuery, *, count: int = DEFAULT_COUNT, offset: int = 0
 ) -> SearchResult:
@@ -203,7 +212,7 @@ async def _included(conn: Conn, query: SearchQuery, matches: list[dict[str, Any]
 
 
 async def _match(conn: Conn, type_: str, params: Sequence[tuple[str, str]], limit: int) -> list[str]:
-    parsed = parse_search(type_, params, POSTGRESQL)
+    parsed = _parse(type_, params)
     n = len(parsed.args)
     rows = await conn.fetch(
         f"SELECT r.id FROM resources r WHERE {numbered(parsed.where)} ORDER BY r.id LIMIT ${n + 1}",  # noqa: S608
@@ -257,7 +266,7 @@ class _PgTransaction(common.Transaction):
         return await _match(self.conn, type_, params, limit)
 
     async def find(self, type_: str, params: Sequence[tuple[str, str]]) -> SearchResult:
-        return await _search(self.conn, parse_search(type_, params, POSTGRESQL))
+        return await _search(self.conn, _parse(type_, params))
 
     async def savepoint(self) -> None:
         await self.conn.execute("SAVEPOINT entry")
@@ -368,7 +377,7 @@ class PgFhirRepository:
     async def search(
         self, type_: str, params: Sequence[tuple[str, str]], *, count: int = DEFAULT_COUNT, offset: int = 0
     ) -> SearchResult:
-        query = parse_search(type_, params, POSTGRESQL)  # a BadRequest leaves before any I/O
+        query = _parse(type_, params)  # a BadRequest leaves before any I/O
         return await self._read(lambda conn: _search(conn, query, count=count, offset=offset))
 
     async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Settings every node must share, e.g. the key of the patients' partition digests.
     "CREATE TABLE installation (name TEXT PRIMARY KEY, value BYTEA NOT NULL);",
+    # /api/messages?since=&until= filters on the receipt time.
+    "CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);",
 )
 
 _MSG_COLUMNS = (

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, seq);
 CREATE INDEX IF NOT EXISTS messages_channel ON messages(channel, seq);
 CREATE INDEX IF NOT EXISTS messages_control ON messages(control_id);
+CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
 CREATE TABLE IF NOT EXISTS stages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL,

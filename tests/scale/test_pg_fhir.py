@@ -337,6 +337,7 @@ def pg_search() -> Iterator[tuple[asyncio.Runner, PgFhirRepository]]:
 )
 @example([("_lastUpdated", "gt9999")], "Observation")
 @example([("subject", "p1")], "Observation")
+@example([("_id", "\x00")], "Observation")  # PostgreSQL text holds no NUL: a 400, not a 500
 @example([("patient.identifier", "a|b"), ("_include", "Observation:subject")], "Observation")
 def test_search_on_postgresql_gives_a_result_or_a_bad_request(
     pg_search: tuple[asyncio.Runner, PgFhirRepository], params: list[tuple[str, str]], type_: str
