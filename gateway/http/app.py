@@ -60,7 +60,7 @@ def build_app(
     console's static files answer; everything else is 401."""
     middlewares: list[Middleware] = [outcome_middleware]
     if rate_limit is not None:
-        middlewares.append(rate_limit_middleware(rate_limit))
+        middlewares.append(rate_limit_middleware(rate_limit, authenticator))
     middlewares += [auth_middleware(authenticator), audit_middleware()]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[RUNTIME] = runtime

@@ -401,7 +401,14 @@ async def retrieve_document(request: web.Request) -> web.Response:
         body = {"resourceType": "Binary", "id": id_, "contentType": found.content_type}
         body["data"] = base64.b64encode(found.data).decode("ascii")
         return fhir_response(body)
-    return web.Response(body=found.data, headers={"Content-Type": found.content_type})
+    # The publisher chose the content type: never let a browser sniff it or run it on our origin.
+    headers = {
+        "Content-Type": found.content_type,
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+        "Content-Disposition": "attachment",
+    }
+    return web.Response(body=found.data, headers=headers)
 
 
 async def update_metadata(request: web.Request) -> web.Response:

@@ -1,8 +1,7 @@
-"""Per-client request rate: a token bucket per bearer credential (else per address) → 429."""
+"""Per-client request rate: a token bucket per authenticated caller (else per address) → 429."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway.core.errors import TooManyRequests
-from gateway.http.auth import bearer_token
+from gateway.http.auth import Authenticator, bearer_token
 from gateway.http.outcome import Handler, error_response
 
 _EXEMPT = frozenset({"/health", "/ready"})
@@ -44,20 +43,26 @@ class TokenBuckets:
         return wait
 
 
-def client_key(request: web.Request) -> str:
+def client_key(request: web.Request, authenticator: Authenticator | None = None) -> str:
+    """A recognised caller has its own bucket; anything else (no token, an unknown or forged
+    one) shares its address's bucket, so rotating made-up tokens buys no extra requests."""
     token = bearer_token(request)
-    if token is not None:
-        return "t:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    if token is not None and authenticator is not None:
+        caller = authenticator.authenticate(token)
+        if caller is not None:
+            return "s:" + caller.subject
     return "a:" + (request.remote or "?")
 
 
-def rate_limit_middleware(settings: Mapping[str, Any]) -> Middleware:
+def rate_limit_middleware(
+    settings: Mapping[str, Any], authenticator: Authenticator | None = None
+) -> Middleware:
     buckets = TokenBuckets(float(settings.get("requests_per_s", 200)), int(settings.get("burst", 400)))
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _EXEMPT:
-            wait = buckets.take(client_key(request))
+            wait = buckets.take(client_key(request, authenticator))
             if wait > 0:
                 exc = TooManyRequests("too many requests; slow down", retry_after=wait)
                 resp = error_response(exc.http_status, exc.fhir_issue_code, exc.message)

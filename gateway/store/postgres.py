@@ -870,4 +870,4 @@ def _envelope_of(row: Any, status: Status) -> Envelope:
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and (exc := fut.exception()) is not None:
-        log.error("journal_write_failed", error=str(exc))
+        log.error("journal_write_failed", error=type(exc).__name__, sqlstate=getattr(exc, "sqlstate", None))
