@@ -28,7 +28,8 @@ from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.errors import HttpError, PermanentDeliveryError, RetryLater, StoreError
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
-from gateway.store.documents import FEED, Mode, SqliteDocumentStore, with_submission_set
+from gateway.store.backends import document_store
+from gateway.store.documents import FEED, BaseDocumentStore, Mode, with_submission_set
 from gateway.store.fhir import FhirRepository, SqliteFhirRepository
 from gateway.store.pg_fhir import PgFhirRepository
 
@@ -60,13 +61,13 @@ class FhirRepositoryDestination:
     def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
         self.name = name
         self.repository: FhirRepository
-        self.documents: SqliteDocumentStore | None = None
         if settings.get("dsn"):
             self.repository = PgFhirRepository(settings["dsn"], schema=settings.get("schema"))
         else:
-            sqlite = SqliteFhirRepository(Path(settings["path"]))
-            self.repository = sqlite
-            self.documents = SqliteDocumentStore(sqlite, mode=settings.get("documents", Mode.PDSM))
+            self.repository = SqliteFhirRepository(Path(settings["path"]))
+        documents = document_store(self.repository, mode=settings.get("documents", Mode.PDSM))
+        assert documents is not None  # both built-in repositories have their document store
+        self.documents: BaseDocumentStore = documents
         self._opened = False
 
     async def send(self, envelope: Envelope, payload: bytes) -> DeliveryResult:
@@ -83,9 +84,7 @@ class FhirRepositoryDestination:
                 await self.repository.open()
                 self._opened = True
             if carries_documents(bundle):
-                if self.documents is None:
-                    # Not stored as plain resources: that would skip the DMP rules (hash, replacement).
-                    raise PermanentDeliveryError("the document store is not available on PostgreSQL yet")
+                # Through the store, never as plain resources: the DMP rules (hash, replacement) apply.
                 submission = f"urn:uuid:{uuid.uuid5(_SUBMISSIONS, envelope.id)}"
                 when = datetime.fromtimestamp(envelope.received_at, UTC).isoformat(timespec="seconds")
                 response = await self.documents.publish(with_submission_set(bundle, submission, when), FEED)

@@ -12,7 +12,9 @@ Small files are written on the loop's thread: a worker thread measured slower he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import errno
 import os
 import sys
 import time
@@ -116,8 +118,9 @@ class FileDestination:
     def _synced(self, fut: asyncio.Future[None], batch: list[_Item], errors: list[Exception | None]) -> None:
         self._syncing = False
         exc = fut.exception()
-        if isinstance(exc, OSError):
-            failed = RetryLater(f"cannot flush to disk: {exc.strerror}")
+        if exc is not None:  # whatever broke the flush, nothing in the batch is known to be on disk
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            failed = RetryLater(f"cannot flush to disk: {reason}")
             errors = [err or failed for err in errors]
         self._settle(batch, errors)
         if self._pending and not self._flush_scheduled:
@@ -145,11 +148,15 @@ class FileDestination:
                 tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
                 try:
-                    os.write(fd, data)
+                    _write_all(fd, data)
                     if self.fsync and _SYNCFS is None:
                         os.fsync(fd)
-                finally:
+                except BaseException:
                     os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)  # never leave a partial file behind
+                    raise
+                os.close(fd)
                 os.replace(tmp, path)
                 errors.append(None)
             except PermissionError as exc:
@@ -196,3 +203,13 @@ def _check_pattern(pattern: str) -> None:
             raise ValueError(f"unknown placeholder {{{field}}}; allowed: {', '.join(_FIELDS)}")
     if "/" in pattern or "\\" in pattern or ".." in pattern:
         raise ValueError("the file name may not contain a path")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write only part (a full disk, a signal): loop until every byte is written."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]

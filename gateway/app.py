@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Mapping
@@ -179,7 +180,15 @@ class Gateway:
 
     async def start(self) -> None:
         self.started_at = time.time()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dbs = (
+            self.data_dir / "audit.db",
+            getattr(self.store, "path", None),
+            getattr(self.fhir, "path", None),
+        )
+        for db in dbs:
+            if isinstance(db, Path) and db.parent == self.data_dir:
+                _private_file(db)  # SQLite gives its -wal and -shm files the same mode
         secret = _installation_secret(self.data_dir / "partition.key")
         for intake in self.intakes.values():
             intake.partition_secret = secret
@@ -387,17 +396,64 @@ class Gateway:
         }
 
 
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 when it does not exist (an empty file is a valid
+    SQLite database); an existing file keeps its mode, which is the operator's choice."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+PARTITION_KEY_BYTES = 32
+
+
 def _installation_secret(path: Path) -> bytes:
-    """A random key made on first start (mode 0600), kept with the data it protects."""
+    """A random key made on first start (mode 0600), kept with the data it protects.
+
+    The key decides which partition a patient's messages go to. A key file of the wrong length
+    (a crash between its creation and its write) is remade, but only while the journal in the
+    same directory holds no message; otherwise starting would reorder patients silently, so
+    it is a ConfigError the operator resolves (restore the key from backup).
+    """
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
     except FileNotFoundError:
-        pass
-    key = os.urandom(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        key = None
+    if key is not None and len(key) == PARTITION_KEY_BYTES:
+        return key
+    if key is not None and _journal_has_messages(path.parent / "passerelle.db"):
+        raise ConfigError(
+            f"{path} holds {len(key)} bytes, not {PARTITION_KEY_BYTES}, and the journal already holds "
+            "messages: restore the key from a backup (a new key would change partition assignment)",
+            key="data_dir",
+        )
+    key = os.urandom(PARTITION_KEY_BYTES)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, key)
+        view = memoryview(key)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.replace(tmp, path)  # the key appears whole or not at all
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     return key
+
+
+def _journal_has_messages(db: Path) -> bool:
+    if not db.exists() or db.stat().st_size == 0:
+        return False
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT EXISTS (SELECT 1 FROM messages)").fetchone()
+    except sqlite3.OperationalError:  # no messages table yet: nothing was ever journaled
+        return False
+    finally:
+        conn.close()
+    return bool(row[0])

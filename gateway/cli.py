@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import ssl
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ def _install_loop() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
+    os.umask(0o077)  # journal, repository, audit trail and written files: readable by this account only
     try:
         cfg = config_mod.load(args.config)
         configure_logging(cfg.data.get("log_level", "info"))

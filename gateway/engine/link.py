@@ -3,18 +3,48 @@
 Messages are plain tuples of our own types, pickled (both ends are this program).
 Everything sent during one loop turn leaves as one frame: a length, then the pickle
 of the list. Order is kept end to end, which per-patient ordering relies on.
+
+The records that cross on every message (Envelope, WorkItem, StageRecord) are pickled as
+their class and field tuple: the dataclasses' own slot pickling goes through Python-level
+``__getstate__``/``__setstate__``, several times slower at both ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copyreg
+import dataclasses
+import io
+import operator
 import pickle
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from gateway.core.envelope import Envelope
+from gateway.core.protocols import StageRecord, WorkItem
 
 _LEN = struct.Struct("!I")
 Msg = tuple[Any, ...]
+
+
+def _by_fields(cls: type[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    fields = dataclasses.fields(cls)
+    assert all(f.init for f in fields), cls  # rebuilt by calling the class with every field
+    get = operator.attrgetter(*(f.name for f in fields))
+    return lambda obj: (cls, get(obj))
+
+
+_REDUCERS: dict[type[Any], Callable[[Any], Any]] = dict(copyreg.dispatch_table)
+_REDUCERS.update({c: _by_fields(c) for c in (Envelope, WorkItem, StageRecord)})
+
+
+def dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = _REDUCERS
+    pickler.dump(obj)
+    return buf.getvalue()
 
 
 class Link:
@@ -38,7 +68,7 @@ class Link:
         if not self._out or self.closed or self.writer.is_closing():
             self._out.clear()
             return
-        data = pickle.dumps(self._out, protocol=pickle.HIGHEST_PROTOCOL)
+        data = dumps(self._out)
         self._out = []
         self.writer.write(_LEN.pack(len(data)) + data)
 

@@ -76,6 +76,31 @@ def _who(request: web.Request) -> tuple[str, str | None]:
     return caller.subject, caller.role.value
 
 
+async def _is_read(request: web.Request, parts: list[str]) -> bool:
+    """Whether the request only reads: a GET, a POST search, or a Bundle whose entries are all GETs."""
+    if request.method == "GET":
+        return True
+    if request.method != "POST":
+        return False
+    if parts and parts[-1] == "_search":
+        return True
+    if parts:
+        return False
+    try:
+        data = orjson.loads(await request.read())  # already read (and cached) by the handler
+    except Exception:  # noqa: BLE001 - an unreadable body is not a read; the handler answered it
+        return False
+    entries = data.get("entry") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        return False
+    return all(
+        isinstance(e, dict)
+        and isinstance(e.get("request"), dict)
+        and str(e["request"].get("method", "")).upper() == "GET"
+        for e in entries
+    )
+
+
 def audit_middleware() -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -97,6 +122,8 @@ def audit_middleware() -> Middleware:
             failure, response, status = exc, None, exc.http_status
         except web.HTTPException as exc:
             failure, response, status = exc, None, exc.status
+        except Exception as exc:  # noqa: BLE001 - a crash is an access attempt too: audited, then re-raised
+            failure, response, status = exc, None, 500
         parts = [p for p in path[len("/fhir") :].split("/") if p]
         code, action = _interaction(request.method, parts)
         entities: list[dict[str, Any]] = []
@@ -122,7 +149,7 @@ def audit_middleware() -> Middleware:
             await audit.write(resource)
         except StoreError as exc:
             log.error("audit_write_failed", path_kind=parts[0] if parts else "", error=exc.message)
-            if action in ("R", "E") and request.method == "GET":
+            if action in ("R", "E") and await _is_read(request, parts):
                 return error_response(503, "transient", "the access could not be audited; try again")
         if failure is not None:
             raise failure

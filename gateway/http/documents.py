@@ -52,6 +52,7 @@ from gateway.http.fhir import (
 )
 from gateway.http.fhir_routing import routed
 from gateway.http.scope import DOCUMENT_RULES, compartment_of, is_mhd_list, visible_included
+from gateway.store.backends import document_store
 from gateway.store.doc_search import SEARCH_PARAM_TYPES
 from gateway.store.documents import (
     INVISIBLE_PATIENT,
@@ -61,13 +62,13 @@ from gateway.store.documents import (
     MASQUE_PSOCIAL,
     MASQUE_PT,
     Actor,
+    BaseDocumentStore,
     Mode,
-    SqliteDocumentStore,
     ValueSets,
 )
-from gateway.store.fhir import DEFAULT_COUNT, FhirRepository, SqliteFhirRepository
+from gateway.store.fhir import DEFAULT_COUNT, FhirRepository
 
-DOCUMENT_STORE: web.AppKey[SqliteDocumentStore] = web.AppKey("document_store", SqliteDocumentStore)
+DOCUMENT_STORE: web.AppKey[BaseDocumentStore] = web.AppKey("document_store", BaseDocumentStore)
 JSON_PATCH = "application/json-patch+json"
 # Search parameters the generic List search serves; anything else is ITI-66.
 _GENERIC_LIST_PARAMS = frozenset(
@@ -100,16 +101,16 @@ def actor_for(caller: Caller) -> Actor:
 def add_document_routes(
     app: web.Application, repository: FhirRepository, settings: Mapping[str, Any] | None = None
 ) -> None:
-    """Register the MHD routes (before ``add_fhir_routes``) when the repository is the built-in one."""
-    if not isinstance(repository, SqliteFhirRepository):
-        return
+    """Register the MHD routes (before ``add_fhir_routes``) when the repository is a built-in one."""
     settings = settings or {}
     directory = settings.get("valuesets")
-    store = SqliteDocumentStore(
+    store = document_store(
         repository,
         mode=Mode(settings.get("mode", Mode.PDSM.value)),
         valuesets=ValueSets.load(Path(directory)) if directory else None,
     )
+    if store is None:
+        return
     app[DOCUMENT_STORE] = store
     app[DOCUMENT_RULES] = StoreRules(store)
     router = app.router
@@ -210,7 +211,7 @@ def _capabilities() -> list[dict[str, Any]]:
 class StoreRules:
     """The document store's rules for documents met on the generic routes (gateway.http.scope)."""
 
-    def __init__(self, store: SqliteDocumentStore) -> None:
+    def __init__(self, store: BaseDocumentStore) -> None:
         self.store = store
 
     async def visible(self, request: web.Request, resource: Mapping[str, Any]) -> bool:
@@ -238,7 +239,7 @@ class StoreRules:
         return False
 
 
-def _store(request: web.Request) -> SqliteDocumentStore:
+def _store(request: web.Request) -> BaseDocumentStore:
     return request.app[DOCUMENT_STORE]
 
 

@@ -123,7 +123,13 @@ async def routed(
     failure = await intake.hand_over(receipt)
     if failure is not None:
         raise delivery_failed(failure)
+    if answer is None and receipt.store:
+        try:  # delivered, but the request is not done until it is stored: a resend must be processed
+            answer = await write()
+        except Exception as exc:
+            await intake.abandon(receipt, exc)
+            raise
     if answer is None:
-        answer = await write() if receipt.store else _outcome(202, f"accepted for delivery as message {ids}")
+        answer = _outcome(202, f"accepted for delivery as message {ids}")
     answer.headers[MESSAGE_ID_HEADER] = ids
     return answer

@@ -35,13 +35,14 @@ recorded, so what a message carries and no rule consumed can be reported.
 from __future__ import annotations
 
 import functools
+import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
@@ -678,11 +679,13 @@ def run(
     plans = _interpreted(mapping, library) if interpret else library.plan(mapping)
     refs: dict[str, str | list[str]] = {}
     ref_segments: dict[str, str] = {}
-    for r in mapping.resources:
+    counts = [1 if r.each is None else len(message.segments_named(r.each)) for r in mapping.resources]
+    urns = iter(_random_urns(sum(counts)))
+    for r, count in zip(mapping.resources, counts, strict=True):
         if r.each is None:
-            refs[r.key] = f"urn:uuid:{uuid.uuid4()}"
+            refs[r.key] = next(urns)
         else:
-            refs[r.key] = [f"urn:uuid:{uuid.uuid4()}" for _ in message.segments_named(r.each)]
+            refs[r.key] = [next(urns) for _ in range(count)]
             ref_segments[r.key] = r.each
     ctx = Context(
         message,
@@ -722,7 +725,7 @@ def run(
                     apply(resource, ctx)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
-            if len(_prune(resource)) > 1:  # a resource nothing was mapped into is not produced
+            if len(_prune_fast(resource)) > 1:  # a resource nothing was mapped into is not produced
                 entries.append((plan, url, resource))
                 ctx.skipped.discard(url)
         ctx.enter(None)
@@ -771,6 +774,21 @@ def run(
         unmapped,
         mapping.name,
     )
+
+
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them.
+_UUID_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID_SET = (4 << 76) | (0x8000 << 48)
+
+
+def _random_urns(count: int) -> list[str]:
+    """``urn:uuid:`` + ``uuid.uuid4()``, ``count`` times, from one ``os.urandom`` call."""
+    raw = os.urandom(16 * count)
+    urns = []
+    for start in range(0, 16 * count, 16):
+        h = f"{int.from_bytes(raw[start : start + 16]) & _UUID_KEEP | _UUID_SET:032x}"
+        urns.append(f"urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return urns
 
 
 # Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
@@ -1202,49 +1220,54 @@ def _compile_each(rule: Rule, library: Library) -> Apply:
     inner = tuple(_compile_rule(r, library) for r in rule.rules)
     put = _compile_put(rule.target) if rule.target else None
     each = rule.each
-    scopes: Callable[[Context], list[tuple[str | None, tuple[str, int] | None]]]
+
+    def one(target: dict[str, Any], ctx: Context) -> None:
+        """One repetition (or occurrence): its item, when some inner rule applied."""
+        if test is not None and not test(ctx):
+            return
+        item: dict[str, Any] = {}
+        for apply in inner:
+            apply(item, ctx)
+        if item:
+            if put is not None:
+                put(target, item.get("") if "" in item else item)
+            else:
+                target.update(item)
+
     if _SEGMENT.fullmatch(each):
 
-        def segment_scopes(ctx: Context) -> list[tuple[str | None, tuple[str, int] | None]]:
+        def apply_segments(target: dict[str, Any], ctx: Context) -> None:
+            saved_scope, saved_segment = ctx.scope, ctx.segment
             count = len(ctx.message.segments_named(each))
             layout, group = ctx.layout, ctx.group
-            return [
-                (None, (each, i))
+            occurrences = [
+                i
                 for i in range(1, count + 1)
                 if layout is None or group is None or layout.group_of.get((each, i)) == group
             ]
+            try:
+                for i in occurrences:
+                    ctx.scope = None
+                    ctx.enter((each, i))
+                    one(target, ctx)
+            finally:
+                ctx.scope = saved_scope
+                ctx.enter(saved_segment)
 
-        scopes = segment_scopes
-    else:
-        reps = _compile_reps(each)
+        return apply_segments
+    reps = _compile_reps(each)
 
-        def field_scopes(ctx: Context) -> list[tuple[str | None, tuple[str, int] | None]]:
-            segment = ctx.segment
-            return [(rep, segment) for rep in reps(ctx)]
-
-        scopes = field_scopes
-
-    def apply(target: dict[str, Any], ctx: Context) -> None:
-        saved_scope, saved_segment = ctx.scope, ctx.segment
+    def apply_repetitions(target: dict[str, Any], ctx: Context) -> None:
+        # the segment (and so the group) stays the same: only the scope moves
+        saved_scope = ctx.scope
         try:
-            for scope, segment in scopes(ctx):
-                ctx.scope = scope
-                ctx.enter(segment)
-                if test is not None and not test(ctx):
-                    continue
-                item: dict[str, Any] = {}
-                for one in inner:
-                    one(item, ctx)
-                if item:
-                    if put is not None:
-                        put(target, item.get("") if "" in item else item)
-                    else:
-                        target.update(item)
+            for rep in reps(ctx):
+                ctx.scope = rep
+                one(target, ctx)
         finally:
             ctx.scope = saved_scope
-            ctx.enter(saved_segment)
 
-    return apply
+    return apply_repetitions
 
 
 def _prune(node: Any) -> Any:
@@ -1271,6 +1294,18 @@ def _prune(node: Any) -> Any:
             whole = False
         if not whole:
             node[:] = [v for v in node if (v if isinstance(v, (dict, list)) else not (v is None or v == ""))]
+    return node
+
+
+def _prune_fast(node: dict[str, Any]) -> dict[str, Any]:
+    """``_prune``, skipped when the tree holds nothing it could drop: serialised (in C), every such
+    value shows as ``""``, ``null``, ``{}`` or ``[]``. Text that merely contains one prunes anyway."""
+    try:
+        text = orjson.dumps(node)
+    except TypeError:  # not JSON-shaped (orjson's errors are TypeErrors): the plain way
+        return _prune(node)  # type: ignore[no-any-return]
+    if b'""' in text or b"null" in text or b"{}" in text or b"[]" in text:
+        return _prune(node)  # type: ignore[no-any-return]
     return node
 
 

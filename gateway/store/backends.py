@@ -15,8 +15,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.core.config import Config
+from gateway.store.documents import BaseDocumentStore, Mode, SqliteDocumentStore, ValueSets
 from gateway.store.fhir import FhirRepository, SqliteFhirRepository
 from gateway.store.nats_journal import JetStreamStore, NatsJournal
+from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
@@ -44,6 +46,17 @@ class Backends:
         if isinstance(self.store, PostgresStore):
             return PgFhirRepository(self.store.dsn, schema=self.store.schema)
         return SqliteFhirRepository(data_dir / "fhir.db")
+
+
+def document_store(
+    repository: FhirRepository, *, mode: Mode | str = Mode.PDSM, valuesets: ValueSets | None = None
+) -> BaseDocumentStore | None:
+    """The document store beside a built-in repository (SQLite or PostgreSQL); None for any other."""
+    if isinstance(repository, SqliteFhirRepository):
+        return SqliteDocumentStore(repository, mode=mode, valuesets=valuesets)
+    if isinstance(repository, PgFhirRepository):
+        return PgDocumentStore(repository, mode=mode, valuesets=valuesets)
+    return None
 
 
 def select(

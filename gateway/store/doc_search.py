@@ -89,7 +89,7 @@ class DocumentQuery:
 
     def clause(self) -> tuple[str, list[Any]]:
         """The conditions besides patient and status (those are added by the store)."""
-        return (" AND ".join(self.where) if self.where else "1", list(self.args))
+        return (" AND ".join(self.where) if self.where else "1=1", list(self.args))
 
 
 def _tokens(raw: str, name: str) -> list[tuple[str | None, str | None]]:
@@ -164,7 +164,7 @@ def _date_conditions(raw: str, name: str, column: str) -> tuple[str, list[Any]]:
             conds.append(f"{column}>=?")
             args.append(low)
         elif prefix == "gt":
-            conds.append(f"{column}>=?" if high else "0")
+            conds.append(f"{column}>=?" if high else "1=0")  # portable: PostgreSQL wants a boolean
             args += [high] if high else []
         elif prefix == "le":
             conds.append(f"{column}<?" if high else f"{column} IS NOT NULL")

@@ -14,7 +14,11 @@ DocumentReference, List and Binary stay ordinary resources of the repository (re
   ``dmp`` mode).
 
 Everything one request does runs in one write of the repository (one SAVEPOINT inside its group
-commit): any failure leaves nothing behind.
+commit on SQLite, one transaction on PostgreSQL): any failure leaves nothing behind.
+
+The rules are written once, as coroutines over ``DocOps`` (the document tables of one connection)
+and the repository's ``fhir_common.Transaction``; ``SqliteDocumentStore`` runs them synchronously
+on the repository's threads, ``gateway.store.pg_documents`` awaits them on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import hashlib
 import http
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -45,18 +50,18 @@ from gateway.core.errors import (
     Unprocessable,
 )
 from gateway.core.logging import get_logger
+from gateway.store import fhir_common as common
 from gateway.store.doc_search import DocumentQuery, parse_document_search
 from gateway.store.fhir import (
     DEFAULT_COUNT,
     ID_RE,
     MAX_COUNT,
+    FhirRepository,
     SearchResult,
     SqliteFhirRepository,
     _copy,
     _date_range,
-    _process_bundle,
     _Writer,
-    match_ids,
 )
 
 log = get_logger("passerelle.documents")
@@ -260,31 +265,71 @@ def _b64(text: Any, where: str) -> bytes:
         raise BadRequest(f"{where} is not valid base64", location=where) from exc
 
 
-def _store_blob(conn: sqlite3.Connection, blob: _Blob) -> None:
-    conn.execute(
-        "INSERT OR IGNORE INTO doc_blobs(sha256, sha1, size, data) VALUES (?,?,?,?)",
-        (blob.sha256, blob.sha1, len(blob.data), blob.data),
-    )
-    conn.execute(
-        "INSERT OR REPLACE INTO doc_binaries(id, sha256, content_type) VALUES (?,?,?)",
-        (blob.binary_id, blob.sha256, blob.content_type or "application/octet-stream"),
-    )
-
-
-def _known_blob(conn: sqlite3.Connection, binary_id: str) -> _Blob | None:
-    row = conn.execute(
+async def _known_blob(ops: DocOps, binary_id: str) -> _Blob | None:
+    rows = await ops.rows(
         "SELECT b.content_type, d.data FROM doc_binaries b JOIN doc_blobs d ON d.sha256=b.sha256"
         " WHERE b.id=?",
         (binary_id,),
-    ).fetchone()
-    if row is None:
+    )
+    if not rows:
         return None
+    row = rows[0]
     blob = _Blob(bytes(row[1]), str(row[0]))
     blob.binary_id = binary_id
     return blob
 
 
 _BINARY_URL = re.compile(r"(?:^|/)Binary/([A-Za-z0-9\-.]{1,64})$")
+
+
+class DocOps(ABC):
+    """The document tables of one open connection (inside a write or for a read): what differs
+    between the backends. ``rows`` takes SQL both databases accept, with ``?`` placeholders."""
+
+    @abstractmethod
+    async def rows(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]: ...
+
+    @abstractmethod
+    async def body(self, type_: str, id_: str) -> dict[str, Any] | None:
+        """A live resource's current body."""
+
+    @abstractmethod
+    async def store_blob(self, blob: _Blob) -> None:
+        """Keep the bytes once (by SHA-256) and say which bytes the Binary stands for."""
+
+    @abstractmethod
+    async def write_index(
+        self, id_: str, values: tuple[Any, ...], tokens: list[tuple[str, str, str]]
+    ) -> None:
+        """Replace a document's ``doc_index`` row (``INDEX_COLUMNS``) and its ``doc_tokens``."""
+
+    @abstractmethod
+    async def documents(
+        self, where: str, args: Sequence[Any], count: int, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(total, one page of bodies) of the documents ``where`` (over ``doc_index d``) selects,
+        newest ``date`` first (no date last), then by id."""
+
+    @abstractmethod
+    async def patient_lists(self, patient: str) -> list[dict[str, Any]]:
+        """The live Lists whose subject is ``patient`` ("Patient/id")."""
+
+    @abstractmethod
+    async def indexed_document(self, id_: str) -> tuple[dict[str, Any], str | None, int | None] | None:
+        """A live DocumentReference with its indexed patient and mask (None, None: not indexed)."""
+
+
+INDEX_COLUMNS = (
+    "id",
+    "patient",
+    "status",
+    "date",
+    "creation",
+    "period_start",
+    "period_end",
+    "archived",
+    "mask",
+)
 
 
 # -- the index ---------------------------------------------------------------------------------------
@@ -325,7 +370,7 @@ def mask_of(doc: Mapping[str, Any]) -> int:
     return bits
 
 
-def _author_identifiers(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+async def _author_identifiers(ops: DocOps, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     contained = {
         f"#{c.get('id')}": c for c in doc.get("contained") or () if isinstance(c, dict) and c.get("id")
     }
@@ -339,11 +384,7 @@ def _author_identifiers(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> lis
             target: Any = contained.get(ref)
             if target is None and "/" in ref and not ref.startswith("#"):
                 type_, _, id_ = ref.rpartition("/")
-                row = conn.execute(
-                    "SELECT body FROM resources WHERE type=? AND id=? AND deleted=0",
-                    (type_.rsplit("/", 1)[-1], id_),
-                ).fetchone()
-                target = orjson.loads(row[0]) if row is not None else None
+                target = await ops.body(type_.rsplit("/", 1)[-1], id_)
             if isinstance(target, dict):
                 idents += [i for i in target.get("identifier") or () if isinstance(i, dict)]
         for ident in idents:
@@ -353,7 +394,7 @@ def _author_identifiers(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> lis
     return found
 
 
-def _tokens(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+async def _tokens(ops: DocOps, doc: Mapping[str, Any]) -> set[tuple[str, str, str]]:
     rows: set[tuple[str, str, str]] = set()
 
     def codes(param: str, concept: Any) -> None:
@@ -394,7 +435,7 @@ def _tokens(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> set[tuple[str, 
         ref = (author or {}).get("reference")
         if isinstance(ref, str) and "/" in ref and not ref.startswith("#"):
             rows.add(("author", "", "/".join(ref.split("/")[-2:])))
-    for system, value in _author_identifiers(conn, doc):
+    for system, value in await _author_identifiers(ops, doc):
         rows.add(("author.identifier", system, value))
     return rows
 
@@ -408,7 +449,7 @@ def _patient_of(doc: Mapping[str, Any]) -> str:
     return ""
 
 
-def index_document(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> None:
+async def index_document(ops: DocOps, doc: Mapping[str, Any]) -> None:
     """(Re)write the index rows of one DocumentReference version."""
     id_ = doc["id"]
     context: dict[str, Any] = doc["context"] if isinstance(doc.get("context"), dict) else {}
@@ -418,9 +459,8 @@ def index_document(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> None:
         creation = _instant(((content or {}).get("attachment") or {}).get("creation"))
         if creation:
             break
-    conn.execute(
-        "INSERT OR REPLACE INTO doc_index(id, patient, status, date, creation, period_start,"
-        " period_end, archived, mask) VALUES (?,?,?,?,?,?,?,?,?)",
+    await ops.write_index(
+        id_,
         (
             id_,
             _patient_of(doc),
@@ -432,30 +472,26 @@ def index_document(conn: sqlite3.Connection, doc: Mapping[str, Any]) -> None:
             int(is_archived(doc)),
             mask_of(doc),
         ),
-    )
-    conn.execute("DELETE FROM doc_tokens WHERE id=?", (id_,))
-    conn.executemany(
-        "INSERT OR IGNORE INTO doc_tokens(id, param, system, value) VALUES (?,?,?,?)",
-        [(id_, *row) for row in sorted(_tokens(conn, doc))],
+        sorted(await _tokens(ops, doc)),
     )
 
 
 # -- who may see what --------------------------------------------------------------------------
 
 
-def _identifier_patients(conn: sqlite3.Connection, idents: Iterable[tuple[str | None, str]]) -> set[str]:
+async def _identifier_patients(ops: DocOps, idents: Iterable[tuple[str | None, str]]) -> set[str]:
     """ "Patient/id" of the live Patients carrying any of these identifiers (INS, IPP...)."""
     found: set[str] = set()
     for system, value in idents:
         if system:
-            rows = conn.execute(
+            rows = await ops.rows(
                 "SELECT s.id FROM search_index s JOIN resources r ON r.type=s.type AND r.id=s.id"
                 " WHERE s.type='Patient' AND s.param='identifier' AND s.system=? AND s.value=?"
                 " AND r.deleted=0",
                 (system, value),
             )
         else:
-            rows = conn.execute(
+            rows = await ops.rows(
                 "SELECT s.id FROM search_index s JOIN resources r ON r.type=s.type AND r.id=s.id"
                 " WHERE s.type='Patient' AND s.param='identifier' AND s.value=? AND r.deleted=0",
                 (value,),
@@ -469,10 +505,10 @@ def _split_identifier(text: str) -> tuple[str | None, str]:
     return (system or None, value) if sep else (None, text)
 
 
-def _allowed_patients(conn: sqlite3.Connection, actor: Actor) -> set[str] | None:
+async def _allowed_patients(ops: DocOps, actor: Actor) -> set[str] | None:
     if actor.patients is None:
         return None
-    return _identifier_patients(conn, (_split_identifier(p) for p in actor.patients))
+    return await _identifier_patients(ops, [_split_identifier(p) for p in actor.patients])
 
 
 def _authored(actor: Actor) -> tuple[str, list[Any]] | None:
@@ -491,25 +527,25 @@ def _authored(actor: Actor) -> tuple[str, list[Any]] | None:
     return sql, args
 
 
-def _is_author(conn: sqlite3.Connection, actor: Actor, doc_id: str) -> bool:
+async def _is_author(ops: DocOps, actor: Actor, doc_id: str) -> bool:
     authored = _authored(actor)
     if authored is None:
         return False
     sql, args = authored
-    return conn.execute(f"{sql} AND id=?", [*args, doc_id]).fetchone() is not None
+    return bool(await ops.rows(f"{sql} AND id=?", [*args, doc_id]))
 
 
-def _visible(conn: sqlite3.Connection, actor: Actor, patient: str, mask: int, doc_id: str) -> bool:
+async def _visible(ops: DocOps, actor: Actor, patient: str, mask: int, doc_id: str) -> bool:
     # A document masked from professionals stays visible to its author, who may unmask it.
-    if mask & actor.hidden and not _is_author(conn, actor, doc_id):
+    if mask & actor.hidden and not await _is_author(ops, actor, doc_id):
         return False
-    allowed = _allowed_patients(conn, actor)
+    allowed = await _allowed_patients(ops, actor)
     return allowed is None or patient in allowed
 
 
-def _check_author(conn: sqlite3.Connection, actor: Actor, doc_id: str) -> None:
+async def _check_author(ops: DocOps, actor: Actor, doc_id: str) -> None:
     """Only the document's author may delete it (DMP rule); 403 for anyone else."""
-    if actor.may_delete_any or _is_author(conn, actor, doc_id):
+    if actor.may_delete_any or await _is_author(ops, actor, doc_id):
         return
     raise Forbidden("only the document's author may delete it", location="DocumentReference.author")
 
@@ -767,7 +803,7 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-def _one_document(conn: sqlite3.Connection, query: str, where: str) -> str:
+async def _one_document(ops: DocOps, query: str, where: str) -> str:
     """The one document ``identifier=…`` criteria select (masterIdentifier or identifier)."""
     params = parse_qsl(query, keep_blank_values=True)
     if not params or any(k != "identifier" or not v for k, v in params):
@@ -780,7 +816,7 @@ def _one_document(conn: sqlite3.Connection, query: str, where: str) -> str:
         if system:
             sql += " AND system=?"
             args.append(system)
-        found = {str(r[0]) for r in conn.execute(sql, args)}
+        found = {str(r[0]) for r in await ops.rows(sql, args)}
         ids = found if ids is None else ids & found
     if not ids:
         raise NotFound("no DocumentReference has this identifier", location=where)
@@ -799,12 +835,13 @@ class _Special:
 
 
 class _Publication:
-    """One ITI-65 transaction, run on the repository's writer inside one SAVEPOINT."""
+    """One ITI-65 transaction, inside one write of the repository (``tx``; ``ops`` on the same
+    connection)."""
 
-    def __init__(self, store: SqliteDocumentStore, writer: _Writer, actor: Actor) -> None:
+    def __init__(self, store: BaseDocumentStore, tx: common.Transaction, ops: DocOps, actor: Actor) -> None:
         self.store = store
-        self.w = writer
-        self.conn = writer.conn
+        self.tx = tx
+        self.ops = ops
         self.actor = actor
         self.blobs: list[_Blob] = []
         self.inline: list[_Blob] = []  # attachment.data: a Binary is made for them
@@ -815,7 +852,7 @@ class _Publication:
         self.issues: dict[int, list[dict[str, Any]]] = {}
 
     # The whole transaction.
-    def run(self, bundle: Mapping[str, Any], *, need_submission_set: bool = True) -> dict[str, Any]:
+    async def run(self, bundle: Mapping[str, Any], *, need_submission_set: bool = True) -> dict[str, Any]:
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
             raise BadRequest("ITI-65 takes a transaction Bundle", location="Bundle.type")
         entries = bundle.get("entry")
@@ -824,7 +861,7 @@ class _Publication:
         if self.actor.patients is not None:
             for i, entry in enumerate(entries):
                 try:
-                    self._within_own_record(entry)
+                    await self._within_own_record(entry)
                 except PasserelleError as exc:
                     raise _at(exc, i) from None
         prepared = [self._prepare(i, e) for i, e in enumerate(entries)]
@@ -839,19 +876,19 @@ class _Publication:
             resource = entry.get("resource")
             if isinstance(resource, dict) and resource.get("resourceType") == "DocumentReference":
                 try:
-                    self._check_document(i, entry, patients)
+                    await self._check_document(i, entry, patients)
                 except PasserelleError as exc:
                     raise _at(exc, i) from None
             if isinstance(resource, dict):
                 try:
-                    self._resolve_conditional_refs(resource, patients)
+                    await self._resolve_conditional_refs(resource, patients)
                 except PasserelleError as exc:
                     raise _at(exc, i) from None
         if self.actor.patients is not None:
-            self._resolved_within_own_record(prepared)
-        answer = _process_bundle(self.w, {**bundle, "entry": prepared})
+            await self._resolved_within_own_record(prepared)
+        answer = await common.process_bundle(self.tx, {**bundle, "entry": prepared})
         results: list[dict[str, Any]] = answer["entry"]
-        self._after(prepared, results)
+        await self._after(prepared, results)
         for i, issues in self.issues.items():
             if issues:
                 results[i]["response"]["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
@@ -859,7 +896,7 @@ class _Publication:
 
     # A patient publishes to their own record (DMP): new documents, their bytes and their
     # SubmissionSet, for a patient they may see; nothing else of the repository.
-    def _within_own_record(self, entry: Any) -> None:
+    async def _within_own_record(self, entry: Any) -> None:
         """Before any lookup, so that a refusal says nothing of whether another patient exists."""
         if not isinstance(entry, dict):
             return  # the repository reports it with its index
@@ -878,10 +915,10 @@ class _Publication:
             isinstance(rel, dict) and rel.get("code") == "replaces" for rel in resource.get("relatesTo") or ()
         ):
             raise Forbidden("a patient does not replace documents", location="resource.relatesTo")
-        if not self._own_subject(resource.get("subject")):
+        if not await self._own_subject(resource.get("subject")):
             raise Forbidden("a patient publishes to their own record only", location="resource.subject")
 
-    def _own_subject(self, subject: Any) -> bool:
+    async def _own_subject(self, subject: Any) -> bool:
         assert self.actor.patients is not None
         mine = [_split_identifier(p) for p in self.actor.patients]
 
@@ -897,15 +934,15 @@ class _Publication:
                 k == "identifier" and allowed(*_split_identifier(v)) for k, v in params
             )
         if isinstance(ref, str):
-            return ref in (_allowed_patients(self.conn, self.actor) or set())
+            return ref in (await _allowed_patients(self.ops, self.actor) or set())
         ident = subject.get("identifier")
         if isinstance(ident, dict):
             return allowed(ident.get("system"), str(ident.get("value", "")))
         return True  # no patient named: the document checks answer 422
 
-    def _resolved_within_own_record(self, entries: list[Any]) -> None:
+    async def _resolved_within_own_record(self, entries: list[Any]) -> None:
         """After resolution: every subject is one of the patient's own records."""
-        allowed = _allowed_patients(self.conn, self.actor) or set()
+        allowed = await _allowed_patients(self.ops, self.actor) or set()
         for i, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict) and resource.get("resourceType") in ("DocumentReference", "List"):
@@ -990,11 +1027,11 @@ class _Publication:
                 out.append((e["fullUrl"], idents))
         return out
 
-    def _find_patient(
+    async def _find_patient(
         self, idents: list[tuple[str | None, str]], patients: list[tuple[str, set[tuple[str, str]]]]
     ) -> str:
         """The one Patient these identifiers (INS or IPP) designate: "Patient/id" or a fullUrl."""
-        found = _identifier_patients(self.conn, idents)
+        found = await _identifier_patients(self.ops, idents)
         if len(found) == 1:
             return found.pop()
         if len(found) > 1:
@@ -1006,7 +1043,9 @@ class _Publication:
                 return url
         raise Unprocessable("no patient is known with this identifier (INS or IPP)", location="subject")
 
-    def _resolve_subject(self, doc: dict[str, Any], patients: list[tuple[str, set[tuple[str, str]]]]) -> None:
+    async def _resolve_subject(
+        self, doc: dict[str, Any], patients: list[tuple[str, set[tuple[str, str]]]]
+    ) -> None:
         subject = doc.get("subject")
         if not isinstance(subject, dict):
             raise Unprocessable("subject (the patient) is required", location="subject")
@@ -1018,16 +1057,16 @@ class _Publication:
                 raise Unprocessable(
                     "a conditional patient reference searches by identifier", location="subject"
                 )
-            subject["reference"] = self._find_patient(idents, patients)
+            subject["reference"] = await self._find_patient(idents, patients)
         elif isinstance(ref, str) and ref.startswith("urn:"):
             if ref not in {url for url, _ in patients}:
                 raise Unprocessable("subject points at no Patient of this Bundle", location="subject")
         elif isinstance(ref, str):
-            if not ref.startswith("Patient/") or self.w.current("Patient", ref[8:]) is None:
+            if not ref.startswith("Patient/") or await self.tx.fetch("Patient", ref[8:]) is None:
                 raise Unprocessable(f"subject {ref!r} is not a known Patient", location="subject")
         elif isinstance(subject.get("identifier"), dict):
             ident = subject["identifier"]
-            subject["reference"] = self._find_patient(
+            subject["reference"] = await self._find_patient(
                 [(ident.get("system"), str(ident.get("value", "")))], patients
             )
         else:
@@ -1035,7 +1074,9 @@ class _Publication:
                 "subject must reference the Patient (or carry its INS or IPP)", location="subject"
             )
 
-    def _resolve_conditional_refs(self, node: Any, patients: list[tuple[str, set[tuple[str, str]]]]) -> None:
+    async def _resolve_conditional_refs(
+        self, node: Any, patients: list[tuple[str, set[tuple[str, str]]]]
+    ) -> None:
         """Every other ``Type?criteria`` reference of the entry becomes "Type/id" (one match)."""
         if isinstance(node, dict):
             for key, value in node.items():
@@ -1048,11 +1089,11 @@ class _Publication:
                     type_, _, query = value.partition("?")
                     if type_ == "Patient":
                         params = parse_qsl(query)
-                        node[key] = self._find_patient(
+                        node[key] = await self._find_patient(
                             [_split_identifier(v) for k, v in params if k == "identifier"], patients
                         )
                         continue
-                    ids = match_ids(self.conn, type_, query)
+                    ids = await self.tx.match(type_, common.criteria(query), 2)
                     if len(ids) != 1:
                         raise Unprocessable(
                             f"the conditional reference {type_}?… matches {len(ids)} resources",
@@ -1060,25 +1101,25 @@ class _Publication:
                         )
                     node[key] = f"{type_}/{ids[0]}"
                 else:
-                    self._resolve_conditional_refs(value, patients)
+                    await self._resolve_conditional_refs(value, patients)
         elif isinstance(node, list):
             for item in node:
-                self._resolve_conditional_refs(item, patients)
+                await self._resolve_conditional_refs(item, patients)
 
-    def _existing(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+    async def _existing(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """The current DocumentReference a PUT entry would overwrite, if any."""
         request = entry.get("request") or {}
         url = str(request.get("url", ""))
         if request.get("method") != "PUT":
             return None
         if url.startswith("DocumentReference/"):
-            current = self.w.current("DocumentReference", url.split("/", 1)[1])
+            current = await self.tx.fetch("DocumentReference", url.split("/", 1)[1])
         else:
-            ids = match_ids(self.conn, "DocumentReference", url.partition("?")[2], limit=2)
-            current = self.w.current("DocumentReference", ids[0]) if len(ids) == 1 else None
+            ids = await self.tx.match("DocumentReference", common.criteria(url.partition("?")[2]), 2)
+            current = await self.tx.fetch("DocumentReference", ids[0]) if len(ids) == 1 else None
         return current[2] if current is not None else None
 
-    def _check_document(
+    async def _check_document(
         self, i: int, entry: dict[str, Any], patients: list[tuple[str, set[tuple[str, str]]]]
     ) -> None:
         doc: dict[str, Any] = entry["resource"]
@@ -1090,12 +1131,12 @@ class _Publication:
                 raise Unprocessable(f"DocumentReference.{name} is required", location=f"{where}.{name}")
         if doc["status"] not in STATUSES:
             raise Unprocessable(f"status must be one of {', '.join(STATUSES)}", location=f"{where}.status")
-        self._resolve_subject(doc, patients)
-        existing = self._existing(entry)
+        await self._resolve_subject(doc, patients)
+        existing = await self._existing(entry)
         if existing is not None:
             _keep_managed(existing, doc)
             if existing.get("status") == "current" and doc["status"] == "entered-in-error":
-                _check_author(self.conn, self.actor, existing["id"])
+                await _check_author(self.ops, self.actor, existing["id"])
                 self.deletes.add(i)
             elif not self.actor.may_delete_any and _content_differs(existing, doc):
                 raise MethodNotAllowed(
@@ -1103,10 +1144,10 @@ class _Publication:
                     location=f"{where}.id",
                 )
         for j, content in enumerate(doc["content"]):
-            self._check_attachment(f"{where}.content[{j}].attachment", content, issues)
+            await self._check_attachment(f"{where}.content[{j}].attachment", content, issues)
         for k, rel in enumerate(doc.get("relatesTo") or ()):
             if isinstance(rel, dict) and rel.get("code") == "replaces":
-                self.replaces.append((i, self._replaced(f"{where}.relatesTo[{k}].target", rel)))
+                self.replaces.append((i, await self._replaced(f"{where}.relatesTo[{k}].target", rel)))
         if store.mode is Mode.DMP:
             for name in ("date", "author"):
                 if not doc.get(name):
@@ -1124,7 +1165,7 @@ class _Publication:
                 raise Unprocessable(text, location=f"{where}.{path}")
             issues.append(_issue("warning", "code-invalid", text, f"{where}.{path}"))
 
-    def _check_attachment(self, where: str, content: Any, issues: list[dict[str, Any]]) -> None:
+    async def _check_attachment(self, where: str, content: Any, issues: list[dict[str, Any]]) -> None:
         att = content.get("attachment") if isinstance(content, dict) else None
         if not isinstance(att, dict):
             raise Unprocessable("content.attachment is required", location=where)
@@ -1147,7 +1188,7 @@ class _Publication:
                 key = f"Binary/{match[1]}"
             if key is not None:
                 blob = self.by_url[key]
-            elif match and (known := _known_blob(self.conn, match[1])) is not None:
+            elif match and (known := await _known_blob(self.ops, match[1])) is not None:
                 blob = known
             else:
                 raise Unprocessable(
@@ -1188,12 +1229,12 @@ class _Publication:
                 _issue("warning", "required", "attachment.hash was missing: computed", f"{where}.hash")
             )
 
-    def _replaced(self, where: str, rel: dict[str, Any]) -> str:
+    async def _replaced(self, where: str, rel: dict[str, Any]) -> str:
         target: dict[str, Any] = rel["target"] if isinstance(rel.get("target"), dict) else {}
         ref = target.get("reference")
         if isinstance(ref, str) and ref.startswith("DocumentReference?"):
             try:
-                doc_id = _one_document(self.conn, ref.partition("?")[2], where)
+                doc_id = await _one_document(self.ops, ref.partition("?")[2], where)
             except NotFound as exc:
                 raise Unprocessable(
                     f"the replaced document is not known: {exc.message}", location=where
@@ -1202,7 +1243,7 @@ class _Publication:
             doc_id = ref.rsplit("/", 1)[-1]
         else:
             raise Unprocessable("relatesTo.target references the replaced DocumentReference", location=where)
-        current = self.w.current("DocumentReference", doc_id)
+        current = await self.tx.fetch("DocumentReference", doc_id)
         if current is None or current[2] is None:
             raise Unprocessable(
                 f"the replaced document DocumentReference/{doc_id} is not known", location=where
@@ -1215,12 +1256,16 @@ class _Publication:
         rel["target"] = target
         return doc_id
 
-    def _after(self, entries: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
-        conn = self.conn
+    async def _after(self, entries: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
         for blob in self.blobs:
-            _store_blob(conn, blob)
+            await self.ops.store_blob(blob)
         for blob in self.inline:
-            self.w.put("Binary", blob.binary_id, {"resourceType": "Binary", "contentType": blob.content_type})
+            await common.put(
+                self.tx,
+                "Binary",
+                blob.binary_id,
+                {"resourceType": "Binary", "contentType": blob.content_type},
+            )
         written: dict[int, dict[str, Any]] = {}
         for i, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -1228,39 +1273,39 @@ class _Publication:
                 continue
             location = str(results[i]["response"].get("location", ""))
             doc_id = location.split("/")[1] if location.startswith("DocumentReference/") else ""
-            current = self.w.current("DocumentReference", doc_id)
+            current = await self.tx.fetch("DocumentReference", doc_id)
             if current is None or current[2] is None:
                 continue
             doc = current[2]
             if not _patient_of(doc):
                 raise _at(Unprocessable("subject is not a Patient", location="resource.subject"), i)
-            index_document(conn, doc)
+            await index_document(self.ops, doc)
             written[i] = doc
         for i, old_id in self.replaces:
             try:
-                old = self.w.current("DocumentReference", old_id)
+                old = await self.tx.fetch("DocumentReference", old_id)
                 assert old is not None and old[2] is not None
                 if _patient_of(old[2]) != _patient_of(written[i]):
                     raise Unprocessable(
                         "a document replaces only a document of the same patient",
                         location="resource.relatesTo",
                     )
-                self._update(old[2], {**old[2], "status": "superseded"})
+                await self._update(old[2], {**old[2], "status": "superseded"})
             except PasserelleError as exc:
                 raise _at(exc, i) from None
         for i, special in self.specials.items():
             try:
-                results[i] = self._special(special)
+                results[i] = await self._special(special)
             except PasserelleError as exc:
                 raise _at(exc, i) from None
 
-    def _special(self, special: _Special) -> dict[str, Any]:
+    async def _special(self, special: _Special) -> dict[str, Any]:
         rest = special.url.partition("/")[2]
         if "?" in special.url:
-            doc_id = _one_document(self.conn, special.url.partition("?")[2], "request.url")
+            doc_id = await _one_document(self.ops, special.url.partition("?")[2], "request.url")
         else:
             doc_id = rest
-        current = self.w.current("DocumentReference", doc_id)
+        current = await self.tx.fetch("DocumentReference", doc_id)
         if current is None or current[2] is None:
             raise NotFound(f"DocumentReference/{doc_id} is not known", location="request.url")
         before = current[2]
@@ -1271,14 +1316,14 @@ class _Publication:
             after = special.patch(before)
             check_metadata_update(before, after)
         if after.get("status") == "entered-in-error" and before.get("status") != "entered-in-error":
-            _check_author(self.conn, self.actor, doc_id)
-        stored = self._update(before, after)
+            await _check_author(self.ops, self.actor, doc_id)
+        stored = await self._update(before, after)
         return _response(200, "DocumentReference", stored)
 
-    def _update(self, before: Mapping[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    async def _update(self, before: Mapping[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         body = {k: v for k, v in after.items() if k != "meta"}
-        stored, _ = self.w.put("DocumentReference", str(before["id"]), body)
-        index_document(self.conn, stored.body)
+        stored, _ = await common.put(self.tx, "DocumentReference", str(before["id"]), body)
+        await index_document(self.ops, stored.body)
         return stored.body
 
 
@@ -1308,8 +1353,313 @@ def _content_differs(before: Mapping[str, Any], after: Mapping[str, Any]) -> boo
 # -- the store ---------------------------------------------------------------------------------------
 
 
-class SqliteDocumentStore:
+class BaseDocumentStore(ABC):
+    """The DocumentStore operations, once for every backend: each runs the shared rules in one
+    write (``_writing``: the repository's transaction and the document tables on it) or one read."""
+
+    repository: FhirRepository
+    mode: Mode
+    valuesets: ValueSets
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def _writing(self, fn: Callable[[common.Transaction, DocOps], Coroutine[Any, Any, Any]]) -> Any: ...
+
+    @abstractmethod
+    async def _reading(self, fn: Callable[[DocOps], Coroutine[Any, Any, Any]]) -> Any: ...
+
+    async def publish(
+        self, bundle: Mapping[str, Any], actor: Actor, *, need_submission_set: bool = True
+    ) -> dict[str, Any]:
+        data = _copy(bundle)
+        answer: dict[str, Any] = await self._writing(
+            lambda tx, ops: _Publication(self, tx, ops, actor).run(
+                data, need_submission_set=need_submission_set
+            )
+        )
+        log.info("documents_published", actor=actor.subject, entries=len(answer.get("entry", [])))
+        return answer
+
+    async def publish_document(
+        self, resource: Mapping[str, Any], actor: Actor
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        doc = _copy(resource)
+        if doc.get("resourceType") != "DocumentReference":
+            raise BadRequest("ITI-105 takes a DocumentReference", location="resourceType")
+        doc.pop("id", None)
+        url = f"urn:uuid:{_uuid()}"
+        entry = {"fullUrl": url, "resource": doc, "request": {"method": "POST", "url": "DocumentReference"}}
+        bundle = with_submission_set(
+            {"resourceType": "Bundle", "type": "transaction", "entry": [entry]},
+            f"urn:uuid:{_uuid()}",
+            str(doc.get("date") or ""),
+        )
+        if not bundle["entry"][0]["resource"]["date"]:
+            bundle["entry"][0]["resource"].pop("date")
+
+        async def run(tx: common.Transaction, ops: DocOps) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            answer = await _Publication(self, tx, ops, actor).run(bundle)
+            result = answer["entry"][1]["response"]
+            doc_id = str(result["location"]).split("/")[1]
+            current = await tx.fetch("DocumentReference", doc_id)
+            assert current is not None and current[2] is not None
+            return current[2], list((result.get("outcome") or {}).get("issue", []))
+
+        try:
+            stored: tuple[dict[str, Any], list[dict[str, Any]]] = await self._writing(run)
+        except PasserelleError as exc:
+            # Name the element, not the Bundle the store made around it.
+            exc.message = exc.message.replace("Bundle.entry[1].resource", "DocumentReference")
+            exc.message = exc.message.replace("Bundle.entry[1]: ", "")
+            exc.args = (exc.message,)
+            if exc.location:
+                exc.location = exc.location.replace("Bundle.entry[1].resource", "DocumentReference")
+            raise
+        return stored
+
+    async def search(self, params: Sequence[tuple[str, str]], actor: Actor) -> SearchResult:
+        query = parse_document_search(params)  # a BadRequest leaves before any I/O
+        result: SearchResult = await self._reading(lambda ops: _search(ops, query, actor))
+        return result
+
+    async def search_lists(self, params: Sequence[tuple[str, str]], actor: Actor) -> SearchResult:
+        """ITI-66: SubmissionSets and Folders of a patient, by code, status, identifier, date."""
+        wanted: dict[str, list[str]] = {}
+        count, offset = DEFAULT_COUNT, 0
+        for name, value in params:
+            if name in ("_format", "_pretty") or value == "":
+                continue
+            if name in ("_count", "_offset"):
+                if not value.isascii() or not value.isdigit() or len(value) > 9:
+                    raise BadRequest(f"{name} must be a non-negative integer", location=name)
+                count, offset = (
+                    (min(int(value), MAX_COUNT), offset) if name == "_count" else (count, int(value))
+                )
+            elif name in LIST_SEARCH_PARAMS:
+                wanted.setdefault(name, []).extend(v for v in value.split(",") if v)
+            else:
+                raise BadRequest(f"unsupported search parameter {name!r} for List", location=name)
+        if "patient" not in wanted and "patient.identifier" not in wanted:
+            raise BadRequest("ITI-66 needs patient or patient.identifier", location="patient")
+
+        async def run(ops: DocOps) -> SearchResult:
+            patients = {v if v.startswith("Patient/") else f"Patient/{v}" for v in wanted.get("patient", [])}
+            patients |= await _identifier_patients(
+                ops, [_split_identifier(v) for v in wanted.get("patient.identifier", [])]
+            )
+            allowed = await _allowed_patients(ops, actor)
+            if allowed is not None and not patients <= allowed:
+                raise Forbidden("a patient sees their own documents only", location="patient")
+            lists = []
+            for patient in sorted(patients):
+                for item in await ops.patient_lists(patient):
+                    if _list_matches(item, wanted):
+                        lists.append(item)
+            lists.sort(key=lambda r: (str(r.get("date", "")), r["id"]), reverse=True)
+            return SearchResult(lists[offset : offset + count], len(lists), [], count, offset)
+
+        result: SearchResult = await self._reading(run)
+        return result
+
+    async def allowed_patients(self, actor: Actor) -> set[str] | None:
+        """The "Patient/id" records this actor may see; None when it is not limited to some."""
+        if actor.patients is None:
+            return None
+        result: set[str] | None = await self._reading(lambda ops: _allowed_patients(ops, actor))
+        return result
+
+    async def read_list(self, id_: str, actor: Actor) -> dict[str, Any] | None:
+        """A List (SubmissionSet, Folder...), when it is about a patient this actor may see."""
+
+        async def run(ops: DocOps) -> dict[str, Any] | None:
+            found = await ops.body("List", id_)
+            if found is None:
+                return None
+            allowed = await _allowed_patients(ops, actor)
+            if allowed is not None and (found.get("subject") or {}).get("reference") not in allowed:
+                return None
+            return found
+
+        result: dict[str, Any] | None = await self._reading(run)
+        return result
+
+    async def read(self, id_: str, actor: Actor) -> dict[str, Any] | None:
+        async def run(ops: DocOps) -> dict[str, Any] | None:
+            found = await ops.indexed_document(id_)
+            if found is None:
+                return None
+            body, patient, mask = found
+            if patient is None:  # not published through the store: only unrestricted callers
+                return body if actor.patients is None and not actor.hidden else None
+            return body if await _visible(ops, actor, patient, int(mask or 0), id_) else None
+
+        result: dict[str, Any] | None = await self._reading(run)
+        return result
+
+    async def retrieve(self, binary_id: str, actor: Actor) -> Retrieved | None:
+        async def run(ops: DocOps) -> Retrieved | None:
+            blob = await _known_blob(ops, binary_id)
+            if blob is None:
+                return None
+            owners = await ops.rows(
+                "SELECT d.patient, d.mask, d.id FROM doc_tokens t JOIN doc_index d ON d.id=t.id"
+                " WHERE t.param='binary' AND t.value=?",
+                (binary_id,),
+            )
+            if owners:
+                for p, m, d in owners:
+                    if await _visible(ops, actor, p, m, d):
+                        break
+                else:
+                    return None
+            elif actor.patients is not None or actor.hidden:
+                return None
+            return Retrieved(blob.data, blob.content_type or "application/octet-stream")
+
+        result: Retrieved | None = await self._reading(run)
+        return result
+
+    async def patch(self, target: str, operations: Any, actor: Actor) -> dict[str, Any]:
+        async def run(tx: common.Transaction, ops: DocOps) -> dict[str, Any]:
+            pub = _Publication(self, tx, ops, actor)
+            doc_id = await _target(ops, target)
+            current = await tx.fetch("DocumentReference", doc_id)
+            if current is None or current[2] is None:
+                raise NotFound(f"DocumentReference/{doc_id} is not known")
+            before = current[2]
+            if not await _visible(ops, actor, _patient_of(before), mask_of(before), doc_id):
+                raise NotFound(f"DocumentReference/{doc_id} is not known")
+            after = apply_json_patch(before, operations)
+            check_metadata_update(before, after)
+            if after.get("status") == "entered-in-error" and before.get("status") != "entered-in-error":
+                await _check_author(ops, actor, doc_id)
+            return await pub._update(before, after)
+
+        stored: dict[str, Any] = await self._writing(run)
+        log.info("document_updated", actor=actor.subject, document=stored["id"])
+        return stored
+
+    async def delete(self, id_: str, actor: Actor) -> dict[str, Any]:
+        async def run(tx: common.Transaction, ops: DocOps) -> dict[str, Any]:
+            current = await tx.fetch("DocumentReference", id_) if ID_RE.fullmatch(id_) else None
+            if current is None or current[2] is None:
+                raise NotFound(f"DocumentReference/{id_} is not known")
+            before = current[2]
+            if not await _visible(ops, actor, _patient_of(before), mask_of(before), id_):
+                raise NotFound(f"DocumentReference/{id_} is not known")
+            await _check_author(ops, actor, id_)
+            pub = _Publication(self, tx, ops, actor)
+            return await pub._update(before, {**before, "status": "entered-in-error"})
+
+        stored: dict[str, Any] = await self._writing(run)
+        log.info("document_deleted", actor=actor.subject, document=stored["id"])
+        return stored
+
+
+async def _search(ops: DocOps, query: DocumentQuery, actor: Actor) -> SearchResult:
+    patients = set(query.patient_ids) | await _identifier_patients(ops, query.patient_identifiers)
+    allowed = await _allowed_patients(ops, actor)
+    if allowed is not None and not patients <= allowed:
+        raise Forbidden("a patient sees their own documents only", location="patient")
+    if not patients:
+        return SearchResult([], 0, [], query.count, query.offset)
+    clause, args = query.clause()
+    pmarks = ",".join("?" * len(patients))
+    smarks = ",".join("?" * len(query.statuses))
+    masked, mask_args = "(d.mask & ?)=0", [actor.hidden]
+    authored = _authored(actor)
+    if authored is not None:
+        masked = f"({masked} OR d.id IN ({authored[0]}))"
+        mask_args += authored[1]
+    where = f"d.patient IN ({pmarks}) AND d.status IN ({smarks}) AND {masked} AND {clause}"
+    all_args = [*sorted(patients), *query.statuses, *mask_args, *args]
+    total, bodies = await ops.documents(where, all_args, query.count, query.offset)
+    return SearchResult(bodies, total, [], query.count, query.offset)
+
+
+async def _target(ops: DocOps, target: str) -> str:
+    if not target.startswith("?"):
+        if not ID_RE.fullmatch(target):
+            raise NotFound("no such DocumentReference")
+        return target
+    return await _one_document(ops, target[1:], "identifier")
+
+
+class _SqliteOps(DocOps):
+    """The document tables on a SQLite connection; nothing here suspends (see ``run_sync``)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    async def rows(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(sql, tuple(args)).fetchall()]
+
+    async def body(self, type_: str, id_: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT body FROM resources WHERE type=? AND id=? AND deleted=0", (type_, id_)
+        ).fetchone()
+        return orjson.loads(row[0]) if row is not None else None
+
+    async def store_blob(self, blob: _Blob) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO doc_blobs(sha256, sha1, size, data) VALUES (?,?,?,?)",
+            (blob.sha256, blob.sha1, len(blob.data), blob.data),
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO doc_binaries(id, sha256, content_type) VALUES (?,?,?)",
+            (blob.binary_id, blob.sha256, blob.content_type or "application/octet-stream"),
+        )
+
+    async def write_index(
+        self, id_: str, values: tuple[Any, ...], tokens: list[tuple[str, str, str]]
+    ) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO doc_index(id, patient, status, date, creation, period_start,"
+            " period_end, archived, mask) VALUES (?,?,?,?,?,?,?,?,?)",
+            values,
+        )
+        self.conn.execute("DELETE FROM doc_tokens WHERE id=?", (id_,))
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO doc_tokens(id, param, system, value) VALUES (?,?,?,?)",
+            [(id_, *row) for row in tokens],
+        )
+
+    async def documents(
+        self, where: str, args: Sequence[Any], count: int, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        count_sql = f"SELECT COUNT(*) FROM doc_index d WHERE {where}"  # noqa: S608
+        total = self.conn.execute(count_sql, tuple(args)).fetchone()[0]
+        rows = self.conn.execute(
+            f"SELECT r.body FROM doc_index d JOIN resources r ON r.type='DocumentReference' AND r.id=d.id"  # noqa: S608
+            f" WHERE {where} ORDER BY d.date DESC, d.id LIMIT ? OFFSET ?",
+            (*args, count, offset),
+        ).fetchall()
+        return int(total), [orjson.loads(r[0]) for r in rows]
+
+    async def patient_lists(self, patient: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT r.body FROM search_index s JOIN resources r ON r.type=s.type AND r.id=s.id"
+            " WHERE s.type='List' AND s.param='patient' AND s.system='' AND s.value=?"
+            " AND r.deleted=0",
+            (patient,),
+        ).fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    async def indexed_document(self, id_: str) -> tuple[dict[str, Any], str | None, int | None] | None:
+        row = self.conn.execute(
+            "SELECT r.body, d.patient, d.mask FROM resources r LEFT JOIN doc_index d ON d.id=r.id"
+            " WHERE r.type='DocumentReference' AND r.id=? AND r.deleted=0",
+            (id_,),
+        ).fetchone()
+        return None if row is None else (orjson.loads(row[0]), row[1], row[2])
+
+
+class SqliteDocumentStore(BaseDocumentStore):
     """Implements ``DocumentStore`` beside a ``SqliteFhirRepository`` (same file, same writer)."""
+
+    repository: SqliteFhirRepository
 
     def __init__(
         self,
@@ -1335,239 +1685,13 @@ class SqliteDocumentStore:
         await self.repository._write(create)
         self._ready = True
 
-    async def _writing(self, fn: Callable[[_Writer], Any]) -> Any:
+    async def _writing(self, fn: Callable[[common.Transaction, DocOps], Coroutine[Any, Any, Any]]) -> Any:
         await self.open()
-        return await self.repository._write(fn)
+        return await self.repository._write(lambda w: common.run_sync(fn(w, _SqliteOps(w.conn))))
 
-    async def _reading(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _reading(self, fn: Callable[[DocOps], Coroutine[Any, Any, Any]]) -> Any:
         await self.open()
-        return await self.repository._read(fn)
-
-    async def publish(
-        self, bundle: Mapping[str, Any], actor: Actor, *, need_submission_set: bool = True
-    ) -> dict[str, Any]:
-        data = _copy(bundle)
-        answer: dict[str, Any] = await self._writing(
-            lambda w: _Publication(self, w, actor).run(data, need_submission_set=need_submission_set)
-        )
-        log.info("documents_published", actor=actor.subject, entries=len(answer.get("entry", [])))
-        return answer
-
-    async def publish_document(
-        self, resource: Mapping[str, Any], actor: Actor
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        doc = _copy(resource)
-        if doc.get("resourceType") != "DocumentReference":
-            raise BadRequest("ITI-105 takes a DocumentReference", location="resourceType")
-        doc.pop("id", None)
-        url = f"urn:uuid:{_uuid()}"
-        entry = {"fullUrl": url, "resource": doc, "request": {"method": "POST", "url": "DocumentReference"}}
-        bundle = with_submission_set(
-            {"resourceType": "Bundle", "type": "transaction", "entry": [entry]},
-            f"urn:uuid:{_uuid()}",
-            str(doc.get("date") or ""),
-        )
-        if not bundle["entry"][0]["resource"]["date"]:
-            bundle["entry"][0]["resource"].pop("date")
-
-        def run(w: _Writer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-            answer = _Publication(self, w, actor).run(bundle)
-            result = answer["entry"][1]["response"]
-            doc_id = str(result["location"]).split("/")[1]
-            current = w.current("DocumentReference", doc_id)
-            assert current is not None and current[2] is not None
-            return current[2], list((result.get("outcome") or {}).get("issue", []))
-
-        try:
-            stored: tuple[dict[str, Any], list[dict[str, Any]]] = await self._writing(run)
-        except PasserelleError as exc:
-            # Name the element, not the Bundle the store made around it.
-            exc.message = exc.message.replace("Bundle.entry[1].resource", "DocumentReference")
-            exc.message = exc.message.replace("Bundle.entry[1]: ", "")
-            exc.args = (exc.message,)
-            if exc.location:
-                exc.location = exc.location.replace("Bundle.entry[1].resource", "DocumentReference")
-            raise
-        return stored
-
-    async def search(self, params: Sequence[tuple[str, str]], actor: Actor) -> SearchResult:
-        query = parse_document_search(params)  # a BadRequest leaves before any thread hop
-        result: SearchResult = await self._reading(lambda conn: self._search(conn, query, actor))
-        return result
-
-    def _search(self, conn: sqlite3.Connection, query: DocumentQuery, actor: Actor) -> SearchResult:
-        patients = set(query.patient_ids) | _identifier_patients(conn, query.patient_identifiers)
-        allowed = _allowed_patients(conn, actor)
-        if allowed is not None and not patients <= allowed:
-            raise Forbidden("a patient sees their own documents only", location="patient")
-        if not patients:
-            return SearchResult([], 0, [], query.count, query.offset)
-        clause, args = query.clause()
-        pmarks = ",".join("?" * len(patients))
-        smarks = ",".join("?" * len(query.statuses))
-        masked, mask_args = "(d.mask & ?)=0", [actor.hidden]
-        authored = _authored(actor)
-        if authored is not None:
-            masked = f"({masked} OR d.id IN ({authored[0]}))"
-            mask_args += authored[1]
-        where = f"d.patient IN ({pmarks}) AND d.status IN ({smarks}) AND {masked} AND {clause}"
-        all_args = [*sorted(patients), *query.statuses, *mask_args, *args]
-        total = conn.execute(f"SELECT COUNT(*) FROM doc_index d WHERE {where}", all_args).fetchone()[0]  # noqa: S608
-        rows = conn.execute(
-            f"SELECT r.body FROM doc_index d JOIN resources r ON r.type='DocumentReference' AND r.id=d.id"  # noqa: S608
-            f" WHERE {where} ORDER BY d.date DESC, d.id LIMIT ? OFFSET ?",
-            (*all_args, query.count, query.offset),
-        ).fetchall()
-        return SearchResult([orjson.loads(r[0]) for r in rows], int(total), [], query.count, query.offset)
-
-    async def search_lists(self, params: Sequence[tuple[str, str]], actor: Actor) -> SearchResult:
-        """ITI-66: SubmissionSets and Folders of a patient, by code, status, identifier, date."""
-        wanted: dict[str, list[str]] = {}
-        count, offset = DEFAULT_COUNT, 0
-        for name, value in params:
-            if name in ("_format", "_pretty") or value == "":
-                continue
-            if name in ("_count", "_offset"):
-                if not value.isascii() or not value.isdigit() or len(value) > 9:
-                    raise BadRequest(f"{name} must be a non-negative integer", location=name)
-                count, offset = (
-                    (min(int(value), MAX_COUNT), offset) if name == "_count" else (count, int(value))
-                )
-            elif name in LIST_SEARCH_PARAMS:
-                wanted.setdefault(name, []).extend(v for v in value.split(",") if v)
-            else:
-                raise BadRequest(f"unsupported search parameter {name!r} for List", location=name)
-        if "patient" not in wanted and "patient.identifier" not in wanted:
-            raise BadRequest("ITI-66 needs patient or patient.identifier", location="patient")
-
-        def run(conn: sqlite3.Connection) -> SearchResult:
-            patients = {v if v.startswith("Patient/") else f"Patient/{v}" for v in wanted.get("patient", [])}
-            patients |= _identifier_patients(
-                conn, map(_split_identifier, wanted.get("patient.identifier", []))
-            )
-            allowed = _allowed_patients(conn, actor)
-            if allowed is not None and not patients <= allowed:
-                raise Forbidden("a patient sees their own documents only", location="patient")
-            lists = []
-            for patient in sorted(patients):
-                for (body,) in conn.execute(
-                    "SELECT r.body FROM search_index s JOIN resources r ON r.type=s.type AND r.id=s.id"
-                    " WHERE s.type='List' AND s.param='patient' AND s.system='' AND s.value=?"
-                    " AND r.deleted=0",
-                    (patient,),
-                ):
-                    item = orjson.loads(body)
-                    if _list_matches(item, wanted):
-                        lists.append(item)
-            lists.sort(key=lambda r: (str(r.get("date", "")), r["id"]), reverse=True)
-            return SearchResult(lists[offset : offset + count], len(lists), [], count, offset)
-
-        result: SearchResult = await self._reading(run)
-        return result
-
-    async def allowed_patients(self, actor: Actor) -> set[str] | None:
-        """The "Patient/id" records this actor may see; None when it is not limited to some."""
-        if actor.patients is None:
-            return None
-        result: set[str] | None = await self._reading(lambda conn: _allowed_patients(conn, actor))
-        return result
-
-    async def read_list(self, id_: str, actor: Actor) -> dict[str, Any] | None:
-        """A List (SubmissionSet, Folder...), when it is about a patient this actor may see."""
-
-        def run(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute(
-                "SELECT body FROM resources WHERE type='List' AND id=? AND deleted=0", (id_,)
-            ).fetchone()
-            if row is None:
-                return None
-            found: dict[str, Any] = orjson.loads(row[0])
-            allowed = _allowed_patients(conn, actor)
-            if allowed is not None and (found.get("subject") or {}).get("reference") not in allowed:
-                return None
-            return found
-
-        result: dict[str, Any] | None = await self._reading(run)
-        return result
-
-    async def read(self, id_: str, actor: Actor) -> dict[str, Any] | None:
-        def run(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute(
-                "SELECT r.body, d.patient, d.mask FROM resources r LEFT JOIN doc_index d ON d.id=r.id"
-                " WHERE r.type='DocumentReference' AND r.id=? AND r.deleted=0",
-                (id_,),
-            ).fetchone()
-            if row is None:
-                return None
-            if row[1] is None:  # not published through the store: only unrestricted callers
-                return orjson.loads(row[0]) if actor.patients is None and not actor.hidden else None
-            return orjson.loads(row[0]) if _visible(conn, actor, row[1], row[2], id_) else None
-
-        result: dict[str, Any] | None = await self._reading(run)
-        return result
-
-    async def retrieve(self, binary_id: str, actor: Actor) -> Retrieved | None:
-        def run(conn: sqlite3.Connection) -> Retrieved | None:
-            blob = _known_blob(conn, binary_id)
-            if blob is None:
-                return None
-            owners = conn.execute(
-                "SELECT d.patient, d.mask, d.id FROM doc_tokens t JOIN doc_index d ON d.id=t.id"
-                " WHERE t.param='binary' AND t.value=?",
-                (binary_id,),
-            ).fetchall()
-            if owners:
-                if not any(_visible(conn, actor, p, m, d) for p, m, d in owners):
-                    return None
-            elif actor.patients is not None or actor.hidden:
-                return None
-            return Retrieved(blob.data, blob.content_type or "application/octet-stream")
-
-        result: Retrieved | None = await self._reading(run)
-        return result
-
-    async def patch(self, target: str, operations: Any, actor: Actor) -> dict[str, Any]:
-        def run(w: _Writer) -> dict[str, Any]:
-            pub = _Publication(self, w, actor)
-            doc_id = self._target(w.conn, target)
-            current = w.current("DocumentReference", doc_id)
-            if current is None or current[2] is None:
-                raise NotFound(f"DocumentReference/{doc_id} is not known")
-            before = current[2]
-            if not _visible(w.conn, actor, _patient_of(before), mask_of(before), doc_id):
-                raise NotFound(f"DocumentReference/{doc_id} is not known")
-            after = apply_json_patch(before, operations)
-            check_metadata_update(before, after)
-            if after.get("status") == "entered-in-error" and before.get("status") != "entered-in-error":
-                _check_author(w.conn, actor, doc_id)
-            return pub._update(before, after)
-
-        stored: dict[str, Any] = await self._writing(run)
-        log.info("document_updated", actor=actor.subject, document=stored["id"])
-        return stored
-
-    @staticmethod
-    def _target(conn: sqlite3.Connection, target: str) -> str:
-        if not target.startswith("?"):
-            if not ID_RE.fullmatch(target):
-                raise NotFound("no such DocumentReference")
-            return target
-        return _one_document(conn, target[1:], "identifier")
-
-    async def delete(self, id_: str, actor: Actor) -> dict[str, Any]:
-        def run(w: _Writer) -> dict[str, Any]:
-            current = w.current("DocumentReference", id_) if ID_RE.fullmatch(id_) else None
-            if current is None or current[2] is None:
-                raise NotFound(f"DocumentReference/{id_} is not known")
-            before = current[2]
-            if not _visible(w.conn, actor, _patient_of(before), mask_of(before), id_):
-                raise NotFound(f"DocumentReference/{id_} is not known")
-            _check_author(w.conn, actor, id_)
-            return _Publication(self, w, actor)._update(before, {**before, "status": "entered-in-error"})
-
-        stored: dict[str, Any] = await self._writing(run)
-        log.info("document_deleted", actor=actor.subject, document=stored["id"])
-        return stored
+        return await self.repository._read(lambda conn: common.run_sync(fn(_SqliteOps(conn))))
 
     async def bulk_load(self, documents: Iterable[dict[str, Any]], *, now: str) -> int:
         """Load already-valid DocumentReferences (each with id and a Patient subject) fast, for
@@ -1584,11 +1708,12 @@ class SqliteDocumentStore:
                 " VALUES (?,?,?,?,?,?)",
                 rows,
             )
+            ops = _SqliteOps(w.conn)
             for doc in docs:
-                index_document(w.conn, doc)
+                common.run_sync(index_document(ops, doc))
             return len(docs)
 
-        loaded: int = await self._writing(run)
+        loaded: int = await self.repository._write(run)
         return loaded
 
 

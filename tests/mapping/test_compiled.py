@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,14 @@ def test_prune_drops_what_the_plain_algorithm_drops(tree: Any) -> None:
     expected = _reference_prune(json.loads(json.dumps(tree)))
     got = engine._prune(json.loads(json.dumps(tree)))
     assert json.dumps(got) == json.dumps(expected)
+
+
+@given(st.integers(0, 40))
+def test_random_urns_are_version_4_uuids(count: int) -> None:
+    urns = engine._random_urns(count)
+    assert len(urns) == count == len(set(urns))
+    for urn in urns:
+        assert urn.startswith("urn:uuid:")
+        parsed = uuid.UUID(urn.removeprefix("urn:uuid:"))
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert f"urn:uuid:{parsed}" == urn  # the same text uuid4() gives: lower-case, dashed

@@ -174,11 +174,11 @@ def test_jwt_rs256_with_a_public_key_file(tmp_path: Path) -> None:
 async def test_jwt_tokens_work_against_the_running_gateway(
     tmp_path: Path, start_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    cfg = ops_config(tmp_path, auth={"jwt": {"keys": [{"algorithm": "HS256", "secret": HS_SECRET}]}})
-    gw = await start_gateway(cfg)
+    jwt_settings = {"audience": "passerelle", "keys": [{"algorithm": "HS256", "secret": HS_SECRET}]}
+    gw = await start_gateway(ops_config(tmp_path, auth={"jwt": jwt_settings}))
     exp = int(time.time()) + 60
-    operator = _hs({"sub": "op-7", "role": "operator", "exp": exp})
-    patient = _hs({"sub": "pat-7", "role": "patient", "exp": exp})
+    operator = _hs({"sub": "op-7", "role": "operator", "exp": exp, "aud": "passerelle"})
+    patient = _hs({"sub": "pat-7", "role": "patient", "exp": exp, "aud": "passerelle"})
     assert (await _get(http, base_url(gw) + "/api/stats", operator))[0] == 200
     assert (await _get(http, base_url(gw) + "/api/stats", patient))[0] == 403
     assert (await _get(http, base_url(gw) + "/api/stats"))[0] == 401
