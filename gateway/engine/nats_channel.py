@@ -4,8 +4,11 @@ Each node pulls from every partition's durable consumer; JetStream gives each pa
 message to one puller at a time. Per message: journal it in PostgreSQL (a redelivery finds its row
 and resumes where it stopped; a resend of another message is a duplicate), run the steps, try the
 destinations still pending, commit the trace, and only then ack. A failed delivery that is worth
-retrying is NAKed with the destination's backoff as delay; once a destination's attempts are spent
-it is DEAD, a reference goes to the dead-letter stream and the message is acked.
+retrying is NAKed with the destination's backoff as delay; once a destination's attempts (counted
+in PostgreSQL) are spent it is DEAD, a reference goes to the dead-letter stream and the message is
+acked. While PostgreSQL cannot be reached the message is kept in hand (marked in progress) and
+retried here with backoff: an outage spends none of JetStream's deliveries, so a message is never
+dropped by the stream before it has a row that /api/dlq can reach.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from gateway.core.envelope import Envelope
 from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import WorkItem
@@ -54,6 +58,8 @@ class JetStreamChannel(ChannelRuntime):
         # Room for redeliveries after a node failure on top of the destinations' own attempts;
         # past it JetStream gives up by itself and says so in the dead-letter stream.
         self.max_deliver = max((d.retry.max_attempts for d in self.destinations), default=1) + 5
+        self.store_backoff = (0.2, 5.0)  # first and longest wait while PostgreSQL is unreachable
+        self.store_retries = 0
         self._consumers: list[asyncio.Task[None]] = []
         self._busy: set[int] = set()
         self._idle = asyncio.Event()
@@ -124,30 +130,50 @@ class JetStreamChannel(ChannelRuntime):
     async def _take(self, msg: Msg) -> None:
         env, ack = decode(msg.data)
         delivered = msg.metadata.num_delivered
-        try:
-            result, existing = await self.pg.admit(env, ack)
-            if result.duplicate:
-                self.counters["duplicates"] += 1
-                log.info("message_duplicate", channel=self.name, message_id=result.message_id)
-                await msg.ack_sync()
-                return
-            if existing in _TERMINAL:  # done by a node that stopped before its ack: nothing left
-                await msg.ack_sync()
-                return
-            if existing is None or existing == Status.RECEIVED.value:
-                item: WorkItem | None = WorkItem(result.seq, env, Status.RECEIVED, None, (), {})
-            else:
-                item = await self.pg.work_item(env.id)
-            delay = _DONE if item is None else await self._work(item, last=delivered >= self.max_deliver)
-            await self.pg.flush()  # the trace is committed before JetStream forgets the message
-        except StoreError as exc:
-            log.error("consumer_store_failed", channel=self.name, message_id=env.id, error=exc.message)
-            await msg.nak(delay=1.0)
+        wait, longest = self.store_backoff
+        while True:
+            try:
+                delay = await self._take_once(msg, env, ack, delivered)
+                break
+            except StoreError as exc:
+                log.error("consumer_store_failed", channel=self.name, message_id=env.id, error=exc.message)
+                if self._stopping:  # another node (or this one, restarted) takes it over
+                    with contextlib.suppress(*NATS_ERRORS):
+                        await msg.nak(delay=1.0)
+                    return
+                # Kept in hand: in_progress_while keeps JetStream from redelivering meanwhile.
+                self.store_retries += 1
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, longest)
+        if delay is None:
             return
         if delay == _DONE:
             await msg.ack_sync()
         else:
             await msg.nak(delay=delay)
+
+    async def _take_once(
+        self, msg: Msg, env: Envelope, ack: tuple[bytes, str] | None, delivered: int
+    ) -> float | None:
+        """One try at the message; None when it was acked here already."""
+        result, existing = await self.pg.admit(env, ack)
+        if result.duplicate:
+            self.counters["duplicates"] += 1
+            log.info("message_duplicate", channel=self.name, message_id=result.message_id)
+            await msg.ack_sync()
+            return None
+        if existing in _TERMINAL:  # done by a node that stopped before its ack: nothing left
+            await msg.ack_sync()
+            return None
+        if existing is None or existing == Status.RECEIVED.value:
+            item: WorkItem | None = WorkItem(result.seq, env, Status.RECEIVED, None, (), {})
+        else:
+            item = await self.pg.work_item(env.id)
+        # ``last``: JetStream's final delivery (node failures only spend them) — DEAD rather than
+        # dropped by the stream without a row; otherwise the attempts in PostgreSQL decide.
+        delay = _DONE if item is None else await self._work(item, last=delivered >= self.max_deliver)
+        await self.pg.flush()  # the trace is committed before JetStream forgets the message
+        return delay
 
     async def _work(self, item: WorkItem, *, last: bool) -> float:
         """Process and deliver what is pending; returns _DONE or the delay before the next try."""

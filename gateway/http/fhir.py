@@ -198,6 +198,9 @@ def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> 
     where = where or rtype
     try:
         parsed = model.model_validate(dict(resource))
+    except (AttributeError, KeyError, TypeError) as exc:
+        # fhir.resources crashes on some malformed shapes (e.g. "_use": 3): still a 422, not a 500.
+        raise InvalidResource([("structure", "malformed element structure", where)]) from exc
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         errors = getattr(exc, "errors", None)
         if not callable(errors):

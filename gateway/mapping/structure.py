@@ -46,6 +46,14 @@ def _never(value: Any) -> bool:
     return False
 
 
+# A lone surrogate cannot cross into pydantic's Rust core: every string type refuses it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: Any) -> bool:
+    return type(value) is str and (value.isascii() or _SURROGATE.search(value) is None)
+
+
 def _is_str(value: Any) -> bool:
     return type(value) is str
 
@@ -72,11 +80,11 @@ _ID_MAX = fhir_constraints.TYPES_ID_MAX_LENGTH
 
 
 def _string(value: Any) -> bool:
-    return type(value) is str and _STRING.search(value) is not None
+    return _text(value) and _STRING.search(value) is not None
 
 
 def _code(value: Any) -> bool:
-    return type(value) is str and _CODE.fullmatch(value) is not None
+    return _text(value) and _CODE.fullmatch(value) is not None
 
 
 def _id(value: Any) -> bool:
@@ -142,10 +150,10 @@ _PRIMITIVES: Final[dict[str, Check]] = {
     "string": _string,
     "code": _code,
     "id": _id,
-    "uri": _is_str,
-    "canonical": _is_str,
-    "url": _is_str,
-    "markdown": _is_str,
+    "uri": _text,
+    "canonical": _text,
+    "url": _is_str,  # url and xhtml, alone, let a lone surrogate through
+    "markdown": _text,
     "xhtml": _is_str,
     "oid": _oid,
     "integer": _int_range(-2147483648, 2147483647),

@@ -37,4 +37,8 @@ def bundle_errors(bundle: Mapping[str, Any]) -> list[str]:
             for err in exc.errors():
                 where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
                 errors.append(f"Bundle.entry[{i}].resource{where}: {err['msg']}")
+        except (AttributeError, KeyError, TypeError):
+            # fhir.resources crashes on some malformed shapes (a primitive extension that is not an
+            # object): still a verdict of "invalid", never an unhandled error.
+            errors.append(f"Bundle.entry[{i}].resource: malformed element structure")
     return errors

@@ -116,6 +116,23 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# What says the database is out of reach (retry the batch later), as opposed to a write that is
+# wrong (answer it with an error). asyncpg.InterfaceError is both: a lost link only when the
+# connection it came from is closed, else a programming error that a retry cannot cure.
+_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
+
+
+def connection_lost(exc: BaseException, conn: Any = None) -> bool:
+    if isinstance(exc, _LOST):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and conn is not None and bool(conn.is_closed())
+
+
 def redacted(dsn: str) -> str:
     """The DSN as it may be shown: without its password."""
     parts = urlsplit(dsn)
@@ -182,6 +199,7 @@ class PostgresStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.connected = False
+        self.writer_restarts = 0
         self.schema_version = 0
         self.commits = 0
         self.committed_ops = 0
@@ -202,7 +220,7 @@ class PostgresStore:
             raise StoreError(f"cannot migrate the store at {redacted(self.dsn)}: {exc}") from exc
         self.connected = True
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name="pg-store-writer")
+        self._start_writer()
 
     async def close(self) -> None:
         if self._pool is None:
@@ -225,9 +243,28 @@ class PostgresStore:
         self._pool = None
 
     async def ping(self) -> None:
+        if self._writer is None or self._writer.done():
+            raise StoreError("the store's writer is not running")
         await self._read(lambda c: c.fetchval("SELECT 1"))
 
     # -- the grouped writer -------------------------------------------------
+
+    def _start_writer(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="pg-store-writer")
+        self._writer.add_done_callback(self._writer_stopped)
+
+    def _writer_stopped(self, task: asyncio.Task[None]) -> None:
+        """The writer must outlive every write: if it stops before close(), the writes at the
+        head of the queue are failed (they may be what stopped it) and a new writer starts."""
+        if self._closing or self._pool is None:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("store_writer_stopped", error=type(exc).__name__ if exc else "cancelled")
+        self.writer_restarts += 1
+        head, self._queue[: self._max_batch] = self._queue[: self._max_batch], []
+        for _, fut, callback in head:
+            _settle_one(fut, callback, StoreError("the store's writer stopped during this write"))
+        self._start_writer()
 
     def _enqueue(
         self, op: Op, fut: asyncio.Future[Any] | None, callback: Callable[[Any], None] | None
@@ -259,7 +296,14 @@ class PostgresStore:
             batch = self._queue[: self._max_batch]
             try:
                 results = await self._run_batch(batch)
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - the writer must not die with one batch
+                if not connection_lost(exc):  # nothing a retry would cure: the batch is answered
+                    log.error("store_batch_failed", error=type(exc).__name__)
+                    results = [StoreError(f"store write failed: {type(exc).__name__}")] * len(batch)
+                    del self._queue[: len(batch)]
+                    for (_, fut, callback), result in zip(batch, results, strict=True):
+                        _settle_one(fut, callback, result)
+                    continue
                 if self.connected:
                     log.error("store_connection_lost", error=type(exc).__name__)
                 self.connected = False
@@ -295,15 +339,18 @@ class PostgresStore:
             try:
                 async with conn.transaction():
                     return [await op(conn) for op, _, _ in batch]
-            except asyncpg.PostgresError:
-                pass
+            except Exception as exc:  # sorted below: lost link or one wrong write
+                if connection_lost(exc, conn):
+                    raise
             # One write is wrong: each in its own transaction, so it does not sink the others.
             results: list[Any] = []
             for op, _, _ in batch:
                 try:
                     async with conn.transaction():
                         results.append(await op(conn))
-                except asyncpg.PostgresError as exc:
+                except Exception as exc:  # any failure of one write is that write's answer
+                    if connection_lost(exc, conn):
+                        raise
                     results.append(StoreError(f"store write failed: {type(exc).__name__}"))
             return results
 

@@ -174,6 +174,16 @@ async def test_invalid_code_is_422(client: Client, repo: SqliteFhirRepository) -
     assert (await repo.search("Patient", [])).total == 0
 
 
+@pytest.mark.parametrize("extension", [3, "3", [1]])
+async def test_a_malformed_primitive_extension_is_422_not_a_crash(
+    client: Client, repo: SqliteFhirRepository, extension: object
+) -> None:
+    status, body, _ = await send(client, "POST", "/fhir/Patient", patient(_gender=extension))
+    assert status == 422
+    assert outcome_of(body)["code"] in ("structure", "value")  # pydantic refuses some, crashes on "3"
+    assert (await repo.search("Patient", [])).total == 0
+
+
 async def test_every_validation_error_is_listed_with_its_location(client: Client) -> None:
     bad = patient(birthDate="14/07/1984", name=[{"family": 12, "given": ["Zoé"]}], colour="bleu")
     status, body, _ = await send(client, "POST", "/fhir/Patient", bad)

@@ -101,8 +101,9 @@ def model_accepts(resource: Any) -> bool:
     try:
         model = get_fhir_model_class(resource["resourceType"])
         model.model_validate(resource)
-    except (pydantic.ValidationError, KeyError, ValueError, TypeError):
-        # fhir.resources raises KeyError on an unknown contained type, TypeError on some lists
+    except (pydantic.ValidationError, KeyError, ValueError, TypeError, AttributeError):
+        # fhir.resources raises KeyError on an unknown contained type, TypeError on some lists,
+        # AttributeError on a primitive extension that is not an object
         return False
     return True
 
@@ -289,6 +290,8 @@ def _reference_bundle_errors(bundle: dict[str, Any]) -> list[str]:
             for err in exc.errors():
                 where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
                 errors.append(f"Bundle.entry[{i}].resource{where}: {err['msg']}")
+        except (AttributeError, KeyError, TypeError):  # a crash of fhir.resources is a verdict too
+            errors.append(f"Bundle.entry[{i}].resource: malformed element structure")
     return errors
 
 
@@ -296,6 +299,8 @@ def _reference_rest_issues(resource: dict[str, Any]) -> list[tuple[str, str, str
     rtype = resource["resourceType"]
     try:
         parsed = get_fhir_model_class(rtype).model_validate(resource)
+    except (AttributeError, KeyError, TypeError):  # a crash of fhir.resources is a verdict too
+        return [("structure", "malformed element structure", rtype)]
     except pydantic.ValidationError as exc:
         out = []
         for e in exc.errors():
@@ -313,7 +318,7 @@ def _reference_rest_issues(resource: dict[str, Any]) -> list[tuple[str, str, str
 
 
 def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
-    """What a call gives, crashes included (fhir.resources raises KeyError/TypeError on some input)."""
+    """What a call gives, crashes included."""
     try:
         return ("returned", fn(*args))
     except InvalidResource as exc:
