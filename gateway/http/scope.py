@@ -282,14 +282,22 @@ async def check_document_write(
     resource: Mapping[str, Any] | None = None,
     where: str | None = None,
 ) -> None:
-    """A published document's Lists and Binaries change through MHD only (405), whoever asks."""
-    if type_ not in ("List", "Binary"):
+    """Documents, and a published document's Lists and Binaries, change through MHD only (405),
+    whoever asks: a generic write (a batch entry, say) would skip masking, author-only delete and
+    the document index."""
+    if type_ not in DOCUMENT_TYPES:
         return
     if is_mhd_list(resource):
         raise MethodNotAllowed("SubmissionSets and Folders are published with ITI-65", location=where)
     rules = request.app.get(DOCUMENT_RULES)
     if rules is None:
         return  # no document store: nothing is published
+    if type_ == "DocumentReference":
+        raise MethodNotAllowed(
+            "a DocumentReference is published with ITI-65 or ITI-105 and changed by the metadata"
+            " update (PATCH) or deleted by its author, not by a generic write",
+            location=where,
+        )
     targets = [id_] if id_ is not None and ID_RE.fullmatch(id_) else []
     if query:
         criteria = [(k, v) for k, v in query if k not in ("_count", "_offset", "_sort", "_include")]

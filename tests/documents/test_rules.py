@@ -273,3 +273,35 @@ async def test_json_patch_binary_entry_in_a_bundle(client: Client) -> None:
     assert status == 200, answer
     _, archived = await search(client, f"{MINE}&status=current&isArchived=true")
     assert ids(archived) == [doc_id]
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+async def test_generic_bundle_writes_cannot_touch_a_document(client: Client, kind: str) -> None:
+    doc_id = await _publish_one(client, labels=(visibility("MASQUE_PS"),))
+    resp = await client.get(f"/fhir/DocumentReference/{doc_id}", headers=auth("admin"))
+    before = await resp.json(content_type=None)
+    changed = {**before, "description": "rewritten"}
+    entries = [
+        {"resource": changed, "request": {"method": "PUT", "url": f"DocumentReference/{doc_id}"}},
+        {"request": {"method": "DELETE", "url": f"DocumentReference/{doc_id}"}},
+        {
+            "resource": {k: v for k, v in changed.items() if k not in ("id", "meta")},
+            "request": {"method": "POST", "url": "DocumentReference"},
+        },
+    ]
+    for who in ("pro2", "admin"):
+        for entry in entries:
+            bundle = {"resourceType": "Bundle", "type": kind, "entry": [entry]}
+            headers = {**auth(who), "Content-Type": "application/fhir+json"}
+            resp = await client.post("/fhir", data=orjson.dumps(bundle), headers=headers)
+            answer = await resp.json(content_type=None)
+            # refused as a whole (405, or 422 when a transaction is taken for an ITI-65 without
+            # its SubmissionSet), or entry by entry in a batch-response: never applied
+            if resp.status == 200:
+                assert kind == "batch", answer
+                assert answer["entry"][0]["response"]["status"].startswith("405"), (who, entry, answer)
+            else:
+                assert resp.status in (405, 422), (who, entry, answer)
+                assert answer["resourceType"] == "OperationOutcome"
+    resp = await client.get(f"/fhir/DocumentReference/{doc_id}", headers=auth("admin"))
+    assert await resp.json(content_type=None) == before
