@@ -158,18 +158,25 @@ def _read(path: str, base_dir: Path | None) -> str:
     return p.read_text("utf-8")
 
 
+def _qualified(identifier: str) -> bool:
+    system, sep, value = identifier.partition("|")
+    return bool(sep and system and value)
+
+
 def _caller_from_claims(claims: Mapping[str, Any]) -> Caller | None:
     try:
         role = Role(str(claims.get("role", "")))
     except ValueError:
         return None
-    patients = claims.get("patients", ())
+    patients = claims.get("patients") or []
+    if not isinstance(patients, list) or not all(isinstance(p, str) and _qualified(p) for p in patients):
+        return None  # a bare value would match the same number in any other identifier system
     scope = claims.get("scope", "")
     return Caller(
         subject=str(claims["sub"]),
         role=role,
         practitioner=str(claims["practitioner"]) if claims.get("practitioner") else None,
-        patients=tuple(str(p) for p in patients) if isinstance(patients, list) else (),
+        patients=tuple(patients),
         scopes=frozenset(str(scope).split()) if isinstance(scope, str) else frozenset(),
     )
 

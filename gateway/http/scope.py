@@ -284,7 +284,9 @@ async def check_document_write(
 ) -> None:
     """Documents, and a published document's Lists and Binaries, change through MHD only (405),
     whoever asks: a generic write (a batch entry, say) would skip masking, author-only delete and
-    the document index."""
+    the document index. AuditEvents are written by the gateway's hash-chained trail only."""
+    if type_ == "AuditEvent":
+        raise MethodNotAllowed("the audit trail is append-only and written by the gateway", location=where)
     if type_ not in DOCUMENT_TYPES:
         return
     if is_mhd_list(resource):

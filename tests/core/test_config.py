@@ -101,3 +101,18 @@ def test_missing_file() -> None:
     with pytest.raises(ConfigError) as info:
         config.load("/nonexistent/passerelle.yaml")
     assert info.value.file == "/nonexistent/passerelle.yaml"
+
+
+def test_a_patient_credential_names_its_identifier_system() -> None:
+    text = (
+        GOOD
+        + "auth:\n  tokens:\n    - {token: patient-token-0123456789, subject: p1, role: patient,"
+        + " patients: ['552233']}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "c.yaml")
+    assert info.value.key == "auth.tokens[0].patients[0]"
+    qualified = text.replace("['552233']", "['urn:oid:1.2.250.1.213.1.4.8|552233']")
+    assert config.parse(qualified, "c.yaml").data["auth"]["tokens"][0]["patients"] == [
+        "urn:oid:1.2.250.1.213.1.4.8|552233"
+    ]

@@ -144,6 +144,7 @@ def test_jwt_hs256_claims_become_a_caller() -> None:
         {**good, "iss": "someone-else"},  # wrong issuer
         {**good, "role": "superuser"},  # unknown role
         {k: v for k, v in good.items() if k != "sub"},  # no subject
+        {**good, "role": "patient", "patients": ["552233"]},  # an identifier without its system
     ]
     for claims in refused:
         assert auth.authenticate(_hs(claims)) is None, claims

@@ -449,3 +449,25 @@ async def test_scoping_refusals_are_audited(client: Client, audit: AuditLog, wor
     deleted = [r for r in found if r["subtype"][0]["code"] == "delete"]
     assert len(deleted) == 1 and deleted[0]["outcome"] == "4"
     assert deleted[0]["entity"][0]["what"]["reference"] == f"Observation/{world['own_obs'][0]}"
+
+
+async def test_audit_events_are_never_written_through_the_generic_routes(
+    client: Client, repo: SqliteFhirRepository
+) -> None:
+    forged = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "recorded": "2026-11-23T10:00:00+01:00",
+        "agent": [{"requestor": True, "who": {"display": "nobody"}}],
+        "source": {"observer": {"display": "elsewhere"}},
+    }
+    status, body = await send(client, "POST", "/fhir/AuditEvent", "admin", forged)
+    assert status == 405 and body["resourceType"] == "OperationOutcome"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": forged, "request": {"method": "POST", "url": "AuditEvent"}}],
+    }
+    status, body = await send(client, "POST", "/fhir", "admin", bundle)
+    assert status == 405, body
+    assert (await repo.search("AuditEvent", [])).total == 0
