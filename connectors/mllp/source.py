@@ -41,6 +41,7 @@ class MllpSource:
             "host": {"type": "string"},
             "port": {"type": "integer", "minimum": 0, "maximum": 65535},
             "max_frame_bytes": {"type": "integer", "minimum": 1024},
+            "max_buffered_bytes": {"type": "integer", "minimum": 1024},
             "idle_timeout_s": {"type": "number", "minimum": 0},
             "max_connections": {"type": "integer", "minimum": 1},
             "default_charset": {"type": "string"},
@@ -85,6 +86,11 @@ class MllpSource:
         self.host: str = settings.get("host", "127.0.0.1")
         self.port: int = int(settings.get("port", 2575))
         self.max_frame_bytes = int(settings.get("max_frame_bytes", 16 * 1024 * 1024))
+        # Frames read but not yet answered, all connections together: past this, reading pauses
+        # (TCP backpressure reaches the senders) until answers free half of it.
+        self.max_buffered_bytes = int(settings.get("max_buffered_bytes", 256 * 1024 * 1024))
+        self.buffered_bytes = 0
+        self.over_budget: set[_Connection] = set()
         self.idle_timeout_s = float(settings.get("idle_timeout_s", 600))
         self.max_connections = int(settings.get("max_connections", 256))
         self.max_per_address = int(settings.get("max_connections_per_address", 64))
@@ -200,7 +206,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, source: MllpSource) -> None:
         self.source = source
         self.decoder = FrameDecoder(source.max_frame_bytes)
-        self.slots: deque[list[Any]] = deque()  # [answer or None, time the frame was read]
+        self.slots: deque[list[Any]] = deque()  # [answer or None, time the frame was read, size]
+        self.buffered_bytes = 0  # of the frames in slots
         self.transport: asyncio.Transport | None = None
         self.peer = Peer("?", source.name)
         self.address = "?"
@@ -245,9 +252,13 @@ class _Connection(asyncio.Protocol):
             return  # after an oversize frame nothing more is read from this sender
         intake = self.source.intake
         now = self.last_activity
+        source = self.source
         for item in self.decoder.feed(data):
-            slot: list[Any] = [None, now]
+            size = len(item.prefix) if isinstance(item, Oversize) else len(item)
+            slot: list[Any] = [None, now, size]
             self.slots.append(slot)
+            self.buffered_bytes += size
+            source.buffered_bytes += size
             if isinstance(item, Oversize):
                 err = FrameTooLarge(f"frame larger than {item.limit} bytes")
                 log.warning(
@@ -257,10 +268,15 @@ class _Connection(asyncio.Protocol):
                 self._fill(slot, intake.reject(item.prefix, err, self.peer))
                 break
             intake.submit(item, self.peer, self._reply_into(slot))
-        if len(self.slots) >= _MAX_QUEUED_FRAMES and not self.paused and not self.closed:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self.paused = True
+        if self.paused or self.closed:
+            return
+        if source.buffered_bytes >= source.max_buffered_bytes:
+            source.over_budget.add(self)
+        elif len(self.slots) < _MAX_QUEUED_FRAMES and self.buffered_bytes < 2 * source.max_frame_bytes:
+            return
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.paused = True
 
     def _reply_into(self, slot: list[Any]) -> Callable[[bytes], None]:
         def reply(ack: bytes) -> None:
@@ -272,18 +288,31 @@ class _Connection(asyncio.Protocol):
         slot[0] = ack
         transport = self.transport
         now = time.monotonic()
+        source = self.source
         while self.slots and self.slots[0][0] is not None:
-            answer, read_at = self.slots.popleft()
+            answer, read_at, size = self.slots.popleft()
+            self.buffered_bytes -= size
+            source.buffered_bytes -= size
             if answer and transport is not None and not self.closed:
                 transport.write(frame(answer))
-                self.source.ack_latency.observe(now - read_at)
+                source.ack_latency.observe(now - read_at)
         self.last_activity = now
-        if self.paused and len(self.slots) < _MAX_QUEUED_FRAMES // 2 and not self.closed:
-            assert transport is not None
-            transport.resume_reading()
-            self.paused = False
+        if self.paused and self not in source.over_budget:
+            self.resume()
+        if source.over_budget and source.buffered_bytes < source.max_buffered_bytes // 2:
+            waiting, source.over_budget = source.over_budget, set()
+            for conn in waiting:
+                conn.resume()  # one still holding too much of its own waits for its own answers
         if not self.slots and (self.draining or self.close_after_answers):
             self.close()
+
+    def resume(self) -> None:
+        """Read again once this connection's own backlog is down to half its limits."""
+        if not self.paused or self.closed or self.draining or self.transport is None:
+            return
+        if len(self.slots) < _MAX_QUEUED_FRAMES // 2 and self.buffered_bytes < self.source.max_frame_bytes:
+            self.transport.resume_reading()
+            self.paused = False
 
     def eof_received(self) -> bool:
         self.draining = True
@@ -294,6 +323,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.source.connections.discard(self)
+        self.source.over_budget.discard(self)
         if not self.done.done():
             self.done.set_result(None)
 

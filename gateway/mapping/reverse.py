@@ -932,7 +932,8 @@ def run(
     try:
         event = mapping.event or str(library.functions[mapping.event_fn or ""](ctx, None) or "")
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ValidationError(f"reverse mapping {mapping.name}: event: {exc}") from exc
+        # the type only: a library's message may quote the value, which is patient data
+        raise ValidationError(f"reverse mapping {mapping.name}: event: {type(exc).__name__}") from exc
     if not event:
         raise UnsupportedMessage(f"reverse mapping {mapping.name}: no event fits this {mapping.focus}")
     ctx.event = event
@@ -943,7 +944,9 @@ def run(
         try:
             built.extend(_segments(seg, ctx, library, seps))
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ValidationError(f"reverse mapping {mapping.name}: {seg.name}: {exc}") from exc
+            raise ValidationError(
+                f"reverse mapping {mapping.name}: {seg.name}: {type(exc).__name__}"  # no value quoted
+            ) from exc
     return Message.from_segments(built, seps, charset=header.get("charset") or None)
 
 
