@@ -257,7 +257,9 @@ class Gateway:
             self.http_settings.get("host", "127.0.0.1"),
             int(self.http_settings.get("port", 8080)),
             reuse_address=True,
-            ssl_context=server_context(tls, where="http.tls") if tls else None,
+            ssl_context=server_context(tls, base_dir=Path(self.config.file).parent, where="http.tls")
+            if tls
+            else None,
         )
         await site.start()
         server = cast(asyncio.Server | None, site._server)  # aiohttp keeps the bound sockets there

@@ -14,6 +14,19 @@ from typing import Any
 
 from gateway.core.errors import ConfigError
 
+_FILES = ("cert", "key", "ca")
+
+
+def resolve_paths(settings: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``settings`` with relative cert/key/ca paths made absolute against ``base_dir`` (the
+    config file's directory, as for every other file named in config), not the process's CWD."""
+    out = dict(settings)
+    for key in _FILES:
+        value = out.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            out[key] = str(base_dir / value)
+    return out
+
 
 def _path(settings: Mapping[str, Any], key: str, base_dir: Path | None, where: str) -> str | None:
     value = settings.get(key)
@@ -58,6 +71,8 @@ def client_context(
     ca = _path(settings, "ca", base_dir, where)
     cert = _path(settings, "cert", base_dir, where)
     key = _path(settings, "key", base_dir, where)
+    if (cert is None) != (key is None):  # one without the other would be ignored or fail late
+        raise ConfigError("cert and key go together: give both or neither", key=where)
     ctx = ssl.create_default_context(cafile=ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.get("check_hostname") is False:

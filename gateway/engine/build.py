@@ -14,6 +14,7 @@ from typing import Any
 from gateway.core.config import Config, Path_
 from gateway.core.errors import PasserelleError
 from gateway.core.protocols import MessageStore
+from gateway.core.tls import resolve_paths
 from gateway.engine import registry
 from gateway.engine.channel import ChannelRuntime, DestinationRuntime, Filter
 from gateway.engine.retry import RetryPolicy
@@ -80,6 +81,8 @@ class Builder:
             )
         settings = {**self.defaults.get(kind, {})}
         settings.update((k, v) for k, v in item.items() if k not in _COMMON_KEYS)
+        if isinstance(settings.get("tls"), dict):  # TLS files are relative to the config file
+            settings["tls"] = resolve_paths(settings["tls"], Path(self.config.file).resolve().parent)
         schema = dict(getattr(factory, "CONFIG_SCHEMA", {"type": "object"}))
         schema.setdefault("additionalProperties", False)
         schema.setdefault("properties", {})

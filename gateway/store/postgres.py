@@ -200,6 +200,8 @@ class PostgresStore:
         self._closing = False
         self.connected = False
         self.writer_restarts = 0
+        self.retry_backoff = (0.1, 5.0)  # first and longest wait between tries while unreachable
+        self.lost_batches = 0  # batches put back because the database could not be reached
         self.schema_version = 0
         self.commits = 0
         self.committed_ops = 0
@@ -285,7 +287,7 @@ class PostgresStore:
         return fut
 
     async def _write_loop(self) -> None:
-        backoff, failures = 0.1, 0
+        backoff, failures = self.retry_backoff[0], 0
         while True:
             if not self._queue:
                 if self._closing:
@@ -297,7 +299,9 @@ class PostgresStore:
             try:
                 results = await self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - the writer must not die with one batch
-                if not connection_lost(exc):  # nothing a retry would cure: the batch is answered
+                # What escapes _run_batch is a lost link or a failure to get a connection at all
+                # (an InterfaceError from the pool); a wrong write is answered inside it.
+                if not (connection_lost(exc) or isinstance(exc, asyncpg.InterfaceError)):
                     log.error("store_batch_failed", error=type(exc).__name__)
                     results = [StoreError(f"store write failed: {type(exc).__name__}")] * len(batch)
                     del self._queue[: len(batch)]
@@ -321,14 +325,15 @@ class PostgresStore:
                         _settle_one(fut, cb, StoreError("the store is unreachable"))
                     self._queue.clear()
                     return
+                self.lost_batches += 1
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, self.retry_backoff[1])
                 continue
             del self._queue[: len(batch)]
             if not self.connected:
                 log.info("store_connection_restored")
             self.connected = True
-            backoff, failures = 0.1, 0
+            backoff, failures = self.retry_backoff[0], 0
             self.commits += 1
             self.committed_ops += len(batch)
             for (_, fut, callback), result in zip(batch, results, strict=True):

@@ -13,6 +13,7 @@ from gateway.hl7.er7 import Message
 from gateway.store.fhir import SqliteFhirRepository
 from tests.conftest import AUTH, make_config, mllp_port
 from tests.mapping.test_adt import A01, MAPPINGS
+from tests.waiting import until
 
 
 def config(tmp_path: Path, workers: int) -> Any:
@@ -73,16 +74,18 @@ async def run_flow(start_gateway: Any, tmp_path: Path, workers: int) -> None:
             url = f"http://127.0.0.1:{gw.http_port_bound}/api/messages/{row['id']}/replay"
             async with http.post(url) as resp:
                 assert resp.status == 202
-        for _ in range(100):
+
+        async def replayed_and_sent() -> bool:
+            await gw.store.flush()
             msg = await gw.store.get_message(row["id"], with_payloads=False)
-            if (
+            return (
                 msg is not None
                 and msg["status"] == "SENT"
                 and any(s["stage"] == "replay" for s in msg["stages"])
-            ):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+            )
+
+        # SENT after the replay means the repository destination has written the transaction again
+        await until(replayed_and_sent, 10, "the replay delivered")
         assert await snapshot(repo) == before
     finally:
         await repo.close()

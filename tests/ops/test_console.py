@@ -189,7 +189,9 @@ async def test_console_login_channels_trace_and_dlq_replay(
     await page.js("document.querySelector('#dlq tbody tr button[data-action=replay]').click(); true")
     await page.until("document.querySelector('#action-result').textContent === 'Replay done.'")
     await wait_for(lambda: len(FakeDestination.instances["far"].received) == 1)
+    deadline = asyncio.get_running_loop().time() + 10
     while await status_of("WEB1") != Status.SENT.value:
+        assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.05)
     await page.until("document.querySelectorAll('#dlq tbody tr').length === 0")
 

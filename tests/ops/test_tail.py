@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from gateway.logtail import Filter, follow, parse_since, render, tail_lines
+from gateway.logtail import Filter, follow, parse_line, parse_since, render, tail_lines
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -76,11 +76,26 @@ def test_since_accepts_durations_and_iso_times() -> None:
         parse_since("yesterday")
 
 
+_ENTRIES = st.builds(
+    lambda level, event, extra: orjson.dumps({"level": level, "event": event, **extra}).decode(),
+    st.sampled_from(["debug", "info", "warning", "error", "critical", "other"]),
+    st.from_regex(r"[a-z][a-z_]{0,20}", fullmatch=True),
+    st.dictionaries(st.sampled_from(["channel", "message_id", "z"]), st.text(max_size=10), max_size=3),
+)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.text())
-def test_any_line_is_handled_without_error(line: str) -> None:
+@given(st.one_of(st.text(), _ENTRIES))
+def test_any_line_is_handled_and_shown_only_when_it_passes_the_filter(line: str) -> None:
     out = StringIO()
-    tail_lines(iter([line]), Filter(level="info"), Console(file=out, no_color=True))
+    flt = Filter(level="info")
+    shown = tail_lines(iter([line]), flt, Console(file=out, no_color=True, width=10_000))
+    entry = parse_line(line) if line.strip() else None
+    expected = entry is not None and flt.accepts(entry)
+    assert shown == int(expected)
+    assert bool(out.getvalue().strip()) == expected
+    if expected and entry is not None and str(entry.get("event", "")).isidentifier():
+        assert str(entry["event"]) in out.getvalue()
 
 
 def test_follow_stops_at_the_end_without_follow(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from gateway.hl7.er7 import Message
 from tests.fakes import Receiver
 from tests.messages import adt
 from tests.scale.conftest import NATS_URL, PG_DSN, LiveNames
+from tests.waiting import until
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -179,13 +180,22 @@ async def test_two_nodes_one_killed_every_acked_message_once_in_order(
             if cid not in seen[patient]:
                 seen[patient].append(cid)
         assert seen == acked  # per-patient order, across both nodes and the failure
+
         # Once in effect: one message row per acknowledged message, each SENT exactly once.
-        await asyncio.sleep(0.5)
-        conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": live.schema})
-        try:
-            rows = await conn.fetch("SELECT control_id, status FROM messages WHERE channel='adt'")
-        finally:
-            await conn.close()
+        # The trace commits after the delivery: poll until it has, then check the final rows.
+        async def rows_of() -> list[Any]:
+            conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": live.schema})
+            try:
+                return list(await conn.fetch("SELECT control_id, status FROM messages WHERE channel='adt'"))
+            finally:
+                await conn.close()
+
+        async def all_sent() -> bool:
+            rows = await rows_of()
+            return len(rows) >= len(expected) and {r["status"] for r in rows} == {"SENT"}
+
+        await until(all_sent, 30, "every row SENT")
+        rows = await rows_of()
         assert sorted(r["control_id"] for r in rows) == sorted(expected)
         assert {r["status"] for r in rows} == {"SENT"}
     finally:

@@ -10,6 +10,7 @@ fhir_repository destination, on PostgreSQL too.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from gateway.hl7.er7 import Message
 from gateway.mapping import functions
 from gateway.mapping.engine import Library
 from gateway.store.backends import document_store
-from gateway.store.documents import FEED
+from gateway.store.documents import FEED, SqliteDocumentStore
 from gateway.store.fhir_common import FhirRepository
 from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from tests.documents.conftest import (  # noqa: F401 - fixtures, with this module's ``repo``
     CDA,
     INS,
+    LOINC,
     TOKENS,
     Client,
     client,
@@ -237,4 +239,50 @@ async def test_mdm_feed_on_postgresql(start_gateway: Any, tmp_path: Path) -> Non
         assert rows == [(2,)]
     finally:
         await gw.stop()
+        await names.cleanup()
+
+
+async def test_bulk_load_is_indexed_for_search(repo: FhirRepository, patient_id: str) -> None:
+    store = document_store(repo)
+    assert isinstance(store, SqliteDocumentStore | PgDocumentStore)
+    docs = [
+        {
+            "resourceType": "DocumentReference",
+            "id": f"bulk-{i}",
+            "status": "current",
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "type": {"coding": [{"system": LOINC, "code": "11488-4"}]},
+            "date": f"2024-05-1{i}T10:00:00Z",
+            "content": [{"attachment": {"contentType": "application/xml", "url": "Binary/none"}}],
+        }
+        for i in range(3)
+    ]
+    await store.open()
+    assert await store.bulk_load(docs, now="2024-06-01T00:00:00Z") == 3
+    params = [("patient", f"Patient/{patient_id}"), ("status", "current"), ("type", f"{LOINC}|11488-4")]
+    found = await store.search(params, FEED)
+    assert found.total == 3 and [d["id"] for d in found.matches] == ["bulk-2", "bulk-1", "bulk-0"]
+    assert (await store.search([*params[:2], ("type", f"{LOINC}|34133-9")], FEED)).total == 0
+
+
+async def test_two_nodes_feeding_the_same_message_make_one_document() -> None:
+    """A redelivered message may be published by two nodes at once: one document, one SubmissionSet."""
+    require_live()
+    names = PgNames()
+    library = Library.load(ORU_MAPPINGS, functions.available())
+    payload = orjson.dumps(library.map(Message.parse(oru_with_document())).bundle)
+    nodes = [
+        FhirRepositoryDestination("repository", {"dsn": PG_DSN, "schema": names.schema}) for _ in range(2)
+    ]
+    try:
+        results = await asyncio.gather(*(node.send(_envelope(1), payload) for node in nodes))
+        assert [r.status for r in results] == [Status.SENT, Status.SENT]
+        inspect = Inspect(schema=names.schema)
+        assert await _count(inspect, "SELECT COUNT(*) FROM resources WHERE type='DocumentReference'") == 1
+        assert await _count(inspect, "SELECT COUNT(*) FROM resources WHERE type='List'") == 1
+        assert await inspect.rows("SELECT data FROM doc_blobs") == [(PDF,)]
+        assert await _count(inspect, "SELECT COUNT(*) FROM doc_index") == 1
+    finally:
+        for node in nodes:
+            await node.aclose()
         await names.cleanup()
