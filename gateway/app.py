@@ -358,6 +358,12 @@ class Gateway:
             checks["store"] = {"ok": True}
         except (PasserelleError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": type(exc).__name__}
+        if (jetstream := self.backends.jetstream) is not None:
+            try:
+                await asyncio.wait_for(jetstream.journal.ping(), 2.0)
+                checks["journal"] = {"ok": True}
+            except (PasserelleError, TimeoutError) as exc:
+                checks["journal"] = {"ok": False, "error": type(exc).__name__}
         try:
             await asyncio.wait_for(self.fhir.ping(), 2.0)
             checks["fhir"] = {"ok": True}

@@ -7,14 +7,15 @@ order is time order.
 
 from __future__ import annotations
 
-import base64
 import os
 import threading
 import time
 
-# base32hex and Crockford's alphabet are both in ascending ASCII order, so mapping one onto
-# the other keeps the sort order; the standard codec does the bit work in C.
-_TO_CROCKFORD = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+# Crockford's alphabet is in ascending ASCII order, so string order is numeric order. The
+# 128 bits, shifted left by 2, are written as 13 pairs of characters (10 bits each), from a
+# table: several times faster than base64's codec, which works in Python byte by byte.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 
 # Random bits are read from the OS in blocks (one syscall per _BLOCK ids, not per id). Each
 # id consumes its own 10 fresh bytes, so the randomness is the same as one urandom per id.
@@ -42,5 +43,27 @@ def new_id(now: float | None = None) -> str:
             _pool, pos = os.urandom(10 * _BLOCK), 0
         _pos = pos + 10
         rand = _pool[pos : pos + 10]
-    raw = ms.to_bytes(6, "big") + rand
-    return base64.b32hexencode(raw)[:26].translate(_TO_CROCKFORD).decode("ascii")
+    return encode(ms, rand)
+
+
+def encode(ms: int, rand: bytes) -> str:
+    """The id of 48 bits of milliseconds and 10 random bytes."""
+    n = ((ms << 80) | int.from_bytes(rand, "big")) << 2
+    t = _PAIRS
+    return "".join(
+        (
+            t[(n >> 120) & 1023],
+            t[(n >> 110) & 1023],
+            t[(n >> 100) & 1023],
+            t[(n >> 90) & 1023],
+            t[(n >> 80) & 1023],
+            t[(n >> 70) & 1023],
+            t[(n >> 60) & 1023],
+            t[(n >> 50) & 1023],
+            t[(n >> 40) & 1023],
+            t[(n >> 30) & 1023],
+            t[(n >> 20) & 1023],
+            t[(n >> 10) & 1023],
+            t[n & 1023],
+        )
+    )

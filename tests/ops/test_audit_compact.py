@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import pickle
 import re
@@ -12,6 +13,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.core import ids as ids_module
 from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.ids import new_id
 from gateway.core.protocols import StageRecord, WorkItem
@@ -70,6 +72,14 @@ def test_ids_keep_their_layout_order_and_uniqueness() -> None:
     # string order is time order, at millisecond resolution
     assert new_id(1_700_000_000.0) < new_id(1_700_000_000.5) < new_id(1_800_000_000.0)
     assert new_id(1_700_000_000.0)[:9] == new_id(1_700_000_000.0)[:9]  # 45 of the 48 time bits
+
+
+@given(ms=st.integers(min_value=0, max_value=(1 << 48) - 1), rand=st.binary(min_size=10, max_size=10))
+def test_ids_are_written_as_before(ms: int, rand: bytes) -> None:
+    # the layout ids had from the start: base32hex of the 16 bytes, mapped onto Crockford's alphabet
+    crockford = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    expected = base64.b32hexencode(ms.to_bytes(6, "big") + rand)[:26].translate(crockford).decode()
+    assert ids_module.encode(ms, rand) == expected
 
 
 def test_ids_are_unique_across_threads_and_forked_processes() -> None:

@@ -1,13 +1,12 @@
 """PostgreSQL lost while a gateway runs: not ready, logged, nothing acknowledged is lost, it recovers.
 
-A small TCP proxy sits between the gateway and PostgreSQL. Cutting it resets every open
-connection and refuses new ones, as a database restart or a network failure would.
+A small TCP proxy (tests.scale.proxy) sits between the gateway and PostgreSQL. Cutting it resets
+every open connection and refuses new ones, as a database restart or a network failure would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,64 +21,9 @@ from gateway.hl7.er7 import Message
 from tests.conftest import FakeDestination, make_config, mllp_port, wait_for
 from tests.messages import adt
 from tests.scale.conftest import PG_DSN, LiveNames
+from tests.scale.proxy import Proxy
 
 pytestmark = pytest.mark.live
-
-
-class Proxy:
-    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection until ``restore()``."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.up = True
-        self.server: asyncio.Server | None = None
-        self.pairs: set[asyncio.StreamWriter] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.pairs |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.transport.abort()
-        self.pairs.discard(dst)
-
-    def cut(self) -> None:
-        self.up = False
-        for writer in list(self.pairs):
-            writer.transport.abort()  # a reset, not a polite close
-        self.pairs.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 @pytest.fixture
@@ -174,5 +118,4 @@ async def test_postgresql_lost_and_back(
 
 
 def _port(proxy: Proxy) -> int:
-    assert proxy.server is not None
-    return int(proxy.server.sockets[0].getsockname()[1])
+    return proxy.port
