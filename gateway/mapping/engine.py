@@ -50,6 +50,18 @@ from gateway.hl7.er7 import Message, Segment, unescape
 
 _ER7_ABS = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2})$")
 _ER7_REL = re.compile(r"^((?:\.\d+){1,2})$")
+
+
+class RuleError(ValueError):
+    """A mapping rule that cannot apply (a bad path, an unknown resource): its text names the
+    rule, never message content, so it may be shown; other errors are shown by type only."""
+
+
+def rule_failure(exc: Exception) -> str:
+    """What a failed rule says on the message: a library's own text may quote patient data."""
+    return str(exc) if isinstance(exc, RuleError) else type(exc).__name__
+
+
 _ELEMENT = re.compile(r"^[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?(?:\.[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?)*$")
 
 Function = Callable[["Context", Any], Any]
@@ -103,7 +115,7 @@ class Context:
         seg, occ, fld, rep_index, comps = _read_plan(path)
         if seg == "":
             if self.scope is None:
-                raise ValueError(f"relative path {path} outside an 'each'")
+                raise RuleError(f"relative path {path} outside an 'each'")
             return _component(self.scope, comps or "", self.message)
         found = occ if occ is not None else self.occurrence(seg)
         if found is None:
@@ -130,7 +142,7 @@ class Context:
         except ValueError:
             seg, comps = "", None
         if seg == "" or comps:
-            raise ValueError(f"'each' takes a field path such as PID-3, not {path!r}")
+            raise RuleError(f"'each' takes a field path such as PID-3, not {path!r}")
         found = int(occ) if occ else self.occurrence(seg)
         if found is None:
             return []
@@ -151,7 +163,7 @@ class Context:
         """A reference to a resource of this mapping. A per-segment resource is narrowed to what
         belongs here: the same occurrence of the same segment, else the current group's ones."""
         if key not in self.refs:
-            raise ValueError(f"no resource {key!r} in this mapping")
+            raise RuleError(f"no resource {key!r} in this mapping")
         target = self.refs[key]
         if not isinstance(target, list):
             return {"reference": target} if self._wanted(target) else []
@@ -214,7 +226,7 @@ def _parse_er7(path: str) -> tuple[str, str | None, str, str | None, str | None]
         return ("", None, "", None, rel.group(1))
     m = _ER7_ABS.match(path)
     if m is None:
-        raise ValueError(f"bad ER7 path {path!r}")
+        raise RuleError(f"bad ER7 path {path!r}")
     seg, occ, fld, rep, comps = m.groups()
     return (seg, occ, fld, rep, comps)
 
@@ -614,6 +626,21 @@ def _check_path(path: Any, file: str, line: int) -> None:
         )
 
 
+def check_names(
+    data: Mapping[str, Any],
+    concept_maps: Mapping[str, Any],
+    functions: Mapping[str, Any],
+    file: str,
+    line: int,
+) -> None:
+    """A rule's ``map`` and ``fn`` must name a known concept map and function (both directions)."""
+    for key, known, what in (("map", concept_maps, "concept map"), ("fn", functions, "function")):
+        if key in data and data[key] not in known:
+            raise ConfigError(
+                f"no {what} {data[key]!r}; known: {', '.join(sorted(known))}", file=file, key=key, line=line
+            )
+
+
 def _parse_rule(
     data: Any, file: str, concept_maps: Mapping[str, Any], functions: Mapping[str, Function]
 ) -> Rule:
@@ -629,20 +656,7 @@ def _parse_rule(
         )
     if "from" in data:
         _check_path(data["from"], file, line)
-    if "map" in data and data["map"] not in concept_maps:
-        raise ConfigError(
-            f"no concept map {data['map']!r}; known: {', '.join(sorted(concept_maps))}",
-            file=file,
-            key="map",
-            line=line,
-        )
-    if "fn" in data and data["fn"] not in functions:
-        raise ConfigError(
-            f"no function {data['fn']!r}; known: {', '.join(sorted(functions))}",
-            file=file,
-            key="fn",
-            line=line,
-        )
+    check_names(data, concept_maps, functions, file, line)
     sources = [k for k in ("from", "const", "each", "ref") if k in data]
     if not sources and "fn" not in data:
         raise ConfigError("a rule needs one of from, const, each, ref or fn", file=file, key="set", line=line)
@@ -724,7 +738,7 @@ def run(
                 for apply in plan.rules:
                     apply(resource, ctx)
             except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise ValidationError(f"mapping {mapping.name}: {res.key}: {exc}") from exc
+                raise ValidationError(f"mapping {mapping.name}: {res.key}: {rule_failure(exc)}") from exc
             if len(_prune_fast(resource)) > 1:  # a resource nothing was mapped into is not produced
                 entries.append((plan, url, resource))
                 ctx.skipped.discard(url)
@@ -936,7 +950,7 @@ def _set_plan(path: str) -> tuple[tuple[str, str | None, int], ...]:
     for step in path.split("."):
         m = _STEP.match(step)
         if m is None:
-            raise ValueError(f"bad element path {path!r}")
+            raise RuleError(f"bad element path {path!r}")
         name, index = m.groups()
         plan.append((name, index, int(index) if index else -1))
     return tuple(plan)
@@ -1025,7 +1039,7 @@ def _compile_read(path: str) -> _Read:
         def read_relative(ctx: Context) -> str:
             scope = ctx.scope
             if scope is None:
-                raise ValueError(f"relative path {path} outside an 'each'")
+                raise RuleError(f"relative path {path} outside an 'each'")
             return _pick(scope, first, sub, ctx.message)
 
         return read_relative

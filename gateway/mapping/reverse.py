@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, Separators, escape
-from gateway.mapping.engine import _check_keys, _load_yaml, _strip_lines
+from gateway.mapping.engine import RuleError, _check_keys, _load_yaml, _strip_lines, check_names, rule_failure
 
 # -- FHIR paths ----------------------------------------------------------------------------------
 
@@ -79,14 +79,14 @@ def compile_path(text: str) -> tuple[_Alt, ...]:
     for alt in _split_top(text.strip(), "|"):
         alt = alt.strip()
         if not alt:
-            raise ValueError(f"empty alternative in {text!r}")
+            raise RuleError(f"empty alternative in {text!r}")
         parts = _split_top(alt, ".") if alt != _SELF else [_SELF]
         start: str | None = None
         start_selector: str | None = None
         if parts[0].startswith("%"):
             m = re.fullmatch(r"%([a-z][a-z0-9_]*)(?:\[([^\]]*)\])?", parts.pop(0))
             if m is None:
-                raise ValueError(f"bad binding name in {text!r}")
+                raise RuleError(f"bad binding name in {text!r}")
             start, start_selector = m.group(1), m.group(2)
         steps = []
         for part in parts:
@@ -94,7 +94,7 @@ def compile_path(text: str) -> tuple[_Alt, ...]:
                 continue
             m = _STEP.match(part)
             if m is None:
-                raise ValueError(f"bad FHIR path step {part!r} in {text!r}")
+                raise RuleError(f"bad FHIR path step {part!r} in {text!r}")
             steps.append((m.group(1), m.group(2)))
         alts.append(_Alt(start, tuple(steps), start_selector))
     return tuple(alts)
@@ -106,7 +106,7 @@ def _select(items: list[Any], selector: str) -> list[Any]:
         return items[index : index + 1]
     key, eq, wanted = selector.partition("=")
     if not eq:
-        raise ValueError(f"bad selector [{selector}]: an index or key=value")
+        raise RuleError(f"bad selector [{selector}]: an index or key=value")
     kept = []
     for item in items:
         if isinstance(item, dict) and any(str(v) == wanted for v in _walk(item, key.strip().split("."))):
@@ -304,7 +304,7 @@ def _target(path: str) -> tuple[str, int, int | None, int, int]:
         return ("", 0, None, parts[0], parts[1] if len(parts) > 1 else 1)
     m = _TARGET_ABS.match(path)
     if m is None:
-        raise ValueError(f"bad ER7 target {path!r}")
+        raise RuleError(f"bad ER7 target {path!r}")
     seg, fld, rep, comps = m.groups()
     parts = [int(p) for p in comps.strip(".").split(".")] if comps else []
     return (
@@ -417,7 +417,7 @@ class Context:
             elif alt.start in self.bindings:
                 start = self.bindings[alt.start]
             else:
-                raise ValueError(f"no bound resource %{alt.start}")
+                raise RuleError(f"no bound resource %{alt.start}")
             nodes = start if isinstance(start, list) else ([start] if start is not None else [])
             if alt.start_selector:
                 nodes = _select(nodes, alt.start_selector)
@@ -803,7 +803,7 @@ def _resolve_uses(mappings: Sequence[ReverseMapping]) -> None:
 def _check_fhir_path(path: Any, file: str, line: int, key: str, bound: set[str] | None = None) -> None:
     try:
         if not isinstance(path, str):
-            raise ValueError(f"{path!r} is not text")
+            raise RuleError(f"{path!r} is not text")
         alts = compile_path(path)
     except ValueError as exc:
         raise ConfigError(f"not a FHIR path: {exc}", file=file, key=key, line=line) from exc
@@ -869,20 +869,7 @@ def _parse_rule(
             raise ConfigError(
                 "'each' fills repetitions of a field: set: PID-5", file=file, key="set", line=line
             )
-    if "map" in data and data["map"] not in concept_maps:
-        raise ConfigError(
-            f"no concept map {data['map']!r}; known: {', '.join(sorted(concept_maps))}",
-            file=file,
-            key="map",
-            line=line,
-        )
-    if "fn" in data and data["fn"] not in functions:
-        raise ConfigError(
-            f"no function {data['fn']!r}; known: {', '.join(sorted(functions))}",
-            file=file,
-            key="fn",
-            line=line,
-        )
+    check_names(data, concept_maps, functions, file, line)
     if not any(k in data for k in ("from", "const", "each", "fn")):
         raise ConfigError("a rule needs one of from, const, each or fn", file=file, key="set", line=line)
     return Rule(
@@ -932,8 +919,7 @@ def run(
     try:
         event = mapping.event or str(library.functions[mapping.event_fn or ""](ctx, None) or "")
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        # the type only: a library's message may quote the value, which is patient data
-        raise ValidationError(f"reverse mapping {mapping.name}: event: {type(exc).__name__}") from exc
+        raise ValidationError(f"reverse mapping {mapping.name}: event: {rule_failure(exc)}") from exc
     if not event:
         raise UnsupportedMessage(f"reverse mapping {mapping.name}: no event fits this {mapping.focus}")
     ctx.event = event
@@ -944,9 +930,7 @@ def run(
         try:
             built.extend(_segments(seg, ctx, library, seps))
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ValidationError(
-                f"reverse mapping {mapping.name}: {seg.name}: {type(exc).__name__}"  # no value quoted
-            ) from exc
+            raise ValidationError(f"reverse mapping {mapping.name}: {seg.name}: {rule_failure(exc)}") from exc
     return Message.from_segments(built, seps, charset=header.get("charset") or None)
 
 
@@ -1132,7 +1116,7 @@ def _put(ctx: Context, target: str, value: Any) -> None:
     seg, fld, rep, comp, sub = _target(target)
     if seg == "":
         if ctx.scope is None:
-            raise ValueError(f"relative target {target} outside an 'each'")
+            raise RuleError(f"relative target {target} outside an 'each'")
         fld, rep = ctx.scope
     elif rep is None:
         rep = ctx.scope[1] if ctx.scope is not None and ctx.scope[0] == fld else 1

@@ -122,3 +122,13 @@ def test_bad_scope_or_groups_are_refused(tmp_path: Path, text: str, key: str) ->
     with pytest.raises(ConfigError) as info:
         library(tmp_path, text)
     assert info.value.key == key
+
+
+def test_a_library_error_is_reported_by_type_never_by_its_text() -> None:
+    from gateway.mapping.engine import RuleError, rule_failure
+
+    # int("DUPONT") would say "invalid literal for int() with base 10: 'DUPONT'": patient data
+    with pytest.raises(ValueError) as info:
+        int("DUPONT")
+    assert "DUPONT" in str(info.value) and rule_failure(info.value) == "ValueError"
+    assert rule_failure(RuleError("bad ER7 path 'PID-'")) == "bad ER7 path 'PID-'"

@@ -111,6 +111,7 @@ async def test_nats_lost_and_back(
         stop.set()
         await flow
 
+    print("DEBUG", during, len(answers), collections.Counter((e["event"], e["log_level"]) for e in logs))
     # Nothing was confirmed by JetStream while the link was down: nobody was told "stored".
     assert during and all(code != "AA" for code in during.values())
     assert set(during.values()) <= {"AE", "AR", None}
