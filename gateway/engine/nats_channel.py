@@ -118,6 +118,16 @@ class JetStreamChannel(ChannelRuntime):
                     await in_progress_while(msg, self.journal.ack_wait_s / 3, self._take(msg))
                 except asyncio.CancelledError:
                     raise
+                except NATS_ERRORS as exc:
+                    # NATS lost before the ack: JetStream redelivers after ack_wait and the store
+                    # says where it stopped (a message already SENT is only acked).
+                    log.warning(
+                        "consumer_ack_failed",
+                        channel=self.name,
+                        partition=partition,
+                        seq=msg.metadata.sequence.stream,
+                        error=type(exc).__name__,
+                    )
                 except Exception as exc:
                     log.exception("consumer_unexpected_error", channel=self.name, error=type(exc).__name__)
                     with contextlib.suppress(*NATS_ERRORS):

@@ -152,25 +152,40 @@ class NatsJournal:
         return self._js
 
     async def open(self) -> None:
+        failures = 0  # failed reconnections in the current outage
+
         async def disconnected() -> None:
             if self.connected:
                 log.error("journal_connection_lost", url=self.url)
             self.connected = False
 
         async def reconnected() -> None:
-            log.info("journal_connection_restored", url=self.url)
+            nonlocal failures
+            log.info("journal_connection_restored", url=self.url, failed_attempts=failures)
+            failures = 0
             self.connected = True
 
         async def error(exc: Exception) -> None:
-            log.warning("journal_connection_error", error=type(exc).__name__)
+            nonlocal failures
+            failures += 1
+            if failures % 60 == 1:  # one line a minute or so while NATS stays away, not one a second
+                log.warning("journal_connection_error", error=type(exc).__name__, failed_attempts=failures)
 
         try:
-            # At start-up a few tries, then a clear error; once running, reconnect for ever.
+            # At start-up a few tries, then a clear error; once running, reconnect for ever, a try
+            # a second. Pings every 10 s notice a silent link loss (no reset) within about 40 s.
+            # A publish made while reconnecting waits in the client's bounded buffer (2 MiB) for at
+            # most publish_timeout_s: no PubAck, so the sender is answered AE and sends again; if
+            # the buffered copy lands after all, Nats-Msg-Id (and the store's unique key) make the
+            # resend a duplicate, so it is processed once.
             self._nc = await nats.connect(
                 self.url,
                 connect_timeout=3,
                 max_reconnect_attempts=2,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=1.0,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                pending_size=2 * 1024 * 1024,
                 allow_reconnect=True,
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +45,12 @@ def _config(tmp_path: Path, live: LiveNames, port: int) -> config_mod.Config:
     cfg = make_config(
         tmp_path,
         destinations=[
-            {"name": "far", "type": "fake", "retry": {"max_attempts": 50, "initial_backoff_s": 0.05}}
+            {
+                "name": "far",
+                "type": "fake",
+                "delay_s": 0.3,  # slower than the sender: messages are in hand when the link goes
+                "retry": {"max_attempts": 50, "initial_backoff_s": 0.05},
+            }
         ],
     )
     data = dict(cfg.data)
@@ -106,18 +110,27 @@ async def test_nats_lost_and_back(
             outage.clear()
             nats_proxy.restore()
             await until(lambda: _journal_ready(gw), 60, "/ready reports the journal back")
-            await until(lambda: len(answers) >= len(during) + 10, 60, "messages flowing again")
+            before = set(answers)
+            await until(
+                lambda: sum(code == "AA" for cid, code in answers.items() if cid not in before) >= 5,
+                60,
+                "messages flowing again",
+            )
+            assert all(check["ok"] for check in (await gw.readiness()).values())
     finally:
         stop.set()
         await flow
 
-    print("DEBUG", during, len(answers), collections.Counter((e["event"], e["log_level"]) for e in logs))
     # Nothing was confirmed by JetStream while the link was down: nobody was told "stored".
     assert during and all(code != "AA" for code in during.values())
     assert set(during.values()) <= {"AE", "AR", None}
     lost = [e for e in logs if e["event"] == "journal_connection_lost"]
     assert lost and lost[0]["log_level"] == "error"
     assert any(e["event"] == "journal_connection_restored" for e in logs)
+    # A lost link is an expected failure: named as such, not an unexpected error with a traceback.
+    assert not [e for e in logs if e["event"] == "consumer_unexpected_error"]
+    # Reconnection failures are logged, but not once per try.
+    assert len([e for e in logs if e["event"] == "journal_connection_error"]) <= 3
     for event in logs:  # ids and codes only
         text = repr(event)
         assert not any(p in text for p in PHI), event
@@ -152,6 +165,4 @@ async def test_nats_lost_and_back(
 
 
 async def _not(check: Any) -> bool:
-    with contextlib.suppress(TimeoutError):
-        return not await check
-    return False
+    return not await check
