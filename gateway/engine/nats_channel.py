@@ -92,9 +92,28 @@ class JetStreamChannel(ChannelRuntime):
 
     def replay(self, item: WorkItem) -> None:
         """Back into the stream, at the end of its partition (the store already reset it)."""
-        task = asyncio.get_running_loop().create_task(self.journal.publish(item.envelope, None))
+        task = asyncio.get_running_loop().create_task(self._republish(item))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _republish(self, item: WorkItem) -> None:
+        # The store has reset the message: until the stream has it again nothing would process it,
+        # so an unreachable NATS is waited out (with backoff) rather than dropping the replay.
+        delay, longest = self.store_backoff
+        while True:
+            try:
+                await self.journal.publish(item.envelope, None)
+            except StoreError as exc:
+                log.warning(
+                    "replay_publish_failed", channel=self.name, message_id=item.envelope.id, error=exc.message
+                )
+                if self._stopping:
+                    log.error("replay_not_published", channel=self.name, message_id=item.envelope.id)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+            else:
+                return
 
     async def _consume(self, partition: int) -> None:
         sub: Any = None
