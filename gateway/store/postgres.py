@@ -28,6 +28,7 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
+from gateway.store.message_views import message_counts, message_filters, trace_stage
 
 log = get_logger("passerelle.store")
 
@@ -604,23 +605,14 @@ class PostgresStore:
             msg = dict(row)
             if not with_payloads:
                 msg.pop("raw")
-            stages = []
-            for s in await conn.fetch(
-                "SELECT stage, status, at, content_type, payload, detail FROM stages"
-                " WHERE message_id=$1 ORDER BY seq",
-                message_id,
-            ):
-                item = {
-                    "stage": s["stage"],
-                    "status": s["status"],
-                    "at": s["at"],
-                    "content_type": s["content_type"],
-                    "detail": orjson.loads(s["detail"]) if s["detail"] else {},
-                }
-                if with_payloads:
-                    item["payload"] = s["payload"]
-                stages.append(item)
-            msg["stages"] = stages
+            msg["stages"] = [
+                trace_stage(s, with_payloads=with_payloads)
+                for s in await conn.fetch(
+                    "SELECT stage, status, at, content_type, payload, detail FROM stages"
+                    " WHERE message_id=$1 ORDER BY seq",
+                    message_id,
+                )
+            ]
             msg["deliveries"] = [
                 dict(d)
                 for d in await conn.fetch(
@@ -645,19 +637,16 @@ class PostgresStore:
         since: float | None = None,
         until: float | None = None,
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["TRUE"]
-        args: list[Any] = []
-        for column, value in (("status", status), ("control_id", control_id), ("channel", channel)):
-            if value:
-                args.append(value)
-                where.append(f"{column}=${len(args)}")
-        if before_seq is not None:
-            args.append(before_seq)
-            where.append(f"seq<${len(args)}")
-        for operator, bound in ((">=", since), ("<=", until)):
-            if bound is not None:
-                args.append(bound)
-                where.append(f"received_at{operator}${len(args)}")
+        filters = message_filters(
+            status=status,
+            control_id=control_id,
+            channel=channel,
+            before_seq=before_seq,
+            since=since,
+            until=until,
+        )
+        where = ["TRUE", *(f"{column}{operator}${n}" for n, (column, operator, _) in enumerate(filters, 1))]
+        args: list[Any] = [value for _, _, value in filters]
         args.append(limit)
         sql = (
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE {' AND '.join(where)}"  # noqa: S608
@@ -686,18 +675,24 @@ class PostgresStore:
 
     async def stats(self) -> dict[str, Any]:
         async def fn(conn: Conn) -> dict[str, Any]:
-            by_channel: dict[str, dict[str, int]] = {}
-            for row in await conn.fetch(
-                "SELECT channel, status, COUNT(*) FROM messages GROUP BY channel, status"
-            ):
-                by_channel.setdefault(row[0], {})[row[1]] = row[2]
+            by_channel, by_type = message_counts(
+                await conn.fetch(
+                    "SELECT channel, message_type, status, COUNT(*) FROM messages"
+                    " GROUP BY channel, message_type, status"
+                )
+            )
             deliveries: dict[str, dict[str, int]] = {}
             for row in await conn.fetch(
                 "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"
             ):
                 deliveries.setdefault(row[0], {})[row[1]] = row[2]
             duplicates = await conn.fetchval("SELECT COUNT(*) FROM stages WHERE stage='duplicate'")
-            return {"channels": by_channel, "destinations": deliveries, "duplicates": duplicates}
+            return {
+                "channels": by_channel,
+                "by_type": by_type,
+                "destinations": deliveries,
+                "duplicates": duplicates,
+            }
 
         result: dict[str, Any] = await self._read(fn)
         result["journal"] = {

@@ -27,6 +27,7 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
+from gateway.store.message_views import message_counts, message_filters, trace_stage
 
 log = get_logger("passerelle.store")
 
@@ -584,23 +585,14 @@ class SqliteStore:
             msg = _row_to_message(row)
             if not with_payloads:
                 msg.pop("raw")
-            stages = []
-            for s in conn.execute(
-                "SELECT stage, status, at, content_type, payload, detail FROM stages"
-                " WHERE message_id=? ORDER BY seq",
-                (message_id,),
-            ):
-                item = {
-                    "stage": s["stage"],
-                    "status": s["status"],
-                    "at": s["at"],
-                    "content_type": s["content_type"],
-                    "detail": orjson.loads(s["detail"]) if s["detail"] else {},
-                }
-                if with_payloads:
-                    item["payload"] = s["payload"]
-                stages.append(item)
-            msg["stages"] = stages
+            msg["stages"] = [
+                trace_stage(s, with_payloads=with_payloads)
+                for s in conn.execute(
+                    "SELECT stage, status, at, content_type, payload, detail FROM stages"
+                    " WHERE message_id=? ORDER BY seq",
+                    (message_id,),
+                )
+            ]
             msg["deliveries"] = [
                 dict(d)
                 for d in conn.execute(
@@ -625,19 +617,16 @@ class SqliteStore:
         since: float | None = None,
         until: float | None = None,
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        for column, value in (("status", status), ("control_id", control_id), ("channel", channel)):
-            if value:
-                where.append(f"{column}=?")
-                args.append(value)
-        if before_seq is not None:
-            where.append("seq<?")
-            args.append(str(before_seq))
-        for condition, bound in (("received_at>=?", since), ("received_at<=?", until)):
-            if bound is not None:
-                where.append(condition)
-                args.append(bound)
+        filters = message_filters(
+            status=status,
+            control_id=control_id,
+            channel=channel,
+            before_seq=before_seq,
+            since=since,
+            until=until,
+        )
+        where = ["1=1", *(f"{column}{operator}?" for column, operator, _ in filters)]
+        args = [value for _, _, value in filters]
 
         def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(
@@ -663,15 +652,12 @@ class SqliteStore:
 
     async def stats(self) -> dict[str, Any]:
         def fn(conn: sqlite3.Connection) -> dict[str, Any]:
-            by_channel: dict[str, dict[str, int]] = {}
-            by_type: dict[str, dict[str, dict[str, int]]] = {}  # channel → message type → status → n
-            for row in conn.execute(
-                "SELECT channel, message_type, status, COUNT(*) FROM messages"
-                " GROUP BY channel, message_type, status"
-            ):
-                counts = by_channel.setdefault(row[0], {})
-                counts[row[2]] = counts.get(row[2], 0) + row[3]
-                by_type.setdefault(row[0], {}).setdefault(row[1], {})[row[2]] = row[3]
+            by_channel, by_type = message_counts(
+                conn.execute(
+                    "SELECT channel, message_type, status, COUNT(*) FROM messages"
+                    " GROUP BY channel, message_type, status"
+                )
+            )
             deliveries: dict[str, dict[str, int]] = {}
             for row in conn.execute(
                 "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"

@@ -54,6 +54,9 @@ async def test_ack_after_commit_then_delivered_and_traced(
     assert [(d["destination"], d["status"], d["attempts"]) for d in stored["deliveries"]] == [
         ("far", "SENT", 1)
     ]
+    stats = await gw.store.stats()  # the same shape on both backends, per type included
+    assert stats["channels"][env.channel] == {"SENT": 1}
+    assert stats["by_type"][env.channel] == {"ADT^A01": {"SENT": 1}}
 
 
 async def test_duplicate_is_acked_and_processed_once(backend_config: ConfigFor, start_gateway, client_for):

@@ -1,0 +1,64 @@
+"""What the message stores answer, shaped once for every backend: only the SQL differs.
+
+The SQLite and PostgreSQL stores run their own queries, then hand the rows here, so that
+``/api/messages``, the trace and ``/api/stats`` look the same whichever backend holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+
+def trace_stage(row: Mapping[str, Any], *, with_payloads: bool) -> dict[str, Any]:
+    """One stages row (stage, status, at, content_type, payload, detail) as the trace shows it."""
+    item = {
+        "stage": row["stage"],
+        "status": row["status"],
+        "at": row["at"],
+        "content_type": row["content_type"],
+        "detail": orjson.loads(row["detail"]) if row["detail"] else {},
+    }
+    if with_payloads:
+        item["payload"] = row["payload"]
+    return item
+
+
+def message_filters(
+    *,
+    status: str | None,
+    control_id: str | None,
+    channel: str | None,
+    before_seq: int | None,
+    since: float | None,
+    until: float | None,
+) -> list[tuple[str, str, Any]]:
+    """The list filters as (column, operator, value); each backend writes its own placeholders."""
+    found: list[tuple[str, str, Any]] = [
+        (column, "=", value)
+        for column, value in (("status", status), ("control_id", control_id), ("channel", channel))
+        if value
+    ]
+    if before_seq is not None:
+        found.append(("seq", "<", before_seq))
+    if since is not None:
+        found.append(("received_at", ">=", since))
+    if until is not None:
+        found.append(("received_at", "<=", until))
+    return found
+
+
+def message_counts(
+    rows: Iterable[tuple[str, str, str, int]],
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, dict[str, int]]]]:
+    """(channel, message type, status, count) rows → counts per channel and status, and per
+    channel, message type and status."""
+    by_channel: dict[str, dict[str, int]] = {}
+    by_type: dict[str, dict[str, dict[str, int]]] = {}
+    for channel, message_type, status, n in rows:
+        counts = by_channel.setdefault(channel, {})
+        counts[status] = counts.get(status, 0) + n
+        by_type.setdefault(channel, {}).setdefault(message_type, {})[status] = n
+    return by_channel, by_type
