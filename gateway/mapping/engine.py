@@ -283,7 +283,11 @@ class Condition:
 
     def holds(self, ctx: Context) -> bool:
         value = ctx.read(self.source)
-        if self.present is not None and bool(value) != self.present:
+        return self.passes(value, bool(value))
+
+    def passes(self, value: str, present: bool) -> bool:
+        """The tests on a value already read (each direction reads its own kind of path)."""
+        if self.present is not None and present != self.present:
             return False
         if self.equals is not None and value != self.equals:
             return False
@@ -598,6 +602,12 @@ def _parse_when(data: Any, file: str) -> Condition | AllOf:
 
 
 def _parse_condition(data: Any, file: str) -> Condition:
+    return parse_condition(data, file, lambda path, line: _check_path(path, file, line))
+
+
+def parse_condition(data: Any, file: str, check_source: Callable[[Any, int], None]) -> Condition:
+    """A ``when:`` condition, the same YAML in both directions; ``check_source`` checks its
+    ``from`` path (ER7 inbound, FHIR outbound)."""
     if not isinstance(data, dict) or "from" not in data:
         raise ConfigError(
             "a condition needs 'from' and one test (equals, in, not_in, present)",
@@ -606,7 +616,7 @@ def _parse_condition(data: Any, file: str) -> Condition:
             line=data.get("__line__") if isinstance(data, dict) else None,
         )
     _check_keys(data, _WHEN_KEYS, file, "a condition")
-    _check_path(data["from"], file, data["__line__"])
+    check_source(data["from"], data["__line__"])
     return Condition(
         data["from"],
         equals=str(data["equals"]) if "equals" in data else None,

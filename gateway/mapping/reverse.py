@@ -42,7 +42,16 @@ from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, Separators, escape
-from gateway.mapping.engine import RuleError, _check_keys, _load_yaml, _strip_lines, check_names, rule_failure
+from gateway.mapping.engine import Condition as InboundCondition
+from gateway.mapping.engine import (
+    RuleError,
+    _check_keys,
+    _load_yaml,
+    _strip_lines,
+    check_names,
+    parse_condition,
+    rule_failure,
+)
 
 # -- FHIR paths ----------------------------------------------------------------------------------
 
@@ -321,21 +330,13 @@ def _target(path: str) -> tuple[str, int, int | None, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    source: str
-    equals: str | None = None
-    in_: frozenset[str] | None = None
-    not_in: frozenset[str] | None = None
-    present: bool | None = None
+    """The inbound engine's condition, read from a FHIR path: present means any value there."""
+
+    test: InboundCondition
 
     def holds(self, ctx: Context) -> bool:
-        value = ctx.text(self.source)
-        if self.present is not None and bool(ctx.values(self.source)) != self.present:
-            return False
-        if self.equals is not None and value != self.equals:
-            return False
-        if self.in_ is not None and value not in self.in_:
-            return False
-        return not (self.not_in is not None and value in self.not_in)
+        source = self.test.source
+        return self.test.passes(ctx.text(source), bool(ctx.values(source)))
 
 
 @dataclass(slots=True)
@@ -489,7 +490,6 @@ _FILE_KEYS = {
 _SEGMENT_KEYS = {"segment", "rules", "each", "flatten", "when", "required", "use", "__line__"}
 _RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "__line__"}
 _BIND_KEYS = {"path", "type", "many", "required", "__line__"}
-_WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
 _HEADER_KEYS = {"version", "profile", "country", "__line__"}
 
 
@@ -819,21 +819,8 @@ def _check_fhir_path(path: Any, file: str, line: int, key: str, bound: set[str] 
 
 
 def _parse_when(data: Any, file: str, bound: set[str]) -> Condition:
-    if not isinstance(data, dict) or "from" not in data:
-        raise ConfigError(
-            "a condition needs 'from' and one test (equals, in, not_in, present)",
-            file=file,
-            key="when",
-            line=data.get("__line__") if isinstance(data, dict) else None,
-        )
-    _check_keys(data, _WHEN_KEYS, file, "a condition")
-    _check_fhir_path(data["from"], file, data["__line__"], "when", bound)
     return Condition(
-        data["from"],
-        equals=str(data["equals"]) if "equals" in data else None,
-        in_=frozenset(map(str, data["in"])) if "in" in data else None,
-        not_in=frozenset(map(str, data["not_in"])) if "not_in" in data else None,
-        present=bool(data["present"]) if "present" in data else None,
+        parse_condition(data, file, lambda path, line: _check_fhir_path(path, file, line, "when", bound))
     )
 
 
