@@ -1361,6 +1361,13 @@ class BaseDocumentStore(ABC):
     mode: Mode
     valuesets: ValueSets
 
+    def __init__(
+        self, repository: FhirRepository, *, mode: Mode | str = Mode.PDSM, valuesets: ValueSets | None = None
+    ) -> None:
+        self.repository = repository
+        self.mode = Mode(mode)
+        self.valuesets = valuesets or ValueSets.load(DEFAULT_VALUESETS)
+
     @abstractmethod
     async def open(self) -> None: ...
 
@@ -1668,9 +1675,8 @@ class SqliteDocumentStore(BaseDocumentStore):
         mode: Mode | str = Mode.PDSM,
         valuesets: ValueSets | None = None,
     ) -> None:
-        self.repository = repository
-        self.mode = Mode(mode)
-        self.valuesets = valuesets or ValueSets.load(DEFAULT_VALUESETS)
+        super().__init__(repository, mode=mode, valuesets=valuesets)
+        self.repository = repository  # the SQLite type, for the file and writer it shares
         self._ready = False
 
     async def open(self) -> None:

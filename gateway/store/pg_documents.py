@@ -22,7 +22,6 @@ import asyncpg
 from gateway.core.errors import StoreError
 from gateway.store import fhir_common as common
 from gateway.store.documents import (
-    DEFAULT_VALUESETS,
     BaseDocumentStore,
     DocOps,
     Mode,
@@ -175,9 +174,8 @@ class PgDocumentStore(BaseDocumentStore):
         mode: Mode | str = Mode.PDSM,
         valuesets: ValueSets | None = None,
     ) -> None:
-        self.repository = repository
-        self.mode = Mode(mode)
-        self.valuesets = valuesets or ValueSets.load(DEFAULT_VALUESETS)
+        super().__init__(repository, mode=mode, valuesets=valuesets)
+        self.repository = repository  # the PostgreSQL type, for the pool and schema it shares
         self.schema_version = 0
 
     async def open(self) -> None:
