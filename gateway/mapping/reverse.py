@@ -126,16 +126,21 @@ def _select(items: list[Any], selector: str) -> list[Any]:
 def _walk(node: Any, names: Sequence[str]) -> list[Any]:
     nodes = [node]
     for name in names:
-        nxt: list[Any] = []
-        for n in nodes:
-            if isinstance(n, dict) and name in n:
-                value = n[name]
-                if isinstance(value, list):
-                    nxt.extend(value)
-                elif value is not None:
-                    nxt.append(value)
-        nodes = nxt
+        nodes = _step(nodes, name)
     return nodes
+
+
+def _step(nodes: Sequence[Any], name: str) -> list[Any]:
+    """The values of element ``name`` under each node, repetitions flattened."""
+    out: list[Any] = []
+    for n in nodes:
+        if isinstance(n, dict) and name in n:
+            value = n[name]
+            if isinstance(value, list):
+                out.extend(value)
+            elif value is not None:
+                out.append(value)
+    return out
 
 
 # -- what the rules read ---------------------------------------------------------------------------
@@ -423,14 +428,7 @@ class Context:
             if alt.start_selector:
                 nodes = _select(nodes, alt.start_selector)
             for name, selector in alt.steps:
-                nxt: list[Any] = []
-                for n in nodes:
-                    if isinstance(n, dict) and name in n:
-                        value = n[name]
-                        if isinstance(value, list):
-                            nxt.extend(value)
-                        elif value is not None:
-                            nxt.append(value)
+                nxt = _step(nodes, name)
                 nodes = _select(nxt, selector) if selector else nxt
             found = [n for n in nodes if n not in (None, "", [], {})]
             if found:
