@@ -164,14 +164,16 @@ class RssWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
-    """(user + system, system) seconds of a process and its children."""
-    total = system = 0.0
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float, float]:
+    """(user + system, system) seconds of a process and its children, then the main process's own."""
+    total = system = main = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         t = p.cpu_times()
         total += t.user + t.system
         system += t.system
-    return total, system
+        if p.pid == proc.pid:
+            main = t.user + t.system
+    return total, system, main
 
 
 def channel_for(workdir: Path, destination: str) -> dict[str, object]:
@@ -267,7 +269,9 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
             gw = psutil.Process(proc.pid)
             cpu0 = cpu_seconds(gw)
             t0 = time.perf_counter()
+            gen0 = time.process_time()
             elapsed, lat = asyncio.run(drive(port, frames, None, args.window))
+            gen_us = (time.process_time() - gen0) / args.messages * 1e6
             target = args.messages + 2000
             while delivered(workdir, args.destination) < target:
                 time.sleep(0.05)
@@ -293,6 +297,8 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
             "rss_mb": watch.peak / 2**20,
             "cpu": cpu_share,
             "cpu_us": (cpu1[0] - cpu0[0]) / args.messages * 1e6,
+            "main_us": (cpu1[2] - cpu0[2]) / args.messages * 1e6,
+            "gen_us": gen_us,
             "sys": sys_share,
             "exit": code,
         }
@@ -395,6 +401,7 @@ def main() -> None:
     print(
         f"passerelle  CPU        {g['cpu']:8.2f} cores busy during the throughput run"
         f" ({g['sys']:.2f} in the kernel); {g['cpu_us']:.0f} us of CPU per message, main + worker"
+        f" ({g['main_us']:.0f} + {g['cpu_us'] - g['main_us']:.0f}); the load generator {g['gen_us']:.0f} us"
     )
     if not args.skip_baseline:
         b = run_baseline(args)

@@ -69,10 +69,12 @@ class Gateway:
         if not isinstance(self.store, SqliteStore):
             self.workers = 0  # worker processes exist for the single SQLite writer; nodes scale instead
         self.fhir = self.backends.fhir_repository(self.data_dir)
-        # Receipts are audited by following the SQLite journal (no cost on the intake path).
+        # Receipts are audited by following the SQLite journal (no cost on the intake path); with
+        # workers, the first one follows it, off this process's GIL (see gateway.worker).
         self.audit = AuditLog(
             self.data_dir / "audit.db",
             journal=self.data_dir / "passerelle.db" if isinstance(self.store, SqliteStore) else None,
+            follow=self.workers == 0,
         )
         self.drain_timeout = float(data.get("drain_timeout_s", 10))
         self.channels: dict[str, ChannelRuntime | ChannelPort] = {}

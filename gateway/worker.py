@@ -27,6 +27,7 @@ from gateway.engine.channel import ChannelRuntime
 from gateway.engine.fhir_intake import attach_repository
 from gateway.engine.link import Link
 from gateway.engine.remote import LinkedStore, outcome_sender, snapshots
+from gateway.store.audit import AuditLog
 from gateway.store.fhir import SqliteFhirRepository
 
 log = get_logger("passerelle.worker")
@@ -58,6 +59,15 @@ async def serve(fd: int) -> int:
     wanted = [attach_repository(ch.steps, repository) for ch in channels.values()]
     if any(wanted):
         await repository.open()
+    # The first worker follows the journal into the audit trail (the main process's GIL stays
+    # for intake and ACKs); the log takes writers from several processes.
+    follower = (
+        AuditLog(Path(data_dir) / "audit.db", journal=Path(data_dir) / "passerelle.db")
+        if index == 0
+        else None
+    )
+    if follower is not None:
+        await follower.open()
     for channel in channels.values():
         channel.start()
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]
@@ -85,6 +95,8 @@ async def serve(fd: int) -> int:
     for task in tasks:
         task.cancel()
     await store.close()
+    if follower is not None:
+        await follower.close()
     if any(wanted):
         await repository.close()
     return code

@@ -11,7 +11,12 @@ Two inflows, neither able to slow the MLLP hot path:
   request waits for room; nothing is dropped.
 - received messages: followed from the journal itself (a cursor over ``messages.seq``,
   committed in the same transaction as the entries it produced), so an entry per
-  received message costs the intake nothing and survives a crash.
+  received message costs the intake nothing and survives a crash. With worker
+  processes the first worker follows, off the main process's GIL; the main process
+  still follows on ``flush`` and ``close``.
+
+Several writers, in one process or several, may share the log: the cursor and the
+chain's head are read inside the write transaction, which SQLite serialises.
 """
 
 from __future__ import annotations
@@ -206,16 +211,18 @@ class AuditLog:
         max_queue: int = 10_000,
         max_batch: int = 1000,
         poll_s: float = 0.25,
+        follow: bool = True,
     ) -> None:
         self.path = path
         self.journal = journal
+        # False: the journal is followed only on flush and close (another process follows it).
+        self.follow = follow
         self.max_batch = max_batch
         self.poll_s = poll_s
         self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[str]]] = asyncio.Queue(max_queue)
         self._conn: sqlite3.Connection | None = None
         self._journal_conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
-        self._head = GENESIS
         self._lock = asyncio.Lock()
         self._closing = False
         self._idle = False
@@ -232,9 +239,8 @@ class AuditLog:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")  # another process may be writing a round
         conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        self._head = row[0] if row else GENESIS
         return conn
 
     async def close(self) -> None:
@@ -247,7 +253,7 @@ class AuditLog:
             self._task = None
         if self._conn is not None:
             # What is still queued is written before closing: nothing is dropped on a clean stop.
-            await self._commit_round(None)
+            await self._commit_round(None, follow=True)
             self._conn.close()
             self._conn = None
         if self._journal_conn is not None:
@@ -266,7 +272,7 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Commit what is queued and what the journal holds now (tests, shutdown)."""
-        await self._commit_round(None)
+        await self._commit_round(None, follow=True)
 
     async def _run(self) -> None:
         while not self._closing:
@@ -280,18 +286,22 @@ class AuditLog:
             finally:
                 self._idle = False
             try:
-                await self._commit_round(first)
+                await self._commit_round(first, follow=self.follow)
             except (sqlite3.Error, OSError) as exc:
                 log.error("audit_write_failed", error=type(exc).__name__)
                 await asyncio.sleep(self.poll_s)
 
-    async def _commit_round(self, first: tuple[dict[str, Any], asyncio.Future[str]] | None) -> None:
+    async def _commit_round(
+        self, first: tuple[dict[str, Any], asyncio.Future[str]] | None, *, follow: bool
+    ) -> None:
         async with self._lock:
             batch = [first] if first is not None else []
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            if not batch and not (follow and self.journal is not None):
+                return
             try:
-                ids = await asyncio.to_thread(self._commit, [r for r, _ in batch])
+                ids = await asyncio.to_thread(self._commit, [r for r, _ in batch], follow)
             except (sqlite3.Error, OSError) as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -312,37 +322,42 @@ class AuditLog:
         except sqlite3.OperationalError:
             return []  # the journal's tables are not there yet
 
-    def _commit(self, resources: list[dict[str, Any]]) -> list[str]:
+    def _commit(self, resources: list[dict[str, Any]], follow: bool = True) -> list[str]:
         conn = self._conn
         assert conn is not None
-        row = conn.execute("SELECT value FROM cursors WHERE name='journal'").fetchone()
-        cursor = int(row[0]) if row else 0
-        journal = self._journal_rows(cursor)
-        if not resources and not journal:
-            return []
-        # Rows are built and chained in memory, then written with one executemany: the chain
-        # is still one SHA-256 per entry over its exact stored bytes, as ``verify`` recomputes.
-        rows: list[tuple[str, float, str, str, bytes, str, str]] = []
-        head = self._head
+        # Built before the lock: nothing here depends on the chain.
         now = time.time()
-        for j in journal:
-            rid = new_id(now)
-            data = receipt_bytes(j, rid)
-            digest = chain_hash(head, data)
-            rows.append((rid, now, "C", str(j[6] or j[3]), data, head, digest))
-            head = digest
-        ids: list[str] = []
+        written: list[tuple[str, dict[str, Any], bytes]] = []
         for resource in resources:
             rid = new_id(now)
             resource = {**resource, "id": rid}
-            data = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
-            digest = chain_hash(head, data)
-            agent = resource["agent"][0]["who"]["identifier"]["value"]
-            rows.append((rid, now, resource["action"], agent, data, head, digest))
-            head = digest
-            ids.append(rid)
+            written.append((rid, resource, orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Cursor and head are read under the write lock: another writer may have moved them.
+            journal: list[tuple[Any, ...]] = []
+            if follow:
+                row = conn.execute("SELECT value FROM cursors WHERE name='journal'").fetchone()
+                journal = self._journal_rows(int(row[0]) if row else 0)
+            if not written and not journal:
+                conn.execute("ROLLBACK")
+                return []
+            row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            head = row[0] if row else GENESIS
+            # Rows are chained in memory, then written with one executemany: the chain is still one
+            # SHA-256 per entry over its exact stored bytes, as ``verify`` recomputes.
+            rows: list[tuple[str, float, str, str, bytes, str, str]] = []
+            for j in journal:
+                rid = new_id(now)
+                data = receipt_bytes(j, rid)
+                digest = chain_hash(head, data)
+                rows.append((rid, now, "C", str(j[6] or j[3]), data, head, digest))
+                head = digest
+            for rid, resource, data in written:
+                digest = chain_hash(head, data)
+                agent = resource["agent"][0]["who"]["identifier"]["value"]
+                rows.append((rid, now, resource["action"], agent, data, head, digest))
+                head = digest
             conn.executemany(
                 "INSERT INTO audit(id, recorded, action, agent, resource, prev, hash)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -356,11 +371,11 @@ class AuditLog:
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        self._head = head
         self.written += len(rows)
-        return ids
+        return [rid for rid, _, _ in written]
 
     # -- reading ---------------------------------------------------------------
 

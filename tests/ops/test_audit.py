@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,10 @@ import orjson
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 
+from gateway.core.envelope import HL7_V2, Envelope
+from gateway.core.ids import new_id
 from gateway.store.audit import AuditLog, event, verify
+from gateway.store.sqlite import SqliteStore
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.fhir.conftest import patient
 from tests.messages import adt
@@ -157,3 +162,96 @@ async def test_every_received_message_is_audited_once_even_across_restarts(
     assert len({r["entity"][0]["what"]["identifier"]["value"] for r in received}) == 31
     assert sum(1 for r in received if r["outcome"] == "4") == 1
     assert verify(gw2.data_dir / "audit.db").ok
+
+
+async def test_with_a_worker_process_the_worker_follows_the_journal(
+    tmp_path: Path, start_gateway: GatewayFactory, client_for: Any, http: aiohttp.ClientSession
+) -> None:
+    cfg = ops_config(tmp_path, workers=1)
+    # the worker runs the channel: a destination it can build (the in-process fake is not one)
+    channel = cfg.data["channels"][0]
+    channel["destinations"] = [{"name": "files", "type": "file", "directory": str(tmp_path / "out")}]
+    gw = await start_gateway(cfg)
+    assert gw.audit.follow is False  # the main process only writes API accesses
+    client = client_for(gw)
+    base = base_url(gw)
+    for i in range(12):
+        await client.send(adt(f"WF{i}", patient=str(300000 + i)))
+        # API accesses are written by the main process meanwhile, into the same chain
+        async with http.get(f"{base}/fhir/Patient?_id=p{i}", headers=bearer(ADMIN_TOKEN)) as resp:
+            assert resp.status == 200
+
+    async def receipts() -> list[dict[str, Any]]:
+        rows = await gw.audit.search(count=1000)
+        return [r for _, r in rows if r["type"]["code"] == "110107"]
+
+    found: list[dict[str, Any]] = []
+    for _ in range(200):  # no flush: only the worker's own rounds can bring them in
+        found = await receipts()
+        if len(found) >= 12:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(r["entity"][0]["name"] for r in found) == sorted(f"WF{i}" for i in range(12))
+    await gw.stop()
+    result = verify(gw.data_dir / "audit.db")
+    assert result.ok
+    searches = [r for _, r in await _all(gw.data_dir / "audit.db") if r["type"]["code"] == "rest"]
+    assert len(searches) >= 12
+
+
+async def _all(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    log = AuditLog(path)
+    await log.open()
+    try:
+        return await log.search(count=1000)
+    finally:
+        await log.close()
+
+
+async def test_two_writers_on_one_log_keep_one_chain_and_audit_each_message_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "passerelle.db")
+    await store.open()
+    for b in range(4):
+        await store.append([_envelope(f"TW{b}-{i}") for i in range(50)])
+    await store.close()
+    logs = [
+        AuditLog(tmp_path / "audit.db", journal=tmp_path / "passerelle.db", max_batch=30) for _ in range(2)
+    ]
+    for log in logs:
+        await log.open()
+
+    async def busy(log: AuditLog, who: str) -> None:
+        for i in range(10):
+            await asyncio.gather(
+                log.flush(),
+                log.write(event(type_={"code": "rest"}, action="R", outcome="0", who=f"{who}-{i}")),
+            )
+
+    await asyncio.gather(busy(logs[0], "a"), busy(logs[1], "b"))
+    for log in logs:
+        await log.flush()
+        await log.close()
+    rows = [r for _, r in await _all(tmp_path / "audit.db")]
+    received = [r["entity"][0]["what"]["identifier"]["value"] for r in rows if r["type"]["code"] == "110107"]
+    assert len(received) == 200 and len(set(received)) == 200
+    agents = {r["agent"][0]["who"]["identifier"]["value"] for r in rows if r["type"]["code"] == "rest"}
+    assert agents == {f"{w}-{i}" for w in "ab" for i in range(10)}
+    result = verify(tmp_path / "audit.db")
+    assert result.ok and result.entries == 220
+
+
+def _envelope(control_id: str) -> Envelope:
+    return Envelope(
+        id=new_id(),
+        channel="adt",
+        source="hospital",
+        raw=adt(control_id),
+        content_type=HL7_V2,
+        sender="APP^FAC",
+        control_id=control_id,
+        message_type="ADT^A01",
+        partition_key="p",
+        received_at=time.time(),
+        trace_id="t",
+        peer="127.0.0.1:1",
+    )
