@@ -89,7 +89,8 @@ class FhirRepositoryDestination:
                 when = datetime.fromtimestamp(envelope.received_at, UTC).isoformat(timespec="seconds")
                 response = await self.documents.publish(with_submission_set(bundle, submission, when), FEED)
             else:
-                response = await self.repository.transaction(bundle)
+                # Parsed here for this send alone: the repository need not copy it.
+                response = await self.repository.transaction(bundle, copy=False)
         except HttpError as exc:  # the Bundle itself is at fault: no retry will change it
             raise PermanentDeliveryError(f"repository refused the transaction: {exc.message}") from exc
         except StoreError as exc:

@@ -7,9 +7,12 @@ even when another process (the gateway's worker) writes the same file. Reads run
 of reader threads, each with its own connection; WAL lets them proceed while a write is under way.
 
 Writes are group-committed, as the journal's are: the writes that arrive while a commit is under
-way are applied together, in order, in one SQLite transaction, each inside its own SAVEPOINT (a
-failing write undoes only itself and fails only its caller), then one COMMIT (one fsync) covers
-them all. A caller's future resolves only after the COMMIT that holds its write.
+way are applied together, in order, in one SQLite transaction, then one COMMIT (one fsync) covers
+them all. A failing write undoes only itself and fails only its caller: the repository's own writes
+(Bundles, create, update, delete) run bare and most fail before changing anything; one that fails
+after changing rows has the transaction undone and the batch run again with each write inside its
+own SAVEPOINT, as the other writes (the document store's) always run. A caller's future resolves
+only after the COMMIT that holds its write.
 
 Writes are idempotent where FHIR allows it: an update whose content (meta aside) equals the
 current version writes nothing, so a replayed message leaves the repository exactly as it was.
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.core.errors import BadRequest, StoreError
+from gateway.core.errors import BadRequest, PasserelleError, StoreError
 from gateway.core.logging import get_logger
 from gateway.store import fhir_common as common
 
@@ -155,6 +158,22 @@ def _match(conn: sqlite3.Connection, type_: str, params: Sequence[tuple[str, str
     return [str(row[0]) for row in rows]
 
 
+def _match_first(
+    conn: sqlite3.Connection, type_: str, params: Sequence[tuple[str, str]]
+) -> tuple[list[str], common.Row | None]:
+    """``_match`` of two ids, with the current version of the first read by the same statement."""
+    parsed = parse_search(type_, params)
+    rows = conn.execute(
+        f"SELECT r.id, r.version_id, r.deleted, r.body FROM resources r WHERE {parsed.where}"  # noqa: S608
+        " ORDER BY r.id LIMIT 2",
+        parsed.args,
+    ).fetchall()
+    if len(rows) != 1:
+        return [str(row[0]) for row in rows], None
+    id_, version, deleted, body = rows[0]
+    return [str(id_)], (int(version), bool(deleted), orjson.loads(body) if body is not None else None)
+
+
 def match_ids(conn: sqlite3.Connection, type_: str, query: str, *, limit: int = 2) -> list[str]:
     """Ids of the live resources a conditional URL's query part selects (at most ``limit``)."""
     return _match(conn, type_, common.criteria(query), limit)
@@ -193,7 +212,8 @@ class _Writer(common.Transaction):
             " VALUES (?,?,?,?,?,?)",
             (type_, id_, version, self.now, deleted, blob),
         )
-        self.conn.execute("DELETE FROM search_index WHERE type=? AND id=?", (type_, id_))
+        if version > 1:  # a first version has no index rows to replace
+            self.conn.execute("DELETE FROM search_index WHERE type=? AND id=?", (type_, id_))
         if body is not None:
             self.conn.executemany(
                 "INSERT INTO search_index(type, id, param, system, value) VALUES (?,?,?,?,?)",
@@ -213,6 +233,11 @@ class _Writer(common.Transaction):
 
     async def find(self, type_: str, params: Sequence[tuple[str, str]]) -> SearchResult:
         return run_search(self.conn, parse_search(type_, params))
+
+    async def match_first(
+        self, type_: str, params: Sequence[tuple[str, str]]
+    ) -> tuple[list[str], common.Row | None]:
+        return _match_first(self.conn, type_, params)
 
     async def savepoint(self) -> None:
         self.conn.execute("SAVEPOINT entry")
@@ -249,8 +274,10 @@ def _process_bundle(writer: _Writer, bundle: Mapping[str, Any]) -> dict[str, Any
     return common.run_sync(common.process_bundle(writer, bundle))
 
 
-# A queued write and its caller's future; a write's outcome: (succeeded?, result or exception).
-_Pending = tuple[Callable[[_Writer], Any], "asyncio.Future[Any]"]
+# A write, and whether it changes rows only (see ``_write``); queued with its caller's future.
+_Job = tuple[Callable[[_Writer], Any], bool]
+_Pending = tuple[_Job, "asyncio.Future[Any]"]
+# A write's outcome: (succeeded?, result or exception).
 _Outcome = tuple[bool, Any]
 
 
@@ -342,11 +369,17 @@ class SqliteFhirRepository:
         except sqlite3.Error as exc:
             raise StoreError(f"FHIR repository read failed: {type(exc).__name__}") from exc
 
-    async def _write(self, fn: Callable[[_Writer], T]) -> T:
+    async def _write(self, fn: Callable[[_Writer], T], *, rows_only: bool = False) -> T:
+        """Run ``fn`` in the next batch; its result once the batch is committed.
+
+        ``rows_only``: ``fn`` changes the database through ``_Writer``'s primitives alone (rows, no
+        schema, no transaction control of its own), and fails with nothing to undo unless it
+        changed a row. Such a write runs without a savepoint of its own (see ``_run_batch``).
+        """
         if self._wexec is None:
             raise StoreError("the FHIR repository is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((fn, fut))
+        self._queue.append(((fn, rows_only), fut))
         if self._inflight is None and not self._flush_scheduled:
             # Once per loop turn: every write submitted in this turn goes into the same batch.
             self._flush_scheduled = True
@@ -364,8 +397,8 @@ class SqliteFhirRepository:
         if self._wexec is None:
             self._settle(batch, [(False, StoreError("the FHIR repository is not open"))] * len(batch))
             return
-        fns = [fn for fn, _ in batch]
-        inflight = asyncio.get_running_loop().run_in_executor(self._wexec, self._run_batch, fns)
+        jobs = [job for job, _ in batch]
+        inflight = asyncio.get_running_loop().run_in_executor(self._wexec, self._run_batch, jobs)
         self._inflight = inflight
         inflight.add_done_callback(lambda f: self._landed(f, batch))
 
@@ -401,18 +434,29 @@ class SqliteFhirRepository:
                     value = StoreError(f"FHIR repository write failed: {type(value).__name__}")
                 fut.set_exception(value)
 
-    def _run_batch(self, fns: list[Callable[[_Writer], Any]]) -> list[_Outcome]:
-        """On the writer thread: every write in one transaction, each in its own savepoint."""
+    def _run_batch(self, jobs: list[_Job]) -> list[_Outcome]:
+        """On the writer thread: every write in one transaction, each failing alone.
+
+        A write undoes itself with a savepoint, which costs a copy of every page it changes; a
+        ``rows_only`` write goes without. When one of those fails having changed rows, only
+        undoing the whole transaction undoes it: then the batch runs again, each write in its own
+        savepoint.
+        """
+        fns = [fn for fn, _ in jobs]
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             outcomes: list[_Outcome] = []
-            for fn in fns:
-                outcomes.append(self._run_one(conn, fn))
+            for fn, rows_only in jobs:
+                done = self._run_bare(conn, fn) if rows_only else self._run_one(conn, fn)
                 if not conn.in_transaction:
                     # An error made SQLite abandon the whole transaction (disk full, I/O error...):
                     # the writes done before it are gone. Each write gets its own transaction.
                     return self._run_isolated(conn, fns)
+                if done is None:
+                    conn.execute("ROLLBACK")
+                    return self._run_batch([(fn, False) for fn in fns])
+                outcomes.append(done)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -421,6 +465,18 @@ class SqliteFhirRepository:
         self.commits += 1
         self.committed_writes += len(fns)
         return outcomes
+
+    def _run_bare(self, conn: sqlite3.Connection, fn: Callable[[_Writer], Any]) -> _Outcome | None:
+        """A ``rows_only`` write without a savepoint; None when it failed leaving something to undo."""
+        changes = conn.total_changes
+        try:
+            result = fn(_Writer(conn, _instant(self._clock())))
+        except PasserelleError as exc:
+            # Refused (a bad Bundle, a version conflict...) before changing any row: nothing to undo.
+            return (False, exc) if conn.total_changes == changes else None
+        except Exception:  # noqa: BLE001 - run again in a savepoint, where it meets the same fate
+            return None
+        return True, result
 
     def _run_one(self, conn: sqlite3.Connection, fn: Callable[[_Writer], Any]) -> _Outcome:
         conn.execute("SAVEPOINT write")
@@ -477,22 +533,24 @@ class SqliteFhirRepository:
         query = parse_search(type_, params)  # a BadRequest leaves before any thread hop
         return await self._read(lambda conn: run_search(conn, query, count=count, offset=offset))
 
-    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
-        data = _copy(bundle)
-        return await self._write(lambda w: _process_bundle(w, data))
+    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
+        data = _copy(bundle) if copy else bundle
+        return await self._write(lambda w: _process_bundle(w, data), rows_only=True)
 
     async def create(
         self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
     ) -> tuple[dict[str, Any], bool]:
         data = _copy(resource)
-        stored, created = await self._write(lambda w: w.create(data, if_none_exist))
+        stored, created = await self._write(lambda w: w.create(data, if_none_exist), rows_only=True)
         return stored.body, created
 
     async def update(
         self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
     ) -> tuple[dict[str, Any], bool]:
         data = _copy(resource)
-        stored, created = await self._write(lambda w: w.put(type_, id_, data, if_match=if_match))
+        stored, created = await self._write(
+            lambda w: w.put(type_, id_, data, if_match=if_match), rows_only=True
+        )
         return stored.body, created
 
     async def conditional_update(
@@ -501,8 +559,10 @@ class SqliteFhirRepository:
         data = _copy(resource)
         if _resource_type(data) != type_:
             raise BadRequest(f"resourceType does not match {type_}", location="resourceType")
-        stored, created = await self._write(lambda w: w.conditional_update(type_, query, data))
+        stored, created = await self._write(
+            lambda w: w.conditional_update(type_, query, data), rows_only=True
+        )
         return stored.body, created
 
     async def delete(self, type_: str, id_: str) -> bool:
-        return await self._write(lambda w: w.delete(type_, id_))
+        return await self._write(lambda w: w.delete(type_, id_), rows_only=True)

@@ -13,6 +13,7 @@ placeholders; a ``Dialect`` covers the one operator that differs between the two
 
 from __future__ import annotations
 
+import functools
 import http
 import re
 from abc import ABC, abstractmethod
@@ -102,8 +103,12 @@ class FhirRepository(Protocol):
         self, type_: str, params: Sequence[tuple[str, str]], *, count: int = DEFAULT_COUNT, offset: int = 0
     ) -> SearchResult: ...
 
-    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
-        """A ``transaction`` or ``batch`` Bundle → its ``transaction-response``/``batch-response``."""
+    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
+        """A ``transaction`` or ``batch`` Bundle → its ``transaction-response``/``batch-response``.
+
+        ``copy=False`` hands the Bundle over: JSON data just parsed, that the caller neither keeps
+        nor looks at again, used as it is instead of being copied first.
+        """
         ...
 
     async def create(
@@ -145,6 +150,12 @@ class SearchQuery:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` unless it is escaped with a backslash (FHIR search escaping)."""
+    if "\\" not in text:
+        return text.split(sep)  # nothing escaped: the common case, without the loop below
+    return _split_escaped(text, sep)
+
+
+def _split_escaped(text: str, sep: str) -> list[str]:
     parts: list[str] = []
     current: list[str] = []
     i = 0
@@ -165,6 +176,8 @@ def _split(text: str, sep: str) -> list[str]:
 
 
 def _unescape(text: str) -> str:
+    if "\\" not in text:
+        return text
     return _ESCAPED.sub(lambda m: m.group(1), text)
 
 
@@ -209,7 +222,10 @@ def _reference_target(value: str, name: str, dialect: Dialect) -> tuple[str, str
 
 def _instant(moment: datetime) -> str:
     """The one text form of an instant: fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = moment.astimezone(UTC)
+    if utc.year < 1000:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # %Y is not padded there, as it never was
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"  # the same text, for less: "+00:00" → "Z"
 
 
 def _date_range(text: str, name: str) -> tuple[str, str | None]:
@@ -306,6 +322,10 @@ def _indexed(cond: str) -> str:
     return "r.id IN (SELECT s.id FROM search_index s WHERE s.type=? AND s.param=? AND " + cond + ")"  # noqa: S608
 
 
+# What ``_parse_search`` makes of the one parameter identifier=system|value.
+_ONE_IDENTIFIER = "r.type=? AND r.deleted=0 AND " + _indexed("((s.system=? AND s.value=?))")
+
+
 def parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialect = SQLITE) -> SearchQuery:
     """Parse search parameters into SQL over ``resources r``; anything unsupported is a BadRequest.
 
@@ -314,6 +334,18 @@ def parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialect
     """
     if not TYPE_RE.fullmatch(type_):
         raise BadRequest("not a resource type", location="type")
+    if len(params) == 1 and params[0][0] == "identifier":
+        # The criteria of a conditional create or update on a business identifier, short-cut:
+        # one value (no comma), nothing escaped, exactly one "|" and a value after it.
+        raw = params[0][1]
+        system, bar, value = raw.partition("|")
+        if bar and value and "|" not in value and "," not in raw and "\\" not in raw:
+            return SearchQuery(type_, _ONE_IDENTIFIER, (type_, type_, "identifier", system, value))
+    return _parse_search(type_, params, dialect)
+
+
+def _parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialect) -> SearchQuery:
+    """``parse_search`` once ``type_`` is checked: every parameter, whatever its form."""
     where: list[str] = ["r.type=?", "r.deleted=0"]
     args: list[Any] = [type_]
     includes: list[tuple[str, str | None]] = []
@@ -474,6 +506,16 @@ class _Stored:
 # -- Bundles ------------------------------------------------------------------------------------
 
 
+Row = tuple[int, bool, dict[str, Any] | None]  # (version, deleted?, body) of a resource's current version
+
+
+class _Unread:
+    """The type of ``UNREAD``: a current version nobody has read yet."""
+
+
+UNREAD = _Unread()
+
+
 @dataclass(slots=True)
 class _Entry:
     index: int
@@ -487,6 +529,9 @@ class _Entry:
     if_match: str | None
     target: str | None = None  # the id the entry writes to, decided before any write
     existing: _Stored | None = None  # a conditional create that matched
+    # The target's current version as planning found it (None: absent, an id just minted), so
+    # that the write does not read it a second time; UNREAD when planning did not read it.
+    current: Row | _Unread | None = UNREAD
 
 
 def _entry_of(index: int, raw: Any) -> _Entry:
@@ -539,23 +584,41 @@ def _entry_of(index: int, raw: Any) -> _Entry:
     )
 
 
-def _rewrite(value: Any, targets: Mapping[str, str]) -> Any:
-    """Every ``reference`` equal to a resolved fullUrl becomes the final Type/id."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and item in targets:
-                out[key] = targets[item]
-            else:
-                out[key] = _rewrite(item, targets)
-        return out
-    if isinstance(value, list):
-        return [_rewrite(item, targets) for item in value]
-    return value
+# A ``reference`` whose value is a urn: string, in a resource's compact JSON (orjson's). A key and
+# its colon never occur inside a JSON string, where every quote is escaped: each match is a
+# ``reference`` element, and the group its whole string value.
+_URN_REFERENCE = re.compile(rb'"reference":("urn:[^"\\]*(?:\\.[^"\\]*)*")', re.S)
+
+
+def _rewrite(resource: dict[str, Any], targets: Mapping[str, str]) -> dict[str, Any]:
+    """Every ``reference`` equal to a resolved urn: fullUrl (the keys of ``targets``) becomes the
+    final Type/id; the resource itself when none does.
+
+    Done on the resource's JSON, where one C-level search finds the candidates, rather than by
+    walking and copying every element in Python.
+    """
+    blob = orjson.dumps(resource)
+    if b'"reference":"urn:' not in blob:
+        return resource
+
+    def swap(match: re.Match[bytes]) -> bytes:
+        final = targets.get(orjson.loads(match[1]))
+        return match[0] if final is None else b'"reference":' + orjson.dumps(final)
+
+    rewritten = _URN_REFERENCE.sub(swap, blob)
+    if rewritten == blob:
+        return resource
+    data: dict[str, Any] = orjson.loads(rewritten)
+    return data
+
+
+@functools.cache
+def _status_line(status: int) -> str:
+    return f"{status} {http.HTTPStatus(status).phrase}"
 
 
 def _response(status: int, stored: _Stored | None = None, type_: str = "") -> dict[str, Any]:
-    response: dict[str, Any] = {"status": f"{status} {http.HTTPStatus(status).phrase}"}
+    response: dict[str, Any] = {"status": _status_line(status)}
     if stored is not None:
         response["location"] = f"{type_}/{stored.body['id']}/_history/{stored.version}"
         response["etag"] = _etag(stored.version)
@@ -572,10 +635,9 @@ def outcome(exc: PasserelleError) -> dict[str, Any]:
 
 def error_entry(exc: PasserelleError, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """A batch-response entry for a failed request entry."""
-    status = exc.http_status
     return {
         "response": {
-            "status": f"{status} {http.HTTPStatus(status).phrase}",
+            "status": _status_line(exc.http_status),
             "outcome": result if result is not None else outcome(exc),
         }
     }
@@ -598,8 +660,6 @@ def _at_entry(exc: PasserelleError, index: int) -> PasserelleError:
 
 
 # -- the write logic, once for every backend ----------------------------------------------------
-
-Row = tuple[int, bool, dict[str, Any] | None]  # (version, deleted?, body) of a resource's current version
 
 
 class Transaction(ABC):
@@ -627,6 +687,14 @@ class Transaction(ABC):
     async def find(self, type_: str, params: Sequence[tuple[str, str]]) -> SearchResult:
         """A search inside the transaction (a Bundle's GET entry)."""
 
+    async def match_first(
+        self, type_: str, params: Sequence[tuple[str, str]]
+    ) -> tuple[list[str], Row | None]:
+        """``match`` up to two ids, and ``fetch`` the current version of the first when it is the only
+        one. A backend may do both in one statement."""
+        ids = await self.match(type_, params, 2)
+        return ids, await self.fetch(type_, ids[0]) if len(ids) == 1 else None
+
     @abstractmethod
     async def savepoint(self) -> None: ...
 
@@ -637,9 +705,16 @@ class Transaction(ABC):
     async def release_savepoint(self) -> None: ...
 
 
+def query_params(query: str) -> list[tuple[str, str]]:
+    """``parse_qsl(query, keep_blank_values=True)``, without its cost when nothing is encoded."""
+    if "%" in query or "+" in query:
+        return parse_qsl(query, keep_blank_values=True)
+    return [(name, value) for name, _, value in (p.partition("=") for p in query.split("&") if p)]
+
+
 def criteria(query: str) -> list[tuple[str, str]]:
     """A conditional URL's query part ("Type?criteria" or the bare criteria) → its parameters."""
-    params = parse_qsl(query.partition("?")[2] if "?" in query else query, keep_blank_values=True)
+    params = query_params(query.partition("?")[2] if "?" in query else query)
     if not [p for p in params if p[0] not in RESULT_PARAMS and p[1]]:
         raise BadRequest("a conditional operation needs search criteria", location="query")
     return params
@@ -660,6 +735,18 @@ async def put(
     tx: Transaction, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
 ) -> tuple[_Stored, bool]:
     """Create or update ``type_/id_``; (stored, created?). Unchanged content writes nothing."""
+    return await _put(tx, type_, id_, resource, if_match, UNREAD)
+
+
+async def _put(
+    tx: Transaction,
+    type_: str,
+    id_: str,
+    resource: Mapping[str, Any],
+    if_match: str | None,
+    current: Row | _Unread | None,
+) -> tuple[_Stored, bool]:
+    """``put``, given the current version when the caller has just read it (else ``UNREAD``)."""
     if not ID_RE.fullmatch(id_):
         raise BadRequest("invalid id (1-64 of A-Z a-z 0-9 - .)", location="id")
     if _resource_type(resource) != type_:
@@ -667,7 +754,8 @@ async def put(
     if resource.get("id", id_) != id_:
         raise BadRequest("the resource id does not match the URL id", location="id")
     incoming = {"resourceType": type_, "id": id_, **_content(resource)}
-    current = await tx.fetch(type_, id_)
+    if isinstance(current, _Unread):
+        current = await tx.fetch(type_, id_)
     if if_match is not None:
         wanted = _parse_etag(if_match)
         if current is None or current[1]:
@@ -685,8 +773,8 @@ async def put(
     extra = incoming.pop("meta", None)
     if isinstance(extra, dict):
         meta.update(extra)
-    body = {"resourceType": type_, "id": id_, "meta": meta}
-    body.update((k, v) for k, v in incoming.items() if k not in body)
+    # incoming's own resourceType and id are these very values: they keep their place and value.
+    body = {"resourceType": type_, "id": id_, "meta": meta, **incoming}
     await tx.store(type_, id_, version, body)
     return _Stored(body, version, tx.now), current is None or current[1]
 
@@ -709,11 +797,21 @@ async def create(
             return found, False
     body = dict(resource)
     body.pop("id", None)  # FHIR: the server assigns the id of a created resource
-    return (await put(tx, type_, new_id(), body))[0], True
+    return (await _put(tx, type_, new_id(), body, None, None))[0], True
 
 
 async def single_match(tx: Transaction, type_: str, query: str) -> _Stored | None:
-    ids = await tx.match(type_, criteria(query), 2)
+    found = await _matched(tx, type_, query)
+    if found is None:
+        return None
+    body = found[2]
+    assert body is not None
+    return _Stored(body, found[0], body["meta"]["lastUpdated"])
+
+
+async def _matched(tx: Transaction, type_: str, query: str) -> Row | None:
+    """The current version of the one live resource the criteria select; None when none does."""
+    ids, current = await tx.match_first(type_, criteria(query))
     if len(ids) > 1:
         raise Conflict(
             f"the conditional criteria match more than one {type_} (precondition failed)",
@@ -721,21 +819,23 @@ async def single_match(tx: Transaction, type_: str, query: str) -> _Stored | Non
         )
     if not ids:
         return None
-    current = await tx.fetch(type_, ids[0])
     assert current is not None and current[2] is not None
-    return _Stored(current[2], current[0], current[2]["meta"]["lastUpdated"])
+    return current
 
 
 async def conditional_update(
     tx: Transaction, type_: str, query: str, resource: Mapping[str, Any]
 ) -> tuple[_Stored, bool]:
-    found = await single_match(tx, type_, query)
+    found = await _matched(tx, type_, query)
     given = resource.get("id")
     if found is not None:
-        if given is not None and given != found.body["id"]:
+        assert found[2] is not None
+        if given is not None and given != found[2]["id"]:
             raise BadRequest("the resource id differs from the one the criteria match", location="id")
-        return await put(tx, type_, found.body["id"], resource)
-    return await put(tx, type_, given if isinstance(given, str) else new_id(), resource)
+        return await _put(tx, type_, found[2]["id"], resource, None, found)
+    if isinstance(given, str):
+        return await put(tx, type_, given, resource)
+    return await _put(tx, type_, new_id(), resource, None, None)
 
 
 async def _plan(tx: Transaction, entry: _Entry) -> None:
@@ -743,7 +843,10 @@ async def _plan(tx: Transaction, entry: _Entry) -> None:
     if entry.method == "POST":
         if entry.if_none_exist:
             entry.existing = await single_match(tx, entry.type_, entry.if_none_exist)
-        entry.target = entry.existing.body["id"] if entry.existing else new_id()
+        if entry.existing:
+            entry.target = entry.existing.body["id"]
+        else:
+            entry.target, entry.current = new_id(), None  # a fresh id names nothing yet
     elif entry.method == "PUT":
         if entry.id_ is not None:
             if entry.resource is not None and entry.resource.get("id", entry.id_) != entry.id_:
@@ -751,20 +854,26 @@ async def _plan(tx: Transaction, entry: _Entry) -> None:
             entry.target = entry.id_
         else:
             assert entry.query is not None and entry.resource is not None
-            found = await single_match(tx, entry.type_, entry.query)
+            found = await _matched(tx, entry.type_, entry.query)
+            found_id = found[2]["id"] if found is not None and found[2] is not None else None
             given = entry.resource.get("id")
-            if found is not None and given is not None and given != found.body["id"]:
+            if found_id is not None and given is not None and given != found_id:
                 raise BadRequest(
                     "resource.id differs from the one the criteria match", location="resource.id"
                 )
-            entry.target = found.body["id"] if found else (given if isinstance(given, str) else new_id())
+            if found_id is not None:
+                entry.target, entry.current = found_id, found
+            elif isinstance(given, str):
+                entry.target = given  # it may name a resource already (a deleted one): read at write
+            else:
+                entry.target, entry.current = new_id(), None
     elif entry.method == "DELETE":
         if entry.id_ is not None:
             entry.target = entry.id_
         else:
             assert entry.query is not None
-            found = await single_match(tx, entry.type_, entry.query)
-            entry.target = found.body["id"] if found else None
+            found = await _matched(tx, entry.type_, entry.query)
+            entry.target = found[2]["id"] if found is not None and found[2] is not None else None
 
 
 async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
@@ -774,11 +883,13 @@ async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
         assert entry.resource is not None and entry.target is not None
         body = dict(entry.resource)
         body.pop("id", None)
-        stored, _ = await put(tx, entry.type_, entry.target, body)
+        stored, _ = await _put(tx, entry.type_, entry.target, body, None, entry.current)
         return _response(201, stored, entry.type_)
     if entry.method == "PUT":
         assert entry.resource is not None and entry.target is not None
-        stored, created = await put(tx, entry.type_, entry.target, entry.resource, if_match=entry.if_match)
+        stored, created = await _put(
+            tx, entry.type_, entry.target, entry.resource, entry.if_match, entry.current
+        )
         return _response(201 if created else 200, stored, entry.type_)
     if entry.method == "DELETE":
         if entry.target is not None:
@@ -823,9 +934,15 @@ async def process_bundle(tx: Transaction, bundle: Mapping[str, Any]) -> dict[str
         for e in entries
         if e.full_url and e.full_url.startswith("urn:") and e.target and e.method in ("POST", "PUT")
     }
+    touched: set[tuple[str, str]] = set()  # what the entries run so far wrote (or tried to)
     for entry in sorted(entries, key=lambda e: (_METHOD_ORDER[e.method], e.index)):
         if entry.resource is not None and targets:
             entry.resource = _rewrite(entry.resource, targets)
+        if entry.target is not None:
+            key = (entry.type_, entry.target)
+            if key in touched:
+                entry.current = UNREAD  # planning read it before an earlier entry wrote it
+            touched.add(key)
         if atomic:
             try:
                 results[entry.index] = await _execute(tx, entry)

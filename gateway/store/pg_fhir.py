@@ -10,7 +10,8 @@ the search parsing and the index rows come from gateway.store.fhir_common; only 
 - The schema is migrated at start-up (``fhir_schema_version`` in the configured schema).
 - Every write (a whole transaction Bundle included) runs in one PostgreSQL transaction.
 - Nodes may write concurrently. A transaction takes an advisory lock on each resource before
-  reading its current version (so versions are consecutive), and on the criteria of each
+  reading its current version (so versions are consecutive; a resource created under an id just
+  minted is neither read nor locked, no other transaction can name it), and on the criteria of each
   conditional create/update before matching them (so two nodes applying the same replayed
   Bundle find each other's resources instead of creating two). A deadlock between two such
   transactions aborts one of them; it is run again.
@@ -380,8 +381,8 @@ class PgFhirRepository:
         query = _parse(type_, params)  # a BadRequest leaves before any I/O
         return await self._read(lambda conn: _search(conn, query, count=count, offset=offset))
 
-    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
-        data = _copy(bundle)
+    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
+        data = _copy(bundle) if copy else bundle
         return await self._write(lambda tx: common.process_bundle(tx, data))
 
     async def create(

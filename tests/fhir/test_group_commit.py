@@ -1,5 +1,6 @@
 """Group commit in the FHIR repository: concurrent writes share one SQLite transaction (one fsync),
-each in its own savepoint, so one failing write fails alone and the others are stored."""
+and one failing write fails alone while the others are stored (tests/fhir/test_write_path.py checks
+the savepoint-free way this is done against the savepoint per write it replaced)."""
 
 from __future__ import annotations
 
