@@ -6,10 +6,12 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.core.envelope import Envelope
+from gateway.core.errors import StoreError
 from gateway.core.ids import new_id
 from gateway.core.protocols import StageRecord
 from gateway.core.status import Status
@@ -140,3 +142,37 @@ async def test_pending_can_be_limited_to_one_workers_share(store: SqliteStore) -
     for index, share in enumerate(shares):
         assert all(shard_of(item.envelope.partition_key, 2) == index for item in share)
     assert shard_of("x", 1) == 0
+
+
+class _CommitFailsOnce:
+    """The writer's connection, except that its next COMMIT fails as a full disk would."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.armed = True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+async def test_a_failed_commit_fails_its_batch_and_the_next_one_commits(store: SqliteStore) -> None:
+    real = store._wconn
+    assert real is not None
+    store._wconn = _CommitFailsOnce(real)  # type: ignore[assignment]
+    lost, kept = env("LOST1"), env("KEPT1")
+    try:
+        with pytest.raises(StoreError, match="commit failed"):
+            await store.append([lost])  # no ACK can follow: the caller sees the failure
+        assert not real.in_transaction  # rolled back, nothing half-written
+        [result] = await store.append([kept])
+        assert not result.duplicate
+    finally:
+        store._wconn = real
+    assert await store.get_message(lost.id, with_payloads=False) is None
+    assert (await store.get_message(kept.id, with_payloads=False) or {}).get("control_id") == "KEPT1"
