@@ -158,6 +158,13 @@ async def test_oversize_frame_gets_ar_then_close_and_server_keeps_serving(start_
     assert ack.get("MSA-1") == "AR"
     assert ack.get("MSA-2") == "BIG"
     assert ack.get("ERR-3.1") == "100"
+    # the AR left only once its beginning was journaled: the refused frame is in the store already
+    refused = await gw.store.list_messages(
+        status="ERROR", control_id=None, channel=None, limit=10, before_seq=None
+    )
+    assert [m["message_type"] for m in refused] == ["ADT^A01"]
+    stored = await gw.store.get_message(refused[0]["id"], with_payloads=True)
+    assert stored is not None and stored["raw"] and big.startswith(stored["raw"])
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
     writer.close()
     assert ack_fields(await client_for(gw).send(adt("NEXT"))).get("MSA-1") == "AA"

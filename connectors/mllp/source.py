@@ -265,7 +265,7 @@ class _Connection(asyncio.Protocol):
                     "mllp_oversize_frame", source=self.source.name, peer=self.peer.address, limit=item.limit
                 )
                 self.close_after_answers = True
-                self._fill(slot, intake.reject(item.prefix, err, self.peer))
+                intake.reject(item.prefix, err, self.peer, self._reply_into(slot))
                 break
             intake.submit(item, self.peer, self._reply_into(slot))
         if self.paused or self.closed:

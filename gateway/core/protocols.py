@@ -53,8 +53,9 @@ class Intake(Protocol):
         """``submit`` as a coroutine: the ACK to send back."""
         ...
 
-    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer) -> bytes:
-        """Answer (AR/AE) a frame that cannot be accepted, from whatever of it was read."""
+    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer, reply: Reply) -> None:
+        """Journal what was read of a frame that cannot be accepted; then call ``reply`` once with the
+        AR/AE built from it. Never raises."""
         ...
 
 

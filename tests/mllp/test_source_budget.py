@@ -27,8 +27,8 @@ class HeldIntake:
     async def receive(self, raw: bytes, peer: Peer) -> bytes:
         raise NotImplementedError
 
-    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer) -> bytes:
-        return b"MSA|AR"
+    def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer, reply: Reply) -> None:
+        reply(b"MSA|AR")
 
     def release(self) -> None:
         replies, self.waiting = self.waiting, []
