@@ -89,6 +89,8 @@ _MSG_COLUMNS = (
 )
 # Built from constants only: no caller text ever reaches an SQL string.
 _SELECT_BY_ID = "SELECT " + _MSG_COLUMNS + ", raw FROM messages WHERE id=?"  # noqa: S608
+# What the WAL file is cut back to when the writer rewinds it after a complete checkpoint.
+_WAL_LIMIT = 64 * 1024 * 1024
 _PENDING_STATUSES = (Status.RECEIVED.value, Status.TRANSFORMED.value, Status.QUEUED.value, Status.ERROR.value)
 
 
@@ -106,11 +108,18 @@ class SqliteStore:
     """Journal + message store. Implements ``gateway.core.protocols.MessageStore``."""
 
     def __init__(
-        self, path: Path, *, synchronous: str = "FULL", max_batch: int = 4096, writer: bool = True
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        max_batch: int = 4096,
+        writer: bool = True,
+        wal_limit: int = _WAL_LIMIT,
     ) -> None:
         self.path = path
         self._writer = writer  # False: a read-only view, as the worker process has
         self._synchronous = synchronous
+        self._wal_limit = wal_limit
         self._max_batch = max_batch
         # Appends gate ACKs, so they jump ahead of trace writes. Safe: any later write about a
         # message is only submitted once that message's append has committed.
@@ -162,14 +171,14 @@ class SqliteStore:
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    # PASSIVE never blocks the writer; TRUNCATE keeps the file small once it caught up.
-                    busy, log_pages, done = await loop.run_in_executor(
+                    # PASSIVE only: it never blocks the writer. A TRUNCATE checkpoint takes the write
+                    # lock, and the writer's BEGIN then sleeps in SQLite's busy handler on the event
+                    # loop (measured: ACK p99 at 1,000 msg/s 23-27 ms with it, 13-22 ms without).
+                    # The file stays bounded by ``journal_size_limit``, applied by the writer itself
+                    # when it rewinds a fully checkpointed WAL.
+                    await loop.run_in_executor(
                         ckpt, lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     )
-                    if not busy and log_pages > 0 and log_pages == done and not self._pending:
-                        await loop.run_in_executor(
-                            ckpt, lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                        )
                 except sqlite3.Error as exc:
                     log.warning("journal_checkpoint_failed", error=type(exc).__name__)
         finally:
@@ -192,6 +201,7 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         # Checkpoints run on their own connection (see _checkpoint_loop), not inside a commit.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={int(self._wal_limit)}")
         conn.executescript(_SCHEMA)
         return conn
 

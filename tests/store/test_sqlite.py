@@ -176,3 +176,24 @@ async def test_a_failed_commit_fails_its_batch_and_the_next_one_commits(store: S
         store._wconn = real
     assert await store.get_message(lost.id, with_payloads=False) is None
     assert (await store.get_message(kept.id, with_payloads=False) or {}).get("control_id") == "KEPT1"
+
+
+async def test_the_wal_is_cut_back_once_checkpointed_without_blocking_the_writer(tmp_path: Path) -> None:
+    limit = 64 * 1024
+    store = SqliteStore(tmp_path / "j.db", wal_limit=limit)
+    await store.open()
+    wal = tmp_path / "j.db-wal"
+    try:
+        for b in range(20):  # far more than the limit goes through the WAL
+            await store.append([env(f"W{b}-{i}") for i in range(20)])
+        grown = wal.stat().st_size
+        assert grown > limit
+        # the background checkpoint (PASSIVE) copies it back; the next write rewinds and cuts the file
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            await store.append([env(f"X{_}")])
+            if wal.stat().st_size <= limit:
+                break
+        assert wal.stat().st_size <= limit
+    finally:
+        await store.close()
