@@ -18,7 +18,7 @@ import sqlite3
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -293,41 +293,45 @@ def deterministic_ids() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def checked_reuse() -> Iterator[None]:
-    """As it is, but every current version the write path reuses is checked against the database."""
+_Current = common.Row | common._Unread | None
+
+
+def _put_with(adjust: Callable[[common.Transaction, str, str, _Current], Awaitable[_Current]]) -> Any:
+    """``common._put``, given the current version ``adjust`` makes of the one the write path passes."""
     put = common._put
 
-    async def checked(
+    async def wrapped(
         tx: common.Transaction,
         type_: str,
         id_: str,
         resource: Mapping[str, Any],
         if_match: str | None,
-        current: common.Row | common._Unread | None,
+        current: _Current,
     ) -> tuple[common._Stored, bool]:
+        return await put(tx, type_, id_, resource, if_match, await adjust(tx, type_, id_, current))
+
+    return wrapped
+
+
+@contextmanager
+def checked_reuse() -> Iterator[None]:
+    """As it is, but every current version the write path reuses is checked against the database."""
+
+    async def checked(tx: common.Transaction, type_: str, id_: str, current: _Current) -> _Current:
         if not isinstance(current, common._Unread):
             assert current == await tx.fetch(type_, id_), f"stale current version of {type_}/{id_}"
-        return await put(tx, type_, id_, resource, if_match, current)
+        return current
 
-    with patch.object(common, "_put", checked):
+    with patch.object(common, "_put", _put_with(checked)):
         yield
 
 
 @contextmanager
 def plain_form() -> Iterator[None]:
     """The write path without its short-cuts: what it was before them."""
-    put = common._put
 
-    async def reread(
-        tx: common.Transaction,
-        type_: str,
-        id_: str,
-        resource: Mapping[str, Any],
-        if_match: str | None,
-        current: common.Row | common._Unread | None,
-    ) -> tuple[common._Stored, bool]:
-        return await put(tx, type_, id_, resource, if_match, common.UNREAD)
+    async def reread(tx: common.Transaction, type_: str, id_: str, current: _Current) -> _Current:
+        return common.UNREAD
 
     def parse(type_: str, params: Any, dialect: common.Dialect = common.SQLITE) -> common.SearchQuery:
         if not common.TYPE_RE.fullmatch(type_):
@@ -335,7 +339,7 @@ def plain_form() -> Iterator[None]:
         return _parse_search(type_, params, dialect)
 
     with ExitStack() as stack:
-        stack.enter_context(patch.object(common, "_put", reread))
+        stack.enter_context(patch.object(common, "_put", _put_with(reread)))
         stack.enter_context(patch.object(common, "_rewrite", walk_rewrite))
         stack.enter_context(
             patch.object(common, "query_params", lambda q: parse_qsl(q, keep_blank_values=True))
