@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -68,6 +69,9 @@ async def serve(fd: int) -> int:
     )
     if follower is not None:
         await follower.open()
+    # as the main process does (gateway.app): what start-up built is kept out of later collections
+    gc.collect()
+    gc.freeze()
     for channel in channels.values():
         channel.start()
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]

@@ -56,22 +56,37 @@ def _escaped(term: str) -> str:
     return term.encode("ascii", "backslashreplace").decode().replace("\\x", "\\u00")
 
 
+# A log line's own time is no patient data, yet its microseconds can spell a six-digit identifier.
+_TIMESTAMP = re.compile(r'"timestamp"\s*:\s*"[^"]*"|^\s*\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d\S*')
+
+
+def _numeric(term: str) -> re.Pattern[str]:
+    # Digits only: a whole number, not a run inside a longer one or a decimal fraction.
+    return re.compile(rf"(?<![\d.]){re.escape(term)}(?!\d)")
+
+
 def find_phi(
     lines: Iterable[str], terms: Iterable[str] = PHI_TERMS, *, every_line: bool = False
 ) -> list[tuple[str, str]]:
     """(term, line) for each log line that carries a term (also JSON-escaped: \\u00c8)."""
     variants: dict[str, str] = {}
+    numbers: dict[re.Pattern[str], str] = {}
     for term in terms:
+        if term.isdigit():
+            numbers[_numeric(term)] = term
+            continue
         for variant in (term, _escaped(term), term.upper(), _escaped(term.upper())):
             variants.setdefault(variant, term)
     hits = []
     for line in lines:
         if not every_line and not _LOG_LINE.match(line):
             continue
-        for variant, term in variants.items():
-            if variant in line:
-                hits.append((term, line[:300]))
-                break
+        text = _TIMESTAMP.sub("", line)
+        found = next((term for variant, term in variants.items() if variant in text), None)
+        if found is None:
+            found = next((term for pattern, term in numbers.items() if pattern.search(text)), None)
+        if found is not None:
+            hits.append((found, line[:300]))
     return hits
 
 

@@ -425,3 +425,16 @@ def test_logs_carry_no_patient_data(tmp_path: Path, procs: list[Proc]) -> None:
         "0381000000",
     ):
         assert phi not in logs, f"patient data in the logs: {phi!r}"
+
+
+def test_what_start_up_built_is_kept_out_of_later_collections() -> None:
+    import gc
+
+    from gateway.app import _settle_heap
+
+    before = gc.get_freeze_count()
+    try:
+        _settle_heap()
+        assert gc.get_freeze_count() > before  # frozen: later full passes no longer scan it
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual

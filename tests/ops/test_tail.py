@@ -142,3 +142,8 @@ def test_the_suite_wide_phi_scan_catches_patient_data_in_log_lines() -> None:
     )
     assert [term.upper() for term, _ in hits] == ["LEFÈVRE", "2840775123456"]
     assert find_phi(["Besançon"], every_line=True) == [("Besançon", "Besançon")]
+    # a line's own time is not patient data, even when its microseconds spell an identifier
+    stamped = '{"event": "message_received", "timestamp": "2026-11-24T01:31:10.552233Z"}'
+    assert find_phi([stamped, "2026-11-24 01:31:10.552233 [info     ] message_received"]) == []
+    assert find_phi(['{"event": "x", "latency_s": 0.552233, "n": 15522334}']) == []
+    assert find_phi(['{"event": "x", "ipp": "552233"}']) == [("552233", '{"event": "x", "ipp": "552233"}')]
