@@ -265,19 +265,9 @@ class Hl7Intake:
         return self._reject_ack(raw, error)
 
     def reject(self, raw_prefix: bytes, error: MessageError, peer: Peer, reply: Reply) -> None:
-        """Answer a frame refused before it could be read whole (oversize): its beginning is journaled
-        first, then ``reply`` gets the AR, as for every refusal (the answer never precedes the trace)."""
-        now = time.time()
-
-        async def journal_then_answer() -> None:
-            try:
-                await self._journal_rejected(raw_prefix, error, peer, now)
-            finally:  # answered whatever befell the journal: a framed message always gets its AR
-                reply(self._reject_ack(raw_prefix, error))
-
-        task = asyncio.get_running_loop().create_task(journal_then_answer())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Answer a frame refused before it could be read whole (oversize): like every refusal, its
+        beginning is journaled first, then ``reply`` gets the AR."""
+        self._spawn(self._reject_journaled(raw_prefix, error, peer, time.time()), reply)
 
     def _reject_ack(self, raw: bytes, error: MessageError) -> bytes:
         self.rejected += 1
