@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.core import heap
 from gateway.core.config import Config
 from gateway.core.errors import ConfigError
 from gateway.core.logging import configure as configure_logging
@@ -69,9 +69,7 @@ async def serve(fd: int) -> int:
     )
     if follower is not None:
         await follower.open()
-    # as the main process does (gateway.app): what start-up built is kept out of later collections
-    gc.collect()
-    gc.freeze()
+    heap.settle()  # as the main process does, once what this worker needs is built
     for channel in channels.values():
         channel.start()
     tasks = [asyncio.create_task(_announce_recovery(link, ch)) for ch in channels.values()]

@@ -430,11 +430,11 @@ def test_logs_carry_no_patient_data(tmp_path: Path, procs: list[Proc]) -> None:
 def test_what_start_up_built_is_kept_out_of_later_collections() -> None:
     import gc
 
-    from gateway.app import _settle_heap
+    from gateway.core import heap
 
     before = gc.get_freeze_count()
     try:
-        _settle_heap()
+        heap.settle()
         assert gc.get_freeze_count() > before  # frozen: later full passes no longer scan it
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
