@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -43,6 +44,7 @@ from tests.messages import adt  # noqa: E402 - the same authored messages the te
 FSYNC = os.environ.get("BENCH_FSYNC", "1") == "1"
 MAX_IN_MEMORY = int(os.environ.get("BENCH_MAX_IN_MEMORY", "10000"))
 WORKERS = 1
+OUT_BASE: Path | None = None  # --out-dir: where the file destination writes
 SB, EB = b"\x0b", b"\x1c\x0d"
 
 
@@ -176,6 +178,30 @@ def cpu_seconds(proc: psutil.Process) -> tuple[float, float, float]:
     return total, system, main
 
 
+def out_dir(workdir: Path) -> Path:
+    return (OUT_BASE / workdir.name) if OUT_BASE is not None else workdir / "out"
+
+
+def fs_probe(directory: Path, files: int = 2000) -> tuple[float, float]:
+    """Files/s and CPU µs per file for a bare create + write + rename loop (no fsync) where the file
+    destination writes: on a virtual disk this alone can bound the file destination."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=directory))
+    data = b"x" * 600
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(files):
+            tmp, final = probe / f".{i}.tmp", probe / f"{i}.hl7"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            os.write(fd, data)
+            os.close(fd)
+            os.replace(tmp, final)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return files / wall, cpu / files * 1e6
+
+
 def channel_for(workdir: Path, destination: str) -> dict[str, object]:
     if destination == "fhir":
         # The default config's FHIR channel: PAM FR mapping, R4B validation, the built-in repository.
@@ -193,14 +219,14 @@ def channel_for(workdir: Path, destination: str) -> dict[str, object]:
         "source": "hospital",
         "max_in_memory": MAX_IN_MEMORY,
         "destinations": [
-            {"name": "files", "type": "file", "directory": str(workdir / "out"), "fsync": FSYNC}
+            {"name": "files", "type": "file", "directory": str(out_dir(workdir)), "fsync": FSYNC}
         ],
     }
 
 
 def delivered(workdir: Path, destination: str) -> int:
     if destination == "file":
-        return count_files(workdir / "out")
+        return count_files(out_dir(workdir))
     db = sqlite3.connect(workdir / "var" / "passerelle.db", timeout=30)
     try:
         return int(db.execute("SELECT COUNT(*) FROM messages WHERE status='SENT'").fetchone()[0])
@@ -214,7 +240,14 @@ def start_gateway(workdir: Path, port: int, http_port: int, destination: str) ->
         "log_level": "warning",
         "http": {"host": "127.0.0.1", "port": http_port},
         "sources": [
-            {"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": port, "max_connections": 1024}
+            {
+                "name": "hospital",
+                "type": "mllp",
+                "host": "127.0.0.1",
+                "port": port,
+                "max_connections": 1024,
+                "max_connections_per_address": 1024,
+            }
         ],
         "channels": [channel_for(workdir, destination)],
     }
@@ -285,6 +318,8 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
             watch.running = False
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(60)
+            if OUT_BASE is not None:
+                shutil.rmtree(out_dir(workdir), ignore_errors=True)
         return {
             "acked_per_s": args.messages / elapsed,
             "e2e_per_s": args.messages / e2e,
@@ -370,9 +405,15 @@ def main() -> None:
         help="file: raw HL7 to files; fhir: PAM FR mapping + validation into the built-in FHIR repository",
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes running the channels")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where the file destination writes (default: beside the journal, on the same file system)",
+    )
     args = parser.parse_args()
-    global WORKERS
+    global WORKERS, OUT_BASE
     WORKERS = args.workers
+    OUT_BASE = args.out_dir
     try:
         import uvloop
 
@@ -384,6 +425,13 @@ def main() -> None:
         f" over {args.connections} connections, window {args.window}; "
         f"journal SQLite WAL synchronous=FULL; destination: {args.destination}; workers: {args.workers}"
     )
+    if args.destination == "file":
+        where = args.out_dir or Path(tempfile.gettempdir())
+        rate, cpu = fs_probe(where)
+        print(
+            f"file system  {rate:8.0f} files/s  ({cpu:.0f} us of CPU per file) creating, writing and renaming"
+            f" 600-byte files in {where}, no gateway, no fsync"
+        )
     g = run_gateway(args)
     print(
         f"passerelle  acked      {g['acked_per_s']:8.0f} msg/s   ACK p50 {g['p50']:.2f} ms"

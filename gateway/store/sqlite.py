@@ -15,7 +15,7 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS messages (
     raw BLOB,
     error TEXT,
     dedupe_key TEXT UNIQUE,
-    discarded_at REAL
+    discarded_at REAL,
+    ack BLOB,
+    ack_meta TEXT,
+    outcome TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, seq);
 CREATE INDEX IF NOT EXISTS messages_channel ON messages(channel, seq);
@@ -80,24 +83,28 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (message_id, destination)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '1');
+INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '2');
 """
+# The commonest trace entries live in the message's own row instead of rows of their own: the ACK
+# sent on commit (ack, ack_meta) and a first-try delivery to every destination (outcome). Each saves
+# statements and WAL pages on the hot path; readers show them as the stages and deliveries they are.
+_V2_COLUMNS = (("ack", "BLOB"), ("ack_meta", "TEXT"), ("outcome", "TEXT"))
 
 _MSG_COLUMNS = (
     "seq, id, channel, source, received_at, updated_at, status, sender, control_id, message_type, "
     "partition_key, content_type, charset, trace_id, peer, error, discarded_at"
 )
 # Built from constants only: no caller text ever reaches an SQL string.
-_SELECT_BY_ID = "SELECT " + _MSG_COLUMNS + ", raw FROM messages WHERE id=?"  # noqa: S608
+_SELECT_BY_ID = "SELECT " + _MSG_COLUMNS + ", raw, ack, ack_meta, outcome FROM messages WHERE id=?"  # noqa: S608
 # What the WAL file is cut back to when the writer rewinds it after a complete checkpoint.
 _WAL_LIMIT = 64 * 1024 * 1024
 _PENDING_STATUSES = (Status.RECEIVED.value, Status.TRANSFORMED.value, Status.QUEUED.value, Status.ERROR.value)
 
 
-@functools.lru_cache(maxsize=16)
-def _ack_detail(code: str) -> str:
-    # A handful of codes, one per message on the hot path: serialise each once.
-    return orjson.dumps({"code": code}).decode()
+@functools.lru_cache(maxsize=32)
+def _ack_meta(code: str, status: str) -> str:
+    # A handful of (code, status) pairs, one per message on the hot path: serialise each once.
+    return orjson.dumps({"code": code, "status": status}).decode()
 
 
 def _row_to_message(row: sqlite3.Row) -> dict[str, Any]:
@@ -203,6 +210,7 @@ class SqliteStore:
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute(f"PRAGMA journal_size_limit={int(self._wal_limit)}")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         return conn
 
     async def close(self) -> None:
@@ -377,7 +385,7 @@ class SqliteStore:
         ack: tuple[bytes, str] | None = None,
     ) -> None:
         """Like ``append``, but ``then`` is called right after the commit, in the same loop turn."""
-        ack_detail = _ack_detail(ack[1]) if ack else None
+        ack_payload = ack[0] if ack else None
         rows = [
             (
                 e.id,
@@ -396,6 +404,8 @@ class SqliteStore:
                 e.peer,
                 e.raw,
                 e.dedupe_key if e.control_id and e.dedupe else None,
+                ack_payload,
+                _ack_meta(ack[1], e.status.value) if ack else None,
             )
             for e in envelopes
         ]
@@ -406,19 +416,14 @@ class SqliteStore:
                 got = conn.execute(
                     "INSERT INTO messages (id, channel, source, received_at, updated_at, status, sender,"
                     " control_id, message_type, partition_key, content_type, charset, trace_id, peer, raw,"
-                    " dedupe_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " dedupe_key, ack, ack_meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(dedupe_key) DO NOTHING RETURNING seq",
                     row,
                 ).fetchone()
                 if got is not None:
                     out.append(AppendResult(row[0], False, got[0]))
-                    if ack is not None:
-                        conn.execute(
-                            _INSERT_STAGE,
-                            (row[0], "ack", row[5], row[3], HL7_V2, ack[0], ack_detail),
-                        )
                     continue
-                first = conn.execute("SELECT id, seq FROM messages WHERE dedupe_key=?", (row[-1],)).fetchone()
+                first = conn.execute("SELECT id, seq FROM messages WHERE dedupe_key=?", (row[15],)).fetchone()
                 conn.execute(
                     "INSERT INTO stages (message_id, stage, status, at, detail) VALUES (?,?,?,?,?)",
                     (
@@ -471,7 +476,21 @@ class SqliteStore:
                 "UPDATE messages SET status=?, updated_at=?, error=NULL WHERE id=?", (status, now, message_id)
             )
 
-        return self._submit_quiet(op)
+        if status != Status.SENT.value or stage.payload is not None:
+            return self._submit_quiet(op)
+        # Delivered at the first try (or nowhere to deliver): one UPDATE keeps it in the message row.
+        outcome = _outcome(stage, now, destinations)
+
+        def folded(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE messages SET status=?, updated_at=?, error=NULL, outcome=?"
+                " WHERE id=? AND outcome IS NULL",
+                (status, now, outcome, message_id),
+            )
+            if not cur.rowcount:  # the row already holds one: rows of their own, as before
+                op(conn)
+
+        return self._submit_quiet(folded)
 
     def delivery_update(
         self,
@@ -593,17 +612,20 @@ class SqliteStore:
             if row is None:
                 return None
             msg = _row_to_message(row)
+            for column, _ in _V2_COLUMNS:
+                del msg[column]
             if not with_payloads:
                 msg.pop("raw")
-            msg["stages"] = [
-                trace_stage(s, with_payloads=with_payloads)
-                for s in conn.execute(
+            stages: list[Mapping[str, Any]] = list(
+                conn.execute(
+                    # In time order: the folded stages are placed by their time, and so is a
+                    # transform a replay moved out of the row (see reset_for_replay).
                     "SELECT stage, status, at, content_type, payload, detail FROM stages"
-                    " WHERE message_id=? ORDER BY seq",
+                    " WHERE message_id=? ORDER BY at, seq",
                     (message_id,),
                 )
-            ]
-            msg["deliveries"] = [
+            )
+            deliveries = [
                 dict(d)
                 for d in conn.execute(
                     "SELECT destination, status, attempts, updated_at, last_error FROM deliveries"
@@ -611,6 +633,12 @@ class SqliteStore:
                     (message_id,),
                 )
             ]
+            for stage in _folded_stages(row):
+                _insert_in_time(stages, stage)
+            if row["outcome"]:
+                deliveries += _folded_deliveries(row["outcome"])
+            msg["stages"] = [trace_stage(s, with_payloads=with_payloads) for s in stages]
+            msg["deliveries"] = deliveries
             return msg
 
         result: dict[str, Any] | None = await self._read(fn)
@@ -673,6 +701,12 @@ class SqliteStore:
                 "SELECT destination, status, COUNT(*) FROM deliveries GROUP BY destination, status"
             ):
                 deliveries.setdefault(row[0], {})[row[1]] = row[2]
+            for row in conn.execute(
+                "SELECT d.value, COUNT(*) FROM messages, json_each(messages.outcome, '$.destinations') AS d"
+                " WHERE messages.outcome IS NOT NULL GROUP BY d.value"
+            ):
+                counts = deliveries.setdefault(row[0], {})
+                counts[Status.SENT.value] = counts.get(Status.SENT.value, 0) + row[1]
             duplicates = conn.execute("SELECT COUNT(*) FROM stages WHERE stage='duplicate'").fetchone()[0]
             return {
                 "channels": by_channel,
@@ -698,9 +732,25 @@ class SqliteStore:
             row = conn.execute(_SELECT_BY_ID, (message_id,)).fetchone()
             if row is None or row["raw"] is None:
                 return None
+            if row["outcome"]:
+                # The earlier run's transform stays in the trace, as a stage row of its own now.
+                folded = orjson.loads(row["outcome"])
+                conn.execute(
+                    _INSERT_STAGE,
+                    (
+                        message_id,
+                        folded["stage"],
+                        folded["status"],
+                        folded["at"],
+                        None,
+                        None,
+                        folded["detail"],
+                    ),
+                )
             conn.execute("DELETE FROM deliveries WHERE message_id=?", (message_id,))
             conn.execute(
-                "UPDATE messages SET status=?, updated_at=?, error=NULL, discarded_at=NULL WHERE id=?",
+                "UPDATE messages SET status=?, updated_at=?, error=NULL, discarded_at=NULL, outcome=NULL"
+                " WHERE id=?",
                 (Status.RECEIVED.value, now, message_id),
             )
             conn.execute(_INSERT_STAGE, (message_id, "replay", Status.RECEIVED.value, now, None, None, "{}"))
@@ -738,7 +788,8 @@ class SqliteStore:
             conn.executemany("DELETE FROM deliveries WHERE message_id=?", ids)
             conn.executemany("DELETE FROM messages WHERE id=?", ids)
             cur = conn.execute(
-                "UPDATE messages SET raw=NULL WHERE updated_at<? AND raw IS NOT NULL AND status IN (?,?,?)",
+                "UPDATE messages SET raw=NULL, ack=NULL"
+                " WHERE updated_at<? AND raw IS NOT NULL AND status IN (?,?,?)",
                 (payload_before, *terminal),
             )
             conn.execute(
@@ -776,6 +827,84 @@ def _stage_row(message_id: str, stage: StageRecord, now: float) -> tuple[Any, ..
         stage.payload,
         orjson.dumps(dict(stage.detail)).decode() if stage.detail else None,
     )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Schema 1 → 2: the folded trace columns (see _V2_COLUMNS)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+    missing = [(name, kind) for name, kind in _V2_COLUMNS if name not in have]
+    if not missing:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name, kind in missing:
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _outcome(stage: StageRecord, at: float, destinations: Sequence[str]) -> str:
+    # "detail" keeps the text a stages row would hold, so a replay can move it into one unchanged.
+    detail = orjson.dumps(dict(stage.detail)).decode() if stage.detail else None
+    return orjson.dumps(
+        {
+            "stage": stage.stage,
+            "status": stage.status.value,
+            "at": at,
+            "detail": detail,
+            "content_type": stage.content_type,
+            "destinations": list(destinations),
+        }
+    ).decode()
+
+
+def _folded_stages(row: sqlite3.Row) -> list[dict[str, Any]]:
+    """The stages kept in the message row, shaped as stages rows."""
+    out: list[dict[str, Any]] = []
+    if row["ack_meta"]:
+        meta = orjson.loads(row["ack_meta"])
+        out.append(
+            {
+                "stage": "ack",
+                "status": meta["status"],
+                "at": row["received_at"],
+                "content_type": HL7_V2,
+                "payload": row["ack"],
+                "detail": orjson.dumps({"code": meta["code"]}).decode(),
+            }
+        )
+    if row["outcome"]:
+        folded = orjson.loads(row["outcome"])
+        out.append(
+            {**{k: folded[k] for k in ("stage", "status", "at", "detail", "content_type")}, "payload": None}
+        )
+    return out
+
+
+def _folded_deliveries(outcome: str) -> list[dict[str, Any]]:
+    folded = orjson.loads(outcome)
+    return [
+        {
+            "destination": d,
+            "status": Status.SENT.value,
+            "attempts": 1,
+            "updated_at": folded["at"],
+            "last_error": None,
+        }
+        for d in folded["destinations"]
+    ]
+
+
+def _insert_in_time(stages: list[Mapping[str, Any]], stage: Mapping[str, Any]) -> None:
+    """Place a folded stage before the first stage written after it; rows keep their order."""
+    for i, other in enumerate(stages):
+        if other["at"] > stage["at"]:
+            stages.insert(i, stage)
+            return
+    stages.append(stage)
 
 
 def _error_of(stage: StageRecord) -> str | None:
