@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
+from gateway.core.envelope import HL7_V2, Envelope
+from gateway.core.ids import new_id
+from gateway.core.status import Status
+
 CHARSET_CODECS = {
     "UNICODE UTF-8": "utf-8",
     "8859/15": "iso8859_15",
@@ -43,3 +49,23 @@ def adt(
     ]
     text = "\r".join(segments) + "\r"
     return text.encode(CHARSET_CODECS[charset])
+
+
+def journal_envelope(control_id: str, *, status: Status = Status.RECEIVED) -> Envelope:
+    """An ADT^A01 as the intake journals it, for tests that write to a message store directly."""
+    mid = new_id()
+    return Envelope(
+        id=mid,
+        channel="adt",
+        source="hospital",
+        raw=adt(control_id),
+        content_type=HL7_V2,
+        sender="APP^FAC",
+        control_id=control_id,
+        message_type="ADT^A01",
+        partition_key="p",
+        received_at=time.time(),
+        trace_id=mid,
+        peer="127.0.0.1:1",
+        status=status,
+    )

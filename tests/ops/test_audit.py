@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,11 @@ import orjson
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 
-from gateway.core.envelope import HL7_V2, Envelope
-from gateway.core.ids import new_id
 from gateway.store.audit import AuditLog, event, verify
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.fhir.conftest import patient
-from tests.messages import adt
+from tests.messages import adt, journal_envelope
 from tests.ops.conftest import OPERATOR, PROFESSIONAL, base_url, bearer, ops_config
 
 
@@ -212,7 +209,7 @@ async def test_two_writers_on_one_log_keep_one_chain_and_audit_each_message_once
     store = SqliteStore(tmp_path / "passerelle.db")
     await store.open()
     for b in range(4):
-        await store.append([_envelope(f"TW{b}-{i}") for i in range(50)])
+        await store.append([journal_envelope(f"TW{b}-{i}") for i in range(50)])
     await store.close()
     logs = [
         AuditLog(tmp_path / "audit.db", journal=tmp_path / "passerelle.db", max_batch=30) for _ in range(2)
@@ -238,20 +235,3 @@ async def test_two_writers_on_one_log_keep_one_chain_and_audit_each_message_once
     assert agents == {f"{w}-{i}" for w in "ab" for i in range(10)}
     result = verify(tmp_path / "audit.db")
     assert result.ok and result.entries == 220
-
-
-def _envelope(control_id: str) -> Envelope:
-    return Envelope(
-        id=new_id(),
-        channel="adt",
-        source="hospital",
-        raw=adt(control_id),
-        content_type=HL7_V2,
-        sender="APP^FAC",
-        control_id=control_id,
-        message_type="ADT^A01",
-        partition_key="p",
-        received_at=time.time(),
-        trace_id="t",
-        peer="127.0.0.1:1",
-    )

@@ -23,13 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.envelope import HL7_V2, Envelope
-from gateway.core.ids import new_id
+from gateway.core.envelope import HL7_V2
 from gateway.core.protocols import MessageStore, StageRecord
 from gateway.core.status import Status
 from gateway.store import sqlite as sqlite_store
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
+from tests.messages import journal_envelope
 from tests.scale.conftest import PG_DSN, require_live
 
 DESTINATIONS = ["files", "mllp", "rest"]
@@ -48,25 +48,6 @@ HISTORY = st.fixed_dictionaries(
         "discard": st.booleans(),
     }
 )
-
-
-def _envelope(control_id: str, filtered: bool) -> Envelope:
-    mid = new_id()
-    return Envelope(
-        id=mid,
-        channel="adt",
-        source="hospital",
-        raw=f"MSH|^~\\&|APP|FAC|||20261124||ADT^A01|{control_id}|P|2.5\r".encode(),
-        content_type=HL7_V2,
-        sender="APP^FAC",
-        control_id=control_id,
-        message_type="ADT^A01",
-        partition_key="p",
-        received_at=time.time(),
-        trace_id=mid,
-        peer="127.0.0.1:1",
-        status=Status.FILTERED if filtered else Status.RECEIVED,
-    )
 
 
 def _ack(code: str, control_id: str) -> bytes:
@@ -113,10 +94,13 @@ async def _apply(store: MessageStore, histories: list[dict[str, Any]], tag: str)
     for n, h in enumerate(histories):
         control_id = f"{tag}-{n}"
         ack = (_ack(h["ack"], control_id), h["ack"]) if h["ack"] else None
-        env = _envelope(control_id, h["filtered"])
-        (first,) = await store.append([env], ack=ack)
+        status = Status.FILTERED if h["filtered"] else Status.RECEIVED
+        (first,) = await store.append([journal_envelope(control_id, status=status)], ack=ack)
         for _ in range(h["resent"]):
-            await store.append([_envelope(control_id, h["filtered"])], ack=ack)
+            await store.append(
+                [journal_envelope(control_id, status=status)],
+                ack=ack,
+            )
         mid = first.message_id
         ids.append(mid)
         if h["filtered"]:
@@ -256,7 +240,7 @@ async def test_a_schema_1_journal_is_migrated_and_reads_as_before(tmp_path: Path
         assert [(d["destination"], d["status"]) for d in old_msg["deliveries"]] == [("files", "SENT")]
 
         # A new message in the same journal: ACK and delivery folded, read back the same way.
-        env = _envelope("C2", False)
+        env = journal_envelope("C2")
         (res,) = await store.append([env], ack=(b"ACK|new", "AA"))
         store.queue_deliveries(
             res.message_id,
@@ -289,7 +273,7 @@ async def test_a_replay_keeps_the_first_runs_transform_in_the_trace(tmp_path: Pa
     store = SqliteStore(tmp_path / "j.db")
     await store.open()
     try:
-        (res,) = await store.append([_envelope("R1", False)], ack=(b"ACK", "AA"))
+        (res,) = await store.append([journal_envelope("R1")], ack=(b"ACK", "AA"))
         mid = res.message_id
         first = StageRecord("transformed", Status.TRANSFORMED, detail={"run": 1})
         store.queue_deliveries(mid, first, ["files"], sent=sent)
