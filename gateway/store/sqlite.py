@@ -633,10 +633,10 @@ class SqliteStore:
                     (message_id,),
                 )
             ]
-            for stage in _folded_stages(row):
+            folded_stages, folded_deliveries = _folded(row)
+            for stage in folded_stages:
                 _insert_in_time(stages, stage)
-            if row["outcome"]:
-                deliveries += _folded_deliveries(row["outcome"])
+            deliveries += folded_deliveries
             msg["stages"] = [trace_stage(s, with_payloads=with_payloads) for s in stages]
             msg["deliveries"] = deliveries
             return msg
@@ -861,12 +861,13 @@ def _outcome(stage: StageRecord, at: float, destinations: Sequence[str]) -> str:
     ).decode()
 
 
-def _folded_stages(row: sqlite3.Row) -> list[dict[str, Any]]:
-    """The stages kept in the message row, shaped as stages rows."""
-    out: list[dict[str, Any]] = []
+def _folded(row: sqlite3.Row) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The stages and deliveries kept in the message row, shaped as rows of their own tables."""
+    stages: list[dict[str, Any]] = []
+    deliveries: list[dict[str, Any]] = []
     if row["ack_meta"]:
         meta = orjson.loads(row["ack_meta"])
-        out.append(
+        stages.append(
             {
                 "stage": "ack",
                 "status": meta["status"],
@@ -877,25 +878,21 @@ def _folded_stages(row: sqlite3.Row) -> list[dict[str, Any]]:
             }
         )
     if row["outcome"]:
-        folded = orjson.loads(row["outcome"])
-        out.append(
-            {**{k: folded[k] for k in ("stage", "status", "at", "detail", "content_type")}, "payload": None}
+        outcome = orjson.loads(row["outcome"])
+        stages.append(
+            {**{k: outcome[k] for k in ("stage", "status", "at", "detail", "content_type")}, "payload": None}
         )
-    return out
-
-
-def _folded_deliveries(outcome: str) -> list[dict[str, Any]]:
-    folded = orjson.loads(outcome)
-    return [
-        {
-            "destination": d,
-            "status": Status.SENT.value,
-            "attempts": 1,
-            "updated_at": folded["at"],
-            "last_error": None,
-        }
-        for d in folded["destinations"]
-    ]
+        deliveries = [
+            {
+                "destination": d,
+                "status": Status.SENT.value,
+                "attempts": 1,
+                "updated_at": outcome["at"],
+                "last_error": None,
+            }
+            for d in outcome["destinations"]
+        ]
+    return stages, deliveries
 
 
 def _insert_in_time(stages: list[Mapping[str, Any]], stage: Mapping[str, Any]) -> None:

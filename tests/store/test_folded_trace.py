@@ -97,10 +97,7 @@ async def _apply(store: MessageStore, histories: list[dict[str, Any]], tag: str)
         status = Status.FILTERED if h["filtered"] else Status.RECEIVED
         (first,) = await store.append([journal_envelope(control_id, status=status)], ack=ack)
         for _ in range(h["resent"]):
-            await store.append(
-                [journal_envelope(control_id, status=status)],
-                ack=ack,
-            )
+            await store.append([journal_envelope(control_id, status=status)], ack=ack)
         mid = first.message_id
         ids.append(mid)
         if h["filtered"]:
