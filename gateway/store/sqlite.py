@@ -742,7 +742,7 @@ class SqliteStore:
                         folded["stage"],
                         folded["status"],
                         folded["at"],
-                        None,
+                        folded["content_type"],
                         None,
                         folded["detail"],
                     ),

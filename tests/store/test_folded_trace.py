@@ -272,7 +272,7 @@ async def test_a_replay_keeps_the_first_runs_transform_in_the_trace(tmp_path: Pa
     try:
         (res,) = await store.append([journal_envelope("R1")], ack=(b"ACK", "AA"))
         mid = res.message_id
-        first = StageRecord("transformed", Status.TRANSFORMED, detail={"run": 1})
+        first = StageRecord("transformed", Status.TRANSFORMED, content_type=HL7_V2, detail={"run": 1})
         store.queue_deliveries(mid, first, ["files"], sent=sent)
         await store.flush()
         assert await store.reset_for_replay(mid) is not None
@@ -282,11 +282,11 @@ async def test_a_replay_keeps_the_first_runs_transform_in_the_trace(tmp_path: Pa
         await store.flush()
         msg = await store.get_message(mid, with_payloads=False)
         assert msg is not None
-        assert [(s["stage"], s["detail"]) for s in msg["stages"]] == [
-            ("ack", {"code": "AA"}),
-            ("transformed", {"run": 1}),
-            ("replay", {}),
-            ("transformed", {"run": 2}),
+        assert [(s["stage"], s["content_type"], s["detail"]) for s in msg["stages"]] == [
+            ("ack", HL7_V2, {"code": "AA"}),
+            ("transformed", HL7_V2, {"run": 1}),
+            ("replay", None, {}),
+            ("transformed", None, {"run": 2}),
         ]
         assert [(d["destination"], d["status"], d["attempts"]) for d in msg["deliveries"]] == [
             ("files", "SENT", 1)
