@@ -479,7 +479,7 @@ class SqliteStore:
         if status != Status.SENT.value or stage.payload is not None:
             return self._submit_quiet(op)
         # Delivered at the first try (or nowhere to deliver): one UPDATE keeps it in the message row.
-        outcome = _outcome(stage, now, destinations)
+        outcome = _outcome(stage_row, destinations)
 
         def folded(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
@@ -846,16 +846,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _outcome(stage: StageRecord, at: float, destinations: Sequence[str]) -> str:
-    # "detail" keeps the text a stages row would hold, so a replay can move it into one unchanged.
-    detail = orjson.dumps(dict(stage.detail)).decode() if stage.detail else None
+def _outcome(stage_row: tuple[Any, ...], destinations: Sequence[str]) -> str:
+    """A payload-less stage row (see _stage_row) and the destinations that took the message.
+    "detail" keeps the row's text, so a replay can move it into a row of its own unchanged."""
+    _, stage, status, at, content_type, _, detail = stage_row
     return orjson.dumps(
         {
-            "stage": stage.stage,
-            "status": stage.status.value,
+            "stage": stage,
+            "status": status,
             "at": at,
             "detail": detail,
-            "content_type": stage.content_type,
+            "content_type": content_type,
             "destinations": list(destinations),
         }
     ).decode()
