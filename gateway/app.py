@@ -117,6 +117,7 @@ class Gateway:
                     spec.sending_application,
                     self.worker,
                     dedupe=runtime.dedupe,
+                    screen=runtime.screen,
                 )
                 self.worker.ports[spec.name] = channel
             else:

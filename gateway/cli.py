@@ -199,8 +199,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if args.to == "hl7v2":
         return _convert_to_hl7v2(args)
+    settings: dict[str, Any] = {
+        "directory": args.mappings or "mappings",
+        "timezone": args.timezone,
+        "missing_namespace": args.missing_namespace,
+        "strict": args.strict,
+    }
     try:
-        step = FhirMapping("convert", {"directory": args.mappings or "mappings", "timezone": args.timezone})
+        if args.config:
+            settings["namespaces"] = config_mod.load(args.config).data.get("namespaces") or {}
+        step = FhirMapping("convert", settings)
     except ConfigError as exc:
         print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -376,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--update", action="store_true", help="--to hl7v2: the resources are updates (A31)")
     convert.add_argument("--default-charset", default="8859/15", help="charset when MSH-18 is empty")
     convert.add_argument("--timezone", default="Europe/Paris", help="zone of HL7 times sent without one")
+    convert.add_argument(
+        "--config", help="a config.yaml whose `namespaces` table names the identifier systems (default: none)"
+    )
+    convert.add_argument(
+        "--missing-namespace",
+        choices=["reject", "sender"],
+        default="sender",
+        help="an identifier whose namespace is not known: refuse the message, or namespace it by its sender "
+        "(default, with a warning)",
+    )
+    convert.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a message with a code not known or a required value missing",
+    )
     convert.set_defaults(func=_cmd_convert)
 
     api_help = "base URL of the running gateway's HTTP API"

@@ -15,6 +15,7 @@ Library errors are translated once per boundary with ``raise ... from exc``.
     │   ├── UnsupportedMessage       type or trigger this channel does not take (AR)
     │   ├── SenderNotAllowed         the sender identity may not feed this channel (AR)
     │   ├── ValidationError          content breaks a rule (AE)
+    │   │   └── UnknownNamespace     an identifier whose namespace cannot be resolved (AE, 103)
     │   └── ProcessingError          a step failed on a valid message (AE)
     ├── DeliveryError                a destination did not take the message
     │   ├── RetryLater               transient: try again after ``defer`` seconds
@@ -139,6 +140,13 @@ class ValidationError(MessageError):
     hl7_error_code = "101"
     http_status = 422
     fhir_issue_code = "invalid"
+
+
+class UnknownNamespace(ValidationError):
+    """A business identifier whose assigning authority names no known namespace: it is never
+    matched on its bare value (HL7 table 0357: 103, table value not found)."""
+
+    hl7_error_code = "103"
 
 
 class ProcessingError(MessageError):

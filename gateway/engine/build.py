@@ -58,8 +58,12 @@ class Builder:
         self.config = config
         self.data_dir = data_dir
         # Settings a connector type takes from the node unless its item sets them (e.g. the
-        # repository destination writes to the node's shared PostgreSQL repository).
-        self.defaults = dict(defaults or {})
+        # repository destination writes to the node's shared PostgreSQL repository; every
+        # mapping step reads the deployment's namespace table).
+        self.defaults = {
+            "fhir_mapping": {"namespaces": config.data.get("namespaces") or {}},
+            **(defaults or {}),
+        }
 
     def expand(self, value: Any) -> Any:
         """``{data_dir}`` and ``{config_dir}`` in any string setting."""

@@ -26,7 +26,7 @@ from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, MessageStore, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.retry import RetryPolicy
-from gateway.engine.steps import PreparingStep, Step, StepContext
+from gateway.engine.steps import PreparingStep, ScreeningStep, Step, StepContext
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.channel")
@@ -120,6 +120,8 @@ class ChannelRuntime:
         self._preparers = [
             cast(PreparingStep, s) for s in self.steps if callable(getattr(s, "prepare", None))
         ]
+        # Steps that check a message at intake, before it is acknowledged.
+        self._screens = [cast(ScreeningStep, s) for s in self.steps if callable(getattr(s, "screen", None))]
         self.destinations = list(destinations)
         self.queued = queued
         self.ack_timing = ack_timing
@@ -188,6 +190,14 @@ class ChannelRuntime:
 
     def accepts(self, msg: Message) -> bool:
         return self.filter.accepts(msg)
+
+    def screen(self, msg: Message) -> MessageError | None:
+        """What a step refuses before the message is acknowledged (see FhirMapping.screen)."""
+        for step in self._screens:
+            error = step.screen(msg)
+            if error is not None:
+                return error
+        return None
 
     def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()

@@ -45,6 +45,8 @@ class IntakeChannel(Protocol):
 
     def accepts(self, msg: Message) -> bool: ...
 
+    def screen(self, msg: Message) -> MessageError | None: ...
+
     def offer(self, item: WorkItem) -> None: ...
 
     def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]: ...
@@ -87,6 +89,7 @@ class Hl7Intake:
                 c.name in peer.channels and c.accepts(msg) for c in self.channels
             ):
                 raise SenderNotAllowed("this sender may not send this message to this gateway")
+            self._screen(msg, peer)
         except MessageError as exc:
             self._spawn(self._reject_journaled(raw, exc, peer, now), reply)
             return
@@ -114,6 +117,16 @@ class Hl7Intake:
             self.store.append_then(envelopes, committed, ack=(early, code.value) if early else None)
         except StoreError:
             reply(self._journal_failed(msg, request.enhanced, peer))
+
+    def _screen(self, msg: Message, peer: Peer) -> None:
+        """A channel that takes this message may refuse it before it is acknowledged (a type it
+        does not map, an identifier without namespace…): the whole message is then refused, as
+        one ACK answers for every channel."""
+        for channel in self.channels:
+            if channel.accepts(msg) and (peer.channels is None or channel.name in peer.channels):
+                error = channel.screen(msg)
+                if error is not None:
+                    raise error
 
     async def receive(self, raw: bytes, peer: Peer) -> bytes:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -348,5 +361,24 @@ def _lenient_header(raw: bytes) -> Message | None:
             return Message.parse(head[3:4].join(fields) + sep + rest)
         except (MessageError, ValueError):
             return None
+    except (MessageError, ValueError):
+        return _header_only(text)
+
+
+def _header_only(text: str) -> Message | None:
+    """MSH alone, read with the standard encoding characters when its own are unusable (a
+    typographic tilde in MSH-2): enough to address the refusal and echo MSH-10, nothing more."""
+    head = text.lstrip("\ufeff\xef\xbb\xbf").split("\r", 1)[0].split("\n", 1)[0]
+    if not head.startswith("MSH") or len(head) < 8:
+        return None
+    fs = head[3]
+    fields = head.split(fs)
+    if len(fields) < 3:
+        return None
+    fields[1] = "^~\\&"
+    if len(fields) > 17:
+        fields[17] = ""  # its charset name was read with the wrong separators too
+    try:
+        return Message.parse(fs.join(fields) + "\r")
     except (MessageError, ValueError):
         return None

@@ -61,6 +61,7 @@ class ChannelPort:
         worker: WorkerHandle,
         *,
         dedupe: bool = True,
+        screen: Callable[[Message], MessageError | None] | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -69,6 +70,7 @@ class ChannelPort:
         self.sending_application = sending_application
         self.worker = worker
         self.dedupe = dedupe
+        self._screen = screen  # the channel's intake checks, run here, before the ACK
         self.counters: dict[str, int] = {"received": 0, "filtered": 0, "duplicates": 0}
         self.remote: dict[int, dict[str, Any]] = {}  # worker index → its latest snapshot
         self.recovered_by: set[int] = set()
@@ -76,6 +78,9 @@ class ChannelPort:
 
     def accepts(self, msg: Message) -> bool:
         return self.filter.accepts(msg)
+
+    def screen(self, msg: Message) -> MessageError | None:
+        return self._screen(msg) if self._screen is not None else None
 
     def offer(self, item: WorkItem) -> None:
         self.worker.send_for(item.envelope.partition_key, ("offer", self.name, item))

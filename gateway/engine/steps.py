@@ -16,11 +16,11 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from gateway.core.envelope import FHIR_JSON, HL7_V2, Envelope
-from gateway.core.errors import ValidationError
+from gateway.core.errors import MessageError, UnsupportedMessage, ValidationError
 from gateway.hl7.charsets import CHARSETS, codec_for
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions, reverse_functions
-from gateway.mapping.engine import Library
+from gateway.mapping import functions, namespaces, reverse_functions
+from gateway.mapping.engine import Library, MappingResult
 from gateway.mapping.reverse import ReverseLibrary
 from gateway.mapping.validate import bundle_errors
 from gateway.store.fhir import FhirRepository
@@ -58,6 +58,12 @@ class PreparingStep(Step, Protocol):
     """A step that reads something before it runs (awaited by the channel, then the step is called)."""
 
     async def prepare(self, envelope: Envelope) -> dict[str, Any]: ...
+
+
+class ScreeningStep(Step, Protocol):
+    """A step that may refuse a message at intake, before it is acknowledged."""
+
+    def screen(self, message: Message) -> MessageError | None: ...
 
 
 StepFactory = Callable[[str, Mapping[str, Any]], Step]
@@ -121,8 +127,12 @@ class RemoveSegments:
 class FhirMapping:
     """HL7v2 → FHIR transaction Bundle through the declarative mappings; the Bundle is validated.
 
-    What the message carried and no rule read is recorded as ``unmapped`` on the message;
-    with ``unmapped: reject`` such a message is refused (AE) instead.
+    Every non-empty leaf the message carried and no rule put into the Bundle is recorded as
+    ``unmapped`` on the message (``unmapped: reject`` refuses such a message instead). Keys are
+    namespaced (config.yaml ``namespaces``); an identifier whose namespace cannot be resolved is
+    refused (``missing_namespace: reject``) or namespaced by its sender (``sender``). A code not
+    known or a required element left empty degrades with a warning, or refuses the message when
+    ``strict``. A type no mapping serves is answered AR (``unsupported: reject``) or kept in ERROR.
     """
 
     CONFIG_SCHEMA: Mapping[str, Any] = {
@@ -133,6 +143,9 @@ class FhirMapping:
             "unmapped": {"enum": ["report", "reject"]},
             "timezone": {"type": "string", "minLength": 1},
             "fr_core_version": {"enum": list(functions.FR_CORE_VERSIONS)},
+            "missing_namespace": {"enum": list(namespaces.POLICIES)},
+            "strict": {"type": "boolean"},
+            "unsupported": {"enum": ["reject", "error"]},
         },
     }
 
@@ -143,13 +156,21 @@ class FhirMapping:
         self.reject_unmapped = settings.get("unmapped", "report") == "reject"
         self.timezone: str = settings.get("timezone", "Europe/Paris")
         ZoneInfo(self.timezone)  # an unknown zone fails at start-up
+        self.namespaces = namespaces.Namespaces.from_config(
+            settings.get("namespaces"), settings.get("missing_namespace", "reject")
+        )
+        self.strict = bool(settings.get("strict", False))
+        self.reject_unsupported = settings.get("unsupported", "reject") == "reject"
 
-    def __call__(self, ctx: StepContext) -> None:
-        if ctx.message is None:
-            return
-        result = self.library.map(ctx.message, timezone=self.timezone, fr_core_version=self.fr_core_version)
-        ctx.warnings.extend(result.warnings)
-        ctx.unmapped = result.unmapped
+    def convert(self, message: Message) -> MappingResult:
+        """The message mapped and checked: its Bundle, warnings and unmapped leaves. Raises the
+        MessageError the channel answers with (a type not mapped, a namespace not known, an
+        invalid Bundle, a degradation on a strict channel, content not mapped with ``reject``)."""
+        result = self.library.map(
+            message, timezone=self.timezone, fr_core_version=self.fr_core_version, namespaces=self.namespaces
+        )
+        if self.strict and result.degraded:
+            raise ValidationError(f"strict channel: {result.degraded[0]}")
         if result.unmapped and self.reject_unmapped:
             raise ValidationError(
                 f"content no mapping reads: {', '.join(result.unmapped[:10])}", location=result.unmapped[0]
@@ -157,6 +178,30 @@ class FhirMapping:
         errors = bundle_errors(result.bundle)
         if errors:
             raise ValidationError("the FHIR produced is not valid: " + "; ".join(errors[:5]))
+        return result
+
+    def screen(self, message: Message) -> MessageError | None:
+        """What the channel refuses before acknowledging: a type no mapping serves (with
+        ``unsupported: reject``) and, when the channel asks to refuse rather than degrade
+        (``missing_namespace: reject``, ``strict``, ``unmapped: reject``), whatever the mapping
+        itself would refuse."""
+        event = f"{message.message_type}^{message.trigger}"
+        why = self.library.why_unsupported(event)
+        if why is not None:
+            return UnsupportedMessage(why, location="MSH-9") if self.reject_unsupported else None
+        if self.namespaces.policy == "reject" or self.strict or self.reject_unmapped:
+            try:
+                self.convert(message)
+            except MessageError as exc:
+                return exc
+        return None
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.message is None:
+            return
+        result = self.convert(ctx.message)
+        ctx.warnings.extend(result.warnings)
+        ctx.unmapped = result.unmapped
         ctx.body = orjson.dumps(result.bundle)
         ctx.content_type = FHIR_JSON
         ctx.changed = True

@@ -33,6 +33,7 @@ from typing import Final
 
 from gateway.core.errors import EncodingError, ParseError
 from gateway.hl7.charsets import CHARSETS, DEFAULT_CHARSET, codec_for
+from gateway.hl7.path import parse as parse_path
 
 __all__ = [
     "DEFAULT_SEPARATORS",
@@ -50,10 +51,6 @@ _BLANK: Final = " \t\r\n\x0b\x0c"
 _BLANK_B: Final = b" \t\r\n\x0b\x0c"
 _NAME: Final = re.compile(r"[A-Z][A-Z0-9]{2}")
 _HEX: Final = re.compile(r"(?:[0-9A-Fa-f]{2})+")
-_PATH: Final = re.compile(
-    r"([A-Z][A-Z0-9]{2})(?:\[([1-9][0-9]*)\])?-([1-9][0-9]*)(?:\[([1-9][0-9]*)\])?"
-    r"(?:\.([1-9][0-9]*)(?:\.([1-9][0-9]*))?)?"
-)
 # A plain dict: a little faster than the read-only mapping on the hot path.
 _CODECS: Final[dict[str, str]] = dict(CHARSETS)
 # The charset of a message built by from_segments() when neither MSH-18 nor `charset` names one.
@@ -195,29 +192,12 @@ def _hex_text(digits: str, codec: str) -> str | None:
 
 
 _PathKey = tuple[str, int, int, int | None, int | None, int | None]
-_path_cache: dict[str, _PathKey] = {}
 
 
 def _parse_path(path: str) -> _PathKey:
     """``"PID[2]-3[1].4.2"`` → ``("PID", 2, 3, 1, 4, 2)``; repetition is None when not written."""
-    key = _path_cache.get(path)
-    if key is None:
-        match = _PATH.fullmatch(path)
-        if match is None:
-            raise ValueError(f"bad HL7 path {path!r}: expected SEG[occ]-FIELD[rep].COMP.SUB, e.g. PID-3[2].4")
-        seg, occ, fld, rep, comp, sub = match.groups()
-        key = (
-            seg,
-            int(occ) if occ else 1,
-            int(fld),
-            int(rep) if rep else None,
-            int(comp) if comp else None,
-            int(sub) if sub else None,
-        )
-        if len(_path_cache) >= 4096:  # paths come from code, but never let the cache grow unbounded
-            _path_cache.clear()
-        _path_cache[path] = key
-    return key
+    loc = parse_path(path)
+    return (loc.segment, loc.occurrence or 1, loc.field, loc.repetition, loc.component, loc.subcomponent)
 
 
 def _put(text: str, chain: Sequence[tuple[str, int]], value: str) -> str:

@@ -15,33 +15,33 @@ import hashlib
 import re
 from typing import Any
 
-from gateway.mapping.engine import Context
+from gateway.mapping.engine import Context, search_token
+from gateway.mapping.namespaces import Authority
 
 URI_SYSTEM = "urn:ietf:rfc:3986"
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
-# HL7 table 0271 (document completion status) → DocumentReference.docStatus.
-_COMPLETION = {
-    "AU": "final",  # authenticated
-    "LA": "final",  # legally authenticated
-    "PA": "preliminary",  # pre-authenticated
-    "DI": "preliminary",  # dictated
-    "DO": "preliminary",  # documented
-    "IN": "preliminary",  # incomplete
-    "IP": "preliminary",  # in progress
-}
 
 
 def _ei_identifier(ctx: Context, path: str) -> dict[str, Any] | None:
-    """An EI (TXA-12, TXA-13) → Identifier: root OID + extension, or a whole OID as a URI."""
-    value, root, kind = ctx.read(f"{path}.1"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4")
+    """An EI (TXA-12, TXA-13) → Identifier: a whole OID as a URI, else the id in its root OID
+    (TXA-12.3, type ISO), else in the namespace its authority or sender resolves to."""
+    value = ctx.read(f"{path}.1")
     if not value:
         return None
-    if root and kind == "ISO" and _OID.fullmatch(root):
-        return {"system": f"urn:oid:{root}", "value": value}
     if _OID.fullmatch(value):
+        ctx.take(f"{path}.1")
         return {"system": URI_SYSTEM, "value": f"urn:oid:{value}"}
-    ctx.warnings.append(f"{path}: the document id is neither an OID nor an OID-rooted extension")
-    return {"value": value}
+    authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
+    system = ctx.system("document", authority, f"{path}.3")
+    for part in (".2", ".3", ".4"):
+        text = ctx.read(f"{path}{part}")
+        if text and (text in system or (part == ".4" and authority.universal in system)):
+            ctx.take(f"{path}{part}")
+    ident: dict[str, Any] = {"system": system, "value": ctx.take(f"{path}.1")}
+    if authority.namespace:
+        ctx.take(f"{path}.2")
+        ident["assigner"] = {"display": authority.namespace}
+    return ident
 
 
 def mdm_document_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -57,8 +57,7 @@ def mdm_replaces(ctx: Context, _: Any) -> dict[str, Any] | None:
         if ctx.message.trigger == "T10":
             ctx.warnings.append("MDM^T10 without TXA-13: nothing says which document is replaced")
         return None
-    system = ident.get("system", "")
-    target = f"DocumentReference?identifier={system}|{ident['value']}"
+    target = f"DocumentReference?identifier={search_token(ident['system'])}|{search_token(ident['value'])}"
     return {"code": "replaces", "target": {"reference": target}}
 
 
@@ -70,24 +69,16 @@ def mdm_status(ctx: Context, _: Any) -> str:
     return "current"
 
 
-def mdm_doc_status(ctx: Context, value: Any) -> str | None:
-    """TXA-17 (table 0271) → docStatus."""
-    code = str(value or "")
-    if code not in _COMPLETION:
-        ctx.warnings.append(f"TXA-17: completion status {code!r} not in table 0271; left out")
-        return None
-    return _COMPLETION[code]
-
-
 def decode_ed(ctx: Context) -> tuple[str, bytes] | None:
     """The current OBX-5 of type ED (source^type^subtype^encoding^data) → (content type, bytes);
-    None, with a warning on the message, when there is no usable document."""
+    None, with a warning on the message, when there is no usable document (its parts then stay
+    in the unmapped report)."""
     n = ctx.segment[1] if ctx.segment else 1
-    kind, subtype = ctx.message.get(f"OBX[{n}]-5.2"), ctx.message.get(f"OBX[{n}]-5.3")
-    encoding, data = ctx.message.get(f"OBX[{n}]-5.4"), ctx.message.get(f"OBX[{n}]-5.5")
-    ctx.consumed.add(("OBX", n, 5))
+    field = f"OBX[{n}]-5"
+    kind, subtype = ctx.read(f"{field}.2"), ctx.read(f"{field}.3")
+    encoding, data = ctx.read(f"{field}.4"), ctx.read(f"{field}.5")
     if not data:
-        ctx.warnings.append(f"OBX[{n}]-5: ED without data; no document")
+        ctx.warnings.append(f"{field}: ED without data; no document")
         return None
     try:
         if encoding.lower() == "base64":
@@ -97,12 +88,33 @@ def decode_ed(ctx: Context) -> tuple[str, bytes] | None:
         elif encoding in ("", "A"):  # plain text, already unescaped from ER7
             raw = data.encode("utf-8")
         else:
-            ctx.warnings.append(f"OBX[{n}]-5.4: encoding {encoding!r} unknown; no document")
+            ctx.warnings.append(f"{field}.4: encoding {encoding!r} unknown; no document")
             return None
     except ValueError:  # binascii.Error is a ValueError
-        ctx.warnings.append(f"OBX[{n}]-5.5: the data is not valid {encoding}; no document")
+        ctx.warnings.append(f"{field}.5: the data is not valid {encoding}; no document")
         return None
+    for comp in (2, 3, 4, 5):
+        ctx.take(f"{field}.{comp}")
+    ctx.take(f"OBX[{n}]-2")  # the value type ED: the attachment carries it
     return _content_type(kind, subtype), raw
+
+
+def document_key(ctx: Context) -> str:
+    """A stable name for the document of the current OBX: its order's number in its namespace
+    (filler's, else placer's) and the OBX set id; without any, the message and the OBX."""
+    n = ctx.segment[1] if ctx.segment else 1
+    set_id = ctx.read("OBX-1") or str(n)
+    for path, kind in (
+        ("OBR-3", "filler-order"),
+        ("ORC-3", "filler-order"),
+        ("OBR-2", "placer-order"),
+        ("ORC-2", "placer-order"),
+    ):
+        value = ctx.read(f"{path}.1")
+        if value:
+            authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
+            return f"{ctx.system(kind, authority, path)}|{value}|{set_id}"
+    return f"{ctx.system('document', Authority(), 'OBX-1')}|{ctx.message.control_id}|{n}"
 
 
 def _content_type(kind: str, subtype: str) -> str:
@@ -129,9 +141,8 @@ def mdm_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
         "size": len(raw),
         "hash": base64.b64encode(hashlib.sha1(raw, usedforsecurity=False).digest()).decode("ascii"),
     }
-    title = ctx.read("OBX-3.2")
-    if title:
-        attachment["title"] = title
+    if ctx.read("OBX-3.2"):
+        attachment["title"] = ctx.take("OBX-3.2")
     return attachment
 
 
@@ -139,6 +150,5 @@ MDM_FUNCTIONS = {
     "mdm_document_identifier": mdm_document_identifier,
     "mdm_replaces": mdm_replaces,
     "mdm_status": mdm_status,
-    "mdm_doc_status": mdm_doc_status,
     "mdm_attachment": mdm_attachment,
 }

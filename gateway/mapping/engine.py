@@ -9,27 +9,34 @@ a FHIR element::
     resources:
       - key: patient                  # other rules refer to it as {ref: patient}
         type: Patient
-        identity: identifier          # conditional update on this element's first system|value
+        identity: identifier          # found again by this element's namespaced system|value
+        key: [PI]                     # which identifier, by type, when several carry a system
+        required: {gender: unknown}   # a required element the message leaves empty: this, and a warning
         rules:
           - set: gender
             from: PID-8
             map: hl7-0001-gender      # a concept map (mappings/conceptmaps/*.yaml)
-          - set: name[]               # [] appends one element per repetition
-            each: PID-5               # repetitions; inner "from" paths are relative (".1", ".2.1")
+          - set: identifier[]         # [] appends one element per repetition
+            each: PID-3               # repetitions; inner "from" paths are relative (".1", ".4.2")
             rules:
-              - {set: family, from: ".1"}
-              - {set: "given[]", from: ".2"}
+              - {set: "", fn: cx_identifier, kind: patient}   # namespaced (gateway.mapping.namespaces)
           - set: birthDate
             from: PID-7
             fn: hl7_date              # a named Python function (gateway.mapping.functions)
-          - set: active
-            const: true
           - set: extension[]
             fn: identity_reliability  # functions may read the whole message
             when: {from: PID-32, not_in: ["", "VIDE"]}
 
-Mapping code never touches sockets or databases. Every field a rule reads is
-recorded, so what a message carries and no rule consumed can be reported.
+Mapping code never touches sockets or databases.
+
+**Every leaf is accounted for.** A value counts as mapped only when a rule (or a function) put it
+into the output; reading it for a condition does not count. Every non-empty leaf (segment
+occurrence, repetition, component, subcomponent) that no rule put anywhere is listed in the
+unmapped report by its full path (``OBX[3]-5[1].2``, see :mod:`gateway.hl7.path`).
+
+**How a resource meets the stored one** is its write policy (:mod:`gateway.mapping.ownership`):
+``merge`` (a conditional PUT the repository merges), ``replace`` (a conditional PUT) or
+``create`` (a POST with ``ifNoneExist``). Its key is always a namespaced identifier.
 """
 
 from __future__ import annotations
@@ -40,31 +47,51 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote
 
 import orjson
-import yaml
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
+from gateway.hl7 import path as er7_path
 from gateway.hl7.er7 import Message, Segment, unescape
+from gateway.mapping.namespaces import Authority, Namespaces, is_kind
+from gateway.mapping.ownership import FILE as OWNERSHIP_FILE
+from gateway.mapping.ownership import POLICIES, Ownership
+from gateway.mapping.rules import (
+    AllOf,
+    ConceptMap,
+    Condition,
+    RuleError,
+    When,
+    check_keys,
+    check_names,
+    is_empty,
+    load_concept_maps,
+    load_yaml,
+    mapping_files,
+    parse_when,
+    rule_failure,
+    strip_lines,
+    unique_names,
+)
 
-_ER7_ABS = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2})$")
-_ER7_REL = re.compile(r"^((?:\.\d+){1,2})$")
+__all__ = ["Context", "Layout", "Library", "MappingResult", "RuleError", "rule_failure", "run"]
 
-
-class RuleError(ValueError):
-    """A mapping rule that cannot apply (a bad path, an unknown resource): its text names the
-    rule, never message content, so it may be shown; other errors are shown by type only."""
-
-
-def rule_failure(exc: Exception) -> str:
-    """What a failed rule says on the message: a library's own text may quote patient data."""
-    return str(exc) if isinstance(exc, RuleError) else type(exc).__name__
-
-
-_ELEMENT = re.compile(r"^[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?(?:\.[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?)*$")
-
+Leaf = tuple[str, int, int, int, int, int]  # segment, occurrence, field, repetition, component, subcomponent
 Function = Callable[["Context", Any], Any]
+
+NULL: Final = '""'  # HL7's explicit null: "delete the value held"
+WRITE_POLICY: Final = "urn:passerelle:write-policy"
+CLEAR: Final = "urn:passerelle:clear"
+UNSUPPORTED_FILE: Final = "unsupported.yaml"
+# Header fields the gateway itself reads (routing, sender, dedupe, ACK): not content.
+HEADER_FIELDS: Final = frozenset({3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21})
+_RESERVED_FILES: Final = frozenset({OWNERSHIP_FILE, UNSUPPORTED_FILE})
+# An element path; a leading "_" names a primitive's extensions (_birthDate).
+_ELEMENT = re.compile(
+    r"^_?[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?(?:\.[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?)*$"
+)
 
 
 @dataclass(slots=True)
@@ -73,10 +100,10 @@ class Context:
 
     message: Message
     warnings: list[str]
-    consumed: set[tuple[str, int, int]]  # (segment, occurrence, field)
+    consumed: set[Leaf]  # leaves some rule put into the output
     refs: dict[str, str | list[str]]  # resource key → fullUrl (a list for one-per-segment resources)
     scope: str | None = None  # raw text of the current repetition
-    scope_field: tuple[str, int, int] | None = None
+    at: tuple[str, int, int, int] | None = None  # where that repetition is: segment, occurrence, field, rep
     segment: tuple[str, int] | None = None  # the segment iterated by a segment-level "each"
     timezone: str = "Europe/Paris"  # for HL7 times sent without a zone
     fr_core_version: str = "2.1.0"  # the FR Core release the output is shaped to
@@ -87,6 +114,12 @@ class Context:
     forward: set[str] = field(default_factory=set)  # fullUrls referenced before being decided
     decided: set[str] = field(default_factory=set)  # fullUrls whose resource was built or skipped
     found: dict[tuple[str, int], Segment | None] = field(default_factory=dict)  # segment lookups so far
+    namespaces: Namespaces = field(default_factory=Namespaces)
+    kind: str | None = None  # the identifier kind the rule being applied names (``kind:``)
+    degraded: list[str] = field(default_factory=list)  # what strict channels refuse: codes not known…
+    nulls: set[str] = field(default_factory=set)  # top-level elements the message nulled ("")
+    concept_maps: Mapping[str, ConceptMap] = field(default_factory=dict)  # for functions that translate
+    _order: list[tuple[str, int]] | None = None  # (segment, occurrence) in message order, when asked
 
     def enter(self, segment: tuple[str, int] | None) -> None:
         """Iterate ``segment`` (name, occurrence): reads and references follow its group."""
@@ -110,54 +143,150 @@ class Context:
             return self.layout.first_in_group.get((seg, self.group))
         return 1
 
-    def read(self, path: str) -> str:
-        """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1)."""
-        seg, occ, fld, rep_index, comps = _read_plan(path)
+    # -- reading ----------------------------------------------------------------------------
+
+    def locate(self, path: str) -> tuple[str, Leaf | None]:
+        """The raw (escaped) text of the leaf ``path`` names, and the leaf's key."""
+        seg, occ, fld, rep, comp, sub = _read_plan(path)
         if seg == "":
-            if self.scope is None:
+            scope = self.scope
+            if scope is None:
                 raise RuleError(f"relative path {path} outside an 'each'")
-            return _component(self.scope, comps or "", self.message)
+            raw, c, s = _pick(scope, comp, sub, self.message)
+            at = self.at
+            return raw, (at[0], at[1], at[2], at[3], c, s) if at is not None else None
         found = occ if occ is not None else self.occurrence(seg)
         if found is None:
-            return ""
-        occurrence = found
-        self.consumed.add((seg, occurrence, fld))
+            return "", None
+        segment = self.find(seg, found)
+        if segment is None:
+            return "", None
+        text = segment.field(fld)
+        if seg == "MSH" and fld <= 2:
+            return text, None
+        if not text:
+            return "", None
+        seps = self.message.separators
+        if rep == 1:
+            rep_text = text.partition(seps.repetition)[0]
+        else:
+            reps = text.split(seps.repetition)
+            rep_text = reps[rep - 1] if rep <= len(reps) else ""
+        raw, c, s = _pick(rep_text, comp, sub, self.message)
+        return raw, (seg, found, fld, rep, c, s)
+
+    def read(self, path: str) -> str:
+        """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1): its text,
+        unescaped ("" for HL7's explicit null). Reading does not make it mapped: see ``take``."""
+        raw, _ = self.locate(path)
+        return _text(raw, self.message)
+
+    def take(self, path: str) -> str:
+        """``read``, and the leaf counts as mapped: call it for what goes into the output."""
+        raw, leaf = self.locate(path)
+        value = _text(raw, self.message)
+        if leaf is not None and value.strip():
+            self.consumed.add(leaf)
+        return value
+
+    def consume(self, leaf: Leaf | None) -> None:
+        if leaf is not None:
+            self.consumed.add(leaf)
+
+    def take_field(self, seg: str, occurrence: int, fld: int) -> str:
+        """Every leaf of a field counts as mapped (its raw text is kept whole); the raw text."""
         segment = self.find(seg, occurrence)
         if segment is None:
             return ""
-        reps = _repetitions(segment.field(fld), self.message, seg == "MSH" and fld <= 2)
-        if rep_index > len(reps):
-            return ""
-        return (
-            _component(reps[rep_index - 1], comps, self.message)
-            if comps
-            else _leaf(reps[rep_index - 1], self.message)
-        )
+        text = segment.field(fld)
+        for leaf in _field_leaves(seg, occurrence, fld, text, self.message):
+            self.consumed.add(leaf)
+        return text
 
-    def repetitions(self, path: str) -> list[str]:
-        """The non-empty repetitions of a field; ``PV1-7[1]`` takes only the first (the others are
-        reported as a warning, never dropped silently)."""
+    def take_scope(self) -> None:
+        """Every leaf of the current repetition counts as mapped (kept whole by the caller)."""
+        if self.scope is None or self.at is None:
+            return
+        seg, occ, fld, rep = self.at
+        for leaf in _rep_leaves(seg, occ, fld, rep, self.scope, self.message):
+            self.consumed.add(leaf)
+
+    def repetitions(self, path: str) -> list[tuple[int, str]]:
+        """The non-empty repetitions of a field with their numbers; ``PV1-7[1]`` takes only the
+        first (the others are reported, as a warning and in the unmapped report)."""
         try:
-            seg, occ, fld, rep, comps = _parse_er7(path)
-        except ValueError:
-            seg, comps = "", None
-        if seg == "" or comps:
+            loc = er7_path.parse(path, every=True)
+        except ValueError as exc:
+            raise RuleError(f"'each' takes a field path such as PID-3, not {path!r}") from exc
+        if loc.component is not None:
             raise RuleError(f"'each' takes a field path such as PID-3, not {path!r}")
-        found = int(occ) if occ else self.occurrence(seg)
+        seg = loc.segment
+        found = loc.occurrence if loc.occurrence is not None else self.occurrence(seg)
         if found is None:
             return []
-        self.consumed.add((seg, found, int(fld)))
         segment = self.find(seg, found)
         if segment is None:
             return []
-        reps = _repetitions(segment.field(int(fld)), self.message, False)
-        if rep is None or rep == "*":
-            return [r for r in reps if r]
-        index = int(rep)
-        others = sum(1 for i, r in enumerate(reps, 1) if r and i != index)
-        if others:
-            self.warnings.append(f"{seg}-{fld}: only repetition {index} is mapped; {others} more left out")
-        return [reps[index - 1]] if index <= len(reps) and reps[index - 1] else []
+        return _each_repetition(self, seg, found, loc.field, segment.field(loc.field), loc.repetition)
+
+    def scoped(self, seg: str, occurrence: int, fld: int, rep: int, text: str) -> tuple[Any, ...]:
+        """Make ``text`` (that repetition) the current scope; returns what ``restore`` needs."""
+        saved = (self.scope, self.at)
+        self.scope, self.at = text, (seg, occurrence, fld, rep)
+        return saved
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        self.scope, self.at = saved
+
+    def here(self, path: str = "") -> str:
+        """Where a relative path points, as warnings and ERR segments name it (``PID-3[2].4``)."""
+        if self.at is None:
+            return path
+        seg, occ, fld, rep = self.at
+        base = er7_path.field_path(seg, occ, fld) + f"[{rep}]"
+        return base + path
+
+    def sender(self) -> tuple[str, str, str]:
+        """(MSH-3.1, MSH-4.1, MSH-4.2): who sent the message, for namespaces."""
+        m = self.message
+        return (m.get("MSH-3.1"), m.get("MSH-4.1"), m.get("MSH-4.2"))
+
+    def system(self, kind: str, authority: Authority, where: str) -> str:
+        """The namespace of an identifier of ``kind`` (raises UnknownNamespace when none)."""
+        resolved = self.namespaces.resolve(kind, authority, self.sender(), where)
+        if resolved.note is not None:
+            self.warnings.append(resolved.note)
+        return resolved.system
+
+    def degrade(self, note: str) -> None:
+        """A warning a strict channel turns into a refusal (a code not known, a value defaulted)."""
+        self.warnings.append(note)
+        self.degraded.append(note)
+
+    def following(self, name: str) -> list[int]:
+        """Occurrences of ``name`` right after the current segment (NTE after its OBX)."""
+        if self.segment is None:
+            return []
+        order = self._order
+        if order is None:
+            counts: dict[str, int] = {}
+            order = []
+            for s in self.message.segments:
+                counts[s.name] = counts.get(s.name, 0) + 1
+                order.append((s.name, counts[s.name]))
+            self._order = order
+        try:
+            start = order.index(self.segment)
+        except ValueError:
+            return []
+        out = []
+        for seg, occ in order[start + 1 :]:
+            if seg != name:
+                break
+            out.append(occ)
+        return out
+
+    # -- references -------------------------------------------------------------------------
 
     def ref(self, key: str) -> dict[str, str] | list[dict[str, str]]:
         """A reference to a resource of this mapping. A per-segment resource is narrowed to what
@@ -187,6 +316,62 @@ class Context:
         return True
 
 
+def _each_repetition(
+    ctx: Context, seg: str, occ: int, fld: int, raw: str, wanted: int | None
+) -> list[tuple[int, str]]:
+    items = raw.split(ctx.message.separators.repetition) if raw else []
+    if wanted is None or wanted == er7_path.ALL:
+        return [(i, r) for i, r in enumerate(items, 1) if r.strip()]
+    others = sum(1 for i, r in enumerate(items, 1) if r.strip() and i != wanted)
+    if others:
+        ctx.warnings.append(
+            f"{er7_path.field_path(seg, occ, fld)}: only repetition {wanted} is mapped; {others} more "
+            "in the unmapped report"
+        )
+    return [(wanted, items[wanted - 1])] if wanted <= len(items) and items[wanted - 1].strip() else []
+
+
+def _text(raw: str, msg: Message) -> str:
+    if raw == NULL:
+        return ""
+    return unescape(raw, msg.separators, msg.codec) if msg.separators.escape in raw else raw
+
+
+def _pick(text: str, comp: int | None, sub: int | None, msg: Message) -> tuple[str, int, int]:
+    """The raw leaf of ``text`` (a repetition) at component/subcomponent; a path without component
+    means the first component's first subcomponent."""
+    seps = msg.separators
+    c = comp or 1
+    s = sub or 1
+    if c == 1:
+        piece = text.partition(seps.component)[0] if seps.component in text else text
+    else:
+        pieces = text.split(seps.component)
+        piece = pieces[c - 1] if c <= len(pieces) else ""
+    if s == 1:
+        if seps.subcomponent in piece:
+            piece = piece.partition(seps.subcomponent)[0]
+    else:
+        subs = piece.split(seps.subcomponent)
+        piece = subs[s - 1] if s <= len(subs) else ""
+    return piece, c, s
+
+
+def _rep_leaves(seg: str, occ: int, fld: int, rep: int, text: str, msg: Message) -> Iterable[Leaf]:
+    seps = msg.separators
+    for c, comp in enumerate(text.split(seps.component), 1):
+        for s, sub in enumerate(comp.split(seps.subcomponent), 1):
+            if sub.strip() and sub != NULL:  # HL7's null is an instruction, never text to keep
+                yield (seg, occ, fld, rep, c, s)
+
+
+def _field_leaves(seg: str, occ: int, fld: int, text: str, msg: Message) -> Iterable[Leaf]:
+    if not text:
+        return
+    for r, rep in enumerate(text.split(msg.separators.repetition), 1):
+        yield from _rep_leaves(seg, occ, fld, r, rep, msg)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Where each segment sits: groups start at an anchor segment (ORC or OBR in an ORU), so that a
@@ -197,20 +382,22 @@ class Layout:
     grouped: frozenset[str]  # segments met inside a group
 
     @classmethod
-    def of(cls, message: Message, anchors: frozenset[str]) -> Layout:
+    def of(cls, message: Message, anchors: Sequence[str]) -> Layout:
+        """``anchors`` in their order in a group (ORC, OBR): a segment that comes again, or one
+        that comes before an anchor already seen in the group, opens the next group."""
+        rank = {name: i for i, name in enumerate(anchors)}
         counts: dict[str, int] = {}
-        group, opened_by = 0, set[str]()
+        group, last = 0, -1
         group_of: dict[tuple[str, int], int] = {}
         first: dict[tuple[str, int], int] = {}
         grouped: set[str] = set()
         for seg in message.segments:
             name = seg.name
             counts[name] = occ = counts.get(name, 0) + 1
-            if name in anchors:
-                # ORC then OBR open one group together; a second OBR (or a new ORC) opens the next
-                if group == 0 or name in opened_by:
-                    group, opened_by = group + 1, set()
-                opened_by.add(name)
+            if name in rank:
+                if group == 0 or rank[name] <= last:
+                    group += 1
+                last = rank[name]
             group_of[(name, occ)] = group
             first.setdefault((name, group), occ)
             if group:
@@ -219,91 +406,18 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_er7(path: str) -> tuple[str, str | None, str, str | None, str | None]:
-    """(segment, occurrence, field, repetition, components); segment "" for a relative path. Parsed once."""
-    rel = _ER7_REL.match(path)
-    if rel:
-        return ("", None, "", None, rel.group(1))
-    m = _ER7_ABS.match(path)
-    if m is None:
-        raise RuleError(f"bad ER7 path {path!r}")
-    seg, occ, fld, rep, comps = m.groups()
-    return (seg, occ, fld, rep, comps)
-
-
-@functools.lru_cache(maxsize=4096)
-def _read_plan(path: str) -> tuple[str, int | None, int, int, str | None]:
-    """(segment, occurrence, field, repetition index, components) with the numbers already read."""
-    seg, occ, fld, rep, comps = _parse_er7(path)
-    if seg == "":
-        return ("", None, 0, 1, comps)
-    return (seg, int(occ) if occ else None, int(fld), int(rep) if rep and rep != "*" else 1, comps)
-
-
-@functools.lru_cache(maxsize=1024)
-def _component_plan(comps: str) -> tuple[int, int]:
-    """'.2' or '.2.1' → (component, subcomponent)."""
-    parts = [int(p) for p in comps.strip(".").split(".")]
-    return parts[0], parts[1] if len(parts) > 1 else 1
-
-
-def _repetitions(raw: str, msg: Message, atomic: bool) -> list[str]:
-    if atomic:
-        return [raw]
-    return raw.split(msg.separators.repetition) if raw else []
-
-
-def _leaf(text: str, msg: Message) -> str:
-    seps = msg.separators
-    if seps.component in text or seps.subcomponent in text:
-        return _component(text, ".1", msg)
-    return unescape(text, seps, msg.codec)
-
-
-def _component(rep: str, comps: str, msg: Message) -> str:
-    seps = msg.separators
-    first, sub = _component_plan(comps)
-    pieces = rep.split(seps.component)
-    value = pieces[first - 1] if first <= len(pieces) else ""
-    subs = value.split(seps.subcomponent)
-    value = subs[sub - 1] if sub <= len(subs) else ""
-    return unescape(value, seps, msg.codec)
+def _read_plan(path: str) -> tuple[str, int | None, int, int, int | None, int | None]:
+    """(segment, occurrence, field, repetition, component, subcomponent); segment "" for a relative path."""
+    try:
+        loc = er7_path.parse(path, relative=True)
+    except ValueError as exc:
+        raise RuleError(str(exc)) from exc
+    if loc.relative:
+        return ("", None, 0, 1, loc.component, loc.subcomponent)
+    return (loc.segment, loc.occurrence, loc.field, loc.repetition or 1, loc.component, loc.subcomponent)
 
 
 # -- rules ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    source: str
-    equals: str | None = None
-    in_: frozenset[str] | None = None
-    not_in: frozenset[str] | None = None
-    present: bool | None = None
-
-    def holds(self, ctx: Context) -> bool:
-        value = ctx.read(self.source)
-        return self.passes(value, bool(value))
-
-    def passes(self, value: str, present: bool) -> bool:
-        """The tests on a value already read (each direction reads its own kind of path)."""
-        if self.present is not None and present != self.present:
-            return False
-        if self.equals is not None and value != self.equals:
-            return False
-        if self.in_ is not None and value not in self.in_:
-            return False
-        return not (self.not_in is not None and value in self.not_in)
-
-
-@dataclass(frozen=True, slots=True)
-class AllOf:
-    """``when: [..., ...]``: every condition must hold."""
-
-    conditions: tuple[Condition, ...]
-
-    def holds(self, ctx: Context) -> bool:
-        return all(c.holds(ctx) for c in self.conditions)
 
 
 @dataclass(slots=True)
@@ -313,11 +427,13 @@ class Rule:
     const: Any = None
     concept_map: str | None = None
     function: str | None = None
-    when: Condition | AllOf | None = None
+    when: When | None = None
     each: str | None = None  # a field (repetitions) or a segment name (occurrences)
     rules: list[Rule] = field(default_factory=list)
     ref: str | None = None
     where: str = ""  # file:line, for error messages
+    kind: str | None = None  # the identifier kind a namespacing function resolves
+    follows: bool = False  # segment "each": only the occurrences right after the current segment
 
 
 @dataclass(slots=True)
@@ -325,13 +441,16 @@ class ResourceMapping:
     key: str
     type: str
     rules: list[Rule]
-    identity: str | None = None  # element whose first system|value makes the conditional update
-    when: Condition | AllOf | None = None
+    identity: str | None = None  # element whose namespaced system|value makes the conditional write
+    when: When | None = None
     where: str = ""
     each: str | None = None  # one resource per occurrence of this segment (an Observation per OBX)
     use: str | None = None  # "mapping-name:key": take the rules of a resource defined in another file
     match: Rule | None = None  # builds the identifiers to find the resource by, when not its own (A47)
     scope: str | None = None  # a field repetition (PV1-7[1]) the rules' relative paths read
+    key_types: tuple[str, ...] = ()  # identifier types (v2-0203) preferred as the key, in order
+    required: Mapping[str, Any] = field(default_factory=dict)  # element → value when the message has none
+    write: str | None = None  # the write policy, when not the ownership table's
 
 
 @dataclass(slots=True)
@@ -340,8 +459,7 @@ class Mapping_:
     events: frozenset[str]
     resources: list[ResourceMapping]
     file: str
-    ignore_segments: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()  # anchor segments of repeated groups (ORU: ORC, OBR)
+    groups: tuple[str, ...] = ()  # anchor segments of repeated groups, in group order (ORU: ORC, OBR)
 
     def serves(self, event: str) -> bool:
         family = event.split("^")[0] + "^*"
@@ -352,43 +470,61 @@ class Mapping_:
 class MappingResult:
     bundle: dict[str, Any]
     warnings: list[str]
-    unmapped: list[str]  # "ZXY-2", "PID-13" … non-empty fields no rule read
+    unmapped: list[str]  # leaves no rule put anywhere: "PID-13[1].4", "ZXY-2[1]" …
     mapping: str
+    degraded: list[str] = field(default_factory=list)  # the warnings a strict channel refuses
 
 
 # -- loading -----------------------------------------------------------------------------------
 
-
-class _LineLoader(yaml.SafeLoader):
-    """Keeps each mapping's line so that errors point at it."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    data = {str(k): v for k, v in loader.construct_mapping(node, deep=True).items()}
-    data["__line__"] = node.start_mark.line + 1
-    return data
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-_RULE_KEYS = {"set", "from", "const", "map", "fn", "when", "each", "rules", "ref", "__line__"}
-_RESOURCE_KEYS = {"key", "type", "identity", "rules", "when", "each", "use", "match", "scope", "__line__"}
-_FILE_KEYS = {"name", "events", "resources", "ignore_segments", "groups", "__line__"}
-_WHEN_KEYS = {"from", "equals", "in", "not_in", "present", "__line__"}
+_RULE_KEYS = {
+    "set",
+    "from",
+    "const",
+    "map",
+    "fn",
+    "when",
+    "each",
+    "rules",
+    "ref",
+    "kind",
+    "follows",
+    "__line__",
+}
+_RESOURCE_KEYS = {
+    "key",
+    "type",
+    "identity",
+    "rules",
+    "when",
+    "each",
+    "use",
+    "match",
+    "scope",
+    "key_types",
+    "required",
+    "write",
+    "__line__",
+}
+_FILE_KEYS = {"name", "events", "resources", "groups", "__line__"}
 
 
 class Library:
-    """All mapping files, concept maps and functions, checked at load time."""
+    """All mapping files, concept maps, functions and write policies, checked at load time."""
 
     def __init__(
         self,
         mappings: Sequence[Mapping_],
-        concept_maps: Mapping[str, Mapping[str, str]],
+        concept_maps: Mapping[str, ConceptMap],
         functions: Mapping[str, Function],
+        ownership: Ownership | None = None,
+        unsupported: Mapping[str, str] | None = None,
     ) -> None:
         self.mappings = list(mappings)
         self.concept_maps = dict(concept_maps)
         self.functions = dict(functions)
+        self.ownership = ownership or Ownership()
+        self.unsupported = dict(unsupported or {})  # event (or TYPE^*) → why it is not mapped
         # Rules compiled once, here: by identity, for a mapping is a mutable dataclass.
         self._plans: dict[int, tuple[Mapping_, list[_Plan]]] = {
             id(m): (m, _compiled(m, self)) for m in self.mappings
@@ -405,24 +541,12 @@ class Library:
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> Library:
-        concept_maps: dict[str, dict[str, str]] = {}
-        for path in sorted((directory / "conceptmaps").glob("*.yaml")):
-            data = _load_yaml(path)
-            for name, table in data.items():
-                if name == "__line__":
-                    continue
-                if not isinstance(table, dict):
-                    raise ConfigError(
-                        "a concept map is a mapping of source code → target", file=str(path), key=name
-                    )
-                concept_maps[name] = {str(k): _strip_lines(v) for k, v in table.items() if k != "__line__"}
-        mappings = [_parse_file(p, concept_maps, functions) for p in sorted(directory.glob("*.yaml"))]
-        names = [m.name for m in mappings]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"two mapping files are named {name!r}", file=str(directory))
+        files = [p for p in mapping_files(directory, "mapping") if p.name not in _RESERVED_FILES]
+        concept_maps = load_concept_maps(directory / "conceptmaps")
+        mappings = [_parse_file(p, concept_maps, functions) for p in files]
+        unique_names([m.name for m in mappings], directory, "mapping")
         _resolve_uses(mappings)
-        return cls(mappings, concept_maps, functions)
+        return cls(mappings, concept_maps, functions, Ownership.load(directory), _unsupported(directory))
 
     def for_event(self, event: str) -> Mapping_ | None:
         exact = [m for m in self.mappings if event in m.events]
@@ -431,51 +555,80 @@ class Library:
         family = [m for m in self.mappings if m.serves(event)]
         return family[0] if family else None
 
+    def why_unsupported(self, event: str) -> str | None:
+        """None when a mapping serves ``event``; else the reason, from ``unsupported.yaml`` if it says."""
+        if self.for_event(event) is not None:
+            return None
+        reason = self.unsupported.get(event) or self.unsupported.get(event.split("^")[0] + "^*")
+        return f"{event} is not mapped: {reason}" if reason else f"no mapping for {event}"
+
     def map(
-        self, message: Message, *, timezone: str = "Europe/Paris", fr_core_version: str = "2.1.0"
+        self,
+        message: Message,
+        *,
+        timezone: str = "Europe/Paris",
+        fr_core_version: str = "2.1.0",
+        namespaces: Namespaces | None = None,
     ) -> MappingResult:
         event = f"{message.message_type}^{message.trigger}"
         mapping = self.for_event(event)
         if mapping is None:
-            raise UnsupportedMessage(f"no mapping for {event}", location="MSH-9")
-        return run(mapping, message, self, timezone=timezone, fr_core_version=fr_core_version)
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.load(path.read_text("utf-8"), Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise ConfigError(f"not valid YAML: {exc.problem}", file=str(path), line=line) from exc
-    if not isinstance(data, dict):
-        raise ConfigError("a mapping file is a YAML mapping", file=str(path), line=1)
-    return data
-
-
-def _strip_lines(value: Any) -> Any:
-    """The loader's line markers belong to the rules, not to the values they carry."""
-    if isinstance(value, dict):
-        return {k: _strip_lines(v) for k, v in value.items() if k != "__line__"}
-    if isinstance(value, list):
-        return [_strip_lines(v) for v in value]
-    return value
-
-
-def _check_keys(data: Mapping[str, Any], allowed: set[str], file: str, what: str) -> None:
-    extra = sorted(set(data) - allowed)
-    if extra:
-        raise ConfigError(
-            f"unknown key in {what}; allowed: {', '.join(sorted(allowed - {'__line__'}))}",
-            file=file,
-            key=extra[0],
-            line=data.get("__line__"),
+            raise UnsupportedMessage(self.why_unsupported(event) or event, location="MSH-9")
+        return run(
+            mapping,
+            message,
+            self,
+            timezone=timezone,
+            fr_core_version=fr_core_version,
+            namespaces=namespaces,
         )
+
+    def key_sites(self, event: str) -> list[tuple[str, str, str]]:
+        """(field path, identifier function, kind) of every namespaced identifier ``event`` is mapped
+        with: what a channel checks before acknowledging (see gateway.mapping.screen)."""
+        mapping = self.for_event(event)
+        if mapping is None:
+            return []
+        sites: list[tuple[str, str, str]] = []
+
+        def walk(rules: Iterable[Rule], each: str | None) -> None:
+            for rule in rules:
+                here = rule.each if rule.each is not None and not er7_path.is_segment(rule.each) else each
+                if rule.kind is not None and rule.function is not None and here is not None:
+                    site = (here, rule.function, rule.kind)
+                    if site not in sites:
+                        sites.append(site)
+                walk(rule.rules, here)
+
+        for res in mapping.resources:
+            walk(res.rules, res.scope)
+            if res.match is not None:
+                walk([res.match], res.scope)
+        return sites
+
+
+def _unsupported(directory: Path) -> dict[str, str]:
+    path = directory / UNSUPPORTED_FILE
+    if not path.is_file():
+        return {}
+    data = strip_lines(load_yaml(path))
+    out: dict[str, str] = {}
+    for event, reason in data.items():
+        if (
+            not re.fullmatch(r"[A-Z0-9]{2,3}\^(\*|[A-Z0-9]{2,3})", str(event))
+            or not str(reason or "").strip()
+        ):
+            raise ConfigError(
+                "an event (ADT^A08, or BAR^*) and the reason it is not mapped", file=str(path), key=str(event)
+            )
+        out[str(event)] = str(reason).strip()
+    return out
 
 
 def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[str, Function]) -> Mapping_:
     file = str(path)
-    data = _load_yaml(path)
-    _check_keys(data, _FILE_KEYS, file, "a mapping file")
+    data = load_yaml(path)
+    check_keys(data, _FILE_KEYS, file, "a mapping file")
     for required in ("name", "events", "resources"):
         if required not in data:
             raise ConfigError("is required", file=file, key=required, line=1)
@@ -490,7 +643,7 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
     resources = []
     keys: set[str] = set()
     for item in data["resources"]:
-        _check_keys(item, _RESOURCE_KEYS, file, "a resource")
+        check_keys(item, _RESOURCE_KEYS, file, "a resource")
         line = item["__line__"]
         for required in ("key", "type"):
             if required not in item:
@@ -501,21 +654,40 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
         rules = [_parse_rule(r, file, concept_maps, functions) for r in item.get("rules", [])]
         when = _parse_when(item["when"], file) if "when" in item else None
         each = item.get("each")
-        if each is not None and not re.fullmatch(r"[A-Z][A-Z0-9]{2}", str(each)):
+        if each is not None and not er7_path.is_segment(str(each)):
             raise ConfigError(
                 "a resource's 'each' names a segment, such as OBX", file=file, key="each", line=line
             )
         match = _parse_rule(item["match"], file, concept_maps, functions) if "match" in item else None
         scope = item.get("scope")
         if scope is not None:
-            m = _ER7_ABS.match(str(scope))
-            if m is None or m.group(5):
+            try:
+                loc = er7_path.parse(str(scope))
+            except ValueError:
+                loc = None
+            if loc is None or loc.component is not None:
                 raise ConfigError(
                     "a resource's 'scope' names a field repetition, such as PV1-7[1]",
                     file=file,
                     key="scope",
                     line=line,
                 )
+        key_types = item.get("key_types", [])
+        if not isinstance(key_types, list) or not all(isinstance(t, str) for t in key_types):
+            raise ConfigError(
+                "a list of identifier type codes, such as [PI]", file=file, key="key_types", line=line
+            )
+        required = strip_lines(item.get("required", {}))
+        if not isinstance(required, dict) or not all(_ELEMENT.match(str(k)) for k in required):
+            raise ConfigError(
+                "element path → the value used when the message leaves it empty",
+                file=file,
+                key="required",
+                line=line,
+            )
+        write = item.get("write")
+        if write is not None and write not in POLICIES:
+            raise ConfigError(f"one of {', '.join(POLICIES)}", file=file, key="write", line=line)
         resources.append(
             ResourceMapping(
                 item["key"],
@@ -528,6 +700,9 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                 item.get("use"),
                 match,
                 scope,
+                tuple(key_types),
+                required,
+                write,
             )
         )
     for res in resources:  # references must name a resource of this file
@@ -540,23 +715,14 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                     line=int(rule.where.rsplit(":", 1)[1]),
                 )
     groups = data.get("groups", [])
-    if not isinstance(groups, list) or not all(
-        isinstance(g, str) and re.fullmatch(r"[A-Z][A-Z0-9]{2}", g) for g in groups
-    ):
+    if not isinstance(groups, list) or not all(isinstance(g, str) and er7_path.is_segment(g) for g in groups):
         raise ConfigError(
             "a list of the segments that open a group, such as [ORC, OBR]",
             file=file,
             key="groups",
             line=data["__line__"],
         )
-    return Mapping_(
-        data["name"],
-        frozenset(events),
-        resources,
-        file,
-        frozenset(data.get("ignore_segments", [])),
-        frozenset(groups),
-    )
+    return Mapping_(data["name"], frozenset(events), resources, file, tuple(groups))
 
 
 def _resolve_uses(mappings: Sequence[Mapping_]) -> None:
@@ -587,6 +753,9 @@ def _resolve_uses(mappings: Sequence[Mapping_]) -> None:
             res.identity = res.identity or base.identity
             res.scope = res.scope or base.scope
             res.when = res.when or base.when
+            res.key_types = res.key_types or base.key_types
+            res.required = {**base.required, **res.required}
+            res.write = res.write or base.write
 
 
 def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
@@ -595,60 +764,22 @@ def _walk(rules: Iterable[Rule]) -> Iterable[Rule]:
         yield from _walk(rule.rules)
 
 
-def _parse_when(data: Any, file: str) -> Condition | AllOf:
-    if isinstance(data, list) and data:
-        return AllOf(tuple(_parse_condition(d, file) for d in data))
-    return _parse_condition(data, file)
-
-
-def _parse_condition(data: Any, file: str) -> Condition:
-    return parse_condition(data, file, lambda path, line: _check_path(path, file, line))
-
-
-def parse_condition(data: Any, file: str, check_source: Callable[[Any, int], None]) -> Condition:
-    """A ``when:`` condition, the same YAML in both directions; ``check_source`` checks its
-    ``from`` path (ER7 inbound, FHIR outbound)."""
-    if not isinstance(data, dict) or "from" not in data:
-        raise ConfigError(
-            "a condition needs 'from' and one test (equals, in, not_in, present)",
-            file=file,
-            key="when",
-            line=data.get("__line__") if isinstance(data, dict) else None,
-        )
-    _check_keys(data, _WHEN_KEYS, file, "a condition")
-    check_source(data["from"], data["__line__"])
-    return Condition(
-        data["from"],
-        equals=str(data["equals"]) if "equals" in data else None,
-        in_=frozenset(map(str, data["in"])) if "in" in data else None,
-        not_in=frozenset(map(str, data["not_in"])) if "not_in" in data else None,
-        present=bool(data["present"]) if "present" in data else None,
-    )
+def _parse_when(data: Any, file: str) -> When:
+    return parse_when(data, file, lambda path, line: _check_path(path, file, line))
 
 
 def _check_path(path: Any, file: str, line: int) -> None:
-    if not isinstance(path, str) or not (_ER7_ABS.match(path) or _ER7_REL.match(path)):
+    try:
+        if not isinstance(path, str):
+            raise ValueError(path)
+        er7_path.parse(path, relative=True)
+    except ValueError:
         raise ConfigError(
             f"{path!r} is not an ER7 path such as PID-3.1 or .2 (inside 'each')",
             file=file,
             key="from",
             line=line,
-        )
-
-
-def check_names(
-    data: Mapping[str, Any],
-    concept_maps: Mapping[str, Any],
-    functions: Mapping[str, Any],
-    file: str,
-    line: int,
-) -> None:
-    """A rule's ``map`` and ``fn`` must name a known concept map and function (both directions)."""
-    for key, known, what in (("map", concept_maps, "concept map"), ("fn", functions, "function")):
-        if key in data and data[key] not in known:
-            raise ConfigError(
-                f"no {what} {data[key]!r}; known: {', '.join(sorted(known))}", file=file, key=key, line=line
-            )
+        ) from None
 
 
 def _parse_rule(
@@ -656,7 +787,7 @@ def _parse_rule(
 ) -> Rule:
     if not isinstance(data, dict):
         raise ConfigError("a rule is a mapping with 'set'", file=file)
-    _check_keys(data, _RULE_KEYS, file, "a rule")
+    check_keys(data, _RULE_KEYS, file, "a rule")
     line = data["__line__"]
     where = f"{file}:{line}"
     target = data.get("set", "")
@@ -670,19 +801,46 @@ def _parse_rule(
     sources = [k for k in ("from", "const", "each", "ref") if k in data]
     if not sources and "fn" not in data:
         raise ConfigError("a rule needs one of from, const, each, ref or fn", file=file, key="set", line=line)
-    if "each" in data and "rules" not in data:
-        raise ConfigError("'each' needs inner 'rules'", file=file, key="each", line=line)
+    each = data.get("each")
+    if each is not None:
+        if "rules" not in data:
+            raise ConfigError("'each' needs inner 'rules'", file=file, key="each", line=line)
+        if not er7_path.is_segment(str(each)):
+            try:
+                loc = er7_path.parse(str(each), every=True)
+            except ValueError:
+                loc = None
+            if loc is None or loc.component is not None:
+                raise ConfigError(
+                    f"'each' takes a segment (OBX) or a field (PID-3), not {each!r}",
+                    file=file,
+                    key="each",
+                    line=line,
+                )
+    kind = data.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not is_kind(kind) or "fn" not in data):
+        raise ConfigError(
+            "'kind' names what a namespacing function identifies (patient, visit, filler-order…)",
+            file=file,
+            key="kind",
+            line=line,
+        )
+    follows = data.get("follows", False)
+    if follows and (each is None or not er7_path.is_segment(str(each))):
+        raise ConfigError("'follows' goes with a segment 'each' (NTE)", file=file, key="follows", line=line)
     return Rule(
         target=target,
         source=data.get("from"),
-        const=_strip_lines(data.get("const")),
+        const=strip_lines(data.get("const")),
         concept_map=data.get("map"),
         function=data.get("fn"),
         when=_parse_when(data["when"], file) if "when" in data else None,
-        each=data.get("each"),
+        each=each,
         rules=[_parse_rule(r, file, concept_maps, functions) for r in data.get("rules", [])],
         ref=data.get("ref"),
         where=where,
+        kind=kind,
+        follows=bool(follows),
     )
 
 
@@ -696,6 +854,7 @@ def run(
     *,
     timezone: str = "Europe/Paris",
     fr_core_version: str = "2.1.0",
+    namespaces: Namespaces | None = None,
     interpret: bool = False,
 ) -> MappingResult:
     """Map one message. The library's compiled rules run, unless ``interpret`` asks for the rule
@@ -720,9 +879,11 @@ def run(
         fr_core_version=fr_core_version,
         layout=Layout.of(message, mapping.groups) if mapping.groups else None,
         ref_segments=ref_segments,
+        namespaces=namespaces or Namespaces(),
+        concept_maps=library.concept_maps,
     )
-    ctx.consumed.update(_HEADER_FIELDS)
-    entries: list[tuple[_Plan, str, dict[str, Any]]] = []
+    built: list[_Built] = []
+    mapped: set[Leaf] = set()
     for plan in plans:
         res = plan.res
         urls = refs[res.key]
@@ -733,71 +894,215 @@ def run(
         )
         for url, segment in scopes:
             ctx.enter(segment)
-            ctx.scope = None
+            ctx.scope, ctx.at = None, None
             ctx.decided.add(url)
             ctx.skipped.add(url)  # until it is built
             if plan.scope is not None:
                 reps = plan.scope(ctx)
                 if not reps:
                     continue
-                ctx.scope = reps[0]
+                seg, occ, fld = _scope_field(res.scope or "", ctx)
+                ctx.scope, ctx.at = reps[0][1], (seg, occ, fld, reps[0][0])
             if plan.when is not None and not plan.when(ctx):
                 continue
             resource: dict[str, Any] = {"resourceType": res.type}
+            # What this resource takes counts only if it is produced.
+            ctx.consumed, ctx.nulls = set(), set()
             try:
                 for apply in plan.rules:
                     apply(resource, ctx)
+                # A resource nothing was mapped into is not produced, nor one without what it
+                # cannot be without (``required: {content: ~}``); what it took stays unmapped.
+                if len(_prune_fast(resource)) > 1 and all(
+                    not is_empty(resource.get(k)) for k, v in res.required.items() if v is None
+                ):
+                    _fill_required(resource, res, ctx)
+                    probe = _probe(plan, ctx) if plan.match is not None else None
+                    built.append(_Built(plan, url, resource, sorted(ctx.nulls), probe))
+                    ctx.skipped.discard(url)
+                    mapped |= ctx.consumed
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise ValidationError(f"mapping {mapping.name}: {res.key}: {rule_failure(exc)}") from exc
-            if len(_prune_fast(resource)) > 1:  # a resource nothing was mapped into is not produced
-                entries.append((plan, url, resource))
-                ctx.skipped.discard(url)
         ctx.enter(None)
-        ctx.scope = None
-    bundle_entries: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}  # conditional URL → fullUrl of the entry that carries it
+        ctx.scope, ctx.at = None, None
+    entries = _entries(built, ctx, library, message)
+    return MappingResult(
+        {"resourceType": "Bundle", "type": "transaction", "entry": entries},
+        list(dict.fromkeys(ctx.warnings)),
+        unmapped_leaves(message, mapped),
+        mapping.name,
+        list(dict.fromkeys(ctx.degraded)),
+    )
+
+
+@dataclass(slots=True)
+class _Built:
+    plan: _Plan
+    url: str
+    resource: dict[str, Any]
+    nulls: list[str]
+    probe: dict[str, Any] | None  # the identifiers to find it by, when not its own (A47)
+
+
+def _scope_field(scope: str, ctx: Context) -> tuple[str, int, int]:
+    loc = er7_path.parse(scope, every=True)
+    occ = loc.occurrence if loc.occurrence is not None else ctx.occurrence(loc.segment)
+    return loc.segment, occ or 1, loc.field
+
+
+def _probe(plan: _Plan, ctx: Context) -> dict[str, Any]:
+    """The identifiers the resource is found by (A47: the old ones); they reach the output as the
+    request's criteria, so what they take counts as mapped."""
+    probe: dict[str, Any] = {}
+    assert plan.match is not None
+    plan.match(probe, ctx)
+    return _prune(probe)  # type: ignore[no-any-return]
+
+
+def _fill_required(resource: dict[str, Any], res: ResourceMapping, ctx: Context) -> None:
+    """A required FHIR element the message left empty takes the value the mapping gives for
+    "unknown" (FHIR's own where it has one), and the message a warning."""
+    for element, value in res.required.items():
+        if value is None:
+            continue  # checked by the caller: without it the resource is not produced
+        node: Any = resource
+        steps = element.split(".")
+        for step in steps[:-1]:
+            node = node.get(step) if isinstance(node, dict) else None
+        if isinstance(node, dict) and not is_empty(node.get(steps[-1])):
+            continue
+        _set(resource, element, value)
+        shown = value.get("code", value) if isinstance(value, dict) else value
+        ctx.degrade(f"{res.type}.{element}: required and not in the message; set to {shown!r}")
+
+
+def _entries(built: list[_Built], ctx: Context, library: Library, message: Message) -> list[dict[str, Any]]:
+    """Each built resource as a transaction entry, written by its policy under its namespaced key."""
+    entries: list[dict[str, Any]] = []
+    seen: dict[str, dict[str, Any]] = {}  # request URL (or key) → the entry that carries it
     merged: dict[str, str] = {}  # fullUrl of a dropped duplicate → the kept one
-    for plan, url, resource in entries:
-        res = plan.res
-        request: dict[str, str] = {"method": "POST", "url": res.type}
+    feed = message.message_type
+
+    def policy_of(res: ResourceMapping) -> str:
+        return res.write or library.ownership.policy(res.type, feed)
+
+    for item in built:
+        res, resource, url = item.plan.res, item.resource, item.url
+        request: dict[str, Any] = {"method": "POST", "url": res.type}
+        criteria: str | None = None
         if res.identity == "id":
             # No business identifier (Binary): the mapping computes a stable id, so a replay
             # updates the same resource.
             if isinstance(resource.get("id"), str):
                 request = {"method": "PUT", "url": f"{res.type}/{resource['id']}"}
-        else:
-            ident = _identity(resource, res.identity) if res.identity else None
-            if plan.match is not None and res.match is not None:
-                # Found by other identifiers than those it will carry (A47: the old ones, in MRG-1).
-                probe: dict[str, Any] = {}
-                plan.match(probe, ctx)
-                ident = _identity(_prune(probe), res.match.target.split("[")[0]) or ident
-            if ident:
-                request = {"method": "PUT", "url": f"{res.type}?{ident}"}
-        if request["method"] == "PUT":
-            # One resource named twice (the same doctor attending and admitting): one entry,
-            # or the two writes would race to create it twice.
-            if request["url"] in seen:
-                merged[url] = seen[request["url"]]
+        elif res.identity:
+            keys = [_key(resource, res.identity, res.key_types)]
+            if item.probe is not None:
+                keys = [_key(item.probe, res.identity, ()), *keys]
+                keys += [k for k in _all_keys(item.probe, res.identity) if k not in keys]
+            found = [k for k in keys if k]
+            if found:
+                criteria = "identifier=" + ",".join(dict.fromkeys(found))
+            else:
+                ctx.warnings.append(
+                    f"{res.type} ({res.key}): no namespaced identifier; created anew, never found again"
+                )
+        if criteria is not None:
+            policy = policy_of(res)
+            if policy == "create":
+                request = {"method": "POST", "url": res.type, "ifNoneExist": criteria}
+            else:
+                request = {"method": "PUT", "url": f"{res.type}?{criteria}"}
+                extensions = [{"url": WRITE_POLICY, "valueCode": "merge"}] if policy == "merge" else []
+                extensions += [{"url": CLEAR, "valueString": name} for name in item.nulls]
+                if extensions:
+                    request["extension"] = extensions
+        same: str | None = None
+        if criteria is not None:
+            same = f"{res.type}?{criteria}"
+        elif request["method"] == "PUT":
+            same = request["url"]
+        if same is not None:
+            # One resource named twice (the same doctor attending and admitting): one entry, or the
+            # two writes would race to create it twice; what the second adds is kept.
+            kept = seen.get(same)
+            if kept is not None:
+                merged[url] = kept["fullUrl"]
+                _absorb(kept["resource"], resource, ctx, shared=policy_of(res) == "merge")
                 continue
-            seen[request["url"]] = url
-        bundle_entries.append({"fullUrl": url, "resource": resource, "request": request})
-    present = {e["fullUrl"] for e in bundle_entries}
-    for entry in bundle_entries if merged else ():
+        entry = {"fullUrl": url, "resource": resource, "request": request}
+        if same is not None:
+            seen[same] = entry
+        entries.append(entry)
+    present = {e["fullUrl"] for e in entries}
+    for entry in entries if merged else ():
         _redirect(entry["resource"], merged)
     # References to resources decided earlier were left out at once; only a reference made before
     # its target was decided (a forward one) may point at nothing now.
     if ctx.forward - present - merged.keys():
-        for entry in bundle_entries:
+        for entry in entries:
             _drop_dangling(entry["resource"], present)
             _prune(entry["resource"])  # what held only that reference goes too
-    unmapped = _unmapped(message, ctx.consumed, mapping.ignore_segments)
-    return MappingResult(
-        {"resourceType": "Bundle", "type": "transaction", "entry": bundle_entries},
-        list(dict.fromkeys(ctx.warnings)),
-        unmapped,
-        mapping.name,
-    )
+    return entries
+
+
+def _absorb(kept: dict[str, Any], duplicate: Mapping[str, Any], ctx: Context, *, shared: bool) -> None:
+    """A resource named twice in one message (the same doctor attending and admitting): the
+    duplicate's elements the kept one lacks are added. Two different values for one element of
+    shared reference data keep the first, with a warning; for clinical data (a result, an order)
+    that would lose one of them, so the message is refused instead."""
+    for name, value in duplicate.items():
+        if name == "identifier":
+            continue
+        if name not in kept:
+            kept[name] = value
+        elif kept[name] != value:
+            what = f"{kept.get('resourceType')}.{name}"
+            if not shared:
+                raise ValidationError(
+                    f"two parts of the message are one {kept.get('resourceType')} (same key) with different "
+                    f"{name}: neither is dropped, the message is refused"
+                )
+            ctx.warnings.append(f"{what}: one resource named twice with different values; the first kept")
+    idents = kept.get("identifier")
+    if isinstance(idents, list):
+        for ident in duplicate.get("identifier") or []:
+            if ident not in idents:
+                idents.append(ident)
+
+
+def search_token(text: str) -> str:
+    """A token of a FHIR search value: its ``\\ , | $`` escaped, then percent-encoded for the URL."""
+    escaped = text.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+    return quote(escaped, safe=":/.-_~\\,|@")
+
+
+def _key(resource: Mapping[str, Any], element: str, prefer: Sequence[str]) -> str | None:
+    """``system|value`` of the identifier the resource is found by: the first namespaced one of the
+    preferred types (the IPP, so that PROV → VALI updates one Patient), else the first namespaced."""
+    values = resource.get(element)
+    if not isinstance(values, list):
+        return None
+    namespaced = [i for i in values if isinstance(i, dict) and i.get("system") and i.get("value")]
+    for code in prefer:
+        for ident in namespaced:
+            codings = (ident.get("type") or {}).get("coding") or []
+            if any(isinstance(c, dict) and c.get("code") == code for c in codings):
+                return search_token(str(ident["system"])) + "|" + search_token(str(ident["value"]))
+    if namespaced:
+        return search_token(str(namespaced[0]["system"])) + "|" + search_token(str(namespaced[0]["value"]))
+    return None
+
+
+def _all_keys(resource: Mapping[str, Any], element: str) -> list[str]:
+    values = resource.get(element)
+    if not isinstance(values, list):
+        return []
+    return [
+        search_token(str(i["system"])) + "|" + search_token(str(i["value"]))
+        for i in values
+        if isinstance(i, dict) and i.get("system") and i.get("value")
+    ]
 
 
 # The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them.
@@ -815,8 +1120,36 @@ def _random_urns(count: int) -> list[str]:
     return urns
 
 
-# Header fields the gateway itself reads (routing, sender, dedupe, ACK) are not content.
-_HEADER_FIELDS = tuple(("MSH", 1, n) for n in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21))
+def unmapped_leaves(message: Message, consumed: set[Leaf]) -> list[str]:
+    """Every non-empty leaf no rule put into the output, by its full path (gateway.hl7.path)."""
+    out: list[str] = []
+    seps = message.separators
+    rep_sep, comp_sep, sub_sep = seps.repetition, seps.component, seps.subcomponent
+    counts: dict[str, int] = {}
+    leaf_path = er7_path.leaf_path
+    for seg in message.segments:
+        name = seg.name
+        counts[name] = occ = counts.get(name, 0) + 1
+        header = name == "MSH"
+        for n, raw in enumerate(seg.fields(), 1):
+            if not raw or (header and (n <= 2 or n in HEADER_FIELDS)):
+                continue
+            for r, rep in enumerate(raw.split(rep_sep) if rep_sep in raw else (raw,), 1):
+                if comp_sep not in rep and sub_sep not in rep:
+                    if rep.strip() and (name, occ, n, r, 1, 1) not in consumed:
+                        out.append(leaf_path(name, occ, n, r))
+                    continue
+                comps = rep.split(comp_sep)
+                several = len(comps) > 1
+                for c, comp in enumerate(comps, 1):
+                    subs = comp.split(sub_sep) if sub_sep in comp else (comp,)
+                    for s, text in enumerate(subs, 1):
+                        if text.strip() and (name, occ, n, r, c, s) not in consumed:
+                            if len(subs) > 1:
+                                out.append(leaf_path(name, occ, n, r, c, s))
+                            else:
+                                out.append(leaf_path(name, occ, n, r, c if several else None))
+    return out
 
 
 def _redirect(node: Any, merged: Mapping[str, str]) -> None:
@@ -833,24 +1166,75 @@ def _redirect(node: Any, merged: Mapping[str, str]) -> None:
             _redirect(value, merged)
 
 
-def _identity(resource: Mapping[str, Any], element: str) -> str | None:
-    values = resource.get(element)
-    if not isinstance(values, list):
-        return None
-    with_system = [i for i in values if isinstance(i, dict) and i.get("system") and i.get("value")]
-    if with_system:
-        return f"identifier={with_system[0]['system']}|{with_system[0]['value']}"
-    # "|value" searches identifiers that have no system: still idempotent on replay.
-    bare = [i for i in values if isinstance(i, dict) and i.get("value")]
-    return f"identifier=|{bare[0]['value']}" if bare else None
+# -- the rule pipeline: when → source → map → fn → put -------------------------------------------
+# The interpreter (_apply) and the compiled closures (_compile_rule) read, warn, set and account
+# for leaves exactly alike (tests/mapping/test_compiled.py); both end in _finish.
 
 
-def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -> None:
+def _finish(
+    rule: Rule,
+    value: Any,
+    leaf: Leaf | None,
+    target: dict[str, Any],
+    ctx: Context,
+    table: ConceptMap | None,
+    function: Function | None,
+    put: Callable[[dict[str, Any], Any], None],
+) -> None:
+    """A value read (or given) → concept map → function → set; the source leaf counts as mapped
+    when something was set from it."""
+    if table is not None:
+        code = str(value)
+        if code in table.table:
+            value = table.table[code]
+        else:
+            kept = table.fallback(code)
+            where = (
+                rule.source
+                if rule.source and not rule.source.startswith(".")
+                else ctx.here(rule.source or "")
+            )
+            if kept is None:
+                ctx.degrade(f"{where}: code {code!r} not in concept map {table.name}; left out")
+                return
+            ctx.degrade(
+                f"{where}: code {code!r} not in concept map {table.name}; kept as sent ({table.system})"
+            )
+            value = kept
+    if function is not None:
+        previous = ctx.kind
+        ctx.kind = rule.kind
+        try:
+            value = function(ctx, value)
+        finally:
+            ctx.kind = previous
+    if is_empty(value):
+        return
+    put(target, value)
+    if leaf is not None and rule.source is not None:
+        ctx.consumed.add(leaf)
+
+
+_ELEMENT_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9]*")
+
+
+def _null(rule: Rule, ctx: Context, leaf: Leaf | None) -> None:
+    """HL7's ``""`` in a top-level rule's source: the element is to be removed from what is stored
+    (a request extension says so); deeper targets are left to the unmapped report."""
+    name = rule.target.removesuffix("[]")
+    # Identifiers are never removed by a message: a "" there is left to the unmapped report.
+    if leaf is not None and _ELEMENT_NAME.fullmatch(name) and name != "identifier":
+        ctx.nulls.add(name)
+        ctx.consumed.add(leaf)
+
+
+def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library, top: bool = False) -> None:
     if rule.each is not None:
-        _apply_each(rule, target, ctx, library)  # its condition is tested on each repetition
+        _apply_each(rule, target, ctx, library, top)  # its condition is tested on each repetition
         return
     if rule.when is not None and not rule.when.holds(ctx):
         return
+    leaf: Leaf | None = None
     if rule.ref is not None:
         value: Any = ctx.ref(rule.ref)
         if isinstance(value, list) and not rule.target.endswith("[]"):
@@ -859,40 +1243,53 @@ def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -
                 ctx.warnings.append(f"{rule.target}: {len(value)} candidates for one reference; first kept")
             value = value[0] if value else None
     elif rule.source is not None:
-        value = ctx.read(rule.source)
+        raw, leaf = ctx.locate(rule.source)
+        if raw == NULL:
+            if top:
+                _null(rule, ctx, leaf)
+            return
+        value = _text(raw, ctx.message)
         if not value.strip():  # FHIR strings need a non-blank character: blank is absent
             return
     else:
         value = rule.const
-    if rule.concept_map is not None:
-        table = library.concept_maps[rule.concept_map]
-        if str(value) not in table:
-            ctx.warnings.append(f"{rule.source}: code not in concept map {rule.concept_map}")
-            return
-        value = table[str(value)]
-    if rule.function is not None:
-        value = library.functions[rule.function](ctx, value)
-    if value is None or value == "" or value == [] or value == {}:
-        return
-    _set(target, rule.target, value)
+    table = library.concept_maps[rule.concept_map] if rule.concept_map is not None else None
+    function = library.functions[rule.function] if rule.function is not None else None
+    _finish(rule, value, leaf, target, ctx, table, function, lambda t, v: _set(t, rule.target, v))
 
 
-def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Library) -> None:
+def _segment_occurrences(rule: Rule, ctx: Context) -> list[int]:
     assert rule.each is not None
-    saved = (ctx.scope, ctx.segment)
-    if _SEGMENT.fullmatch(rule.each):  # every occurrence of a segment (of the current group, if any)
-        count = len(ctx.message.segments_named(rule.each))
-        layout, group = ctx.layout, ctx.group
-        scopes: list[tuple[str | None, tuple[str, int] | None]] = [
-            (None, (rule.each, i))
-            for i in range(1, count + 1)
-            if layout is None or group is None or layout.group_of.get((rule.each, i)) == group
-        ]
+    if rule.follows:
+        return ctx.following(rule.each)
+    count = len(ctx.message.segments_named(rule.each))
+    layout, group = ctx.layout, ctx.group
+    return [
+        i
+        for i in range(1, count + 1)
+        if layout is None or group is None or layout.group_of.get((rule.each, i)) == group
+    ]
+
+
+def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Library, top: bool) -> None:
+    assert rule.each is not None
+    saved = (ctx.scope, ctx.at, ctx.segment)
+    scopes: list[tuple[str | None, tuple[str, int, int, int] | None, tuple[str, int] | None]]
+    if er7_path.is_segment(rule.each):  # every occurrence of a segment (of the current group, if any)
+        scopes = [(None, None, (rule.each, i)) for i in _segment_occurrences(rule, ctx)]
     else:
-        scopes = [(rep, ctx.segment) for rep in ctx.repetitions(rule.each)]
+        loc = er7_path.parse(rule.each, every=True)
+        occ = loc.occurrence if loc.occurrence is not None else ctx.occurrence(loc.segment)
+        if top and _field_is_null(ctx, loc.segment, occ, loc.field):
+            _null(rule, ctx, (loc.segment, occ or 1, loc.field, 1, 1, 1))
+            return
+        scopes = [
+            (text, (loc.segment, occ or 1, loc.field, rep), ctx.segment)
+            for rep, text in ctx.repetitions(rule.each)
+        ]
     try:
-        for scope, segment in scopes:
-            ctx.scope = scope
+        for scope, at, segment in scopes:
+            ctx.scope, ctx.at = scope, at
             ctx.enter(segment)
             if rule.when is not None and not rule.when.holds(ctx):
                 continue
@@ -907,12 +1304,18 @@ def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Libra
                 else:
                     target.update(item)
     finally:
-        ctx.scope = saved[0]
-        ctx.enter(saved[1])
+        ctx.scope, ctx.at = saved[0], saved[1]
+        ctx.enter(saved[2])
 
 
-_SEGMENT = re.compile(r"[A-Z][A-Z0-9]{2}")
-_STEP = re.compile(r"^([a-zA-Z][a-zA-Z0-9]*)(?:\[(\d*)\])?$")
+def _field_is_null(ctx: Context, seg: str, occ: int | None, fld: int) -> bool:
+    if occ is None:
+        return False
+    segment = ctx.find(seg, occ)
+    return segment is not None and segment.field(fld) == NULL
+
+
+_STEP = re.compile(r"^(_?[a-zA-Z][a-zA-Z0-9]*)(?:\[(\d*)\])?$")
 
 
 def _set(target: dict[str, Any], path: str, value: Any) -> None:
@@ -968,15 +1371,14 @@ def _set_plan(path: str) -> tuple[tuple[str, str | None, int], ...]:
 
 # -- compiled rules ------------------------------------------------------------------------------
 # Each rule becomes, once per library, a closure that does only what that rule needs: its paths
-# parsed, its concept map and function looked up, its element path planned. The closures read,
-# warn and set exactly as _apply does, in the same order (tests/mapping/test_compiled*.py).
-# Anything unusual (a name the library does not know, a path only the run may reject) is left to
-# the interpreter, so that it fails at the same moment with the same error.
+# parsed, its concept map and function looked up, its element path planned. Anything unusual (a
+# name the library does not know, a path only the run may reject) is left to the interpreter, so
+# that it fails at the same moment with the same error.
 
 Apply = Callable[[dict[str, Any], Context], None]
-_Read = Callable[[Context], str]
+_Locate = Callable[[Context], tuple[str, Leaf | None]]
 _Test = Callable[[Context], bool]
-_Reps = Callable[[Context], list[str]]
+_Reps = Callable[[Context], list[tuple[int, str]]]
 _Put = Callable[[dict[str, Any], Any], None]
 
 
@@ -993,7 +1395,7 @@ class _Plan:
 
 def _interpreted(mapping: Mapping_, library: Library) -> list[_Plan]:
     def apply(rule: Rule) -> Apply:
-        return lambda target, ctx: _apply(rule, target, ctx, library)
+        return lambda target, ctx: _apply(rule, target, ctx, library, True)
 
     def reps(path: str) -> _Reps:
         return lambda ctx: ctx.repetitions(path)
@@ -1016,103 +1418,79 @@ def _compiled(mapping: Mapping_, library: Library) -> list[_Plan]:
             res,
             _compile_reps(res.scope) if res.scope is not None else None,
             _compile_when(res.when),
-            tuple(_compile_rule(rule, library) for rule in res.rules),
-            _compile_rule(res.match, library) if res.match is not None else None,
+            tuple(_compile_rule(rule, library, True) for rule in res.rules),
+            _compile_rule(res.match, library, True) if res.match is not None else None,
         )
         for res in mapping.resources
     ]
 
 
-def _pick(text: str, first: int, sub: int, msg: Message) -> str:
-    """``_component`` with the component numbers already read."""
-    seps = msg.separators
-    pieces = text.split(seps.component)
-    value = pieces[first - 1] if first <= len(pieces) else ""
-    if sub == 1:
-        if seps.subcomponent in value:
-            value = value.split(seps.subcomponent, 1)[0]
-    else:
-        subs = value.split(seps.subcomponent)
-        value = subs[sub - 1] if sub <= len(subs) else ""
-    return unescape(value, seps, msg.codec)
-
-
-def _compile_read(path: str) -> _Read:
-    """``Context.read`` for one path."""
+def _compile_locate(path: str) -> _Locate:
+    """``Context.locate`` for one path."""
     try:
-        seg, occ, fld, rep_index, comps = _read_plan(path)
+        seg, occ, fld, rep, comp, sub = _read_plan(path)
     except ValueError:
-        return lambda ctx: ctx.read(path)  # the run raises, as it always did
-    first, sub = _component_plan(comps) if comps else (0, 0)
+        return lambda ctx: ctx.locate(path)  # the run raises, as it always did
     if seg == "":
 
-        def read_relative(ctx: Context) -> str:
+        def locate_relative(ctx: Context) -> tuple[str, Leaf | None]:
             scope = ctx.scope
             if scope is None:
                 raise RuleError(f"relative path {path} outside an 'each'")
-            return _pick(scope, first, sub, ctx.message)
+            raw, c, s = _pick(scope, comp, sub, ctx.message)
+            at = ctx.at
+            return raw, (at[0], at[1], at[2], at[3], c, s) if at is not None else None
 
-        return read_relative
-    atomic = seg == "MSH" and fld <= 2
+        return locate_relative
+    if seg == "MSH" and fld <= 2:
+        return lambda ctx: ctx.locate(path)
 
-    def read(ctx: Context) -> str:
+    def locate(ctx: Context) -> tuple[str, Leaf | None]:
         found = occ if occ is not None else ctx.occurrence(seg)
         if found is None:
-            return ""
-        ctx.consumed.add((seg, found, fld))
+            return "", None
         segment = ctx.find(seg, found)
         if segment is None:
-            return ""
-        raw = segment.field(fld)
+            return "", None
+        text = segment.field(fld)
+        if not text:
+            return "", None
         msg = ctx.message
-        if atomic:
-            reps = [raw]
-        elif rep_index == 1:  # the usual case: the first repetition, without splitting the others
-            if not raw:
-                return ""
-            reps = [raw.partition(msg.separators.repetition)[0]]
+        rs = msg.separators.repetition
+        if rep == 1:  # the usual case: the first repetition, without splitting the others
+            rep_text = text.partition(rs)[0] if rs in text else text
         else:
-            reps = raw.split(msg.separators.repetition) if raw else []
-        if rep_index > len(reps):
-            return ""
-        return _pick(reps[rep_index - 1], first, sub, msg) if comps else _leaf(reps[rep_index - 1], msg)
+            reps = text.split(rs)
+            rep_text = reps[rep - 1] if rep <= len(reps) else ""
+        raw, c, s = _pick(rep_text, comp, sub, msg)
+        return raw, (seg, found, fld, rep, c, s)
 
-    return read
+    return locate
 
 
 def _compile_reps(path: str) -> _Reps:
     """``Context.repetitions`` for one path."""
     try:
-        seg, occ, fld, rep, comps = _parse_er7(path)
+        loc = er7_path.parse(path, every=True)
     except ValueError:
-        seg, comps = "", None
-    if seg == "" or comps:
         return lambda ctx: ctx.repetitions(path)  # the run raises, as it always did
-    occurrence = int(occ) if occ else None
-    number = int(fld)
-    index = None if rep is None or rep == "*" else int(rep)
+    if loc.component is not None:
+        return lambda ctx: ctx.repetitions(path)
+    seg, occurrence, number, wanted = loc.segment, loc.occurrence, loc.field, loc.repetition
 
-    def reps(ctx: Context) -> list[str]:
+    def reps(ctx: Context) -> list[tuple[int, str]]:
         found = occurrence if occurrence is not None else ctx.occurrence(seg)
         if found is None:
             return []
-        ctx.consumed.add((seg, found, number))
         segment = ctx.find(seg, found)
         if segment is None:
             return []
-        raw = segment.field(number)
-        items = raw.split(ctx.message.separators.repetition) if raw else []
-        if index is None:
-            return [r for r in items if r]
-        others = sum(1 for i, r in enumerate(items, 1) if r and i != index)
-        if others:
-            ctx.warnings.append(f"{seg}-{fld}: only repetition {index} is mapped; {others} more left out")
-        return [items[index - 1]] if index <= len(items) and items[index - 1] else []
+        return _each_repetition(ctx, seg, found, number, segment.field(number), wanted)
 
     return reps
 
 
-def _compile_when(when: Condition | AllOf | None) -> _Test | None:
+def _compile_when(when: When | None) -> _Test | None:
     if when is None:
         return None
     if isinstance(when, AllOf):
@@ -1122,13 +1500,11 @@ def _compile_when(when: Condition | AllOf | None) -> _Test | None:
 
 
 def _compile_condition(cond: Condition) -> _Test:
-    read = _compile_read(cond.source)
+    locate = _compile_locate(cond.source)
     present, equals, in_, not_in = cond.present, cond.equals, cond.in_, cond.not_in
-    if equals is None and in_ is None and not_in is None and present is not None:
-        return lambda ctx: bool(read(ctx)) == present
 
     def test(ctx: Context) -> bool:
-        value = read(ctx)
+        value = _text(locate(ctx)[0], ctx.message)
         if present is not None and bool(value) != present:
             return False
         if equals is not None and value != equals:
@@ -1169,30 +1545,37 @@ def _compile_put(path: str) -> _Put:
     return lambda target, value: _set_steps(target, steps, value)
 
 
-def _compile_rule(rule: Rule, library: Library) -> Apply:
+def _compile_rule(rule: Rule, library: Library, top: bool = False) -> Apply:
     """``_apply`` for one rule."""
     if (rule.concept_map is not None and rule.concept_map not in library.concept_maps) or (
         rule.function is not None and rule.function not in library.functions
     ):
-        return lambda target, ctx: _apply(rule, target, ctx, library)  # fails when run, as it always did
+        return lambda target, ctx: _apply(rule, target, ctx, library, top)  # fails when run, as it always did
     if rule.each is not None:
-        return _compile_each(rule, library)
+        return _compile_each(rule, library, top)
     test = _compile_when(rule.when)
     put = _compile_put(rule.target)
     if rule.ref is None and rule.concept_map is None and rule.function is None:
         if rule.source is not None:
-            read = _compile_read(rule.source)
+            locate = _compile_locate(rule.source)
 
             def apply_read(target: dict[str, Any], ctx: Context) -> None:
                 if test is not None and not test(ctx):
                     return
-                value = read(ctx)
+                raw, leaf = locate(ctx)
+                if raw == NULL:
+                    if top:
+                        _null(rule, ctx, leaf)
+                    return
+                value = _text(raw, ctx.message)
                 if value.strip():  # FHIR strings need a non-blank character: blank is absent
                     put(target, value)
+                    if leaf is not None:
+                        ctx.consumed.add(leaf)
 
             return apply_read
         const = rule.const
-        if not (const is None or const == "" or const == [] or const == {}):
+        if not is_empty(const):
 
             def apply_const(target: dict[str, Any], ctx: Context) -> None:
                 if test is None or test(ctx):
@@ -1201,9 +1584,8 @@ def _compile_rule(rule: Rule, library: Library) -> Apply:
             return apply_const
 
     ref, source, appends = rule.ref, rule.source, rule.target.endswith("[]")
-    read_source = _compile_read(source) if source is not None else None
+    locate_source = _compile_locate(source) if source is not None else None
     table = library.concept_maps[rule.concept_map] if rule.concept_map is not None else None
-    unknown = f"{rule.source}: code not in concept map {rule.concept_map}"
     element = rule.target
     function = library.functions[rule.function] if rule.function is not None else None
 
@@ -1211,33 +1593,30 @@ def _compile_rule(rule: Rule, library: Library) -> Apply:
         if test is not None and not test(ctx):
             return
         value: Any
+        leaf: Leaf | None = None
         if ref is not None:
             value = ctx.ref(ref)
             if isinstance(value, list) and not appends:
                 if len(value) > 1:
                     ctx.warnings.append(f"{element}: {len(value)} candidates for one reference; first kept")
                 value = value[0] if value else None
-        elif read_source is not None:
-            value = read_source(ctx)
+        elif locate_source is not None:
+            raw, leaf = locate_source(ctx)
+            if raw == NULL:
+                if top:
+                    _null(rule, ctx, leaf)
+                return
+            value = _text(raw, ctx.message)
             if not value.strip():
                 return
         else:
             value = rule.const
-        if table is not None:
-            if str(value) not in table:
-                ctx.warnings.append(unknown)
-                return
-            value = table[str(value)]
-        if function is not None:
-            value = function(ctx, value)
-        if value is None or value == "" or value == [] or value == {}:
-            return
-        put(target, value)
+        _finish(rule, value, leaf, target, ctx, table, function, put)
 
     return apply
 
 
-def _compile_each(rule: Rule, library: Library) -> Apply:
+def _compile_each(rule: Rule, library: Library, top: bool) -> Apply:
     """``_apply_each`` for one rule."""
     assert rule.each is not None
     test = _compile_when(rule.when)
@@ -1258,38 +1637,37 @@ def _compile_each(rule: Rule, library: Library) -> Apply:
             else:
                 target.update(item)
 
-    if _SEGMENT.fullmatch(each):
+    if er7_path.is_segment(each):
 
         def apply_segments(target: dict[str, Any], ctx: Context) -> None:
-            saved_scope, saved_segment = ctx.scope, ctx.segment
-            count = len(ctx.message.segments_named(each))
-            layout, group = ctx.layout, ctx.group
-            occurrences = [
-                i
-                for i in range(1, count + 1)
-                if layout is None or group is None or layout.group_of.get((each, i)) == group
-            ]
+            saved_scope, saved_at, saved_segment = ctx.scope, ctx.at, ctx.segment
+            occurrences = _segment_occurrences(rule, ctx)
             try:
                 for i in occurrences:
-                    ctx.scope = None
+                    ctx.scope, ctx.at = None, None
                     ctx.enter((each, i))
                     one(target, ctx)
             finally:
-                ctx.scope = saved_scope
+                ctx.scope, ctx.at = saved_scope, saved_at
                 ctx.enter(saved_segment)
 
         return apply_segments
     reps = _compile_reps(each)
+    loc = er7_path.parse(each, every=True)
 
     def apply_repetitions(target: dict[str, Any], ctx: Context) -> None:
         # the segment (and so the group) stays the same: only the scope moves
-        saved_scope = ctx.scope
+        occ = loc.occurrence if loc.occurrence is not None else ctx.occurrence(loc.segment)
+        if top and _field_is_null(ctx, loc.segment, occ, loc.field):
+            _null(rule, ctx, (loc.segment, occ or 1, loc.field, 1, 1, 1))
+            return
+        saved_scope, saved_at = ctx.scope, ctx.at
         try:
-            for rep in reps(ctx):
-                ctx.scope = rep
+            for rep, text in reps(ctx):
+                ctx.scope, ctx.at = text, (loc.segment, occ or 1, loc.field, rep)
                 one(target, ctx)
         finally:
-            ctx.scope = saved_scope
+            ctx.scope, ctx.at = saved_scope, saved_at
 
     return apply_repetitions
 
@@ -1360,19 +1738,3 @@ def _drop_dangling(node: Any, present: set[str]) -> None:
         ]
         for v in node:
             _drop_dangling(v, present)
-
-
-def _unmapped(message: Message, consumed: set[tuple[str, int, int]], ignored: frozenset[str]) -> list[str]:
-    out = []
-    counts: dict[str, int] = {}
-    for seg in message.segments:
-        counts[seg.name] = counts.get(seg.name, 0) + 1
-        occ = counts[seg.name]
-        if seg.name in ignored:
-            continue
-        for n, value in enumerate(seg.fields(), 1):
-            if seg.name == "MSH" and n <= 2:
-                continue
-            if value and (seg.name, occ, n) not in consumed:
-                out.append(f"{seg.name}{f'[{occ}]' if occ > 1 else ''}-{n}")
-    return out

@@ -1,8 +1,10 @@
 """Named functions for mapping rules: the logic that data alone cannot express.
 
 A function takes the rule's Context and the value read (or None) and returns the
-value to set (None sets nothing). Integrators add their own through the
-entry-point group ``passerelle.mapping_functions``.
+value to set (None sets nothing). What it puts into the output it reads with
+``ctx.take`` (the leaf then counts as mapped); what it only looks at to decide, with
+``ctx.read``. Integrators add their own through the entry-point group
+``passerelle.mapping_functions``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import base64
 import hashlib
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib.metadata import entry_points
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.hl7.er7 import unescape
-from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed
-from gateway.mapping.engine import Context
+from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed, document_key
+from gateway.mapping.engine import NULL, Context
+from gateway.mapping.namespaces import Authority, is_oid
 
 # FR Core 2.1.0 and PAM FR 2.11 facts (see the project's reference notes).
 FR_IDENTITY_RELIABILITY = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
@@ -26,13 +29,18 @@ FR_CS_0445 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445"
 FR_CS_0203 = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
 HL7_CS_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+BIRTH_TIME = "http://hl7.org/fhir/StructureDefinition/patient-birthTime"
+BIRTH_LIST_GIVEN_NAME = (
+    "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-birth-list-given-name"
+)
 FR_INSEE_CODE = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code"
 INSEE_COMMUNES = "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM"
+# INS OIDs → (FR Core identifier type, use): the test and demo NIRs have slices of their own.
 INS_OIDS = {
-    "1.2.250.1.213.1.4.8": "INS-NIR",
-    "1.2.250.1.213.1.4.9": "INS-NIA",
-    "1.2.250.1.213.1.4.10": "INS-NIR",  # test NIR
-    "1.2.250.1.213.1.4.11": "INS-NIR",  # demo NIR
+    "1.2.250.1.213.1.4.8": ("INS-NIR", "official"),
+    "1.2.250.1.213.1.4.9": ("INS-NIA", "temp"),
+    "1.2.250.1.213.1.4.10": ("INS-NIR-TEST", "official"),
+    "1.2.250.1.213.1.4.11": ("INS-NIR-DEMO", "official"),
 }
 # PID-32, HL7 table 0445 as PAM FR 2.11 uses it.
 IDENTITY_STATUSES = frozenset(
@@ -46,21 +54,43 @@ IDENTITY_CODES = {
     "2.1.0": IDENTITY_STATUSES,
     "2.2.0": IDENTITY_STATUSES | {"HOMA", "FICT", "DOUT"},
 }
+# The concept map that names coding systems (HL7 table 0396): CWE-3 "LN" → http://loinc.org.
+CODING_SYSTEMS_MAP = "hl7-0396-coding-system"
 
-_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d+)?([+-]\d{4})?$")
 
 Function = Callable[[Context, Any], Any]
 
 
 def hl7_date(ctx: Context, value: Any) -> str | None:
-    """HL7 DT/TS → FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)."""
+    """HL7 DT/TS → FHIR date (YYYY, YYYY-MM or YYYY-MM-DD); a time goes in ``birth_time``."""
     m = _TS.match(str(value or ""))
     if m is None:
         if value:
-            ctx.warnings.append("a date is not in HL7 form YYYY[MM[DD]]")
+            ctx.degrade("a date is not in HL7 form YYYY[MM[DD]]; left out")
         return None
     year, month, day = m.group(1), m.group(2), m.group(3)
+    if not _real_date(year, month, day):
+        ctx.degrade("a date names no real day; left out")
+        return None
     return "-".join(p for p in (year, month, day) if p)
+
+
+def _real_date(year: str, month: str | None, day: str | None) -> bool:
+    try:
+        datetime(int(year), int(month or 1), int(day or 1))
+    except ValueError:
+        return False
+    return year != "0000"
+
+
+def birth_time(ctx: Context, value: Any) -> dict[str, Any] | None:
+    """PID-7 with a time of day → the patient-birthTime extension on ``birthDate``."""
+    m = _TS.match(str(value or ""))
+    if m is None or not m.group(4):
+        return None
+    moment = hl7_datetime(ctx, value)
+    return {"extension": [{"url": BIRTH_TIME, "valueDateTime": moment}]} if moment else None
 
 
 def hl7_datetime(ctx: Context, value: Any) -> str | None:
@@ -69,9 +99,20 @@ def hl7_datetime(ctx: Context, value: Any) -> str | None:
     m = _TS.match(str(value or ""))
     if m is None:
         if value:
-            ctx.warnings.append("a timestamp is not in HL7 form YYYYMMDDHHMM[SS][+ZZZZ]")
+            ctx.degrade("a timestamp is not in HL7 form YYYYMMDDHHMM[SS][+ZZZZ]; left out")
         return None
-    year, month, day, hour, minute, second, zone = m.groups()
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    if (
+        not _real_date(year, month, day)
+        or int(hour or 0) > 23
+        or int(minute or 0) > 59
+        or int(second or 0) > 59
+    ):
+        ctx.degrade("a timestamp names no real day or time; left out")
+        return None
+    if zone and (int(zone[1:3]) > 14 or int(zone[3:]) > 59):
+        ctx.degrade("a timestamp has an impossible zone offset; left out")
+        return None
     if not (month and day):
         return "-".join(p for p in (year, month) if p)
     date = f"{year}-{month}-{day}"
@@ -80,51 +121,286 @@ def hl7_datetime(ctx: Context, value: Any) -> str | None:
     if zone:
         offset = f"{zone[:3]}:{zone[3:]}"
     else:
-        local = datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour),
-            int(minute or 0),
-            int(second or 0),
-            tzinfo=ZoneInfo(ctx.timezone),
-        )
-        raw = local.strftime("%z")
-        offset = f"{raw[:3]}:{raw[3:]}"
-    return f"{date}T{hour}:{minute or '00'}:{second or '00'}{offset}"
-
-
-def pid_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """One PID-3 repetition (CX) → Identifier, with the PAM FR INS rule.
-
-    The INS (NIR/NIA) travels only when PID-32 is VALI: otherwise it is dropped and a
-    warning is recorded on the message.
-    """
-    value = ctx.read(".1")
-    if not value:
-        return None
-    oid = ctx.read(".4.2")
-    universal_type = ctx.read(".4.3")
-    type_code = ctx.read(".5")
-    ins_kind = INS_OIDS.get(oid) if universal_type == "ISO" else None
-    if ins_kind is not None or type_code == "INS":
-        if ctx.message.get("PID-32") != "VALI":
-            ctx.warnings.append("INS received without PID-32 = VALI: identifier dropped (PAM FR rule)")
+        try:
+            local = datetime(
+                int(year),
+                int(month),
+                int(day),
+                int(hour),
+                int(minute or 0),
+                int(second or 0),
+                tzinfo=ZoneInfo(ctx.timezone),
+            )
+        except ValueError:
+            ctx.degrade("a timestamp names no real day or time; left out")
             return None
-        return {
-            "use": "official",
-            "type": {"coding": [{"system": FR_CS_0203, "code": ins_kind or "INS-NIR"}]},
-            "system": f"urn:oid:{oid}",
-            "value": value,
-        }
-    ident: dict[str, Any] = {"value": value}
-    if oid and universal_type == "ISO":
-        ident["system"] = f"urn:oid:{oid}"
-    if type_code:
-        ident["type"] = {"coding": [{"system": HL7_CS_0203, "code": type_code}]}
+        minutes = round((local.utcoffset() or timedelta()).total_seconds() / 60)  # FHIR: ±hh:mm only
+        sign = "-" if minutes < 0 else "+"
+        offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return f"{date}T{hour}:{minute or '00'}:{second or '00'}{fraction if second and fraction else ''}{offset}"
+
+
+def hl7_instant(ctx: Context, value: Any) -> str | None:
+    """HL7 TS → FHIR instant, which needs a time to the second: a date alone is left out."""
+    text = hl7_datetime(ctx, value)
+    return text if text and "T" in text else None
+
+
+def _authority(ctx: Context, namespace: str, universal: str, kind: str) -> Authority:
+    """An HD read where the caller says, each part taken when it reaches the output."""
+    return Authority(ctx.read(namespace), ctx.read(universal), ctx.read(kind))
+
+
+def _namespaced(ctx: Context, kind: str, hd: tuple[str, str, str], where: str) -> tuple[str, str | None]:
+    """(system, assigner name) of an identifier whose authority is the HD at ``hd`` (three paths).
+
+    The HD's parts count as mapped: the system carries its universal id and type (``urn:oid:``),
+    ``assigner.display`` its namespace id.
+    """
+    authority = _authority(ctx, *hd)
+    system = ctx.system(kind, authority, where)
+    if authority.universal and authority.universal in system:
+        ctx.take(hd[1])
+        ctx.take(hd[2])
+    if authority.namespace:
+        ctx.take(hd[0])
+    return system, authority.namespace or None
+
+
+def _assigner(ident: dict[str, Any], name: str | None) -> None:
+    if name:
+        ident["assigner"] = {"display": name}
+
+
+def _identifier_type(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": HL7_CS_0203, "code": code}]}
+
+
+def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current CX (inside ``each``) → a namespaced Identifier (``kind:`` says of what).
+
+    CX-4 gives the system (see gateway.mapping.namespaces), CX-5 the type, CX-7/CX-8 the period.
+    PAM FR: an INS (its OIDs, or type INS) travels only when PID-32 is VALI; otherwise it is left
+    out with a warning and stays in the unmapped report. INS types and uses follow FR Core.
+    """
+    if not ctx.read(".1"):
+        return None
+    kind = ctx.kind or "patient"
+    oid, universal_type, type_code = ctx.read(".4.2"), ctx.read(".4.3"), ctx.read(".5")
+    ins = INS_OIDS.get(oid) if universal_type in ("ISO", "") else None
+    if ins is not None or type_code == "INS":
+        if "VALI" not in ctx.message.repetitions("PID-32"):
+            ctx.warnings.append(
+                f"{ctx.here()}: INS received without PID-32 = VALI: identifier left out (PAM FR rule)"
+            )
+            return None
+        if ins is None:
+            ctx.degrade(f"{ctx.here('.4')}: INS without an INS OID; typed as sent")
+    ident: dict[str, Any] = {}
+    if ins is not None:
+        code, use = ins
+        ident["use"] = use
+        ident["type"] = {"coding": [{"system": FR_CS_0203, "code": code}]}
+        ctx.take(".5")
+    elif type_code:
+        ident["type"] = _identifier_type(ctx.take(".5"))
         if type_code == "PI":
             ident["use"] = "usual"
+    system, assigner = _namespaced(ctx, kind, (".4.1", ".4.2", ".4.3"), ctx.here(".4"))
+    ident["system"] = system
+    ident["value"] = ctx.take(".1")
+    _assigner(ident, assigner)
+    period = _period(ctx, ".7", ".8")
+    if period:
+        ident["period"] = period
     return ident
+
+
+def _period(ctx: Context, start: str, end: str) -> dict[str, str]:
+    period: dict[str, str] = {}
+    for key, path in (("start", start), ("end", end)):
+        moment = hl7_datetime(ctx, ctx.read(path)) if ctx.read(path) else None
+        if moment:
+            period[key] = moment
+            ctx.take(path)
+    return period
+
+
+def ei_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current EI (entity id ^ namespace id ^ universal id ^ type) → a namespaced Identifier."""
+    if not ctx.read(".1"):
+        return None
+    system, assigner = _namespaced(ctx, ctx.kind or "entity", (".2", ".3", ".4"), ctx.here(".2"))
+    ident: dict[str, Any] = {"system": system, "value": ctx.take(".1")}
+    _assigner(ident, assigner)
+    return ident
+
+
+def eip_identifiers(ctx: Context, _: Any) -> list[dict[str, Any]] | None:
+    """The current EIP (placer EI ^ filler EI, each in subcomponents: SPM-2) → its identifiers."""
+    out = []
+    for comp, code in (("1", "PLAC"), ("2", "FILL")):
+        if not ctx.read(f".{comp}.1"):
+            continue
+        hd = (f".{comp}.2", f".{comp}.3", f".{comp}.4")
+        system, assigner = _namespaced(ctx, ctx.kind or "entity", hd, ctx.here(f".{comp}.2"))
+        ident: dict[str, Any] = {
+            "type": _identifier_type(code),
+            "system": system,
+            "value": ctx.take(f".{comp}.1"),
+        }
+        _assigner(ident, assigner)
+        out.append(ident)
+    return out or None
+
+
+def order_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The order group's number for ``kind`` (placer-order or filler-order): OBR's, else ORC's."""
+    kind = ctx.kind or "placer-order"
+    field = 3 if kind == "filler-order" else 2
+    for seg in ("OBR", "ORC"):
+        base = f"{seg}-{field}"
+        if ctx.read(f"{base}.1"):
+            system, assigner = _namespaced(ctx, kind, (f"{base}.2", f"{base}.3", f"{base}.4"), base)
+            code = "FILL" if field == 3 else "PLAC"
+            ident: dict[str, Any] = {
+                "type": _identifier_type(code),
+                "system": system,
+                "value": ctx.take(f"{base}.1"),
+            }
+            _assigner(ident, assigner)
+            if seg == "OBR":  # ORC writes the same number again: it reaches the output too
+                _same_number(ctx, base, f"ORC-{field}")
+            return ident
+    return None
+
+
+def _same_number(ctx: Context, taken: str, other: str) -> None:
+    """``other`` (an EI) holds exactly what ``taken`` holds: its parts count as mapped as well."""
+    if all(ctx.read(f"{other}.{c}") == ctx.read(f"{taken}.{c}") for c in (1, 2, 3, 4)):
+        for c in (1, 2, 3, 4):
+            if ctx.locate(f"{taken}.{c}")[1] in ctx.consumed:
+                ctx.take(f"{other}.{c}")
+
+
+def _group_number(ctx: Context) -> tuple[str, str, str, tuple[str, str, str]] | None:
+    """(path, value, kind, authority paths) of the order number that names this group's results:
+    the filler's (OBR-3, ORC-3), else the placer's (OBR-2, ORC-2)."""
+    for path, kind in (
+        ("OBR-3", "filler-order"),
+        ("ORC-3", "filler-order"),
+        ("OBR-2", "placer-order"),
+        ("ORC-2", "placer-order"),
+    ):
+        value = ctx.read(f"{path}.1")
+        if value:
+            return path, value, kind, (f"{path}.2", f"{path}.3", f"{path}.4")
+    return None
+
+
+def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """A result's identity: its order's number (filler's, else placer's) and its OBX set id, in that
+    order number's namespace; without any order number, the message's own control id (a replay
+    then updates it, another message never does)."""
+    occ = ctx.segment[1] if ctx.segment else 1
+    set_id = _set_id(ctx, occ)
+    number = _group_number(ctx)
+    if number is None:
+        system = ctx.system("observation", Authority(), "OBX-1")
+        return {"system": system, "value": f"{ctx.message.control_id}-{occ}"}
+    path, value, kind, hd = number
+    system, assigner = _namespaced(ctx, kind, hd, path)
+    ctx.take(f"{path}.1")
+    if set_id == ctx.read("OBX-1"):
+        ctx.take("OBX-1")
+    ident: dict[str, Any] = {"system": system, "value": f"{value}-{set_id}"}
+    _assigner(ident, assigner)
+    return ident
+
+
+def immunization_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """An RXA's identity: its ORC's filler number (else placer number) in that number's namespace;
+    without an ORC, the message's control id and the RXA (a replay updates it, another message
+    never does: nothing else says two RXA are one immunization)."""
+    for path, kind, code in (("ORC-3", "filler-order", "FILL"), ("ORC-2", "placer-order", "PLAC")):
+        if ctx.read(f"{path}.1"):
+            system, assigner = _namespaced(ctx, kind, (f"{path}.2", f"{path}.3", f"{path}.4"), path)
+            ident: dict[str, Any] = {
+                "type": _identifier_type(code),
+                "system": system,
+                "value": ctx.take(f"{path}.1"),
+            }
+            _assigner(ident, assigner)
+            return ident
+    occ = ctx.segment[1] if ctx.segment else 1
+    system = ctx.system("immunization", Authority(), "RXA-1")
+    return {"system": system, "value": f"{ctx.message.control_id}-{occ}"}
+
+
+def annotation(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current NTE → Annotation: its comment lines (NTE-3) and when it was entered (NTE-6)."""
+    if ctx.segment is None:
+        return None
+    n = ctx.segment[1]
+    segment = ctx.find("NTE", n)
+    if segment is None or not _lines(ctx, segment.field(3)).strip():
+        return None
+    note: dict[str, Any] = {"text": _lines(ctx, ctx.take_field("NTE", n, 3))}
+    moment = hl7_datetime(ctx, ctx.read(f"NTE[{n}]-6")) if ctx.read(f"NTE[{n}]-6") else None
+    if moment:
+        note["time"] = moment
+        ctx.take(f"NTE[{n}]-6")
+    return note
+
+
+def _lines(ctx: Context, raw: str) -> str:
+    """A formatted-text field (FT, TX) → its repetitions as lines, unescaped (HL7's null, "", is
+    no line)."""
+    seps = ctx.message.separators
+    return "\n".join(
+        unescape(r, seps, ctx.message.codec) for r in raw.split(seps.repetition) if r != NULL
+    ).strip("\n")
+
+
+def appointment_notes(ctx: Context, _: Any) -> str | None:
+    """Every NTE of a scheduling message, one line each: R4 Appointment has one comment."""
+    lines = []
+    for n in range(1, len(ctx.message.segments_named("NTE")) + 1):
+        segment = ctx.find("NTE", n)
+        if segment is not None and _lines(ctx, segment.field(3)).strip():
+            lines.append(_lines(ctx, ctx.take_field("NTE", n, 3)))
+    return "\n".join(lines) or None
+
+
+def place_text(ctx: Context, _: Any) -> str | None:
+    """The current PL (point of care, room, bed, facility…) as one readable text: every part kept."""
+    seps = ctx.message.separators
+    parts = []
+    for c, comp in enumerate((ctx.scope or "").split(seps.component), 1):
+        for s, sub in enumerate(comp.split(seps.subcomponent), 1):
+            if sub.strip():
+                parts.append(ctx.take(f".{c}.{s}"))
+    return " ".join(parts) or None
+
+
+def _set_id(ctx: Context, occ: int) -> str:
+    """The OBX set id, when it tells this result from the others of its order; else the OBX's
+    place among them (a sender that numbers every OBX 1 must not make them one result)."""
+    own = ctx.read("OBX-1")
+    layout, group = ctx.layout, ctx.group
+    siblings = [
+        n
+        for n in range(1, len(ctx.message.segments_named("OBX")) + 1)
+        if layout is None or group is None or layout.group_of.get(("OBX", n)) == group
+    ]
+    if own and sum(1 for n in siblings if ctx.read(f"OBX[{n}]-1") == own) == 1:
+        return own
+    place = siblings.index(occ) + 1 if occ in siblings else occ
+    if own:
+        ctx.warnings.append(
+            f"OBX[{occ}]-1: set id {own!r} repeats in its order group; its place ({place}) names it"
+        )
+    return f"p{place}"
 
 
 def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -137,10 +413,11 @@ def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
     if left:
         ctx.warnings.append(
             f"PID-32: {', '.join(left)} not carried by the FR Core {ctx.fr_core_version} identity-reliability"
-            " extension (one status of its table 0445)"
+            " extension (one status of its table 0445); in the unmapped report"
         )
     if status is None:
         return None
+    ctx.take(f"PID-32[{codes.index(status) + 1}]")
     return {
         "url": FR_IDENTITY_RELIABILITY,
         "extension": [{"url": "identityStatus", "valueCoding": {"system": FR_CS_0445, "code": status}}],
@@ -149,37 +426,130 @@ def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 def birth_place(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The PID-11 repetition with XAD-7 = BDL → patient-birthPlace with the INSEE commune code."""
-    for rep in ctx.message.repetitions("PID-11"):
-        seps = ctx.message.separators
-        parts = [unescape(p, seps, ctx.message.codec) for p in rep.split(seps.component)]
-        if len(parts) >= 7 and parts[6] == "BDL":
-            address: dict[str, Any] = {}
-            if len(parts) > 2 and parts[2]:
-                address["city"] = parts[2]
-            if len(parts) > 8 and parts[8]:
-                address["extension"] = [
-                    {"url": FR_INSEE_CODE, "valueCoding": {"system": INSEE_COMMUNES, "code": parts[8]}}
-                ]
-            if len(parts) > 5 and parts[5]:
-                address["country"] = parts[5]
-            return {"url": BIRTH_PLACE, "valueAddress": address} if address else None
+    for n in range(1, len(ctx.message.repetitions("PID-11")) + 1):
+        base = f"PID-11[{n}]"
+        if ctx.read(f"{base}.7") != "BDL":
+            continue
+        address: dict[str, Any] = {}
+        for key, comp in (("city", 3), ("postalCode", 5), ("country", 6)):
+            if ctx.read(f"{base}.{comp}"):
+                address[key] = ctx.take(f"{base}.{comp}")
+        if ctx.read(f"{base}.9"):
+            code = ctx.take(f"{base}.9")
+            address["extension"] = [
+                {"url": FR_INSEE_CODE, "valueCoding": {"system": INSEE_COMMUNES, "code": code}}
+            ]
+        if not address:
+            return None
+        ctx.take(f"{base}.7")
+        return {"url": BIRTH_PLACE, "valueAddress": address}
     return None
+
+
+def given_names(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """XPN-2 and XPN-3 of the current name. PAM FR sends in XPN-3 of the birth name (L) the list of
+    birth given names: FR Core's birth-list-given-name extension; elsewhere XPN-3 holds further
+    given names."""
+    out: dict[str, Any] = {}
+    first = ctx.take(".2")
+    if first:
+        out["given"] = [first]
+    further = ctx.read(".3")
+    if further:
+        if ctx.read(".7") == "L" and ctx.fr_core_version:
+            out["extension"] = [{"url": BIRTH_LIST_GIVEN_NAME, "valueString": ctx.take(".3")}]
+        else:
+            out.setdefault("given", []).append(ctx.take(".3"))
+    return out or None
+
+
+def _code(ctx: Context, table: str, path: str) -> Any:
+    """``path``'s code through the concept map ``table`` (taken when it translates), else None."""
+    code = ctx.read(path)
+    found = ctx.concept_maps.get(table)
+    if not code or found is None or code not in found:
+        return None
+    ctx.take(path)
+    return found[code]
+
+
+def telecom(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current XTN → ContactPoint: the number as sent (XTN-1), else the e-mail (XTN-4), else the
+    unformatted number (XTN-12), else one built from country, area, local number and extension.
+    XTN-3 (table 0202) gives the system, XTN-2 (table 0201) the use; the concept maps translate."""
+    value, source = "", ""
+    for path in (".1", ".4", ".12"):
+        if ctx.read(path):
+            value, source = ctx.take(path), path
+            break
+    if not value:
+        parts = []
+        for path, shape in ((".5", "+{}"), (".6", "({})"), (".7", "{}"), (".8", "ext. {}")):
+            if ctx.read(path):
+                parts.append(shape.format(ctx.take(path)))
+        value = " ".join(parts)
+    if not value:
+        return None
+    point: dict[str, Any] = {"value": value}
+    system = _code(ctx, "hl7-0202-telecom-equipment", ".3") or _code(ctx, "hl7-0201-telecom-system", ".2")
+    if system is None and not ctx.read(".3"):  # XTN-1 and XTN-12 are telephone numbers; XTN-4 an address
+        system = ("email" if "@" in value else None) if source == ".4" else "phone"
+    elif system is None:
+        ctx.degrade(f"{ctx.here('.3')}: equipment type {ctx.read('.3')!r} not in HL7 table 0202; left out")
+    if system is not None:
+        point["system"] = system
+    use = _code(ctx, "hl7-0201-telecom-use", ".2")
+    if ctx.read(".3") == "CP":
+        use = "mobile"
+    elif use is None and not ctx.read(".2") and ctx.at is not None and ctx.at[0] == "PID":
+        use = {13: "home", 14: "work"}.get(ctx.at[2])  # HL7: PID-13 is the home number, PID-14 work
+    if use is not None:
+        point["use"] = use
+    if ctx.read(".18").isdigit() and int(ctx.read(".18")) > 0:
+        point["rank"] = int(ctx.take(".18"))
+    period = _period(ctx, ".13", ".14")
+    if period:
+        point["period"] = period
+    return point
+
+
+def address(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current XAD → Address; XAD-7 (HL7 table 0190) gives its use or type."""
+    out: dict[str, Any] = {}
+    lines = [ctx.take(p) for p in (".1.1", ".2") if ctx.read(p)]
+    if lines:
+        out["line"] = lines
+    for key, path in (
+        ("city", ".3"),
+        ("state", ".4"),
+        ("postalCode", ".5"),
+        ("country", ".6"),
+        ("district", ".9"),
+    ):
+        if ctx.read(path):
+            out[key] = ctx.take(path)
+    if not out:
+        return None
+    use = _code(ctx, "hl7-0190-address-use", ".7")
+    kind = _code(ctx, "hl7-0190-address-type", ".7") if use is None else None
+    if use is not None:
+        out["use"] = use
+    elif kind is not None:
+        out["type"] = kind
+    elif ctx.read(".7"):
+        ctx.degrade(f"{ctx.here('.7')}: address type {ctx.read('.7')!r} not in HL7 table 0190; left out")
+    period = _period(ctx, ".13", ".14")
+    if period:
+        out["period"] = period
+    return out
 
 
 def oid_system(ctx: Context, value: Any) -> str | None:
     """An OID (from an HD or EI universal id) → the FHIR system urn:oid:…; anything else is left out."""
     text = str(value or "")
-    return f"urn:oid:{text}" if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", text) else None
+    return f"urn:oid:{text}" if is_oid(text) else None
 
 
-# HL7 table 0396 coding-system names → FHIR system URIs (only those we are sure of; others stay local).
-CODING_SYSTEMS = {
-    "LN": "http://loinc.org",
-    "SCT": "http://snomed.info/sct",
-    "UCUM": "http://unitsofmeasure.org",
-    "I10": "http://hl7.org/fhir/sid/icd-10",
-}
-UCUM = "http://unitsofmeasure.org"
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _INTERPRETATIONS = frozenset(
     {"N", "A", "AA", "H", "HH", "L", "LL", "<", ">", "I", "R", "S", "U", "D", "B", "W"}
@@ -187,21 +557,53 @@ _INTERPRETATIONS = frozenset(
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-def cwe_concept(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """The current CWE/CE (inside an 'each', or the field the rule read) → CodeableConcept."""
-    code, display, system_name = ctx.read(".1"), ctx.read(".2"), ctx.read(".3")
-    if not (code or display):
-        return None
+def _coding_system(ctx: Context, name: str) -> str | None:
+    """The URI of a coding system named as HL7 table 0396 does (LN, SCT…), from the library's
+    concept map; None for a name it does not know."""
+    table = ctx.concept_maps.get(CODING_SYSTEMS_MAP)
+    found = table.table.get(name) if table is not None else None
+    return str(found) if found else None
+
+
+def _coding(ctx: Context, code: str, text: str, system: str) -> dict[str, Any] | None:
+    """One coding of a CWE triplet (three relative paths); the system's name is taken only when it
+    is known (a local name stays in the unmapped report, with a warning)."""
     coding: dict[str, Any] = {}
-    if system_name in CODING_SYSTEMS:
-        coding["system"] = CODING_SYSTEMS[system_name]
-    if code:
-        coding["code"] = code
-    if display:
-        coding["display"] = display
-    concept: dict[str, Any] = {"coding": [coding]}
-    if display:
-        concept["text"] = display
+    name = ctx.read(system)
+    if name:
+        uri = _coding_system(ctx, name)
+        if uri is not None:
+            coding["system"] = uri
+            ctx.take(system)
+        else:
+            ctx.warnings.append(
+                f"{ctx.here(system)}: coding system {name!r} has no URI in concept map {CODING_SYSTEMS_MAP}; "
+                "coding kept without a system"
+            )
+    if ctx.read(code):
+        coding["code"] = ctx.take(code)
+    if ctx.read(text):
+        coding["display"] = ctx.take(text)
+    return coding if ("code" in coding or "display" in coding) else None
+
+
+def cwe_concept(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current CWE/CE (inside an 'each') → CodeableConcept: the code and the alternate code as
+    codings, the original text (CWE-9, else the display) as text."""
+    codings = []
+    first = _coding(ctx, ".1", ".2", ".3")
+    if first is not None:
+        codings.append(first)
+    alternate = _coding(ctx, ".4", ".5", ".6")
+    if alternate is not None:
+        codings.append(alternate)
+    if not codings and not ctx.read(".9"):
+        return None
+    concept: dict[str, Any] = {"coding": codings} if codings else {}
+    if ctx.read(".9"):
+        concept["text"] = ctx.take(".9")
+    elif first is not None and "display" in first:
+        concept["text"] = first["display"]
     return concept
 
 
@@ -212,71 +614,102 @@ def _number(text: str) -> float | int | None:
     return int(value) if value.is_integer() and "." not in text else value
 
 
-def _quantity(ctx: Context, number: float | int) -> dict[str, Any]:
-    quantity: dict[str, Any] = {"value": number}
-    unit = ctx.message.get(f"OBX[{_occ(ctx)}]-6.1") if ctx.segment else ""
-    if unit:
-        quantity["unit"] = unit
-        if ctx.message.get(f"OBX[{_occ(ctx)}]-6.3") == "UCUM":
-            quantity["system"], quantity["code"] = UCUM, unit
-    return quantity
-
-
 def _occ(ctx: Context) -> int:
     return ctx.segment[1] if ctx.segment else 1
 
 
-def obx_value(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """OBX-5 by its type OBX-2 → Observation.value[x] (merged into the resource)."""
+def _quantity(ctx: Context, number: float | int) -> dict[str, Any]:
+    """A number with the units of the current OBX (OBX-6: code ^ text ^ system)."""
+    quantity: dict[str, Any] = {"value": number}
     n = _occ(ctx)
-    kind = ctx.read("OBX-2")
-    ctx.read("OBX-6")  # units are read with the value
+    code, text = ctx.read(f"OBX[{n}]-6.1"), ctx.read(f"OBX[{n}]-6.2")
+    if code or text:
+        quantity["unit"] = ctx.take(f"OBX[{n}]-6.2") if text else ctx.take(f"OBX[{n}]-6.1")
+    name = ctx.read(f"OBX[{n}]-6.3")
+    uri = _coding_system(ctx, name) if name else None
+    if code and uri is not None:
+        quantity["system"], quantity["code"] = uri, ctx.take(f"OBX[{n}]-6.1")
+        ctx.take(f"OBX[{n}]-6.3")
+    return quantity
+
+
+def obx_value(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX-5 by its type OBX-2 → Observation.value[x] (merged into the resource). Only the first
+    repetition of a coded or numeric value fits value[x]; further ones stay in the unmapped report."""
+    n = _occ(ctx)
+    kind = ctx.read(f"OBX[{n}]-2")
     reps = ctx.message.repetitions(f"OBX[{n}]-5")
-    ctx.consumed.add(("OBX", n, 5))
-    if not reps:
+    if not any(r.strip() for r in reps):
         return None
-    first = ctx.message.get(f"OBX[{n}]-5")
+    value = _value_of(ctx, kind, n, reps)
+    if value is not None and kind:
+        ctx.take(f"OBX[{n}]-2")
+    return value
+
+
+def _value_of(ctx: Context, kind: str, n: int, reps: list[str]) -> dict[str, Any] | None:
+    field = f"OBX[{n}]-5"
     if kind == "NM":
-        number = _number(first)
+        number = _number(ctx.read(field))
         if number is None:
-            ctx.warnings.append(f"OBX[{n}]-5: NM value is not a number; left out")
+            ctx.degrade(f"{field}: NM value is not a number; left out")
             return None
+        ctx.take(field)
         return {"valueQuantity": _quantity(ctx, number)}
     if kind == "SN":
-        comparator = ctx.message.get(f"OBX[{n}]-5.1")
-        num1 = _number(ctx.message.get(f"OBX[{n}]-5.2"))
-        sep = ctx.message.get(f"OBX[{n}]-5.3")
-        num2 = _number(ctx.message.get(f"OBX[{n}]-5.4"))
+        comparator, sep = ctx.read(f"{field}.1"), ctx.read(f"{field}.3")
+        num1, num2 = _number(ctx.read(f"{field}.2")), _number(ctx.read(f"{field}.4"))
+        out: dict[str, Any] | None = None
         if num1 is not None and sep == "-" and num2 is not None:
-            return {"valueRange": {"low": _quantity(ctx, num1), "high": _quantity(ctx, num2)}}
-        if num1 is not None and sep in (":", "/") and num2 is not None:
-            return {"valueRatio": {"numerator": {"value": num1}, "denominator": {"value": num2}}}
-        if num1 is not None and not sep:
+            out = {"valueRange": {"low": _quantity(ctx, num1), "high": _quantity(ctx, num2)}}
+        elif num1 is not None and sep in (":", "/") and num2 is not None:
+            out = {"valueRatio": {"numerator": {"value": num1}, "denominator": {"value": num2}}}
+        elif num1 is not None and not sep and not ctx.read(f"{field}.4"):
             quantity = _quantity(ctx, num1)
             if comparator in ("<", "<=", ">=", ">"):
                 quantity["comparator"] = comparator
-            return {"valueQuantity": quantity}
-        ctx.warnings.append(f"OBX[{n}]-5: SN value not understood; left out")
-        return None
+            elif comparator:
+                ctx.degrade(f"{field}.1: comparator {comparator!r} not understood; value left out")
+                return None
+            out = {"valueQuantity": quantity}
+        if out is None:
+            ctx.degrade(f"{field}: SN value not understood; left out")
+            return None
+        for comp in (1, 2, 3, 4):
+            ctx.take(f"{field}.{comp}")
+        return out
     if kind in ("ST", "TX", "FT"):
-        lines = [ctx.message.get(f"OBX[{n}]-5[{i}]") for i in range(1, len(reps) + 1)]
-        return {"valueString": "\n".join(lines)}
-    if kind in ("CE", "CWE"):
-        saved = ctx.scope
-        ctx.scope = reps[0]
+        segment = ctx.find("OBX", n)
+        text = _lines(ctx, segment.field(5)) if segment is not None else ""
+        if not text.strip():
+            return None
+        ctx.take_field("OBX", n, 5)
+        return {"valueString": text}
+    if kind in ("CE", "CWE", "CNE", "CF"):
+        saved = ctx.scoped("OBX", n, 5, 1, reps[0])
         try:
             concept = cwe_concept(ctx, None)
         finally:
-            ctx.scope = saved
+            ctx.restore(saved)
         return {"valueCodeableConcept": concept} if concept else None
-    if kind == "CX":
-        return {"valueString": ctx.message.get(f"OBX[{n}]-5.1")}
+    if kind == "CX":  # an identifier as the result: its number (no value[x] holds an Identifier)
+        return {"valueString": ctx.take(f"{field}.1")} if ctx.read(f"{field}.1") else None
     if kind in ("DT", "TS", "DTM"):
-        value = hl7_datetime(ctx, ctx.message.get(f"OBX[{n}]-5.1"))
-        return {"valueDateTime": value} if value else None
+        moment = hl7_datetime(ctx, ctx.read(f"{field}.1"))
+        if moment is None:
+            return None
+        ctx.take(f"{field}.1")
+        return {"valueDateTime": moment}
+    if kind == "TM":
+        m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?", ctx.read(f"{field}.1"))
+        if m is None:
+            ctx.degrade(f"{field}: TM value is not a time; left out")
+            return None
+        ctx.take(f"{field}.1")
+        return {"valueTime": f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}"}
     if kind == "ED":  # mapped as DocumentReference + Binary, not as an Observation value
         return None
-    ctx.warnings.append(f"OBX[{n}]-2: value type {kind or '(empty)'} is not mapped; value left out")
+    ctx.degrade(f"OBX[{n}]-2: value type {kind or '(empty)'} is not mapped; value in the unmapped report")
     return None
 
 
@@ -295,22 +728,9 @@ def interpretation(ctx: Context, value: Any) -> dict[str, Any] | None:
     """OBX-8 (table 0078) → v3 ObservationInterpretation, whose codes these are."""
     code = str(value or "")
     if code not in _INTERPRETATIONS:
-        ctx.warnings.append(f"OBX-8: interpretation {code!r} not in table 0078; left out")
+        ctx.degrade(f"OBX-8: interpretation {code!r} not in table 0078; left out")
         return None
     return {"coding": [{"system": V3_INTERPRETATION, "code": code}]}
-
-
-def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """The filler order number (OBR-3) and the OBX set id: a stable identity, so a replay updates."""
-    order, oid = ctx.read("OBR-3.1"), ctx.read("OBR-3.3")
-    set_id = ctx.read("OBX-1") or str(_occ(ctx))
-    if not order:
-        return None
-    ident: dict[str, Any] = {"value": f"{order}-{set_id}"}
-    system = oid_system(ctx, oid)
-    if system:
-        ident["system"] = system
-    return ident
 
 
 RPPS_SYSTEM = "https://rpps.esante.gouv.fr"
@@ -318,31 +738,73 @@ IDNPS_OID = "1.2.250.1.71.4.2.1"
 FR_CORE_PRACTITIONER = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"
 
 
-def practitioner_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """The current XCN → Identifier shaped to the FR Core 2.1.0 Practitioner slices.
+def practitioner_identifier(ctx: Context, _: Any) -> list[dict[str, Any]] | None:
+    """The current XCN → Identifiers shaped to the FR Core 2.1.0 Practitioner slices.
 
-    XCN-13 says which number XCN-1 is (PAM FR: RPPS, ADELI, IDNPS). RPPS → slice ``rpps``,
-    IDNPS → slice ``idNatPs``; ADELI is typed but FR Core 2.1.0 gives it no system, so none is
-    invented (the IDNPS OID would claim the idNatPs slice, whose values carry a prefix).
-    Any other kind keeps the OID of XCN-9, typed with HL7 table 0203.
+    XCN-13 says which number XCN-1 is (PAM FR: RPPS, ADELI, IDNPS). RPPS → slice ``rpps``, and its
+    national id (IDNPS = 8 + RPPS) in slice ``idNatPs``; IDNPS → ``idNatPs``; ADELI → typed, with
+    its national id (IDNPS = 0 + ADELI). Any other number is namespaced by XCN-9
+    (gateway.mapping.namespaces).
     """
-    value, kind = ctx.read(".1"), ctx.read(".13")
-    if not value:
+    if not ctx.read(".1"):
         return None
+    kind = ctx.read(".13")
     oid, universal_type = ctx.read(".9.2"), ctx.read(".9.3")
-    ident: dict[str, Any] = {"value": value}
-    if kind == "RPPS":
-        ident["system"] = RPPS_SYSTEM
-    elif kind == "IDNPS" or (not kind and oid == IDNPS_OID and universal_type == "ISO"):
-        kind = "IDNPS"
-        ident["system"] = f"urn:oid:{IDNPS_OID}"
-    elif kind != "ADELI" and oid and universal_type == "ISO" and oid != IDNPS_OID:
-        ident["system"] = f"urn:oid:{oid}"
-    if kind in ("RPPS", "ADELI", "IDNPS"):
-        ident["type"] = {"coding": [{"system": FR_CS_0203, "code": kind}]}
-    elif kind:
-        ident["type"] = {"coding": [{"system": HL7_CS_0203, "code": kind}]}
-    return ident
+    national_authority = oid == IDNPS_OID and universal_type in ("ISO", "")
+    if kind in _NATIONAL_PREFIX or (not kind and national_authority):
+        kind = kind or "IDNPS"
+        value = ctx.take(".1")
+        ctx.take(".13")
+        assigner = ctx.take(".9.1") if national_authority else ""
+        if national_authority:
+            ctx.take(".9.2")
+            ctx.take(".9.3")
+        out: list[dict[str, Any]] = [
+            {
+                "type": _fr_type("IDNPS"),
+                "system": f"urn:oid:{IDNPS_OID}",
+                "value": _NATIONAL_PREFIX[kind] + value,
+            }
+        ]
+        if kind == "RPPS":
+            out.insert(0, {"type": _fr_type("RPPS"), "system": RPPS_SYSTEM, "value": value})
+        elif kind == "ADELI":  # FR Core 2.1.0 gives ADELI no system: typed, and none invented
+            out.append({"type": _fr_type("ADELI"), "value": value})
+        for national in out:
+            _assigner(national, assigner)
+        return out
+    system, authority = _namespaced(ctx, ctx.kind or "practitioner", (".9.1", ".9.2", ".9.3"), ctx.here(".9"))
+    ident: dict[str, Any] = {"system": system, "value": ctx.take(".1")}
+    if kind:
+        ident["type"] = _identifier_type(ctx.take(".13"))
+    _assigner(ident, authority)
+    return [ident]
+
+
+# The national practitioner id (IDNPS) is the number behind a prefix saying which it is.
+_NATIONAL_PREFIX = {"IDNPS": "", "RPPS": "8", "ADELI": "0"}
+
+
+def _fr_type(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": FR_CS_0203, "code": code}]}
+
+
+def human_name(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current XCN's name (XCN-2 family, -3 given, -4 further given, -5 suffix, -6 prefix)."""
+    name: dict[str, Any] = {}
+    if ctx.read(".2.1"):
+        name["family"] = ctx.take(".2.1")
+    given = [ctx.take(p) for p in (".3", ".4") if ctx.read(p)]
+    if given:
+        name["given"] = given
+    if ctx.read(".6"):
+        name["prefix"] = [ctx.take(".6")]
+    if ctx.read(".5"):
+        name["suffix"] = [ctx.take(".5")]
+    uses = ctx.concept_maps.get("pam-name-use")
+    if name and uses is not None and ctx.read(".10") in uses:
+        name["use"] = uses[ctx.take(".10")]
+    return name or None
 
 
 FINESS_SYSTEM = "https://finess.esante.gouv.fr"
@@ -351,17 +813,22 @@ URI_SYSTEM = "urn:ietf:rfc:3986"
 _FINESS_KINDS = {"M": "FINEJ", "N": "FINEG"}
 
 
-def _hd_identifier(ctx: Context, uid: str, kind: str) -> dict[str, Any] | None:
+def _hd_identifier(ctx: Context, uid_path: str, kind_path: str) -> dict[str, Any] | None:
+    uid, kind = ctx.read(uid_path), ctx.read(kind_path)
     if not uid:
         return None
     if kind in _FINESS_KINDS:
+        ctx.take(uid_path)
+        ctx.take(kind_path)
         return {
             "use": "official",
             "type": {"coding": [{"system": FR_CS_0203, "code": _FINESS_KINDS[kind]}]},
             "system": FINESS_SYSTEM,
             "value": uid,
         }
-    if kind == "ISO" and oid_system(ctx, uid):
+    if kind == "ISO" and is_oid(uid):
+        ctx.take(uid_path)
+        ctx.take(kind_path)
         return {"system": URI_SYSTEM, "value": f"urn:oid:{uid}"}
     return None  # a local namespace identifies nothing outside the sender
 
@@ -369,41 +836,23 @@ def _hd_identifier(ctx: Context, uid: str, kind: str) -> dict[str, Any] | None:
 def hd_organization_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The current HD (MSH-4, inside a 'scope') → the FR Core Organization identifier: FINESS
     EJ/EG (HD-3 M/N) in the ``finess`` slice, an OID as a URI; a local name gives none."""
-    return _hd_identifier(ctx, ctx.read(".2"), ctx.read(".3"))
+    return _hd_identifier(ctx, ".2", ".3")
 
 
 def pl_facility_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The facility (PL-4, an HD) of the current location → Organization identifier, as above."""
-    return _hd_identifier(ctx, ctx.read(".4.2"), ctx.read(".4.3"))
-
-
-def hl7_instant(ctx: Context, value: Any) -> str | None:
-    """HL7 TS → FHIR instant, which needs a time to the second: a date alone is left out."""
-    text = hl7_datetime(ctx, value)
-    return text if text and "T" in text else None
-
-
-def _document_key(ctx: Context) -> str | None:
-    """A stable name for the document of this OBX: its order (OBR-3) and set id."""
-    order = ctx.read("OBR-3.1")
-    if not order:
-        return None
-    return f"{ctx.read('OBR-3.3')}|{order}|{ctx.read('OBX-1') or _occ(ctx)}"
+    return _hd_identifier(ctx, ".4.2", ".4.3")
 
 
 def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """OBX ED → Binary (merged into the resource), with an id derived from the order and set id
-    so that a replay updates the same Binary."""
+    """OBX ED → Binary (merged into the resource), with an id derived from the document's key so
+    that a replay updates the same Binary (and another lab's never does)."""
     found = decode_ed(ctx)
     if found is None:
         return None
     content_type, raw = found
     binary: dict[str, Any] = {"contentType": content_type, "data": base64.b64encode(raw).decode()}
-    key = _document_key(ctx)
-    if key is None:
-        ctx.warnings.append("OBX ED without OBR-3: the Binary has no stable id; a replay adds another")
-    else:
-        binary["id"] = "doc-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    binary["id"] = "doc-" + hashlib.sha256(document_key(ctx).encode()).hexdigest()[:40]
     return binary
 
 
@@ -416,14 +865,11 @@ def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
     attachment: dict[str, Any] = {
         "contentType": content_type,
         "size": len(raw),
-        "hash": base64.b64encode(hashlib.sha1(raw).digest()).decode(),  # noqa: S324 - FHIR says SHA-1
+        "hash": base64.b64encode(hashlib.sha1(raw, usedforsecurity=False).digest()).decode(),
+        "url": "Binary/doc-" + hashlib.sha256(document_key(ctx).encode()).hexdigest()[:40],
     }
-    key = _document_key(ctx)
-    if key is not None:
-        attachment["url"] = "Binary/doc-" + hashlib.sha256(key.encode()).hexdigest()[:40]
-    title = ctx.read("OBX-3.2")
-    if title:
-        attachment["title"] = title
+    if ctx.read("OBX-3.2"):
+        attachment["title"] = ctx.take("OBX-3.2")
     return attachment
 
 
@@ -431,7 +877,7 @@ def decimal(ctx: Context, value: Any) -> float | int | None:
     """An NM field → a JSON number; anything else is reported and left out."""
     number = _number(str(value or ""))
     if number is None and value:
-        ctx.warnings.append("a numeric field holds no number; left out")
+        ctx.degrade("a numeric field holds no number; left out")
     return number
 
 
@@ -446,9 +892,8 @@ def _segment_extension(name: str) -> Function:
             return None
         parts = []
         for n in range(1, len(segment) + 1):
-            value = ctx.read(f"{name}-{n}") if segment.field(n) else ""
-            if value.strip():
-                parts.append({"url": f"{name}-{n}", "valueString": segment.field(n)})
+            if segment.field(n).strip() and segment.field(n) != NULL:
+                parts.append({"url": f"{name}-{n}", "valueString": ctx.take_field(name, 1, n)})
         return {"url": PASSERELLE_SEGMENT + name, "extension": parts} if parts else None
 
     return keep
@@ -460,6 +905,7 @@ BUILTIN: dict[str, Function] = {
     "zfd_extension": _segment_extension("ZFD"),
     "decimal": decimal,
     "practitioner_identifier": practitioner_identifier,
+    "human_name": human_name,
     "hd_organization_identifier": hd_organization_identifier,
     "pl_facility_identifier": pl_facility_identifier,
     "hl7_instant": hl7_instant,
@@ -470,12 +916,24 @@ BUILTIN: dict[str, Function] = {
     "reference_range": reference_range,
     "interpretation": interpretation,
     "observation_identifier": observation_identifier,
+    "order_identifier": order_identifier,
     "oid_system": oid_system,
     "hl7_date": hl7_date,
+    "birth_time": birth_time,
     "hl7_datetime": hl7_datetime,
-    "pid_identifier": pid_identifier,
+    "cx_identifier": cx_identifier,
+    "pid_identifier": cx_identifier,  # the earlier name of cx_identifier (kind patient)
+    "ei_identifier": ei_identifier,
+    "eip_identifiers": eip_identifiers,
     "identity_reliability": identity_reliability,
+    "immunization_identifier": immunization_identifier,
+    "annotation": annotation,
+    "appointment_notes": appointment_notes,
+    "place_text": place_text,
     "birth_place": birth_place,
+    "given_names": given_names,
+    "telecom": telecom,
+    "address": address,
 }
 
 

@@ -42,16 +42,20 @@ from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, Separators, escape
-from gateway.mapping.engine import Condition as InboundCondition
-from gateway.mapping.engine import (
+from gateway.mapping.rules import (
+    ConceptMap,
     RuleError,
-    _check_keys,
-    _load_yaml,
-    _strip_lines,
+    check_keys,
     check_names,
+    load_concept_maps,
+    load_yaml,
+    mapping_files,
     parse_condition,
     rule_failure,
+    strip_lines,
+    unique_names,
 )
+from gateway.mapping.rules import Condition as InboundCondition
 
 # -- FHIR paths ----------------------------------------------------------------------------------
 
@@ -497,7 +501,7 @@ class ReverseLibrary:
     def __init__(
         self,
         mappings: Sequence[ReverseMapping],
-        concept_maps: Mapping[str, Mapping[str, str]],
+        concept_maps: Mapping[str, ConceptMap],
         functions: Mapping[str, Function],
     ) -> None:
         self.mappings = sorted(mappings, key=lambda m: -m.priority)
@@ -508,26 +512,10 @@ class ReverseLibrary:
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> ReverseLibrary:
-        if not directory.is_dir():
-            raise ConfigError("no such mapping directory", file=str(directory))
-        concept_maps: dict[str, dict[str, str]] = {}
-        for path in sorted((directory / "conceptmaps").glob("*.yaml")):
-            data = _load_yaml(path)
-            for name, table in data.items():
-                if name == "__line__":
-                    continue
-                if not isinstance(table, dict):
-                    raise ConfigError(
-                        "a concept map is a mapping of source code → target", file=str(path), key=name
-                    )
-                concept_maps[name] = {str(k): str(v) for k, v in _strip_lines(table).items()}
-        mappings = [_parse_file(p, concept_maps, functions) for p in sorted(directory.glob("*.yaml"))]
-        if not mappings:
-            raise ConfigError("no reverse mapping file (*.yaml) here", file=str(directory))
-        names = [m.name for m in mappings]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"two reverse mapping files are named {name!r}", file=str(directory))
+        files = mapping_files(directory, "reverse mapping")
+        concept_maps = load_concept_maps(directory / "conceptmaps", text_targets=True)
+        mappings = [_parse_file(p, concept_maps, functions) for p in files]
+        unique_names([m.name for m in mappings], directory, "reverse mapping")
         _resolve_uses(mappings)
         return cls(mappings, concept_maps, functions)
 
@@ -702,8 +690,8 @@ def _parse_file(
     path: Path, concept_maps: Mapping[str, Any], functions: Mapping[str, Function]
 ) -> ReverseMapping:
     file = str(path)
-    data = _load_yaml(path)
-    _check_keys(data, _FILE_KEYS, file, "a reverse mapping file")
+    data = load_yaml(path)
+    check_keys(data, _FILE_KEYS, file, "a reverse mapping file")
     line = data["__line__"]
     for required in ("name", "focus", "segments"):
         if required not in data:
@@ -712,22 +700,22 @@ def _parse_file(
         raise ConfigError("is required (ADT^A28, or {fn: name})", file=file, key="event", line=line)
     event, event_fn = data["event"], None
     if isinstance(event, dict):
-        event_fn = _strip_lines(event).get("fn")
+        event_fn = strip_lines(event).get("fn")
         if event_fn not in functions:
             raise ConfigError(f"no function {event_fn!r}", file=file, key="event", line=event["__line__"])
         event = None
     elif not isinstance(event, str) or not re.fullmatch(r"[A-Z0-9]{3}\^[A-Z0-9]{3}", event):
         raise ConfigError("an event such as ORU^R01, or {fn: name}", file=file, key="event", line=line)
-    header = _strip_lines(data.get("header", {}))
+    header = strip_lines(data.get("header", {}))
     if isinstance(data.get("header"), dict):
-        _check_keys(data["header"], _HEADER_KEYS, file, "a header")
+        check_keys(data["header"], _HEADER_KEYS, file, "a header")
     binds = []
     for name, spec in (data.get("bind") or {}).items():
         if name == "__line__":
             continue
         if not isinstance(spec, dict) or "path" not in spec:
             raise ConfigError("a binding needs a 'path'", file=file, key=f"bind.{name}", line=line)
-        _check_keys(spec, _BIND_KEYS, file, "a binding")
+        check_keys(spec, _BIND_KEYS, file, "a binding")
         _check_fhir_path(spec["path"], file, spec["__line__"], "path")
         binds.append(
             Binding(name, spec["path"], spec.get("type"), bool(spec.get("many")), bool(spec.get("required")))
@@ -737,7 +725,7 @@ def _parse_file(
     for item in data["segments"]:
         if not isinstance(item, dict) or "segment" not in item:
             raise ConfigError("a segment needs 'segment'", file=file, key="segments", line=line)
-        _check_keys(item, _SEGMENT_KEYS, file, "a segment")
+        check_keys(item, _SEGMENT_KEYS, file, "a segment")
         name = str(item["segment"])
         seg_line = item["__line__"]
         if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", name) or name == "MSH":
@@ -769,7 +757,7 @@ def _parse_file(
         file=file,
         event=event,
         event_fn=event_fn,
-        structure=_strip_lines(data.get("structure", "")),
+        structure=strip_lines(data.get("structure", "")),
         priority=int(data.get("priority", 0)),
         group=bool(data.get("group", False)),
         bind=binds,
@@ -832,7 +820,7 @@ def _parse_rule(
 ) -> Rule:
     if not isinstance(data, dict):
         raise ConfigError("a rule is a mapping with 'set'", file=file)
-    _check_keys(data, _RULE_KEYS, file, "a rule")
+    check_keys(data, _RULE_KEYS, file, "a rule")
     line = data["__line__"]
     target = str(data.get("set", ""))
     if target:
@@ -860,7 +848,7 @@ def _parse_rule(
     return Rule(
         target=target,
         source=data.get("from"),
-        const=_strip_lines(data.get("const")),
+        const=strip_lines(data.get("const")),
         concept_map=data.get("map"),
         function=data.get("fn"),
         when=_parse_when(data["when"], file, bound) if "when" in data else None,
@@ -1063,7 +1051,7 @@ def _apply(rule: Rule, ctx: Context, library: ReverseLibrary) -> None:
         table = library.concept_maps[rule.concept_map]
         key = to_text(value)
         if key not in table:
-            ctx.warnings.append(f"{rule.source}: code not in concept map {rule.concept_map}")
+            ctx.warnings.append(f"{rule.source}: code {key!r} not in concept map {rule.concept_map}")
             return
         value = table[key]
     if rule.function is not None:

@@ -17,20 +17,32 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.mapping.functions import (
-    CODING_SYSTEMS,
     IDENTITY_STATUSES,
     INS_OIDS,
     PASSERELLE_SEGMENT,
-    UCUM,
 )
 from gateway.mapping.reverse import Context, Raw, to_text
 
 Function = Callable[[Context, Any], Any]
 
-SYSTEM_NAMES = {uri: name for name, uri in CODING_SYSTEMS.items()}
+UCUM = "http://unitsofmeasure.org"
+# FHIR system → HL7 table 0396 name, for the codings that go back out (CWE-3).
+SYSTEM_NAMES = {
+    "http://loinc.org": "LN",
+    "http://snomed.info/sct": "SCT",
+    UCUM: "UCUM",
+    "http://hl7.org/fhir/sid/icd-10": "I10",
+}
 FR_IDENTITY_RELIABILITY = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
 # PID-3 CX-4.1 for the INS, as PAM FR writes it.
-INS_AUTHORITIES = {"INS-NIR": "ASIP-SANTE-INS-NIR", "INS-NIA": "ASIP-SANTE-INS-NIA"}
+INS_AUTHORITIES = {
+    "INS-NIR": "ASIP-SANTE-INS-NIR",
+    "INS-NIA": "ASIP-SANTE-INS-NIA",
+    "INS-NIR-TEST": "ASIP-SANTE-INS-NIR",
+    "INS-NIR-DEMO": "ASIP-SANTE-INS-NIR",
+}
+# A system derived from a FINESS-typed assigning authority (gateway.mapping.namespaces).
+_FINESS_SYSTEM = re.compile(r"^urn:passerelle:finess:(ej|eg):([^:]+):")
 _OID = re.compile(r"^urn:oid:([0-2](?:\.(?:0|[1-9][0-9]*))+)$")
 _FHIR_TIME = re.compile(
     r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
@@ -111,7 +123,7 @@ def pid_identifier(ctx: Context, value: Any) -> dict[str, str] | None:
     system = to_text(ident.get("system"))
     number = oid(ctx, system) or ""
     code = _type_code(ident)
-    ins = INS_OIDS.get(number) or (code if code in INS_AUTHORITIES else None)
+    ins = INS_OIDS[number][0] if number in INS_OIDS else (code if code in INS_AUTHORITIES else None)
     fields = {".1": text}
     if ins is not None:
         if identity_status(ctx, None) != "VALI":
@@ -120,8 +132,11 @@ def pid_identifier(ctx: Context, value: Any) -> dict[str, str] | None:
         fields.update({".4.1": INS_AUTHORITIES.get(ins, ""), ".5": "INS"})
     elif code:
         fields[".5"] = code
+    finess = _FINESS_SYSTEM.match(system)
     if number:
         fields.update({".4.2": number, ".4.3": "ISO"})
+    elif finess is not None:
+        fields.update({".4.2": finess.group(2), ".4.3": "M" if finess.group(1) == "ej" else "N"})
     elif system:
         ctx.warnings.append("PID-3: a system that is not an OID has no HL7v2 form; value sent alone")
     assigner = to_text((ident.get("assigner") or {}).get("display"))

@@ -1,11 +1,11 @@
 """What every FHIR repository backend shares: search parsing, index rows, and the write logic.
 
 The backends (SQLite in gateway.store.fhir, PostgreSQL in gateway.store.pg_fhir) differ only in
-their SQL. The write logic (versioning, idempotent updates, conditional create/update, transaction
-and batch Bundles) is written once, as coroutines over ``Transaction``: a few primitives each
-backend implements on one open database transaction. The PostgreSQL primitives really await the
-database; the SQLite ones run on its writer thread and never suspend, so ``run_sync`` drives the
-same coroutines there without an event loop.
+their SQL. The write logic (versioning, idempotent updates, conditional create/update, the merge
+write policy of gateway.store.merge, transaction and batch Bundles) is written once, as coroutines
+over ``Transaction``: a few primitives each backend implements on one open database transaction.
+The PostgreSQL primitives really await the database; the SQLite ones run on its writer thread and
+never suspend, so ``run_sync`` drives the same coroutines there without an event loop.
 
 Search parameters parse to one WHERE clause over ``resources r`` and ``search_index`` with ``?``
 placeholders; a ``Dialect`` covers the one operator that differs between the two databases.
@@ -33,6 +33,7 @@ from gateway.core.errors import (
     PasserelleError,
 )
 from gateway.core.ids import new_id
+from gateway.store.merge import MERGE, REPLACE, merge_resource, write_policy
 
 T = TypeVar("T")
 
@@ -532,6 +533,8 @@ class _Entry:
     # The target's current version as planning found it (None: absent, an id just minted), so
     # that the write does not read it a second time; UNREAD when planning did not read it.
     current: Row | _Unread | None = UNREAD
+    merge: bool = False  # a PUT merged into what is stored (gateway.store.merge), not replacing it
+    clear: tuple[str, ...] = ()  # elements the sender nulled: removed by a merge
 
 
 def _entry_of(index: int, raw: Any) -> _Entry:
@@ -571,6 +574,7 @@ def _entry_of(index: int, raw: Any) -> _Entry:
     full_url = raw.get("fullUrl")
     if_none_exist = request.get("ifNoneExist")
     if_match = request.get("ifMatch")
+    policy, clear = write_policy(request) if "extension" in request else (REPLACE, ())
     return _Entry(
         index,
         method,
@@ -581,6 +585,8 @@ def _entry_of(index: int, raw: Any) -> _Entry:
         full_url if isinstance(full_url, str) else None,
         if_none_exist if isinstance(if_none_exist, str) and if_none_exist else None,
         if_match if isinstance(if_match, str) and if_match else None,
+        merge=policy == MERGE and method == "PUT",
+        clear=clear,
     )
 
 
@@ -887,9 +893,13 @@ async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
         return _response(201, stored, entry.type_)
     if entry.method == "PUT":
         assert entry.resource is not None and entry.target is not None
-        stored, created = await _put(
-            tx, entry.type_, entry.target, entry.resource, entry.if_match, entry.current
-        )
+        resource, current = entry.resource, entry.current
+        if entry.merge:
+            if isinstance(current, _Unread):
+                current = await tx.fetch(entry.type_, entry.target)  # handed on to _put: read once
+            if current is not None and not current[1] and current[2] is not None:
+                resource = merge_resource(current[2], resource, entry.clear)
+        stored, created = await _put(tx, entry.type_, entry.target, resource, entry.if_match, current)
         return _response(201 if created else 200, stored, entry.type_)
     if entry.method == "DELETE":
         if entry.target is not None:

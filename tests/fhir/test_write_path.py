@@ -48,6 +48,7 @@ from gateway.store.fhir_common import (
     parse_search,
     query_params,
 )
+from gateway.store.merge import CLEAR_URL, WRITE_POLICY_URL
 from gateway.store.pg_fhir import PgFhirRepository
 from tests.scale.conftest import PG_DSN, require_live
 
@@ -180,7 +181,8 @@ def _patient(value: str, family: str, id_: str | None) -> dict[str, Any]:
 
 @st.composite
 def bundle_entries(draw: st.DrawFn, key: int) -> list[dict[str, Any]]:
-    """1-4 entries on a few patients and encounters: creates, updates, replays, conflicts, errors."""
+    """1-4 entries on a few patients and encounters: creates, updates, merges, replays, conflicts,
+    errors."""
     entries: list[dict[str, Any]] = []
     patient_urls: list[str] = []
     for i in range(draw(st.integers(1, 4))):
@@ -190,7 +192,7 @@ def bundle_entries(draw: st.DrawFn, key: int) -> list[dict[str, Any]]:
         kind = draw(
             st.sampled_from(
                 [
-                    *("put?", "put?", "put?id", "put", "put-match", "post", "post?"),
+                    *("put?", "put?", "put?id", "put", "put-match", "post", "post?", "merge?", "merge"),
                     *("enc", "enc", "del", "del?", "get", "get?", "bad"),
                 ]
             )
@@ -212,6 +214,23 @@ def bundle_entries(draw: st.DrawFn, key: int) -> list[dict[str, Any]]:
             if kind == "put-match":
                 request["ifMatch"] = f'W/"{draw(st.integers(1, 3))}"'
             entries.append({"fullUrl": url, "resource": _patient(value, family, None), "request": request})
+            patient_urls.append(url)
+        elif kind in ("merge?", "merge"):
+            # A thin update merged into what is stored, which may have just been written.
+            target = f"Patient?identifier={P_SYS}|{value}" if kind == "merge?" else "Patient/x1"
+            request = {
+                "method": "PUT",
+                "url": target,
+                "extension": [{"url": WRITE_POLICY_URL, "valueCode": "merge"}],
+            }
+            if draw(st.booleans()):
+                request["extension"].append({"url": CLEAR_URL, "valueString": "name"})
+            resource = {
+                "resourceType": "Patient",
+                "identifier": [{"system": P_SYS, "value": value}],
+                "gender": draw(st.sampled_from(["female", "male"])),
+            }
+            entries.append({"fullUrl": url, "resource": resource, "request": request})
             patient_urls.append(url)
         elif kind in ("post", "post?"):
             request = {"method": "POST", "url": "Patient"}

@@ -48,6 +48,21 @@ def role(code: str, display: str, ref: str) -> dict[str, Any]:
     }
 
 
+MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
+ANS = {"display": "ASIP-SANTE-PS"}
+
+
+def national(kind: str, value: str, system: str | None) -> dict[str, Any]:
+    ident: dict[str, Any] = {
+        "type": {"coding": [{"system": FR_0203, "code": kind}]},
+        "value": value,
+        "assigner": ANS,
+    }
+    if system:
+        ident["system"] = system
+    return ident
+
+
 def finess(kind: str, value: str) -> dict[str, Any]:
     return {
         "use": "official",
@@ -76,18 +91,17 @@ def test_adt_doctors_and_organisations_golden() -> None:
             "resource": {
                 "resourceType": "Practitioner",
                 "meta": PRACTITIONER,
+                # the RPPS and its national id (IDNPS = 8 + RPPS)
                 "identifier": [
-                    {
-                        "value": "10003456789",
-                        "system": "https://rpps.esante.gouv.fr",
-                        "type": {"coding": [{"system": FR_0203, "code": "RPPS"}]},
-                    }
+                    national("RPPS", "10003456789", "https://rpps.esante.gouv.fr"),
+                    national("IDNPS", "810003456789", "urn:oid:1.2.250.1.71.4.2.1"),
                 ],
-                "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"]}],
+                "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"], "use": "usual"}],
             },
             "request": {
                 "method": "PUT",
                 "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+                "extension": MERGE,
             },
         },
         {
@@ -95,13 +109,19 @@ def test_adt_doctors_and_organisations_golden() -> None:
             "resource": {
                 "resourceType": "Practitioner",
                 "meta": PRACTITIONER,
-                # FR Core 2.1.0 gives ADELI no system: typed, and none invented
+                # FR Core 2.1.0 gives ADELI no system: typed, none invented; its national id
+                # (IDNPS = 0 + ADELI) is the namespaced key
                 "identifier": [
-                    {"value": "259012345", "type": {"coding": [{"system": FR_0203, "code": "ADELI"}]}}
+                    national("IDNPS", "0259012345", "urn:oid:1.2.250.1.71.4.2.1"),
+                    national("ADELI", "259012345", None),
                 ],
-                "name": [{"family": "LE GALL", "given": ["Anaïs"]}],
+                "name": [{"family": "LE GALL", "given": ["Anaïs"], "use": "usual"}],
             },
-            "request": {"method": "PUT", "url": "Practitioner?identifier=|259012345"},
+            "request": {
+                "method": "PUT",
+                "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|0259012345",
+                "extension": MERGE,
+            },
         },
         {
             "fullUrl": "urn:uuid:3",
@@ -115,6 +135,7 @@ def test_adt_doctors_and_organisations_golden() -> None:
             "request": {
                 "method": "PUT",
                 "url": "Organization?identifier=https://finess.esante.gouv.fr|250000023",
+                "extension": MERGE,
             },
         },
         {
@@ -128,6 +149,7 @@ def test_adt_doctors_and_organisations_golden() -> None:
             "request": {
                 "method": "PUT",
                 "url": "Organization?identifier=https://finess.esante.gouv.fr|250000015",
+                "extension": MERGE,
             },
         },
     ]
@@ -140,9 +162,20 @@ def test_adt_doctors_and_organisations_golden() -> None:
     ]
     assert visit["serviceProvider"] == {"reference": "urn:uuid:3"}
     assert movement["participant"] == [role("ATND", "attender", "urn:uuid:1")]
-    # the second attending repetition is not dropped silently
-    assert result.warnings == ["PV1-7: only repetition 1 is mapped; 1 more left out"]
-    assert result.unmapped == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    # the second attending repetition is not dropped silently: warned of, and in the report
+    assert result.warnings == ["PV1-7: only repetition 1 is mapped; 1 more in the unmapped report"]
+    second = ["PV1-7[2].1", "PV1-7[2].2", "PV1-7[2].3", "PV1-7[2].9.1", "PV1-7[2].9.2", "PV1-7[2].9.3"]
+    assert result.unmapped == [
+        "EVN-2[1]",
+        "PV1-3[1].2",
+        "PV1-3[1].3",
+        *second,
+        "PV1-7[2].10",
+        "PV1-7[2].13",
+        "ZBE-5[1]",
+        "ZXY-1[1]",
+        "ZXY-2[1]",
+    ]
 
 
 def test_a_doctor_without_number_is_named_not_created() -> None:
@@ -181,21 +214,20 @@ def test_idnps_and_local_identifiers() -> None:
     for xcn, expected in (
         (
             idnps,
-            {
-                "value": "810003456789",
-                "system": "urn:oid:1.2.250.1.71.4.2.1",
-                "type": {"coding": [{"system": FR_0203, "code": "IDNPS"}]},
-            },
+            [national("IDNPS", "810003456789", "urn:oid:1.2.250.1.71.4.2.1")],
         ),
         (
             local,
-            {
-                "value": "M-778",
-                "system": OID,
-                "type": {
-                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "EI"}]
-                },
-            },
+            [
+                {
+                    "system": OID,
+                    "value": "M-778",
+                    "type": {
+                        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "EI"}]
+                    },
+                    "assigner": {"display": "CHU-EST"},
+                }
+            ],
         ),
     ):
         pv1 = segment("PV1", {2: "I", 7: xcn, 19: "V26-1^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^VN"})
@@ -205,7 +237,7 @@ def test_idnps_and_local_identifiers() -> None:
         (practitioner,) = (
             e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"
         )
-        assert practitioner["resource"]["identifier"] == [expected]
+        assert practitioner["resource"]["identifier"] == expected
 
 
 def mapped(event: str, *segments: str) -> dict[str, Any]:
@@ -231,17 +263,15 @@ def test_siu_staff_golden() -> None:
             "resourceType": "Practitioner",
             "meta": PRACTITIONER,
             "identifier": [
-                {
-                    "value": "10003456789",
-                    "system": "https://rpps.esante.gouv.fr",
-                    "type": {"coding": [{"system": FR_0203, "code": "RPPS"}]},
-                }
+                national("RPPS", "10003456789", "https://rpps.esante.gouv.fr"),
+                national("IDNPS", "810003456789", "urn:oid:1.2.250.1.71.4.2.1"),
             ],
-            "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"]}],
+            "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"], "use": "usual"}],
         },
         "request": {
             "method": "PUT",
             "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+            "extension": MERGE,
         },
     }
     appointment = bundle["entry"][2]["resource"]
@@ -284,16 +314,18 @@ def test_any_ordering_provider_gives_a_valid_fr_core_practitioner(
         segment("OBR", {4: "24331-1^Bilan lipidique^LN"}),
     )
     practitioner = bundle["entry"][1]["resource"]
-    (ident,) = practitioner["identifier"]
-    assert ident["value"] == number
-    assert ident["type"]["coding"][0] == {"system": FR_0203, "code": kind}
+    kinds = {i["type"]["coding"][0]["code"]: i for i in practitioner["identifier"]}
+    assert kinds[kind]["value"] == number
     assert (
-        ident.get("system")
+        kinds[kind].get("system")
         == {
             "RPPS": "https://rpps.esante.gouv.fr",
             "IDNPS": "urn:oid:1.2.250.1.71.4.2.1",
             "ADELI": None,
         }[kind]
     )
+    # every number also gives its national id, the namespaced key of the others
+    prefix = {"RPPS": "8", "IDNPS": "", "ADELI": "0"}[kind]
+    assert kinds["IDNPS"] == national("IDNPS", prefix + number, "urn:oid:1.2.250.1.71.4.2.1")
     assert practitioner["name"][0]["family"] == family
     assert bundle["entry"][2]["resource"]["requester"] == {"reference": "urn:uuid:1"}

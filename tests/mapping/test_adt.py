@@ -19,6 +19,7 @@ from gateway.mapping.engine import Library, MappingResult
 from gateway.mapping.validate import bundle_errors
 
 MAPPINGS = Path(__file__).parents[2] / "mappings"
+OID = "urn:oid:1.2.250.1.71.4.2.2.4455"  # the fictional CHU-EST's identifier domain
 LIB = Library.load(MAPPINGS, functions.available())
 
 
@@ -77,6 +78,13 @@ def normalized(result: MappingResult) -> Any:
     return orjson.loads(data)
 
 
+# What A01 carries that no rule puts into FHIR: the recorded time, the room and bed (no Location
+# yet), the historic flag and the unknown Z segment.
+A01_UNMAPPED = ["EVN-2[1]", "PV1-3[1].2", "PV1-3[1].3", "ZBE-5[1]", "ZXY-1[1]", "ZXY-2[1]"]
+
+# ADT is the identity feed: its Patient and Encounters are merged into what is stored.
+MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
+
 A01_BUNDLE: dict[str, Any] = {
     "resourceType": "Bundle",
     "type": "transaction",
@@ -96,6 +104,7 @@ A01_BUNDLE: dict[str, Any] = {
                             ]
                         },
                         "use": "usual",
+                        "assigner": {"display": "CHU-EST"},
                     },
                     {
                         "use": "official",
@@ -109,6 +118,7 @@ A01_BUNDLE: dict[str, Any] = {
                         },
                         "system": "urn:oid:1.2.250.1.213.1.4.8",
                         "value": "275042512345678",
+                        "assigner": {"display": "ASIP-SANTE-INS-NIR"},
                     },
                 ],
                 "name": [
@@ -123,6 +133,7 @@ A01_BUNDLE: dict[str, Any] = {
                         "city": "Besançon",
                         "postalCode": "25000",
                         "country": "FRA",
+                        "use": "home",
                     }
                 ],
                 "extension": [
@@ -157,7 +168,11 @@ A01_BUNDLE: dict[str, Any] = {
                 ],
                 "telecom": [{"value": "0381000000", "system": "phone", "use": "home"}],
             },
-            "request": {"method": "PUT", "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|552233"},
+            "request": {
+                "method": "PUT",
+                "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|552233",
+                "extension": MERGE,
+            },
         },
         {
             "fullUrl": "urn:uuid:1",
@@ -172,6 +187,7 @@ A01_BUNDLE: dict[str, Any] = {
                                 {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN"}
                             ]
                         },
+                        "assigner": {"display": "CHU-EST"},
                     }
                 ],
                 "status": "in-progress",
@@ -186,13 +202,20 @@ A01_BUNDLE: dict[str, Any] = {
             "request": {
                 "method": "PUT",
                 "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|V26-000456",
+                "extension": MERGE,
             },
         },
         {
             "fullUrl": "urn:uuid:2",
             "resource": {
                 "resourceType": "Encounter",
-                "identifier": [{"value": "MVT-7788", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+                "identifier": [
+                    {
+                        "value": "MVT-7788",
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "assigner": {"display": "CHU-EST"},
+                    }
+                ],
                 "status": "in-progress",
                 "class": {
                     "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
@@ -203,11 +226,15 @@ A01_BUNDLE: dict[str, Any] = {
                 "partOf": {"reference": "urn:uuid:1"},
                 "period": {"start": "2026-11-23T10:15:00+01:00"},
                 "location": [{"location": {"display": "CARDIO"}}],
-                "serviceType": {"coding": [{"code": "4010", "display": "CARDIOLOGIE"}]},
+                "serviceType": {
+                    "coding": [{"code": "4010", "display": "CARDIOLOGIE"}],
+                    "text": "CARDIOLOGIE",
+                },
             },
             "request": {
                 "method": "PUT",
                 "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|MVT-7788",
+                "extension": MERGE,
             },
         },
     ],
@@ -219,8 +246,9 @@ def test_a01_golden_bundle() -> None:
     assert bundle_errors(result.bundle) == []
     assert normalized(result) == A01_BUNDLE
     assert result.warnings == []
-    # nothing silently lost: what no rule read is reported, down to the unknown Z segment
-    assert result.unmapped == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    # nothing silently lost: every leaf no rule put into the Bundle is reported, down to the room
+    # and bed of PV1-3 and the unknown Z segment
+    assert result.unmapped == A01_UNMAPPED
 
 
 def test_ins_without_vali_is_dropped_with_a_warning() -> None:
@@ -376,23 +404,29 @@ def test_a40_merge_links_both_records_and_keeps_the_merged_one() -> None:
     assert survivor["resource"]["link"] == [{"other": {"reference": "urn:uuid:1"}, "type": "replaces"}]
     assert merged["resource"]["active"] is False
     assert merged["resource"]["link"] == [{"other": {"reference": "urn:uuid:0"}, "type": "replaced-by"}]
+    # merged, not replaced: the merged record keeps what it held, the survivor its demographics
     assert merged["request"] == {
         "method": "PUT",
         "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|440011",
+        "extension": MERGE,
     }
-    assert "MRG-1" not in result.unmapped
+    assert survivor["request"]["extension"] == MERGE
+    assert not any(u.startswith("MRG") for u in result.unmapped)
 
 
 def test_a47_finds_the_patient_by_its_former_identifier() -> None:
     result = mapped(identity_event("ADT^A47^ADT_A30", "998877^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI"))
     assert bundle_errors(result.bundle) == []
     (entry,) = result.bundle["entry"]
-    # found by the old IPP, now carrying the new one from PID-3
+    # found by the old IPP (or the new one, should it be known already), now carrying the new one
+    # from PID-3; found by both as two different Patients is a merge, refused by the repository
     assert entry["request"] == {
         "method": "PUT",
-        "url": "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|998877",
+        "url": f"Patient?identifier={OID}|998877,{OID}|552233",
+        "extension": MERGE,
     }
     assert entry["resource"]["identifier"][0]["value"] == "552233"
+    assert not any(u.startswith("MRG") for u in result.unmapped)
 
 
 def test_validation_verdicts_are_stable_across_calls() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.hl7.er7 import Message
 from gateway.mapping.validate import bundle_errors
-from tests.mapping.test_adt import A01, A01_BUNDLE, LIB, normalized, segment
+from tests.mapping.test_adt import A01, A01_BUNDLE, A01_UNMAPPED, LIB, normalized, segment
 
 # (trigger, structure, ZBE-4, ZBE-6 original trigger, visit status, movement status)
 MOVEMENTS = [
@@ -65,7 +65,7 @@ def test_movement_trigger(
             {"url": "urn:passerelle:hl7v2-field:ZBE-6", "valueCode": original}
         ]
     assert normalized(result) == expected
-    assert result.unmapped == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    assert result.unmapped == A01_UNMAPPED
 
 
 def test_discharge_closes_the_visit_period() -> None:

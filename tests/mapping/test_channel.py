@@ -10,7 +10,7 @@ import orjson
 
 from gateway.hl7.er7 import Message
 from tests.conftest import FakeDestination, wait_for
-from tests.mapping.test_adt import A01, MAPPINGS
+from tests.mapping.test_adt import A01, A01_UNMAPPED, MAPPINGS
 
 
 async def test_channel_maps_to_a_fhir_bundle_and_records_unmapped_content(start_gateway, client_for) -> None:
@@ -26,7 +26,7 @@ async def test_channel_maps_to_a_fhir_bundle_and_records_unmapped_content(start_
     trace = await gw.store.get_message(far.received[0][0].id, with_payloads=False)
     assert trace is not None
     transformed = next(s for s in trace["stages"] if s["stage"] == "transformed")
-    assert transformed["detail"]["unmapped"] == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    assert transformed["detail"]["unmapped"] == A01_UNMAPPED
     step = next(s for s in trace["stages"] if s["stage"].startswith("step:"))
     assert step["content_type"] == "application/fhir+json"
     assert gw.channels["adt"].snapshot()["counters"]["unmapped"] == 1
@@ -56,7 +56,7 @@ def test_convert_prints_the_bundle_and_what_was_left(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     out = orjson.loads(run.stdout)
-    assert out["unmapped"] == ["EVN-2", "ZBE-5", "ZXY-1", "ZXY-2"]
+    assert out["unmapped"] == A01_UNMAPPED
     assert out["bundle"]["entry"][0]["resource"]["name"][0]["family"] == "GÉRARD"
     bad = tmp_path / "a44.hl7"
     bad.write_bytes(A01.replace("ADT^A01^ADT_A01", "ADT^A44^ADT_A43").encode())

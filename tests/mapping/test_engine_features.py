@@ -101,7 +101,7 @@ def test_scope_conditions_and_merged_duplicates(tmp_path: Path) -> None:
         {"individual": {"reference": kept}},
         {"individual": {"reference": kept}},
     ]
-    assert result.warnings == ["PV1-7: only repetition 1 is mapped; 1 more left out"]
+    assert result.warnings == ["PV1-7: only repetition 1 is mapped; 1 more in the unmapped report"]
     # a condition of the list fails (ADELI, not RPPS): no resource, the reference goes with it
     other = lib.map(Message.parse(msg.to_er7().replace("^RPPS~", "^ADELI~", 1)))
     assert [e["request"]["url"] for e in other.bundle["entry"]] == [

@@ -12,6 +12,8 @@ MSH = (
     "MSH|^~\\&|LABO|CHU-EST|PASSERELLE|GHT|20261123110000||ORU^R01^ORU_R01|R-0001|P|2.5|||||FRA|UNICODE UTF-8"
 )
 PID = "PID|||552233^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI||GÉRARD^Zoé^^^^^L||19750425|F"
+OID = "urn:oid:1.2.250.1.71.4.2.2.4455"
+MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
 OBR = segment(
     "OBR",
     {
@@ -45,17 +47,49 @@ def test_oru_golden_bundle() -> None:
                 14: "20261123080000",
             },
         ),
-        spm=segment("SPM", {1: "1", 2: "SPM-77", 4: "122555007^Sang veineux^SCT", 17: "20261123075500"}),
+        spm=segment(
+            "SPM",
+            {
+                1: "1",
+                2: "SPM-77&LABO&1.2.250.1.71.4.2.2.4455&ISO",
+                4: "122555007^Sang veineux^SCT",
+                17: "20261123075500",
+            },
+        ),
     )
     result = LIB.map(msg)
     assert bundle_errors(result.bundle) == []
     loinc, ucum = "http://loinc.org", "http://unitsofmeasure.org"
-    assert normalized(result)["entry"][1:] == [
+    filler = {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}]},
+        "system": OID,
+        "value": "CMD-42",
+        "assigner": {"display": "LABO"},
+    }
+    entries = normalized(result)["entry"]
+    # the Patient is only named by a result feed: created when absent, never overwritten
+    assert entries[0]["request"] == {
+        "method": "POST",
+        "url": "Patient",
+        "ifNoneExist": f"identifier={OID}|552233",
+    }
+    assert entries[1:] == [
         {
             "fullUrl": "urn:uuid:1",
             "resource": {
                 "resourceType": "Specimen",
-                "identifier": [{"value": "SPM-77"}],
+                "identifier": [
+                    {
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                            ]
+                        },
+                        "system": OID,
+                        "value": "SPM-77",
+                        "assigner": {"display": "LABO"},
+                    }
+                ],
                 "type": {
                     "coding": [
                         {"system": "http://snomed.info/sct", "code": "122555007", "display": "Sang veineux"}
@@ -65,13 +99,33 @@ def test_oru_golden_bundle() -> None:
                 "collection": {"collectedDateTime": "2026-11-23T07:55:00+01:00"},
                 "subject": {"reference": "urn:uuid:0"},
             },
-            "request": {"method": "PUT", "url": "Specimen?identifier=|SPM-77"},
+            "request": {"method": "PUT", "url": f"Specimen?identifier={OID}|SPM-77", "extension": MERGE},
         },
         {
             "fullUrl": "urn:uuid:2",
             "resource": {
+                "resourceType": "ServiceRequest",
+                "identifier": [filler],
+                "status": "completed",
+                "intent": "order",
+                "code": {
+                    "coding": [{"system": loinc, "code": "24331-1", "display": "Bilan lipidique"}],
+                    "text": "Bilan lipidique",
+                },
+                "subject": {"reference": "urn:uuid:0"},
+            },
+            "request": {
+                "method": "PUT",
+                "url": f"ServiceRequest?identifier={OID}|CMD-42",
+                "extension": MERGE,
+            },
+        },
+        {
+            "fullUrl": "urn:uuid:3",
+            "resource": {
                 "resourceType": "Observation",
-                "identifier": [{"value": "CMD-42-1", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+                # the result's key: its order's filler number in that number's namespace, and its set id
+                "identifier": [{"system": OID, "value": "CMD-42-1", "assigner": {"display": "LABO"}}],
                 "status": "final",
                 "code": {
                     "coding": [{"system": loinc, "code": "2093-3", "display": "Cholestérol total"}],
@@ -98,16 +152,14 @@ def test_oru_golden_bundle() -> None:
                 "subject": {"reference": "urn:uuid:0"},
                 "specimen": {"reference": "urn:uuid:1"},
             },
-            "request": {
-                "method": "PUT",
-                "url": "Observation?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-42-1",
-            },
+            "request": {"method": "PUT", "url": f"Observation?identifier={OID}|CMD-42-1"},
         },
         {
-            "fullUrl": "urn:uuid:3",
+            "fullUrl": "urn:uuid:4",
             "resource": {
                 "resourceType": "DiagnosticReport",
-                "identifier": [{"value": "CMD-42", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+                "identifier": [filler],
+                "basedOn": [{"reference": "urn:uuid:2"}],
                 "status": "final",
                 "code": {
                     "coding": [{"system": loinc, "code": "24331-1", "display": "Bilan lipidique"}],
@@ -117,15 +169,12 @@ def test_oru_golden_bundle() -> None:
                 "issued": "2026-11-23T10:30:00+01:00",
                 "subject": {"reference": "urn:uuid:0"},
                 "specimen": [{"reference": "urn:uuid:1"}],
-                "result": [{"reference": "urn:uuid:2"}],
+                "result": [{"reference": "urn:uuid:3"}],
             },
-            "request": {
-                "method": "PUT",
-                "url": "DiagnosticReport?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-42",
-            },
+            "request": {"method": "PUT", "url": f"DiagnosticReport?identifier={OID}|CMD-42"},
         },
     ]
-    assert result.unmapped == ["OBR-1", "SPM-1"]
+    assert result.unmapped == ["OBR-1[1]", "SPM-1[1]"]
     assert result.warnings == []
 
 

@@ -65,7 +65,10 @@ def two_orders(pdf: bytes = PDF) -> str:
                         14: "20261123103000",
                     },
                 ),
-                segment("SPM", {1: "1", 2: "SPM-77", 4: "122555007^Sang veineux^SCT"}),
+                segment(
+                    "SPM",
+                    {1: "1", 2: "SPM-77&LABO&1.2.250.1.71.4.2.2.4455&ISO", 4: "122555007^Sang veineux^SCT"},
+                ),
                 segment(
                     "OBR",
                     {
@@ -99,8 +102,14 @@ def test_two_order_groups_golden() -> None:
     result = LIB.map(Message.parse(two_orders()))
     assert bundle_errors(result.bundle) == []
     assert normalized(result)["entry"][1:] == EXPECTED
-    # ORC-1/ORC-2 (the placer number is read from OBR-2) and the set ids are reported, not lost
-    assert result.unmapped == ["ORC-1", "ORC-2", "OBR-1", "SPM-1", "OBR[2]-1"]
+    # ORC-1 and the OBR set ids are reported, not lost; ORC-2 is OBR-2's number written again
+    assert result.unmapped == [
+        "ORC-1[1]",
+        "OBR-1[1]",
+        "SPM-1[1]",
+        "OBR[2]-1[1]",
+        "OBR[2]-15[1].1.3",
+    ]
     assert result.warnings == []
 
 
@@ -124,11 +133,16 @@ def test_a_replayed_document_keeps_its_ids() -> None:
     assert len(set(binary_urls)) == 2
 
 
-def test_a_document_that_does_not_decode_is_reported() -> None:
+def test_a_document_that_does_not_decode_is_reported_and_the_rest_published() -> None:
     text = two_orders().replace(base64.b64encode(PDF).decode(), "pas du base64 !")
     result = LIB.map(Message.parse(text))
     assert any("not valid Base64" in w for w in result.warnings)
-    assert bundle_errors(result.bundle) != []  # the step puts the message in ERROR: nothing half-written
+    assert bundle_errors(result.bundle) == []
+    # no empty DocumentReference: the unreadable document stays whole in the unmapped report, the
+    # other order's document and every result are published
+    documents = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+    assert [d["resource"]["identifier"][0]["value"] for d in documents] == ["CMD-43-2"]
+    assert {"OBX[2]-2[1]", "OBX[2]-5[1].2", "OBX[2]-5[1].5"} <= set(result.unmapped)
 
 
 @settings(max_examples=40, deadline=None)
@@ -165,8 +179,6 @@ EXPECTED: list[dict[str, Any]] = [
             "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"]},
             "identifier": [
                 {
-                    "value": "10003456789",
-                    "system": "https://rpps.esante.gouv.fr",
                     "type": {
                         "coding": [
                             {
@@ -175,13 +187,30 @@ EXPECTED: list[dict[str, Any]] = [
                             }
                         ]
                     },
-                }
+                    "system": "https://rpps.esante.gouv.fr",
+                    "value": "10003456789",
+                    "assigner": {"display": "ASIP-SANTE-PS"},
+                },
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                "code": "IDNPS",
+                            }
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.1",
+                    "value": "810003456789",
+                    "assigner": {"display": "ASIP-SANTE-PS"},
+                },
             ],
-            "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"]}],
+            "name": [{"family": "DUPRÉ", "given": ["Hélène"], "prefix": ["Dr"], "use": "usual"}],
         },
         "request": {
             "method": "PUT",
             "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
         },
     },
     {
@@ -191,8 +220,6 @@ EXPECTED: list[dict[str, Any]] = [
             "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"]},
             "identifier": [
                 {
-                    "value": "10007654321",
-                    "system": "https://rpps.esante.gouv.fr",
                     "type": {
                         "coding": [
                             {
@@ -201,20 +228,48 @@ EXPECTED: list[dict[str, Any]] = [
                             }
                         ]
                     },
-                }
+                    "system": "https://rpps.esante.gouv.fr",
+                    "value": "10007654321",
+                    "assigner": {"display": "ASIP-SANTE-PS"},
+                },
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                "code": "IDNPS",
+                            }
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.1",
+                    "value": "810007654321",
+                    "assigner": {"display": "ASIP-SANTE-PS"},
+                },
             ],
-            "name": [{"family": "MARTIN", "given": ["Paul"]}],
+            "name": [{"family": "MARTIN", "given": ["Paul"], "use": "usual"}],
         },
         "request": {
             "method": "PUT",
             "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10007654321",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
         },
     },
     {
         "fullUrl": "urn:uuid:3",
         "resource": {
             "resourceType": "Specimen",
-            "identifier": [{"value": "SPM-77"}],
+            "identifier": [
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "SPM-77",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "type": {
                 "coding": [
                     {"system": "http://snomed.info/sct", "code": "122555007", "display": "Sang veineux"}
@@ -223,17 +278,36 @@ EXPECTED: list[dict[str, Any]] = [
             },
             "subject": {"reference": "urn:uuid:0"},
         },
-        "request": {"method": "PUT", "url": "Specimen?identifier=|SPM-77"},
+        "request": {
+            "method": "PUT",
+            "url": "Specimen?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|SPM-77",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
+        },
     },
     {
         "fullUrl": "urn:uuid:4",
         "resource": {
             "resourceType": "Specimen",
-            "identifier": [{"value": "CMD-43", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-43",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "type": {"coding": [{"code": "BLDV", "display": "Sang veineux"}], "text": "Sang veineux"},
             "subject": {"reference": "urn:uuid:0"},
         },
-        "request": {"method": "PUT", "url": "Specimen?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-43"},
+        "request": {
+            "method": "PUT",
+            "url": "Specimen?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-43",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
+        },
     },
     {
         "fullUrl": "urn:uuid:5",
@@ -241,14 +315,25 @@ EXPECTED: list[dict[str, Any]] = [
             "resourceType": "ServiceRequest",
             "identifier": [
                 {
-                    "value": "PRESC-1",
-                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
                     "type": {
                         "coding": [
                             {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
                         ]
                     },
-                }
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "PRESC-1",
+                    "assigner": {"display": "SIH"},
+                },
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-42",
+                    "assigner": {"display": "LABO"},
+                },
             ],
             "status": "completed",
             "intent": "order",
@@ -262,13 +347,50 @@ EXPECTED: list[dict[str, Any]] = [
         "request": {
             "method": "PUT",
             "url": "ServiceRequest?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|PRESC-1",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
         },
     },
     {
         "fullUrl": "urn:uuid:6",
         "resource": {
+            "resourceType": "ServiceRequest",
+            "identifier": [
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-43",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
+            "status": "active",
+            "intent": "order",
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Créatinine"}],
+                "text": "Créatinine",
+            },
+            "subject": {"reference": "urn:uuid:0"},
+        },
+        "request": {
+            "method": "PUT",
+            "url": "ServiceRequest?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-43",
+            "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
+        },
+    },
+    {
+        "fullUrl": "urn:uuid:7",
+        "resource": {
             "resourceType": "Observation",
-            "identifier": [{"value": "CMD-42-1", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-42-1",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "status": "final",
             "code": {
                 "coding": [{"system": "http://loinc.org", "code": "2093-3", "display": "Cholestérol total"}],
@@ -290,10 +412,16 @@ EXPECTED: list[dict[str, Any]] = [
         },
     },
     {
-        "fullUrl": "urn:uuid:7",
+        "fullUrl": "urn:uuid:8",
         "resource": {
             "resourceType": "Observation",
-            "identifier": [{"value": "CMD-43-1", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-43-1",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "status": "preliminary",
             "code": {
                 "coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Créatinine"}],
@@ -314,30 +442,36 @@ EXPECTED: list[dict[str, Any]] = [
         },
     },
     {
-        "fullUrl": "urn:uuid:8",
+        "fullUrl": "urn:uuid:9",
         "resource": {
             "resourceType": "Binary",
             "contentType": "application/pdf",
             "data": "JVBERi0xLjQgY29tcHRlIHJlbmR1",
-            "id": "doc-1d712ded35343294dcec03b8e7df71949e6e03ff",
+            "id": "doc-46a827039f441dc1e82a1a2161a19328d6305d46",
         },
-        "request": {"method": "PUT", "url": "Binary/doc-1d712ded35343294dcec03b8e7df71949e6e03ff"},
-    },
-    {
-        "fullUrl": "urn:uuid:9",
-        "resource": {
-            "resourceType": "Binary",
-            "contentType": "text/plain",
-            "data": "UsOpc3VsdGF0ICYgY29tbWVudGFpcmU=",
-            "id": "doc-1aa6accd927ab418b6ef5ec9d1a0aefc7c759191",
-        },
-        "request": {"method": "PUT", "url": "Binary/doc-1aa6accd927ab418b6ef5ec9d1a0aefc7c759191"},
+        "request": {"method": "PUT", "url": "Binary/doc-46a827039f441dc1e82a1a2161a19328d6305d46"},
     },
     {
         "fullUrl": "urn:uuid:10",
         "resource": {
+            "resourceType": "Binary",
+            "contentType": "text/plain",
+            "data": "UsOpc3VsdGF0ICYgY29tbWVudGFpcmU=",
+            "id": "doc-13aa031e3b1c2249490f834abd909223d5803e5b",
+        },
+        "request": {"method": "PUT", "url": "Binary/doc-13aa031e3b1c2249490f834abd909223d5803e5b"},
+    },
+    {
+        "fullUrl": "urn:uuid:11",
+        "resource": {
             "resourceType": "DocumentReference",
-            "identifier": [{"value": "CMD-42-2", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-42-2",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "status": "current",
             "docStatus": "final",
             "type": {
@@ -354,12 +488,12 @@ EXPECTED: list[dict[str, Any]] = [
                         "contentType": "application/pdf",
                         "size": 21,
                         "hash": "3W8N5a8lu58bSw1z1QPrRQpUhh4=",
-                        "url": "Binary/doc-1d712ded35343294dcec03b8e7df71949e6e03ff",
+                        "url": "Binary/doc-46a827039f441dc1e82a1a2161a19328d6305d46",
                         "title": "CR d'examens biologiques",
                     }
                 }
             ],
-            "context": {"related": [{"reference": "urn:uuid:11"}]},
+            "context": {"related": [{"reference": "urn:uuid:12"}]},
         },
         "request": {
             "method": "PUT",
@@ -367,10 +501,16 @@ EXPECTED: list[dict[str, Any]] = [
         },
     },
     {
-        "fullUrl": "urn:uuid:12",
+        "fullUrl": "urn:uuid:13",
         "resource": {
             "resourceType": "DocumentReference",
-            "identifier": [{"value": "CMD-43-2", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-43-2",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
             "status": "current",
             "docStatus": "preliminary",
             "type": {
@@ -384,12 +524,12 @@ EXPECTED: list[dict[str, Any]] = [
                         "contentType": "text/plain",
                         "size": 23,
                         "hash": "1JxaMl78R/1SuOGW5bxPpB+1Kj8=",
-                        "url": "Binary/doc-1aa6accd927ab418b6ef5ec9d1a0aefc7c759191",
+                        "url": "Binary/doc-13aa031e3b1c2249490f834abd909223d5803e5b",
                         "title": "Note",
                     }
                 }
             ],
-            "context": {"related": [{"reference": "urn:uuid:13"}]},
+            "context": {"related": [{"reference": "urn:uuid:14"}]},
         },
         "request": {
             "method": "PUT",
@@ -397,10 +537,31 @@ EXPECTED: list[dict[str, Any]] = [
         },
     },
     {
-        "fullUrl": "urn:uuid:11",
+        "fullUrl": "urn:uuid:12",
         "resource": {
             "resourceType": "DiagnosticReport",
-            "identifier": [{"value": "CMD-42", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-42",
+                    "assigner": {"display": "LABO"},
+                },
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "PRESC-1",
+                    "assigner": {"display": "SIH"},
+                },
+            ],
             "basedOn": [{"reference": "urn:uuid:5"}],
             "status": "final",
             "code": {
@@ -410,13 +571,13 @@ EXPECTED: list[dict[str, Any]] = [
             "effectiveDateTime": "2026-11-23T08:00:00+01:00",
             "subject": {"reference": "urn:uuid:0"},
             "specimen": [{"reference": "urn:uuid:3"}],
-            "result": [{"reference": "urn:uuid:6"}],
+            "result": [{"reference": "urn:uuid:7"}],
             "presentedForm": [
                 {
                     "contentType": "application/pdf",
                     "size": 21,
                     "hash": "3W8N5a8lu58bSw1z1QPrRQpUhh4=",
-                    "url": "Binary/doc-1d712ded35343294dcec03b8e7df71949e6e03ff",
+                    "url": "Binary/doc-46a827039f441dc1e82a1a2161a19328d6305d46",
                     "title": "CR d'examens biologiques",
                 }
             ],
@@ -427,10 +588,22 @@ EXPECTED: list[dict[str, Any]] = [
         },
     },
     {
-        "fullUrl": "urn:uuid:13",
+        "fullUrl": "urn:uuid:14",
         "resource": {
             "resourceType": "DiagnosticReport",
-            "identifier": [{"value": "CMD-43", "system": "urn:oid:1.2.250.1.71.4.2.2.4455"}],
+            "identifier": [
+                {
+                    "type": {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                        ]
+                    },
+                    "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                    "value": "CMD-43",
+                    "assigner": {"display": "LABO"},
+                }
+            ],
+            "basedOn": [{"reference": "urn:uuid:6"}],
             "status": "preliminary",
             "code": {
                 "coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Créatinine"}],
@@ -438,13 +611,13 @@ EXPECTED: list[dict[str, Any]] = [
             },
             "subject": {"reference": "urn:uuid:0"},
             "specimen": [{"reference": "urn:uuid:4"}],
-            "result": [{"reference": "urn:uuid:7"}],
+            "result": [{"reference": "urn:uuid:8"}],
             "presentedForm": [
                 {
                     "contentType": "text/plain",
                     "size": 23,
                     "hash": "1JxaMl78R/1SuOGW5bxPpB+1Kj8=",
-                    "url": "Binary/doc-1aa6accd927ab418b6ef5ec9d1a0aefc7c759191",
+                    "url": "Binary/doc-13aa031e3b1c2249490f834abd909223d5803e5b",
                     "title": "Note",
                 }
             ],

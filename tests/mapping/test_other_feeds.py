@@ -36,7 +36,10 @@ def test_siu_appointment(trigger: str, status: str) -> None:
         segment("AIL", {3: "CS-CARDIO"}),
     )
     appointment = bundle["entry"][1]
-    assert appointment["request"] == {"method": "PUT", "url": f"Appointment?identifier={OID}|RDV-9"}
+    assert appointment["request"] == {
+        "method": "PUT",
+        "url": f"Appointment?identifier={OID}|RDV-9",
+    }  # replace
     assert appointment["resource"]["status"] == status
     assert appointment["resource"]["start"] == "2026-12-01T09:30:00+01:00"
     assert appointment["resource"]["end"] == "2026-12-01T10:00:00+01:00"
@@ -62,16 +65,9 @@ def test_orders_make_a_service_request_and_its_requester(event: str) -> None:
         segment("OBR", {4: "24331-1^Bilan lipidique^LN", 7: "20261124080000"}),
     )
     practitioner, order = (e["resource"] for e in bundle["entry"][1:])
-    assert practitioner["identifier"] == [
-        {
-            "value": "10000000001",
-            "system": "https://rpps.esante.gouv.fr",
-            "type": {
-                "coding": [
-                    {"system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203", "code": "RPPS"}
-                ]
-            },
-        }
+    assert [(i["system"], i["value"]) for i in practitioner["identifier"]] == [
+        ("https://rpps.esante.gouv.fr", "10000000001"),
+        ("urn:oid:1.2.250.1.71.4.2.1", "810000000001"),  # its national id, IDNPS = 8 + RPPS
     ]
     assert practitioner["name"] == [{"family": "MARTIN", "given": ["Paul"]}]
     assert order["status"] == "active"
@@ -131,7 +127,18 @@ def test_siu_golden() -> None:
             "fullUrl": "urn:uuid:1",
             "resource": {
                 "resourceType": "Appointment",
-                "identifier": [{"value": "RDV-9", "system": OID}],
+                "identifier": [
+                    {
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "value": "RDV-9",
+                        "assigner": {"display": "AGENDA"},
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                            ]
+                        },
+                    }
+                ],
                 "status": "booked",
                 "reasonCode": [
                     {
@@ -139,7 +146,6 @@ def test_siu_golden() -> None:
                         "text": "Consultation de suivi",
                     }
                 ],
-                "description": "Consultation de suivi",
                 "start": "2026-12-01T09:30:00+01:00",
                 "end": "2026-12-01T10:00:00+01:00",
                 "participant": [
@@ -147,7 +153,10 @@ def test_siu_golden() -> None:
                     {"actor": {"display": "CS-CARDIO"}, "status": "accepted"},
                 ],
             },
-            "request": {"method": "PUT", "url": f"Appointment?identifier={OID}|RDV-9"},
+            "request": {
+                "method": "PUT",
+                "url": "Appointment?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|RDV-9",
+            },
         }
     ]
 
@@ -174,8 +183,6 @@ def test_orm_golden() -> None:
                 "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"]},
                 "identifier": [
                     {
-                        "value": "10000000001",
-                        "system": "https://rpps.esante.gouv.fr",
                         "type": {
                             "coding": [
                                 {
@@ -184,13 +191,30 @@ def test_orm_golden() -> None:
                                 }
                             ]
                         },
-                    }
+                        "system": "https://rpps.esante.gouv.fr",
+                        "value": "10000000001",
+                        "assigner": {"display": "ASIP-SANTE-PS"},
+                    },
+                    {
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203",
+                                    "code": "IDNPS",
+                                }
+                            ]
+                        },
+                        "system": "urn:oid:1.2.250.1.71.4.2.1",
+                        "value": "810000000001",
+                        "assigner": {"display": "ASIP-SANTE-PS"},
+                    },
                 ],
                 "name": [{"family": "MARTIN", "given": ["Paul"]}],
             },
             "request": {
                 "method": "PUT",
                 "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10000000001",
+                "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
             },
         },
         {
@@ -199,19 +223,22 @@ def test_orm_golden() -> None:
                 "resourceType": "ServiceRequest",
                 "identifier": [
                     {
-                        "value": "CMD-77",
-                        "system": OID,
                         "type": {
                             "coding": [
                                 {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
                             ]
                         },
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "value": "CMD-77",
+                        "assigner": {"display": "SIH"},
                     }
                 ],
                 "status": "active",
                 "intent": "order",
                 "code": {
-                    "coding": [{"system": LOINC, "code": "24331-1", "display": "Bilan lipidique"}],
+                    "coding": [
+                        {"system": "http://loinc.org", "code": "24331-1", "display": "Bilan lipidique"}
+                    ],
                     "text": "Bilan lipidique",
                 },
                 "subject": {"reference": "urn:uuid:0"},
@@ -219,7 +246,11 @@ def test_orm_golden() -> None:
                 "requester": {"reference": "urn:uuid:1"},
                 "occurrenceDateTime": "2026-11-24T08:00:00+01:00",
             },
-            "request": {"method": "PUT", "url": f"ServiceRequest?identifier={OID}|CMD-77"},
+            "request": {
+                "method": "PUT",
+                "url": "ServiceRequest?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CMD-77",
+                "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
+            },
         },
     ]
 
@@ -248,7 +279,18 @@ def test_vxu_golden() -> None:
             "fullUrl": "urn:uuid:1",
             "resource": {
                 "resourceType": "Immunization",
-                "identifier": [{"value": "VAC-3", "system": OID}],
+                "identifier": [
+                    {
+                        "type": {
+                            "coding": [
+                                {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "FILL"}
+                            ]
+                        },
+                        "system": "urn:oid:1.2.250.1.71.4.2.2.4455",
+                        "value": "VAC-3",
+                        "assigner": {"display": "SIH"},
+                    }
+                ],
                 "status": "completed",
                 "vaccineCode": {
                     "coding": [{"code": "3421012", "display": "VAXIGRIPTETRA"}],
@@ -263,6 +305,9 @@ def test_vxu_golden() -> None:
                     "text": "Intramusculaire",
                 },
             },
-            "request": {"method": "PUT", "url": f"Immunization?identifier={OID}|VAC-3"},
+            "request": {
+                "method": "PUT",
+                "url": "Immunization?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|VAC-3",
+            },
         }
     ]

@@ -26,6 +26,7 @@ from conformance.suite import DATA_DIR
 from gateway.hl7.er7 import Message
 from gateway.http.fhir import InvalidResource, _code_issues, validate_resource
 from gateway.mapping import structure
+from gateway.mapping.namespaces import Namespaces
 from gateway.mapping.structure import conforms
 from gateway.mapping.validate import bundle_errors
 from tests.documents.mdm_messages import mdm
@@ -88,7 +89,7 @@ def _messages() -> Iterator[bytes]:
 def _build_corpus() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [orjson.loads((DATA_DIR / "fhir" / "patient-ins.json").read_bytes())]
     for raw in _messages():
-        bundle = LIB.map(Message.decode(raw)).bundle
+        bundle = LIB.map(Message.decode(raw), namespaces=Namespaces(policy="sender")).bundle
         out.append(bundle)
         out.extend(entry["resource"] for entry in bundle["entry"])
     return out

@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, escape
 from gateway.mapping import functions, reverse_functions
 from gateway.mapping.engine import Library
+from gateway.mapping.namespaces import Namespaces
 from gateway.mapping.reverse import ReverseLibrary
 
 ROOT = Path(__file__).resolve().parents[2]
 INBOUND = Library.load(ROOT / "mappings", functions.available())
+SENDER = Namespaces(policy="sender")  # generated identifiers without authority: namespaced by the sender
 REVERSE = ReverseLibrary.load(ROOT / "mappings" / "reverse", reverse_functions.available())
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
 OIDS = ["1.2.250.1.71.4.2.2.1234", "1.2.250.1.71.4.2.2.4455"]
@@ -253,7 +255,7 @@ def view(msg: Message) -> dict[str, Any]:
 
 
 def round_trip(msg: Message, trigger: str) -> Message:
-    bundle = INBOUND.map(msg).bundle
+    bundle = INBOUND.map(msg, namespaces=SENDER).bundle
     if trigger == "A28":
         # The inbound Bundle writes every resource as a conditional update; A28 versus A31 is the
         # interaction (a new patient is POSTed), so the new patient's entry says so.

@@ -1,9 +1,10 @@
 """The FHIR repository's behaviour on both backends: SQLite and PostgreSQL.
 
-The backend-neutral tests of tests/fhir/test_repository.py are imported here and run against
-the ``repo`` fixture below, once per backend; the tests that looked into the SQLite file are
-restated over ``Inspect``, which counts rows in either database. Then what only PostgreSQL has:
-migrations, several nodes writing at once, the search SQL on real PostgreSQL for any input.
+The backend-neutral tests of tests/fhir/test_repository.py and tests/fhir/test_write_policy.py
+are imported here and run against the ``repo`` fixture below, once per backend; the tests that
+looked into the SQLite file are restated over ``Inspect``, which counts rows in either database.
+Then what only PostgreSQL has: migrations, several nodes writing at once, the search SQL on real
+PostgreSQL for any input.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ from tests.fhir.test_repository import (  # noqa: F401
     test_update_keeps_client_meta_and_puts_server_meta_first,
     test_update_rejects_a_mismatched_id_or_type,
 )
+from tests.fhir.test_write_policy import (  # noqa: F401
+    test_merge_by_id_and_after_a_deletion,
+    test_merge_clear_removes_an_element,
+    test_merge_matching_nothing_creates_the_resource,
+    test_merge_sees_references_resolved_and_earlier_entries_written,
+    test_plain_put_still_replaces,
+    test_replayed_merge_writes_no_new_version,
+    test_thin_merge_keeps_what_the_owner_set,
+    test_unknown_write_policy_is_refused_naming_request_extension,
+)
 from tests.scale.conftest import PG_DSN, LiveNames, require_live
 
 _TABLES = ("resources", "resource_versions", "search_index")
@@ -103,7 +114,7 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.live)])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[tuple[FhirRepository, Inspect]]:

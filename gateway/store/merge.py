@@ -1,0 +1,189 @@
+"""The "merge" write policy: what an owner's update keeps of the stored resource.
+
+A conditional PUT replaces the whole resource, so a thin message (an ORU's PID with only the IPP,
+an A40) would wipe what an earlier ADT set. An entry whose ``request.extension`` holds
+``urn:passerelle:write-policy`` = ``merge`` is merged into the stored version instead:
+
+- the stored resource is the base; its ``resourceType`` and ``id`` stay, its ``meta`` does not,
+  but for ``meta.profile``;
+- each top-level element of the incoming resource replaces the stored one, except:
+  - ``identifier``, merged per system: the incoming identifiers, then the stored ones of the
+    systems the incoming ones do not name (a stored system-less one stays unless an incoming one
+    has its value and type);
+  - ``extension``, merged per ``url``: the incoming ones, then the stored ones of other urls;
+  - ``link``, merged per ``other.reference``: the incoming ones, then the stored ones of other
+    references;
+  - ``meta``: the incoming one, with ``meta.profile`` the stored profiles then the new ones;
+- an element the incoming resource lacks is kept, unless ``clear`` names it (``urn:passerelle:clear``:
+  the sender sent HL7 ``""``), and then it is removed.
+
+Merging the same incoming resource twice gives what merging it once gave, so a replayed message
+writes no new version.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Collection, Hashable, Mapping
+from typing import Any
+
+from gateway.core.errors import BadRequest
+
+WRITE_POLICY_URL = "urn:passerelle:write-policy"
+CLEAR_URL = "urn:passerelle:clear"
+MERGE = "merge"
+REPLACE = "replace"
+
+# Never removed by ``clear``: what names the resource, and what the server keeps of its meta.
+_STRUCTURAL = frozenset({"resourceType", "id", "meta"})
+_SERVER_META = ("versionId", "lastUpdated")
+
+
+def write_policy(request: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """A Bundle entry's ``request`` → (write policy, elements to clear); unknown extensions ignored.
+
+    ``replace`` when no policy is given. Raises BadRequest (at ``request.extension``) when our
+    extensions are malformed.
+    """
+    extensions = request.get("extension")
+    if extensions is None:
+        return REPLACE, ()
+    if not isinstance(extensions, list):
+        raise BadRequest("request.extension must be a list", location="request.extension")
+    policy: str | None = None
+    clear: list[str] = []
+    for ext in extensions:
+        if not isinstance(ext, dict):
+            raise BadRequest("request.extension items must be objects", location="request.extension")
+        url = ext.get("url")
+        if url == WRITE_POLICY_URL:
+            code = ext.get("valueCode")
+            if code not in (MERGE, REPLACE) or (policy is not None and code != policy):
+                raise BadRequest(
+                    f"{WRITE_POLICY_URL}: expected one valueCode, merge or replace",
+                    location="request.extension",
+                )
+            policy = code
+        elif url == CLEAR_URL:
+            name = ext.get("valueString")
+            if not isinstance(name, str) or not name:
+                raise BadRequest(
+                    f"{CLEAR_URL}: expected the name of an element in valueString",
+                    location="request.extension",
+                )
+            clear.append(name)
+    return policy or REPLACE, tuple(clear)
+
+
+def is_policy_extension(extension: Any) -> bool:
+    """Whether a ``request.extension`` item is one of ours."""
+    return isinstance(extension, dict) and extension.get("url") in (WRITE_POLICY_URL, CLEAR_URL)
+
+
+def strip_policy(request: Mapping[str, Any]) -> dict[str, Any]:
+    """``request`` without our extensions, for a server that does not know them."""
+    out = dict(request)
+    extensions = out.pop("extension", None)
+    if isinstance(extensions, list):
+        kept = [e for e in extensions if not is_policy_extension(e)]
+        if kept:
+            out["extension"] = kept
+    elif extensions is not None:
+        out["extension"] = extensions
+    return out
+
+
+def merge_resource(
+    current: Mapping[str, Any], incoming: Mapping[str, Any], clear: Collection[str] = ()
+) -> dict[str, Any]:
+    """The content to store when ``incoming`` is merged into ``current`` (see the module's rules).
+
+    Neither input is changed, and the result shares nothing with them.
+    """
+    out: dict[str, Any] = {}
+    for key in ("resourceType", "id"):
+        if key in current:
+            out[key] = current[key]
+        elif key in incoming:
+            out[key] = incoming[key]
+    meta = _merge_meta(current.get("meta"), incoming.get("meta"))
+    if meta:
+        out["meta"] = meta
+    for key, value in current.items():
+        if key not in _STRUCTURAL and not (key in clear and key not in incoming):
+            out[key] = value
+    for key, value in incoming.items():
+        if key in _STRUCTURAL:
+            continue
+        merge = _MERGERS.get(key)
+        out[key] = merge(current[key], value) if merge is not None and key in current else value
+    return copy.deepcopy(out)
+
+
+def _merge_meta(stored: Any, incoming: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if isinstance(incoming, Mapping):
+        meta = {k: v for k, v in incoming.items() if k not in _SERVER_META}
+    profiles: list[Any] = []
+    for source in (stored, incoming):
+        if isinstance(source, Mapping) and isinstance(source.get("profile"), list):
+            profiles += [p for p in source["profile"] if p not in profiles]
+    if profiles:
+        meta["profile"] = profiles
+    else:
+        meta.pop("profile", None)
+    return meta
+
+
+def _merge_keyed(stored: Any, incoming: Any, key: Callable[[Any], Hashable | None]) -> Any:
+    """The incoming items, then the stored items whose key no incoming item has.
+
+    An item without a key stays unless an incoming item is equal to it. Anything but two lists
+    (not valid FHIR) is replaced as a plain element would be.
+    """
+    if not isinstance(stored, list) or not isinstance(incoming, list):
+        return incoming
+    keys = {k for k in map(key, incoming) if k is not None}
+    kept = [
+        item for item in stored if (k := key(item)) not in keys and (k is not None or item not in incoming)
+    ]
+    return [*incoming, *kept]
+
+
+def _system(identifier: Any) -> Hashable | None:
+    system = identifier.get("system") if isinstance(identifier, dict) else None
+    return system if isinstance(system, str) and system else None
+
+
+def _merge_identifiers(stored: Any, incoming: Any) -> Any:
+    if not isinstance(stored, list) or not isinstance(incoming, list):
+        return incoming
+    # A system-less stored identifier is the same as an incoming one of its value and type (the
+    # same number, now perhaps namespaced): compare just those.
+    given = [_value_and_type(i) for i in incoming]
+    kept = [i for i in stored if _system(i) is not None or _value_and_type(i) not in given]
+    return _merge_keyed(kept, incoming, _system)
+
+
+def _value_and_type(identifier: Any) -> tuple[Any, Any]:
+    if not isinstance(identifier, dict):
+        return identifier, None
+    return identifier.get("value"), identifier.get("type")
+
+
+def _url(extension: Any) -> Hashable | None:
+    url = extension.get("url") if isinstance(extension, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def _other(link: Any) -> Hashable | None:
+    other = link.get("other") if isinstance(link, dict) else None
+    ref = other.get("reference") if isinstance(other, dict) else None
+    return ref if isinstance(ref, str) and ref else None
+
+
+_MERGERS: dict[str, Callable[[Any, Any], Any]] = {
+    "identifier": _merge_identifiers,
+    "extension": lambda stored, incoming: _merge_keyed(stored, incoming, _url),
+    "link": lambda stored, incoming: _merge_keyed(stored, incoming, _other),
+}
