@@ -70,6 +70,9 @@ def run(
     token: str | None = None,
     profile: str | None = None,
     count: int | None = None,
+    fhir: str | None = None,
+    api: str | None = None,
+    settle: float | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
@@ -103,7 +106,17 @@ def run(
     try:
         with bar:
             result = asyncio.run(
-                run_suite(suite, where, token=token, profile=profile, count=count, progress=progress)
+                run_suite(
+                    suite,
+                    where,
+                    token=token,
+                    profile=profile,
+                    count=count,
+                    progress=progress,
+                    fhir=fhir,
+                    api=api,
+                    settle=settle,
+                )
             )
     except (SuiteError, ProfileError) as exc:
         print(f"passerelle conformance: {exc}", file=err)
@@ -113,11 +126,12 @@ def run(
         print(f"{'PASSED' if case.passed else 'FAILED'}  {case.id}  {case.title}", file=out)
         for a in case.assertions:
             if not a.passed:
-                print(f"    [{a.severity.value}] {a.check} at {a.location}: {a.message}", file=out)
+                label = "skipped" if a.skipped else a.severity.value
+                print(f"    [{label}] {a.check} at {a.location}: {a.message}", file=out)
     verdict = "PASSED" if result.passed else "FAILED"
     print(
         f"{suite.name}: {verdict} — {counts['passed']}/{counts['cases']} cases, {counts['checks']} checks, "
-        f"{counts['errors']} errors, {counts['warnings']} warnings",
+        f"{counts['errors']} errors, {counts['warnings']} warnings, {counts['skipped']} skipped",
         file=out,
     )
     if report_dir:

@@ -16,13 +16,15 @@ from conformance.findings import Finding, Severity
 
 @dataclass(frozen=True, slots=True)
 class Assertion:
-    """One check made: passed, or failed with a severity (a failed warning does not fail the case)."""
+    """One check made: passed, or failed with a severity (a failed warning does not fail the case),
+    or skipped for want of what it needs (the message says what), which fails nothing."""
 
     check: str  # rule id or check name
     passed: bool
     severity: Severity
     location: str
     message: str
+    skipped: bool = False
 
     @classmethod
     def from_finding(cls, f: Finding) -> Assertion:
@@ -35,6 +37,10 @@ class Assertion:
     @property
     def is_warning(self) -> bool:
         return not self.passed and self.severity == Severity.WARNING
+
+    @property
+    def result(self) -> str:
+        return "SKIPPED" if self.skipped else "PASSED" if self.passed else "FAILED"
 
 
 @dataclass(slots=True)
@@ -53,6 +59,9 @@ class CaseResult:
 
     def fail(self, check: str, location: str, message: str, severity: Severity = Severity.ERROR) -> None:
         self.assertions.append(Assertion(check, False, severity, location, message))
+
+    def skip(self, check: str, location: str, reason: str) -> None:
+        self.assertions.append(Assertion(check, False, Severity.INFORMATION, location, reason, skipped=True))
 
     def expect(self, condition: bool, check: str, location: str, message: str) -> bool:
         if condition:
@@ -91,6 +100,7 @@ class SuiteResult:
             "checks": len(assertions),
             "errors": sum(a.is_error for a in assertions),
             "warnings": sum(a.is_warning for a in assertions),
+            "skipped": sum(a.skipped for a in assertions),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,7 +121,7 @@ class SuiteResult:
                     "assertions": [
                         {
                             "check": a.check,
-                            "result": "PASSED" if a.passed else "FAILED",
+                            "result": a.result,
                             "severity": a.severity.value,
                             "location": a.location,
                             "message": a.message,
@@ -155,10 +165,14 @@ def to_junit(result: SuiteResult) -> bytes:
             failure.text = "\n".join(
                 f"[{a.severity.value}] {a.check} at {a.location}: {a.message}" for a in errors
             )
-        warnings = [a for a in case.assertions if a.is_warning]
-        if warnings:
+        # JUnit skips whole test cases only: skipped checks are listed beside the warnings
+        noted = [a for a in case.assertions if a.is_warning or a.skipped]
+        if noted:
             out = ET.SubElement(node, "system-out")
-            out.text = "\n".join(f"[warning] {a.check} at {a.location}: {a.message}" for a in warnings)
+            out.text = "\n".join(
+                f"[{'skipped' if a.skipped else 'warning'}] {a.check} at {a.location}: {a.message}"
+                for a in noted
+            )
     data: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
     return data
 
@@ -173,11 +187,12 @@ def to_html(result: SuiteResult) -> bytes:
         head = f"{e(case.id)} — {e(case.title)}"
         rows.append(f'<tr class="case {status.lower()}"><th colspan="4">{head}</th><td>{status}</td></tr>')
         for a in case.assertions:
-            state = "passed" if a.passed else a.severity.value
+            state = "passed" if a.passed else "skipped" if a.skipped else a.severity.value
+            failed = not a.passed and not a.skipped
             rows.append(
                 f'<tr class="{state}"><td>{e(a.check)}</td><td>{e(a.location)}</td><td>{e(a.message)}</td>'
-                f"<td>{e(a.severity.value if not a.passed else '')}</td>"
-                f"<td>{'PASSED' if a.passed else 'FAILED'}</td></tr>"
+                f"<td>{e(a.severity.value if failed else '')}</td>"
+                f"<td>{a.result}</td></tr>"
             )
     page = f"""<!doctype html>
 <html lang="fr"><head><meta charset="utf-8"><title>{e(result.title)} — {verdict}</title>
@@ -185,13 +200,15 @@ def to_html(result: SuiteResult) -> bytes:
 body{{font-family:system-ui,sans-serif;margin:2em}} table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}}
 tr.case th{{background:#eee}} tr.case.failed th{{background:#fdd}} tr.error td,tr.fatal td{{color:#a00}}
-tr.warning td{{color:#a60}} tr.passed td{{color:#060}} .verdict{{font-size:1.5em;font-weight:bold}}
+tr.warning td{{color:#a60}} tr.passed td{{color:#060}} tr.skipped td{{color:#666}}
+.verdict{{font-size:1.5em;font-weight:bold}}
 </style></head><body>
 <h1>{e(result.title)}</h1>
 <p class="verdict">{verdict}</p>
 <p>Suite <code>{e(result.suite)}</code> against <code>{e(result.target)}</code> —
 {counts["cases"]} cases ({counts["passed"]} passed, {counts["failed"]} failed), {counts["checks"]} checks,
-{counts["errors"]} errors, {counts["warnings"]} warnings, {result.seconds:.2f} s.</p>
+{counts["errors"]} errors, {counts["warnings"]} warnings, {counts["skipped"]} skipped,
+{result.seconds:.2f} s.</p>
 <table><tr><th>Check</th><th>Location</th><th>Message</th><th>Severity</th><th>Result</th></tr>
 {"".join(rows)}
 </table></body></html>

@@ -7,7 +7,6 @@ import base64
 import contextlib
 import hashlib
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ import orjson
 from conformance.fhir.registry import Registry, default_registry
 from conformance.findings import Finding
 from conformance.hl7v2.validator import validate_hl7
+from conformance.per_run import PerRun
 from conformance.report import CaseResult, SuiteResult
+from conformance.results import ResultApis, Verifier
 from conformance.suite import Suite, SuiteError
 from gateway.core.errors import MessageError
 from gateway.hl7.er7 import split_messages
@@ -49,14 +50,22 @@ async def run_suite(
     registry: Registry | None = None,
     progress: Progress = _noop,
     timeout: float = 30.0,
+    fhir: str | None = None,
+    api: str | None = None,
+    settle: float | None = None,
 ) -> SuiteResult:
+    """``fhir``, ``api`` and ``settle`` serve the result checks of mllp-receiver suites: the
+    system's FHIR API, a Passerelle gateway's admin API, and the seconds given to processing
+    (default: the suite's ``settle_s``)."""
     result = SuiteResult(suite.name, suite.title, target)
     start = time.monotonic()
     registry = registry or default_registry()
     if suite.kind == "files":
         _run_files(suite, Path(target.removeprefix("file://")), result, registry, profile, progress)
     elif suite.kind == "mllp-receiver":
-        await _run_mllp_receiver(suite, target, result, progress, timeout)
+        wait = float(suite.settings.get("settle_s", 20)) if settle is None else settle
+        apis = ResultApis(fhir=fhir, api=api, token=token, settle=wait)
+        await _run_mllp_receiver(suite, target, result, progress, timeout, apis)
     elif suite.kind == "mllp-sender":
         await _run_mllp_sender(suite, target, result, progress, count)
     else:
@@ -122,45 +131,46 @@ def _run_files(
 
 
 async def _run_mllp_receiver(
-    suite: Suite, target: str, result: SuiteResult, progress: Progress, timeout: float
+    suite: Suite, target: str, result: SuiteResult, progress: Progress, timeout: float, apis: ResultApis
 ) -> None:
     from connectors.mllp.client import MllpClient
-    from gateway.hl7.er7 import Message
 
     host, port = parse_mllp(target)
-    run_id = uuid.uuid4().hex[:8].upper()
+    run = PerRun(suite.per_run)
     client = MllpClient(host, port)
-    serial = 0
     try:
-        for done, case in enumerate(suite.cases, 1):
-            started = time.monotonic()
-            outcome = CaseResult(case.id, case.title)
-            for number, step in enumerate(case.steps, 1):
-                where = f"step {number}"
-                raw = suite.data(str(step["send"])).read_bytes()
-                control_id = ""  # raw steps send bytes with no readable MSH-10
-                if not step.get("raw"):
-                    serial += 1
-                    msg = Message.decode(raw, default_charset="UNICODE UTF-8")
-                    control_id = f"CF{run_id}{serial:04d}"
-                    msg.set("MSH-10", control_id)
-                    msg.set("MSH-7", time.strftime("%Y%m%d%H%M%S"))
-                    raw = msg.encode()
-                try:
-                    answer = await client.send(raw, timeout=timeout)
-                except (TimeoutError, OSError, ConnectionError, MessageError) as exc:
-                    outcome.fail("ACK-RECEIVED", where, f"no acknowledgement: {type(exc).__name__}")
-                    await client.close()
-                    continue
-                _check_ack(outcome, where, answer, control_id, step.get("expect") or {})
-            outcome.seconds = time.monotonic() - started
-            result.cases.append(outcome)
-            progress(done, len(suite.cases), case.id)
+        async with Verifier(apis, run, timeout) as verifier:
+            for done, case in enumerate(suite.cases, 1):
+                started = time.monotonic()
+                outcome = CaseResult(case.id, case.title)
+                accepted: list[tuple[str, str]] = []  # (step, MSH-10) the system took charge of
+                for number, step in enumerate(case.steps, 1):
+                    where = f"step {number}"
+                    raw = suite.data(str(step["send"])).read_bytes()
+                    control_id = ""  # raw steps send bytes with no readable MSH-10
+                    if not step.get("raw"):
+                        raw, control_id = run.prepare(raw)
+                    try:
+                        answer = await client.send(raw, timeout=timeout)
+                    except (TimeoutError, OSError, ConnectionError, MessageError) as exc:
+                        outcome.fail("ACK-RECEIVED", where, f"no acknowledgement: {type(exc).__name__}")
+                        await client.close()
+                        continue
+                    code = _check_ack(outcome, where, answer, control_id, step.get("expect") or {})
+                    if control_id and code in ("AA", "CA"):
+                        accepted.append((where, control_id))
+                await verifier.after(outcome, case.then, accepted)
+                outcome.seconds = time.monotonic() - started
+                result.cases.append(outcome)
+                progress(done, len(suite.cases), case.id)
     finally:
         await client.close()
 
 
-def _check_ack(case: CaseResult, where: str, answer: bytes, control_id: str, expect: dict[str, Any]) -> None:
+def _check_ack(
+    case: CaseResult, where: str, answer: bytes, control_id: str, expect: dict[str, Any]
+) -> str | None:
+    """Checks one acknowledgement; returns its MSA-1 (None when it cannot be read)."""
     from gateway.hl7.er7 import Message
 
     findings = validate_hl7(answer, profile="v2.5", answers=control_id, default_charset="UNICODE UTF-8")
@@ -168,7 +178,7 @@ def _check_ack(case: CaseResult, where: str, answer: bytes, control_id: str, exp
     try:
         ack = Message.decode(answer, default_charset="UNICODE UTF-8")
     except MessageError:
-        return
+        return None
     code = ack.get("MSA-1")
     wanted = [str(c) for c in expect.get("ack", ["AA", "CA"])]
     case.expect(
@@ -184,6 +194,7 @@ def _check_ack(case: CaseResult, where: str, answer: bytes, control_id: str, exp
             f"{where} ERR",
             "an ERR segment explains the refusal",
         )
+    return code
 
 
 # -- live MLLP sender ------------------------------------------------------------------------------

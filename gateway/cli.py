@@ -349,6 +349,9 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
         token=args.token,
         profile=args.profile,
         count=args.count,
+        fhir=args.fhir,
+        api=args.api,
+        settle=args.settle,
     )
 
 
@@ -448,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--target", help="mllp://HOST:PORT, http(s)://HOST/fhir, or a file or directory")
     conformance.add_argument("--listen", help="mllp://HOST:PORT to receive on (live sender suites)")
     conformance.add_argument("--report-dir", help="write NAME.json, NAME.junit.xml and NAME.html there")
-    conformance.add_argument("--token", help="bearer token for HTTP targets")
+    conformance.add_argument("--token", help="bearer token for HTTP targets, --fhir and --api")
+    conformance.add_argument("--fhir", help="http(s)://HOST/fhir: the receiver's FHIR API, for result checks")
+    conformance.add_argument("--api", help="http(s)://HOST:PORT/api: a Passerelle gateway's admin API")
+    conformance.add_argument(
+        "--settle",
+        type=float,
+        help="seconds given to asynchronous processing per case (default: the suite's)",
+    )
     conformance.add_argument("--profile", help="FHIR profile for the files suite")
     conformance.add_argument("--count", type=int, help="messages to wait for (live sender suites)")
     conformance.set_defaults(func=_cmd_conformance)

@@ -11,13 +11,13 @@ Rules (HL7 v2.5 §2.9, IHE ITI original mode as PAM FR uses it):
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass
 
 from gateway.core.errors import AckCode, PasserelleError, Severity
 from gateway.hl7.charsets import CHARSETS
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, Separators, escape
+from gateway.hl7.path import location as parse_location
 
 # HL7 table 0357 (message error condition codes).
 TABLE_0357 = {
@@ -35,8 +35,6 @@ TABLE_0357 = {
     "206": "Application record locked",
     "207": "Application internal error",
 }
-
-_LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +60,16 @@ def ack_request(msg: Message | None) -> AckRequest:
 
 def location_to_erl(location: str | None, seps: Separators) -> str:
     """'PID-3[2].4' → 'PID^1^3^2^4' (ERR-2, data type ERL)."""
-    if not location:
+    loc = parse_location(location)
+    if loc is None:
         return ""
-    m = _LOCATION.match(location)
-    if m is None:
-        return ""
-    seg, occ, field, rep, comp, sub = m.groups()
-    parts = [seg, occ or "1"]
-    if field:
-        parts += [field, rep or "1"]
-        if comp:
-            parts.append(comp)
-            if sub:
-                parts.append(sub)
+    parts = [loc.segment, str(loc.occurrence or 1)]
+    if loc.field:
+        parts += [str(loc.field), str(loc.repetition or 1)]
+        if loc.component is not None:
+            parts.append(str(loc.component))
+            if loc.subcomponent is not None:
+                parts.append(str(loc.subcomponent))
     return seps.component.join(parts)
 
 

@@ -72,6 +72,23 @@ def parse(path: str, *, relative: bool = False, every: bool = False) -> Location
     )
 
 
+def location(text: str | None) -> Location | None:
+    """An error's location (``PID-3[2].4``, ``MSH-9``, or a whole segment ``ZBE[2]``) for an ERR
+    segment; None for anything else (a FHIRPath, say), which the ACK then leaves out."""
+    if not text:
+        return None
+    whole = _WHOLE_SEGMENT.fullmatch(text)
+    if whole is not None:
+        return Location(whole.group(1), int(whole.group(2)) if whole.group(2) else None, 0, None, None, None)
+    try:
+        return parse(text, every=False)
+    except ValueError:
+        return None
+
+
+_WHOLE_SEGMENT: Final = re.compile(r"([A-Z][A-Z0-9]{2})(?:\[([1-9][0-9]*)\])?")
+
+
 def is_segment(name: str) -> bool:
     """A segment name (``OBX``), as opposed to a field path (``OBX-5``)."""
     return _SEGMENT.fullmatch(name) is not None

@@ -99,11 +99,9 @@ def decode_ed(ctx: Context) -> tuple[str, bytes] | None:
     return _content_type(kind, subtype), raw
 
 
-def document_key(ctx: Context) -> str:
-    """A stable name for the document of the current OBX: its order's number in its namespace
-    (filler's, else placer's) and the OBX set id; without any, the message and the OBX."""
-    n = ctx.segment[1] if ctx.segment else 1
-    set_id = ctx.read("OBX-1") or str(n)
+def order_number(ctx: Context) -> tuple[str, str, str] | None:
+    """(path, value, kind) of the order number that names the current group's results and
+    documents: the filler's (OBR-3, ORC-3), else the placer's (OBR-2, ORC-2)."""
     for path, kind in (
         ("OBR-3", "filler-order"),
         ("ORC-3", "filler-order"),
@@ -112,9 +110,40 @@ def document_key(ctx: Context) -> str:
     ):
         value = ctx.read(f"{path}.1")
         if value:
-            authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
-            return f"{ctx.system(kind, authority, path)}|{value}|{set_id}"
-    return f"{ctx.system('document', Authority(), 'OBX-1')}|{ctx.message.control_id}|{n}"
+            return path, value, kind
+    return None
+
+
+def result_set_id(ctx: Context, occ: int) -> str:
+    """The OBX set id, when it tells this result from the others of its order; else the OBX's
+    place among them (a sender that numbers every OBX 1 must not make them one result)."""
+    own = ctx.read("OBX-1")
+    layout, group = ctx.layout, ctx.group
+    siblings = [
+        n
+        for n in range(1, len(ctx.message.segments_named("OBX")) + 1)
+        if layout is None or group is None or layout.group_of.get(("OBX", n)) == group
+    ]
+    if own and sum(1 for n in siblings if ctx.read(f"OBX[{n}]-1") == own) == 1:
+        return own
+    place = siblings.index(occ) + 1 if occ in siblings else occ
+    if own:
+        ctx.warnings.append(
+            f"OBX[{occ}]-1: set id {own!r} repeats in its order group; its place ({place}) names it"
+        )
+    return f"p{place}"
+
+
+def document_key(ctx: Context) -> str:
+    """A stable name for the document of the current OBX: its order's number in its namespace
+    and the OBX set id; without any, the message and the OBX."""
+    n = ctx.segment[1] if ctx.segment else 1
+    number = order_number(ctx)
+    if number is None:
+        return f"{ctx.system('document', Authority(), 'OBX-1')}|{ctx.message.control_id}|{n}"
+    path, value, kind = number
+    authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
+    return f"{ctx.system(kind, authority, path)}|{value}|{result_set_id(ctx, n)}"
 
 
 def _content_type(kind: str, subtype: str) -> str:

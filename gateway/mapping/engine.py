@@ -120,6 +120,8 @@ class Context:
     nulls: set[str] = field(default_factory=set)  # top-level elements the message nulled ("")
     concept_maps: Mapping[str, ConceptMap] = field(default_factory=dict)  # for functions that translate
     _order: list[tuple[str, int]] | None = None  # (segment, occurrence) in message order, when asked
+    _split: tuple[str, list[list[str]]] | None = None  # the current scope, split
+    _sender: tuple[str, str, str] | None = None
 
     def enter(self, segment: tuple[str, int] | None) -> None:
         """Iterate ``segment`` (name, occurrence): reads and references follow its group."""
@@ -149,10 +151,9 @@ class Context:
         """The raw (escaped) text of the leaf ``path`` names, and the leaf's key."""
         seg, occ, fld, rep, comp, sub = _read_plan(path)
         if seg == "":
-            scope = self.scope
-            if scope is None:
+            if self.scope is None:
                 raise RuleError(f"relative path {path} outside an 'each'")
-            raw, c, s = _pick(scope, comp, sub, self.message)
+            raw, c, s = self.relative(comp, sub)
             at = self.at
             return raw, (at[0], at[1], at[2], at[3], c, s) if at is not None else None
         found = occ if occ is not None else self.occurrence(seg)
@@ -175,11 +176,36 @@ class Context:
         raw, c, s = _pick(rep_text, comp, sub, self.message)
         return raw, (seg, found, fld, rep, c, s)
 
+    def relative(self, comp: int | None, sub: int | None) -> tuple[str, int, int]:
+        """The raw leaf of the current repetition at component/subcomponent (split once per scope:
+        functions read several parts of one repetition)."""
+        scope = self.scope or ""
+        split = self._split
+        if split is None or split[0] is not scope:
+            seps = self.message.separators
+            parts = [
+                piece.split(seps.subcomponent) if seps.subcomponent in piece else [piece]
+                for piece in (scope.split(seps.component) if seps.component in scope else [scope])
+            ]
+            split = self._split = (scope, parts)
+        c, s = comp or 1, sub or 1
+        pieces = split[1]
+        if c > len(pieces):
+            return "", c, s
+        subs = pieces[c - 1]
+        return (subs[s - 1] if s <= len(subs) else ""), c, s
+
     def read(self, path: str) -> str:
         """An ER7 path, absolute (PID-5.1) or relative to the current repetition (.1): its text,
         unescaped ("" for HL7's explicit null). Reading does not make it mapped: see ``take``."""
         raw, _ = self.locate(path)
         return _text(raw, self.message)
+
+    def value(self, path: str) -> tuple[str, Leaf | None]:
+        """``read``, with the leaf: ``consume(leaf)`` then makes it mapped without reading twice."""
+        raw, leaf = self.locate(path)
+        text = _text(raw, self.message)
+        return text, leaf if text.strip() else None
 
     def take(self, path: str) -> str:
         """``read``, and the leaf counts as mapped: call it for what goes into the output."""
@@ -248,12 +274,15 @@ class Context:
 
     def sender(self) -> tuple[str, str, str]:
         """(MSH-3.1, MSH-4.1, MSH-4.2): who sent the message, for namespaces."""
-        m = self.message
-        return (m.get("MSH-3.1"), m.get("MSH-4.1"), m.get("MSH-4.2"))
+        if self._sender is None:
+            m = self.message
+            self._sender = (m.get("MSH-3.1"), m.get("MSH-4.1"), m.get("MSH-4.2"))
+        return self._sender
 
-    def system(self, kind: str, authority: Authority, where: str) -> str:
-        """The namespace of an identifier of ``kind`` (raises UnknownNamespace when none)."""
-        resolved = self.namespaces.resolve(kind, authority, self.sender(), where)
+    def system(self, kind: str, authority: Authority, where: str | Callable[[], str]) -> str:
+        """The namespace of an identifier of ``kind`` (raises UnknownNamespace when none);
+        ``where`` (or what it gives) names the field in a warning or a refusal."""
+        resolved = self.namespaces.resolve(kind, authority, self.sender, where)
         if resolved.note is not None:
             self.warnings.append(resolved.note)
         return resolved.system
@@ -1071,8 +1100,13 @@ def _absorb(kept: dict[str, Any], duplicate: Mapping[str, Any], ctx: Context, *,
                 idents.append(ident)
 
 
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9:/._~@-]*")
+
+
 def search_token(text: str) -> str:
     """A token of a FHIR search value: its ``\\ , | $`` escaped, then percent-encoded for the URL."""
+    if _PLAIN_TOKEN.fullmatch(text):  # the usual OID, URL or number: nothing to escape
+        return text
     escaped = text.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
     return quote(escaped, safe=":/.-_~\\,|@")
 
@@ -1121,34 +1155,51 @@ def _random_urns(count: int) -> list[str]:
 
 
 def unmapped_leaves(message: Message, consumed: set[Leaf]) -> list[str]:
-    """Every non-empty leaf no rule put into the output, by its full path (gateway.hl7.path)."""
+    """Every non-empty leaf no rule put into the output, by its full path (gateway.hl7.path).
+
+    Written for speed (it reads every leaf of every message): a field nothing was taken from is
+    reported without looking its leaves up, and counters replace enumerate.
+    """
     out: list[str] = []
+    append = out.append
     seps = message.separators
     rep_sep, comp_sep, sub_sep = seps.repetition, seps.component, seps.subcomponent
+    fields_taken = {leaf[:3] for leaf in consumed}
     counts: dict[str, int] = {}
-    leaf_path = er7_path.leaf_path
     for seg in message.segments:
         name = seg.name
         counts[name] = occ = counts.get(name, 0) + 1
         header = name == "MSH"
-        for n, raw in enumerate(seg.fields(), 1):
+        label = f"{name}[{occ}]-" if occ > 1 else f"{name}-"
+        n = 0
+        for raw in seg.fields():
+            n += 1
             if not raw or (header and (n <= 2 or n in HEADER_FIELDS)):
                 continue
-            for r, rep in enumerate(raw.split(rep_sep) if rep_sep in raw else (raw,), 1):
+            touched = (name, occ, n) in fields_taken
+            if not touched and comp_sep not in raw and sub_sep not in raw and rep_sep not in raw:
+                if raw.strip():
+                    append(f"{label}{n}[1]")
+                continue
+            r = 0
+            for rep in raw.split(rep_sep) if rep_sep in raw else (raw,):
+                r += 1
                 if comp_sep not in rep and sub_sep not in rep:
-                    if rep.strip() and (name, occ, n, r, 1, 1) not in consumed:
-                        out.append(leaf_path(name, occ, n, r))
+                    if rep.strip() and (not touched or (name, occ, n, r, 1, 1) not in consumed):
+                        append(f"{label}{n}[{r}]")
                     continue
                 comps = rep.split(comp_sep)
                 several = len(comps) > 1
-                for c, comp in enumerate(comps, 1):
-                    subs = comp.split(sub_sep) if sub_sep in comp else (comp,)
-                    for s, text in enumerate(subs, 1):
-                        if text.strip() and (name, occ, n, r, c, s) not in consumed:
-                            if len(subs) > 1:
-                                out.append(leaf_path(name, occ, n, r, c, s))
-                            else:
-                                out.append(leaf_path(name, occ, n, r, c if several else None))
+                c = 0
+                for comp in comps:
+                    c += 1
+                    if sub_sep not in comp:
+                        if comp.strip() and (not touched or (name, occ, n, r, c, 1) not in consumed):
+                            append(f"{label}{n}[{r}].{c}" if several else f"{label}{n}[{r}]")
+                        continue
+                    for s, text in enumerate(comp.split(sub_sep), 1):
+                        if text.strip() and (not touched or (name, occ, n, r, c, s) not in consumed):
+                            append(f"{label}{n}[{r}].{c}.{s}")
     return out
 
 
@@ -1228,6 +1279,17 @@ def _null(rule: Rule, ctx: Context, leaf: Leaf | None) -> None:
         ctx.consumed.add(leaf)
 
 
+def _source(rule: Rule, raw: str, leaf: Leaf | None, ctx: Context, top: bool) -> str | None:
+    """The text a rule read, or None when there is nothing to set: blank (FHIR strings need a
+    non-blank character) or HL7's "" (then, for a top-level rule, the element is to be removed)."""
+    if raw == NULL:
+        if top:
+            _null(rule, ctx, leaf)
+        return None
+    value = _text(raw, ctx.message)
+    return value if value.strip() else None
+
+
 def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library, top: bool = False) -> None:
     if rule.each is not None:
         _apply_each(rule, target, ctx, library, top)  # its condition is tested on each repetition
@@ -1244,12 +1306,8 @@ def _apply(rule: Rule, target: dict[str, Any], ctx: Context, library: Library, t
             value = value[0] if value else None
     elif rule.source is not None:
         raw, leaf = ctx.locate(rule.source)
-        if raw == NULL:
-            if top:
-                _null(rule, ctx, leaf)
-            return
-        value = _text(raw, ctx.message)
-        if not value.strip():  # FHIR strings need a non-blank character: blank is absent
+        value = _source(rule, raw, leaf, ctx, top)
+        if value is None:
             return
     else:
         value = rule.const
@@ -1434,10 +1492,9 @@ def _compile_locate(path: str) -> _Locate:
     if seg == "":
 
         def locate_relative(ctx: Context) -> tuple[str, Leaf | None]:
-            scope = ctx.scope
-            if scope is None:
+            if ctx.scope is None:
                 raise RuleError(f"relative path {path} outside an 'each'")
-            raw, c, s = _pick(scope, comp, sub, ctx.message)
+            raw, c, s = ctx.relative(comp, sub)
             at = ctx.at
             return raw, (at[0], at[1], at[2], at[3], c, s) if at is not None else None
 
@@ -1563,12 +1620,8 @@ def _compile_rule(rule: Rule, library: Library, top: bool = False) -> Apply:
                 if test is not None and not test(ctx):
                     return
                 raw, leaf = locate(ctx)
-                if raw == NULL:
-                    if top:
-                        _null(rule, ctx, leaf)
-                    return
-                value = _text(raw, ctx.message)
-                if value.strip():  # FHIR strings need a non-blank character: blank is absent
+                value = _source(rule, raw, leaf, ctx, top)
+                if value is not None:
                     put(target, value)
                     if leaf is not None:
                         ctx.consumed.add(leaf)
@@ -1602,12 +1655,8 @@ def _compile_rule(rule: Rule, library: Library, top: bool = False) -> Apply:
                 value = value[0] if value else None
         elif locate_source is not None:
             raw, leaf = locate_source(ctx)
-            if raw == NULL:
-                if top:
-                    _null(rule, ctx, leaf)
-                return
-            value = _text(raw, ctx.message)
-            if not value.strip():
+            value = _source(rule, raw, leaf, ctx, top)
+            if value is None:
                 return
         else:
             value = rule.const
@@ -1652,19 +1701,31 @@ def _compile_each(rule: Rule, library: Library, top: bool) -> Apply:
                 ctx.enter(saved_segment)
 
         return apply_segments
-    reps = _compile_reps(each)
-    loc = er7_path.parse(each, every=True)
+    try:
+        loc = er7_path.parse(each, every=True)
+    except ValueError:
+        return lambda target, ctx: _apply(rule, target, ctx, library, top)  # the run raises, as it always did
+    seg, fixed, number, wanted = loc.segment, loc.occurrence, loc.field, loc.repetition
 
     def apply_repetitions(target: dict[str, Any], ctx: Context) -> None:
         # the segment (and so the group) stays the same: only the scope moves
-        occ = loc.occurrence if loc.occurrence is not None else ctx.occurrence(loc.segment)
-        if top and _field_is_null(ctx, loc.segment, occ, loc.field):
-            _null(rule, ctx, (loc.segment, occ or 1, loc.field, 1, 1, 1))
+        occ = fixed if fixed is not None else ctx.occurrence(seg)
+        if occ is None:
+            return
+        segment = ctx.find(seg, occ)
+        if segment is None:
+            return
+        raw = segment.field(number)
+        if not raw:
+            return
+        if raw == NULL:
+            if top:
+                _null(rule, ctx, (seg, occ, number, 1, 1, 1))
             return
         saved_scope, saved_at = ctx.scope, ctx.at
         try:
-            for rep, text in reps(ctx):
-                ctx.scope, ctx.at = text, (loc.segment, occ or 1, loc.field, rep)
+            for rep, text in _each_repetition(ctx, seg, occ, number, raw, wanted):
+                ctx.scope, ctx.at = text, (seg, occ, number, rep)
                 one(target, ctx)
         finally:
             ctx.scope, ctx.at = saved_scope, saved_at

@@ -10,6 +10,7 @@ value to set (None sets nothing). What it puts into the output it reads with
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.hl7.er7 import unescape
-from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed, document_key
+from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed, document_key, order_number, result_set_id
 from gateway.mapping.engine import NULL, Context
 from gateway.mapping.namespaces import Authority, is_oid
 
@@ -57,7 +58,8 @@ IDENTITY_CODES = {
 # The concept map that names coding systems (HL7 table 0396): CWE-3 "LN" → http://loinc.org.
 CODING_SYSTEMS_MAP = "hl7-0396-coding-system"
 
-_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d+)?([+-]\d{4})?$")
+# HL7 DTM: each part only after the one before it; a fraction only after the seconds.
+_TS = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(\.\d+)?)?)?)?)?)?([+-]\d{4})?$")
 
 Function = Callable[[Context, Any], Any]
 
@@ -118,26 +120,24 @@ def hl7_datetime(ctx: Context, value: Any) -> str | None:
     date = f"{year}-{month}-{day}"
     if not hour:
         return date
-    if zone:
-        offset = f"{zone[:3]}:{zone[3:]}"
-    else:
-        try:
-            local = datetime(
-                int(year),
-                int(month),
-                int(day),
-                int(hour),
-                int(minute or 0),
-                int(second or 0),
-                tzinfo=ZoneInfo(ctx.timezone),
-            )
-        except ValueError:
-            ctx.degrade("a timestamp names no real day or time; left out")
-            return None
-        minutes = round((local.utcoffset() or timedelta()).total_seconds() / 60)  # FHIR: ±hh:mm only
-        sign = "-" if minutes < 0 else "+"
-        offset = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    offset = (
+        f"{zone[:3]}:{zone[3:]}" if zone else _offset(ctx.timezone, year, month, day, hour, minute, second)
+    )
     return f"{date}T{hour}:{minute or '00'}:{second or '00'}{fraction if second and fraction else ''}{offset}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _offset(
+    zone: str, year: str, month: str, day: str, hour: str, minute: str | None, second: str | None
+) -> str:
+    """The zone's UTC offset at that local time, ``±hh:mm`` (FHIR has no seconds in an offset);
+    cached: a feed's times fall on few distinct hours."""
+    local = datetime(
+        int(year), int(month), int(day), int(hour), int(minute or 0), int(second or 0), tzinfo=ZoneInfo(zone)
+    )
+    minutes = round((local.utcoffset() or timedelta()).total_seconds() / 60)
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def hl7_instant(ctx: Context, value: Any) -> str | None:
@@ -146,25 +146,21 @@ def hl7_instant(ctx: Context, value: Any) -> str | None:
     return text if text and "T" in text else None
 
 
-def _authority(ctx: Context, namespace: str, universal: str, kind: str) -> Authority:
-    """An HD read where the caller says, each part taken when it reaches the output."""
-    return Authority(ctx.read(namespace), ctx.read(universal), ctx.read(kind))
-
-
-def _namespaced(ctx: Context, kind: str, hd: tuple[str, str, str], where: str) -> tuple[str, str | None]:
+def _namespaced(
+    ctx: Context, kind: str, hd: tuple[str, str, str], where: str | Callable[[], str]
+) -> tuple[str, str | None]:
     """(system, assigner name) of an identifier whose authority is the HD at ``hd`` (three paths).
 
     The HD's parts count as mapped: the system carries its universal id and type (``urn:oid:``),
-    ``assigner.display`` its namespace id.
+    ``assigner.display`` its namespace id. ``where`` names the field for a refusal.
     """
-    authority = _authority(ctx, *hd)
-    system = ctx.system(kind, authority, where)
-    if authority.universal and authority.universal in system:
-        ctx.take(hd[1])
-        ctx.take(hd[2])
-    if authority.namespace:
-        ctx.take(hd[0])
-    return system, authority.namespace or None
+    (namespace, n_leaf), (universal, u_leaf), (kind_code, k_leaf) = (ctx.value(p) for p in hd)
+    system = ctx.system(kind, Authority(namespace, universal, kind_code), where)
+    if universal and universal in system:
+        ctx.consume(u_leaf)
+        ctx.consume(k_leaf)
+    ctx.consume(n_leaf)
+    return system, namespace or None
 
 
 def _assigner(ident: dict[str, Any], name: str | None) -> None:
@@ -183,10 +179,12 @@ def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     PAM FR: an INS (its OIDs, or type INS) travels only when PID-32 is VALI; otherwise it is left
     out with a warning and stays in the unmapped report. INS types and uses follow FR Core.
     """
-    if not ctx.read(".1"):
+    number, number_leaf = ctx.value(".1")
+    if not number:
         return None
     kind = ctx.kind or "patient"
-    oid, universal_type, type_code = ctx.read(".4.2"), ctx.read(".4.3"), ctx.read(".5")
+    oid, universal_type = ctx.read(".4.2"), ctx.read(".4.3")
+    type_code, type_leaf = ctx.value(".5")
     ins = INS_OIDS.get(oid) if universal_type in ("ISO", "") else None
     if ins is not None or type_code == "INS":
         if "VALI" not in ctx.message.repetitions("PID-32"):
@@ -201,14 +199,16 @@ def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
         code, use = ins
         ident["use"] = use
         ident["type"] = {"coding": [{"system": FR_CS_0203, "code": code}]}
-        ctx.take(".5")
+        ctx.consume(type_leaf)
     elif type_code:
-        ident["type"] = _identifier_type(ctx.take(".5"))
+        ident["type"] = _identifier_type(type_code)
+        ctx.consume(type_leaf)
         if type_code == "PI":
             ident["use"] = "usual"
-    system, assigner = _namespaced(ctx, kind, (".4.1", ".4.2", ".4.3"), ctx.here(".4"))
+    system, assigner = _namespaced(ctx, kind, (".4.1", ".4.2", ".4.3"), lambda: ctx.here(".4"))
     ident["system"] = system
-    ident["value"] = ctx.take(".1")
+    ident["value"] = number
+    ctx.consume(number_leaf)
     _assigner(ident, assigner)
     period = _period(ctx, ".7", ".8")
     if period:
@@ -219,10 +219,11 @@ def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
 def _period(ctx: Context, start: str, end: str) -> dict[str, str]:
     period: dict[str, str] = {}
     for key, path in (("start", start), ("end", end)):
-        moment = hl7_datetime(ctx, ctx.read(path)) if ctx.read(path) else None
+        text, leaf = ctx.value(path)
+        moment = hl7_datetime(ctx, text) if text else None
         if moment:
             period[key] = moment
-            ctx.take(path)
+            ctx.consume(leaf)
     return period
 
 
@@ -283,33 +284,18 @@ def _same_number(ctx: Context, taken: str, other: str) -> None:
                 ctx.take(f"{other}.{c}")
 
 
-def _group_number(ctx: Context) -> tuple[str, str, str, tuple[str, str, str]] | None:
-    """(path, value, kind, authority paths) of the order number that names this group's results:
-    the filler's (OBR-3, ORC-3), else the placer's (OBR-2, ORC-2)."""
-    for path, kind in (
-        ("OBR-3", "filler-order"),
-        ("ORC-3", "filler-order"),
-        ("OBR-2", "placer-order"),
-        ("ORC-2", "placer-order"),
-    ):
-        value = ctx.read(f"{path}.1")
-        if value:
-            return path, value, kind, (f"{path}.2", f"{path}.3", f"{path}.4")
-    return None
-
-
 def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     """A result's identity: its order's number (filler's, else placer's) and its OBX set id, in that
     order number's namespace; without any order number, the message's own control id (a replay
     then updates it, another message never does)."""
     occ = ctx.segment[1] if ctx.segment else 1
-    set_id = _set_id(ctx, occ)
-    number = _group_number(ctx)
+    set_id = result_set_id(ctx, occ)
+    number = order_number(ctx)
     if number is None:
         system = ctx.system("observation", Authority(), "OBX-1")
         return {"system": system, "value": f"{ctx.message.control_id}-{occ}"}
-    path, value, kind, hd = number
-    system, assigner = _namespaced(ctx, kind, hd, path)
+    path, value, kind = number
+    system, assigner = _namespaced(ctx, kind, (f"{path}.2", f"{path}.3", f"{path}.4"), path)
     ctx.take(f"{path}.1")
     if set_id == ctx.read("OBX-1"):
         ctx.take("OBX-1")
@@ -383,26 +369,6 @@ def place_text(ctx: Context, _: Any) -> str | None:
     return " ".join(parts) or None
 
 
-def _set_id(ctx: Context, occ: int) -> str:
-    """The OBX set id, when it tells this result from the others of its order; else the OBX's
-    place among them (a sender that numbers every OBX 1 must not make them one result)."""
-    own = ctx.read("OBX-1")
-    layout, group = ctx.layout, ctx.group
-    siblings = [
-        n
-        for n in range(1, len(ctx.message.segments_named("OBX")) + 1)
-        if layout is None or group is None or layout.group_of.get(("OBX", n)) == group
-    ]
-    if own and sum(1 for n in siblings if ctx.read(f"OBX[{n}]-1") == own) == 1:
-        return own
-    place = siblings.index(occ) + 1 if occ in siblings else occ
-    if own:
-        ctx.warnings.append(
-            f"OBX[{occ}]-1: set id {own!r} repeats in its order group; its place ({place}) names it"
-        )
-    return f"p{place}"
-
-
 def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
     """PID-32 → the FR Core identity-reliability extension: the first code of the target release's
     table 0445. The extension holds one status; any other code is reported, not dropped silently."""
@@ -426,24 +392,37 @@ def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 def birth_place(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The PID-11 repetition with XAD-7 = BDL → patient-birthPlace with the INSEE commune code."""
-    for n in range(1, len(ctx.message.repetitions("PID-11")) + 1):
-        base = f"PID-11[{n}]"
-        if ctx.read(f"{base}.7") != "BDL":
+    for n, rep in enumerate(ctx.message.repetitions("PID-11"), 1):
+        if "BDL" not in rep:
             continue
-        address: dict[str, Any] = {}
-        for key, comp in (("city", 3), ("postalCode", 5), ("country", 6)):
-            if ctx.read(f"{base}.{comp}"):
-                address[key] = ctx.take(f"{base}.{comp}")
-        if ctx.read(f"{base}.9"):
-            code = ctx.take(f"{base}.9")
-            address["extension"] = [
-                {"url": FR_INSEE_CODE, "valueCoding": {"system": INSEE_COMMUNES, "code": code}}
-            ]
-        if not address:
-            return None
-        ctx.take(f"{base}.7")
-        return {"url": BIRTH_PLACE, "valueAddress": address}
+        saved = ctx.scoped("PID", 1, 11, n, rep)
+        try:
+            if ctx.read(".7") != "BDL":
+                continue
+            address: dict[str, Any] = {}
+            for key, path in (("city", ".3"), ("postalCode", ".5"), ("country", ".6")):
+                _keep(ctx, address, key, path)
+            code, leaf = ctx.value(".9")
+            if code:
+                ctx.consume(leaf)
+                address["extension"] = [
+                    {"url": FR_INSEE_CODE, "valueCoding": {"system": INSEE_COMMUNES, "code": code}}
+                ]
+            if not address:
+                return None
+            ctx.take(".7")
+            return {"url": BIRTH_PLACE, "valueAddress": address}
+        finally:
+            ctx.restore(saved)
     return None
+
+
+def _keep(ctx: Context, out: dict[str, Any], key: str, path: str) -> None:
+    """``out[key]`` = the text at ``path`` (mapped), when there is one."""
+    text, leaf = ctx.value(path)
+    if text:
+        out[key] = text
+        ctx.consume(leaf)
 
 
 def given_names(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -516,18 +495,13 @@ def telecom(ctx: Context, _: Any) -> dict[str, Any] | None:
 def address(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The current XAD → Address; XAD-7 (HL7 table 0190) gives its use or type."""
     out: dict[str, Any] = {}
-    lines = [ctx.take(p) for p in (".1.1", ".2") if ctx.read(p)]
+    lines: dict[str, Any] = {}
+    _keep(ctx, lines, "street", ".1.1")
+    _keep(ctx, lines, "other", ".2")
     if lines:
-        out["line"] = lines
-    for key, path in (
-        ("city", ".3"),
-        ("state", ".4"),
-        ("postalCode", ".5"),
-        ("country", ".6"),
-        ("district", ".9"),
-    ):
-        if ctx.read(path):
-            out[key] = ctx.take(path)
+        out["line"] = list(lines.values())
+    for key, path in _ADDRESS_PARTS:
+        _keep(ctx, out, key, path)
     if not out:
         return None
     use = _code(ctx, "hl7-0190-address-use", ".7")
@@ -542,6 +516,15 @@ def address(ctx: Context, _: Any) -> dict[str, Any] | None:
     if period:
         out["period"] = period
     return out
+
+
+_ADDRESS_PARTS = (
+    ("city", ".3"),
+    ("state", ".4"),
+    ("postalCode", ".5"),
+    ("country", ".6"),
+    ("district", ".9"),
+)
 
 
 def oid_system(ctx: Context, value: Any) -> str | None:
@@ -569,22 +552,22 @@ def _coding(ctx: Context, code: str, text: str, system: str) -> dict[str, Any] |
     """One coding of a CWE triplet (three relative paths); the system's name is taken only when it
     is known (a local name stays in the unmapped report, with a warning)."""
     coding: dict[str, Any] = {}
-    name = ctx.read(system)
+    _keep(ctx, coding, "code", code)
+    _keep(ctx, coding, "display", text)
+    if not coding:
+        return None
+    name, name_leaf = ctx.value(system)
     if name:
         uri = _coding_system(ctx, name)
         if uri is not None:
-            coding["system"] = uri
-            ctx.take(system)
+            coding = {"system": uri, **coding}
+            ctx.consume(name_leaf)
         else:
             ctx.warnings.append(
                 f"{ctx.here(system)}: coding system {name!r} has no URI in concept map {CODING_SYSTEMS_MAP}; "
                 "coding kept without a system"
             )
-    if ctx.read(code):
-        coding["code"] = ctx.take(code)
-    if ctx.read(text):
-        coding["display"] = ctx.take(text)
-    return coding if ("code" in coding or "display" in coding) else None
+    return coding
 
 
 def cwe_concept(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -792,15 +775,17 @@ def _fr_type(code: str) -> dict[str, Any]:
 def human_name(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The current XCN's name (XCN-2 family, -3 given, -4 further given, -5 suffix, -6 prefix)."""
     name: dict[str, Any] = {}
-    if ctx.read(".2.1"):
-        name["family"] = ctx.take(".2.1")
-    given = [ctx.take(p) for p in (".3", ".4") if ctx.read(p)]
+    _keep(ctx, name, "family", ".2.1")
+    given: dict[str, Any] = {}
+    _keep(ctx, given, "first", ".3")
+    _keep(ctx, given, "further", ".4")
     if given:
-        name["given"] = given
-    if ctx.read(".6"):
-        name["prefix"] = [ctx.take(".6")]
-    if ctx.read(".5"):
-        name["suffix"] = [ctx.take(".5")]
+        name["given"] = list(given.values())
+    for key, path in (("prefix", ".6"), ("suffix", ".5")):
+        part: dict[str, Any] = {}
+        _keep(ctx, part, key, path)
+        if part:
+            name[key] = [part[key]]
     uses = ctx.concept_maps.get("pam-name-use")
     if name and uses is not None and ctx.read(".10") in uses:
         name["use"] = uses[ctx.take(".10")]

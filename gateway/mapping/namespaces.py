@@ -22,8 +22,9 @@ authority may number several kinds of things, which must not collide inside one 
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
@@ -105,16 +106,26 @@ class Namespaces:
         }
         return cls(dict(data.get("authorities") or {}), senders, policy)
 
-    def resolve(self, kind: str, authority: Authority, sender: tuple[str, str, str], where: str) -> Resolved:
+    def resolve(
+        self,
+        kind: str,
+        authority: Authority,
+        sender: Callable[[], tuple[str, str, str]],
+        where: str | Callable[[], str],
+    ) -> Resolved:
         """The system of an identifier of ``kind`` whose assigning authority is ``authority``.
 
-        ``sender``: (MSH-3.1, MSH-4.1, MSH-4.2). ``where``: the field, for the refusal.
+        ``sender``: gives (MSH-3.1, MSH-4.1, MSH-4.2), asked only when needed. ``where``: the field,
+        for the refusal.
         Raises UnknownNamespace when nothing resolves and the policy is ``reject``.
         """
         native = _native(authority)
         if native is not None:
             return Resolved(native)
-        entry = self._sender(sender)
+        if not isinstance(where, str):
+            where = where()
+        who = sender()
+        entry = self._sender(who)
         for table in (entry.authorities if entry else {}, self.authorities):
             for key in (authority.namespace, authority.universal):
                 if key and key in table:
@@ -130,14 +141,14 @@ class Namespaces:
                 "FINESS (declare it in namespaces.authorities of config.yaml)",
             )
         if entry is not None:
-            base = entry.systems.get(kind)
-            if base is None and entry.system:
+            # The sender's own numbers (no authority at all) are in its system for that kind; a
+            # number of an authority it names but the table does not know is kept apart from them.
+            if not authority and kind in entry.systems:
+                return Resolved(entry.systems[kind])
+            if entry.system:
                 base = f"{entry.system.rstrip('/')}/{kind}"
-            if base is not None:
-                if authority.namespace and kind not in entry.systems:
-                    base = f"{base}/{_part(authority.namespace)}"
-                return Resolved(base)
-        application, facility, facility_id = sender
+                return Resolved(f"{base}/{_part(authority.namespace)}" if authority.namespace else base)
+        application, facility, facility_id = who
         owner = facility_id or facility
         if self.policy == "sender" and (owner or application):
             system = f"urn:passerelle:sender:{_part(owner)}:{_part(application)}:{kind}"
@@ -164,7 +175,12 @@ class Namespaces:
 
 def _native(authority: Authority) -> str | None:
     """A system the authority names by itself (OID, URI, UUID), or None."""
-    uid, kind = authority.universal.strip(), authority.type.strip().upper()
+    return _native_system(authority.universal, authority.type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _native_system(universal: str, kind_code: str) -> str | None:
+    uid, kind = universal.strip(), kind_code.strip().upper()
     if not uid:
         return None
     if kind in ("ISO", "") and _OID.fullmatch(uid):

@@ -41,14 +41,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
+from gateway.hl7 import path as er7_path
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, Separators, escape
 from gateway.mapping.rules import (
     ConceptMap,
     RuleError,
     check_keys,
     check_names,
+    is_empty,
     load_concept_maps,
     load_yaml,
+    look_up,
     mapping_files,
     parse_condition,
     rule_failure,
@@ -309,29 +312,17 @@ def _leaf(value: str, seps: Separators) -> str:
 
 # -- ER7 targets ------------------------------------------------------------------------------------
 
-_TARGET_ABS = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d+)(?:\[(\d+)\])?((?:\.\d+){0,2})$")
-_TARGET_REL = re.compile(r"^((?:\.\d+){1,2})$")
-
 
 @functools.lru_cache(maxsize=4096)
 def _target(path: str) -> tuple[str, int, int | None, int, int]:
     """(segment, field, repetition, component, subcomponent); segment "" for a relative path."""
-    rel = _TARGET_REL.match(path)
-    if rel:
-        parts = [int(p) for p in rel.group(1).strip(".").split(".")]
-        return ("", 0, None, parts[0], parts[1] if len(parts) > 1 else 1)
-    m = _TARGET_ABS.match(path)
-    if m is None:
-        raise RuleError(f"bad ER7 target {path!r}")
-    seg, fld, rep, comps = m.groups()
-    parts = [int(p) for p in comps.strip(".").split(".")] if comps else []
-    return (
-        seg,
-        int(fld),
-        int(rep) if rep else None,
-        parts[0] if parts else 1,
-        parts[1] if len(parts) > 1 else 1,
-    )
+    try:
+        loc = er7_path.parse(path, relative=True)
+    except ValueError as exc:
+        raise RuleError(f"bad ER7 target {path!r}") from exc
+    if loc.occurrence is not None:
+        raise RuleError(f"bad ER7 target {path!r}: a segment built here has no occurrence")
+    return (loc.segment, loc.field, loc.repetition, loc.component or 1, loc.subcomponent or 1)
 
 
 # -- rules ------------------------------------------------------------------------------------------
@@ -1049,14 +1040,12 @@ def _apply(rule: Rule, ctx: Context, library: ReverseLibrary) -> None:
         value = rule.const
     if rule.concept_map is not None:
         table = library.concept_maps[rule.concept_map]
-        key = to_text(value)
-        if key not in table:
-            ctx.warnings.append(f"{rule.source}: code {key!r} not in concept map {rule.concept_map}")
+        value = look_up(table, to_text(value), str(rule.source), ctx.warnings.append)
+        if value is None:
             return
-        value = table[key]
     if rule.function is not None:
         value = library.functions[rule.function](ctx, value)
-    if value is None or value == "":
+    if is_empty(value):
         return
     if isinstance(value, dict):  # a function's own fields: {target: text}
         for target, text in value.items():

@@ -214,6 +214,20 @@ class ConceptMap(Mapping[str, Any]):
         return {"system": self.system, "code": code}
 
 
+def look_up(table: ConceptMap, code: str, where: str, report: Callable[[str], None]) -> Any:
+    """``code`` through ``table``, in either direction: its target; an unknown code kept as it came
+    when the table allows it (see ConceptMap.fallback), else None; ``report`` hears of every code
+    the table does not know."""
+    if code in table.table:
+        return table.table[code]
+    kept = table.fallback(code)
+    if kept is None:
+        report(f"{where}: code {code!r} not in concept map {table.name}; left out")
+        return None
+    report(f"{where}: code {code!r} not in concept map {table.name}; kept as sent ({table.system})")
+    return kept
+
+
 def load_concept_maps(directory: Path, *, text_targets: bool = False) -> dict[str, ConceptMap]:
     """Every table of ``directory/*.yaml``; ``text_targets`` makes every target text (outbound)."""
     maps: dict[str, ConceptMap] = {}

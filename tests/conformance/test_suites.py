@@ -42,7 +42,15 @@ async def test_files_suite_and_its_three_reports(tmp_path: Path) -> None:
     assert not result.passed
     report = orjson.loads(to_json(result))
     assert report["result"] == "FAILED"
-    assert report["counts"] == {"cases": 2, "passed": 1, "failed": 1, "checks": 2, "errors": 1, "warnings": 0}
+    assert report["counts"] == {
+        "cases": 2,
+        "passed": 1,
+        "failed": 1,
+        "checks": 2,
+        "errors": 1,
+        "warnings": 0,
+        "skipped": 0,
+    }
     failed = next(c for c in report["cases"] if c["result"] == "FAILED")
     assert failed["assertions"][0] | {"message": ""} == {
         "check": "PAMFR-ZBE-004",

@@ -1,0 +1,92 @@
+"""Degrade, don't drop: an unknown code keeps its original coding, a required element left empty gets
+FHIR's "unknown", a strict channel refuses instead; HL7's "" removes what is stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.core.errors import ValidationError
+from gateway.engine.steps import FhirMapping
+from gateway.hl7.er7 import Message
+from gateway.mapping.validate import bundle_errors
+from gateway.store.fhir import SqliteFhirRepository
+from tests.mapping.test_adt import A01, LIB, MAPPINGS, segment
+from tests.mapping.test_oru import oru
+
+
+def test_an_unknown_patient_class_keeps_its_code_in_its_hl7_table() -> None:
+    # PV1-2 "P" (preadmit) is not in PAM FR's list: once it refused the whole message, patient included
+    result = LIB.map(Message.parse(A01.replace("PV1||I|", "PV1||P|")))
+    assert bundle_errors(result.bundle) == []
+    visit = result.bundle["entry"][1]["resource"]
+    assert visit["class"] == {"system": "http://terminology.hl7.org/CodeSystem/v2-0004", "code": "P"}
+    assert any("PV1-2" in w and "'P'" in w and "kept as sent" in w for w in result.warnings)
+    assert result.degraded
+    assert "PV1-2[1]" not in result.unmapped  # the code reached the output
+
+
+def test_a_required_status_left_empty_is_unknown_with_a_warning() -> None:
+    obx = segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: "4.1"})  # no OBX-11
+    result = LIB.map(oru(obx))
+    assert bundle_errors(result.bundle) == []
+    observation = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    )
+    assert observation["status"] == "unknown"
+    assert "Observation.status: required and not in the message; set to 'unknown'" in result.warnings
+
+
+def test_an_unknown_status_code_is_reported_and_the_result_kept() -> None:
+    obx = segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: "4.1", 11: "Q"})
+    result = LIB.map(oru(obx))
+    assert bundle_errors(result.bundle) == []
+    observation = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    )
+    assert observation["valueQuantity"]["value"] == 4.1
+    assert observation["status"] == "unknown"
+    assert "OBX-11[1]" in result.unmapped  # the code left out is in the report, not lost
+
+
+def test_a_strict_channel_refuses_what_others_degrade() -> None:
+    lenient = FhirMapping("lenient", {"directory": str(MAPPINGS)})
+    strict = FhirMapping("strict", {"directory": str(MAPPINGS), "strict": True})
+    message = Message.parse(A01.replace("PV1||I|", "PV1||P|"))
+    assert lenient.screen(message) is None
+    lenient.convert(message)
+    refusal = strict.screen(message)
+    assert isinstance(refusal, ValidationError)
+    assert "PV1-2" in refusal.message
+    with pytest.raises(ValidationError):
+        strict.convert(message)
+
+
+def test_a_message_is_never_refused_for_what_it_adds() -> None:
+    extra = A01.replace("ZXY|1|", "ZZZ|un segment inconnu\rZXY|1|").replace("|VALI", "|VALI|||champ^en^plus")
+    result = LIB.map(Message.parse(extra))
+    assert bundle_errors(result.bundle) == []
+    assert "ZZZ-1[1]" in result.unmapped
+
+
+async def test_hl7_null_removes_what_the_identity_feed_had_set(tmp_path: Path) -> None:
+    repo = SqliteFhirRepository(tmp_path / "fhir.db")
+    await repo.open()
+    try:
+        await repo.transaction(LIB.map(Message.parse(A01)).bundle)
+        # PID-13 "": the phone number is withdrawn; everything else stays as the A01 set it
+        a31 = A01.replace("ADT^A01^ADT_A01", "ADT^A31^ADT_A05").replace("|0381000000|", '|""|')
+        result = LIB.map(Message.parse(a31))
+        patient_entry = result.bundle["entry"][0]
+        assert {"url": "urn:passerelle:clear", "valueString": "telecom"} in patient_entry["request"][
+            "extension"
+        ]
+        assert not any(u.startswith("PID-13") for u in result.unmapped)
+        await repo.transaction(result.bundle)
+        (patient,) = (await repo.search("Patient", [])).matches
+        assert "telecom" not in patient
+        assert patient["birthDate"] == "1975-04-25"
+        assert len(patient["identifier"]) == 2
+    finally:
+        await repo.close()
