@@ -28,7 +28,7 @@ from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.core.tls import client_context
 from gateway.store.fhir_common import ID_RE, TYPE_RE
-from gateway.store.merge import MERGE, is_policy_extension, merge_resource, strip_policy, write_policy
+from gateway.store.merge import MERGE, Policy, is_policy_extension, merge_resource, strip_policy, write_policy
 
 _RETRYABLE = frozenset({408, 429})
 _CHANGED = frozenset({409, 412})  # after a merge: the resource changed since it was read
@@ -108,6 +108,9 @@ class FhirRestDestination:
         merging = kind == "Bundle" and _has_merge(data)
         if merging:
             payload = orjson.dumps(await self._resolve_merges(data))
+        elif kind == "Bundle" and _carries_ours(data):
+            # A remote server does not know our request extensions: they never leave the gateway.
+            payload = orjson.dumps({**data, "entry": [_plain(e) for e in data["entry"]]})
         try:
             async with session.post(url, data=payload, headers=self._headers()) as resp:
                 body = await _read_capped(resp, self.max_response)
@@ -138,15 +141,13 @@ class FhirRestDestination:
                 entries.append(entry)
                 continue
             plain = strip_policy(entry["request"])
-            if policy[0] == MERGE and plain.get("method") == "PUT":
-                entries.append(await self._merged(entry, plain, policy[1]))
+            if policy.kind == MERGE and plain.get("method") == "PUT":
+                entries.append(await self._merged(entry, plain, policy))
             else:
                 entries.append({**entry, "request": plain})
         return {**bundle, "entry": entries}
 
-    async def _merged(
-        self, entry: dict[str, Any], request: dict[str, Any], clear: tuple[str, ...]
-    ) -> dict[str, Any]:
+    async def _merged(self, entry: dict[str, Any], request: dict[str, Any], policy: Policy) -> dict[str, Any]:
         """One merge entry → a plain conditional PUT (nothing matches) or a guarded PUT Type/id."""
         url = request.get("url")
         resource = entry.get("resource")
@@ -177,7 +178,11 @@ class FhirRestDestination:
         if isinstance(version, str) and version:
             put["ifMatch"] = f'W/"{version}"'
         # Without a versionId (a server that does not version) the PUT cannot be guarded.
-        return {**entry, "resource": merge_resource(found, resource, clear), "request": put}
+        return {
+            **entry,
+            "resource": merge_resource(found, resource, policy.clear, policy.keep),
+            "request": put,
+        }
 
     async def _search(self, type_: str, params: list[tuple[str, str]]) -> tuple[int, dict[str, Any] | None]:
         """(how many resources of ``type_`` the criteria match on the server, the first of them).
@@ -229,12 +234,23 @@ def _has_merge(bundle: Mapping[str, Any]) -> bool:
     if not isinstance(entries, list):
         return False
     policies = [_policy(e) for e in entries]  # every one checked: a malformed one is final
-    return any(p is not None and p[0] == MERGE for p in policies)
+    return any(p is not None and p.kind == MERGE for p in policies)
 
 
-def _policy(entry: Any) -> tuple[str, tuple[str, ...]] | None:
-    """An entry's (write policy, elements to clear); None when it carries nothing of ours, and a
-    permanent error when what it carries is malformed."""
+def _carries_ours(bundle: Mapping[str, Any]) -> bool:
+    entries = bundle.get("entry")
+    return isinstance(entries, list) and any(_policy(e) is not None for e in entries)
+
+
+def _plain(entry: Any) -> Any:
+    if isinstance(entry, dict) and isinstance(entry.get("request"), dict):
+        return {**entry, "request": strip_policy(entry["request"])}
+    return entry
+
+
+def _policy(entry: Any) -> Policy | None:
+    """An entry's write Policy; None when it carries nothing of ours, and a permanent error when
+    what it carries is malformed."""
     request = entry.get("request") if isinstance(entry, dict) else None
     if not isinstance(request, dict):
         return None

@@ -55,7 +55,7 @@ async def fhir_server() -> AsyncIterator[FhirServer]:
     app = web.Application()
     app.router.add_route("POST", "/{tail:.*}", server.handle)
     app.router.add_route("GET", "/{tail:.*}", server.search)
-    server.runner = web.AppRunner(app)
+    server.runner = web.AppRunner(app, access_log=None)  # its access log would show the query (an IPP)
     await server.runner.setup()
     site = web.TCPSite(server.runner, "127.0.0.1", 0)
     await site.start()
@@ -231,7 +231,7 @@ async def remote_fhir() -> AsyncIterator[RemoteFhir]:
     app = web.Application()
     app.router.add_route("GET", "/fhir/{type}", server.search)
     app.router.add_route("POST", "/fhir", server.post)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -377,7 +377,7 @@ async def test_search_failures_before_a_merge_are_retried(remote_fhir: RemoteFhi
     assert not [r for r in remote_fhir.requests if r[0] == "POST"]
 
 
-async def test_bundle_without_merge_entries_is_sent_as_it_is(remote_fhir: RemoteFhir) -> None:
+async def test_bundle_without_merge_entries_is_sent_without_our_extensions(remote_fhir: RemoteFhir) -> None:
     bundle = merge_bundle()
     bundle["entry"][0]["request"]["extension"] = [
         {"url": WRITE_POLICY_URL, "valueCode": "replace"},
@@ -385,6 +385,15 @@ async def test_bundle_without_merge_entries_is_sent_as_it_is(remote_fhir: Remote
     ]
     await send_to(remote_fhir, bundle)
     assert [r[0] for r in remote_fhir.requests] == ["POST"]
+    # a replace needs no read; the server gets the Bundle as it was, less our private extensions
+    bundle["entry"][0]["request"]["extension"] = [{"url": "urn:someone-else", "valueString": "x"}]
+    assert remote_fhir.requests[0][3] == orjson.dumps(bundle)
+
+
+async def test_bundle_without_any_of_our_extensions_is_sent_byte_for_byte(remote_fhir: RemoteFhir) -> None:
+    bundle = merge_bundle()
+    del bundle["entry"][0]["request"]["extension"]
+    await send_to(remote_fhir, bundle)
     assert remote_fhir.requests[0][3] == orjson.dumps(bundle)
 
 

@@ -26,7 +26,7 @@ from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, MessageStore, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.retry import RetryPolicy
-from gateway.engine.steps import PreparingStep, ScreeningStep, Step, StepContext
+from gateway.engine.steps import EditingStep, PreparingStep, ScreeningStep, Step, StepContext
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.channel")
@@ -120,8 +120,14 @@ class ChannelRuntime:
         self._preparers = [
             cast(PreparingStep, s) for s in self.steps if callable(getattr(s, "prepare", None))
         ]
-        # Steps that check a message at intake, before it is acknowledged.
-        self._screens = [cast(ScreeningStep, s) for s in self.steps if callable(getattr(s, "screen", None))]
+        # The steps intake runs before the ACK: up to the last that screens, those that screen
+        # and those that edit the message the screening ones see.
+        screening = [n for n, s in enumerate(self.steps) if callable(getattr(s, "screen", None))]
+        self._screens: list[ScreeningStep | EditingStep] = [
+            cast(ScreeningStep | EditingStep, s)
+            for s in self.steps[: screening[-1] + 1 if screening else 0]
+            if callable(getattr(s, "screen", None)) or callable(getattr(s, "edit", None))
+        ]
         self.destinations = list(destinations)
         self.queued = queued
         self.ack_timing = ack_timing
@@ -192,11 +198,18 @@ class ChannelRuntime:
         return self.filter.accepts(msg)
 
     def screen(self, msg: Message) -> MessageError | None:
-        """What a step refuses before the message is acknowledged (see FhirMapping.screen)."""
+        """What a step refuses before the message is acknowledged (see FhirMapping.screen), on
+        the message as the steps before it made it (edited on a copy: intake stores it as sent)."""
+        current, copied = msg, False
         for step in self._screens:
-            error = step.screen(msg)
-            if error is not None:
-                return error
+            if callable(getattr(step, "screen", None)):
+                error = cast(ScreeningStep, step).screen(current)
+                if error is not None:
+                    return error
+                continue
+            if not copied:
+                current, copied = current.without(), True
+            current = cast(EditingStep, step).edit(current) or current
         return None
 
     def expect_outcome(self, message_id: str, partition: str = "") -> asyncio.Future[Outcome]:

@@ -66,6 +66,14 @@ class ScreeningStep(Step, Protocol):
     def screen(self, message: Message) -> MessageError | None: ...
 
 
+class EditingStep(Step, Protocol):
+    """A step that only edits the HL7v2 message: intake screening sees the message it makes."""
+
+    def edit(self, message: Message) -> Message | None:
+        """The message changed (in place or anew); None when this step leaves it as it is."""
+        ...
+
+
 StepFactory = Callable[[str, Mapping[str, Any]], Step]
 
 
@@ -87,12 +95,14 @@ class SetField:
         self.value: str = settings["value"]
         Message.parse("MSH|^~\\&|\r").get(self.path)  # a bad path fails at start-up, not per message
 
+    def edit(self, message: Message) -> Message | None:
+        if message.get(self.path) == self.value:
+            return None
+        message.set(self.path, self.value)
+        return message
+
     def __call__(self, ctx: StepContext) -> None:
-        if ctx.message is None:
-            return
-        if ctx.message.get(self.path) != self.value:
-            ctx.message.set(self.path, self.value)
-            ctx.changed = True
+        _edit(self, ctx)
 
 
 class RemoveSegments:
@@ -110,18 +120,22 @@ class RemoveSegments:
         self.name = name
         self.names = frozenset(settings["segments"]) - {"MSH"}
 
+    def edit(self, message: Message) -> Message | None:
+        if not any(seg.name in self.names for seg in message.segments):
+            return None
+        return message.without(self.names)
+
     def __call__(self, ctx: StepContext) -> None:
-        if ctx.message is None:
-            return
-        if any(seg.name in self.names for seg in ctx.message.segments):
-            kept = [
-                # MSH items start at MSH-2: the field separator is implied by the separators.
-                [seg.name, *(seg.fields()[1:] if seg.name == "MSH" else seg.fields())]
-                for seg in ctx.message.segments
-                if seg.name not in self.names
-            ]
-            ctx.message = Message.from_segments(kept, ctx.message.separators, charset=ctx.message.charset)
-            ctx.changed = True
+        _edit(self, ctx)
+
+
+def _edit(step: EditingStep, ctx: StepContext) -> None:
+    if ctx.message is None:
+        return
+    edited = step.edit(ctx.message)
+    if edited is not None:
+        ctx.message = edited
+        ctx.changed = True
 
 
 class FhirMapping:

@@ -755,6 +755,17 @@ class Message:
         msg.charset = name
         return msg
 
+    def without(self, names: frozenset[str] = frozenset()) -> Message:
+        """A copy of this message, less the segments named in ``names`` (never the MSH): changes
+        to either leave the other as it was."""
+        kept = [
+            # MSH items start at MSH-2: the field separator is implied by the separators.
+            [seg.name, *(seg.fields()[1:] if seg.name == "MSH" else seg.fields())]
+            for seg in self.segments
+            if seg.name == "MSH" or seg.name not in names
+        ]
+        return Message.from_segments(kept, self.separators, charset=self.charset)
+
     # -- output -------------------------------------------------------------
 
     def _sync(self) -> None:

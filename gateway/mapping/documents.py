@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections import Counter
 from typing import Any
 
 from gateway.mapping.engine import Context, search_token
@@ -32,12 +33,11 @@ def _ei_identifier(ctx: Context, path: str) -> dict[str, Any] | None:
         ctx.take(f"{path}.1")
         return {"system": URI_SYSTEM, "value": f"urn:oid:{value}"}
     authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
-    system = ctx.system("document", authority, f"{path}.3")
-    for part in (".2", ".3", ".4"):
-        text = ctx.read(f"{path}{part}")
-        if text and (text in system or (part == ".4" and authority.universal in system)):
-            ctx.take(f"{path}{part}")
-    ident: dict[str, Any] = {"system": system, "value": ctx.take(f"{path}.1")}
+    resolved = ctx.resolve("document", authority, f"{path}.3")
+    for part, comp in (("universal", ".3"), ("type", ".4")):
+        if part in resolved.used:
+            ctx.take(f"{path}{comp}")
+    ident: dict[str, Any] = {"system": resolved.system, "value": ctx.take(f"{path}.1")}
     if authority.namespace:
         ctx.take(f"{path}.2")
         ident["assigner"] = {"display": authority.namespace}
@@ -75,6 +75,13 @@ def decode_ed(ctx: Context) -> tuple[str, bytes] | None:
     in the unmapped report)."""
     n = ctx.segment[1] if ctx.segment else 1
     field = f"OBX[{n}]-5"
+    value_type = ctx.read(f"OBX[{n}]-2")
+    if value_type != "ED":  # another type's components are not an ED's: nothing is guessed
+        ctx.warnings.append(
+            f"OBX[{n}]-2: value type {value_type or '(empty)'!r}, not ED: no document; "
+            "its value is reported unmapped"
+        )
+        return None
     kind, subtype = ctx.read(f"{field}.2"), ctx.read(f"{field}.3")
     encoding, data = ctx.read(f"{field}.4"), ctx.read(f"{field}.5")
     if not data:
@@ -118,13 +125,12 @@ def result_set_id(ctx: Context, occ: int) -> str:
     """The OBX set id, when it tells this result from the others of its order; else the OBX's
     place among them (a sender that numbers every OBX 1 must not make them one result)."""
     own = ctx.read("OBX-1")
-    layout, group = ctx.layout, ctx.group
-    siblings = [
-        n
-        for n in range(1, len(ctx.message.segments_named("OBX")) + 1)
-        if layout is None or group is None or layout.group_of.get(("OBX", n)) == group
-    ]
-    if own and sum(1 for n in siblings if ctx.read(f"OBX[{n}]-1") == own) == 1:
+    siblings = ctx.members("OBX")
+    key = ("obx-set-ids", ctx.group, ctx.section)
+    counts = ctx.memo.get(key)
+    if counts is None:
+        counts = ctx.memo[key] = Counter(ctx.read(f"OBX[{n}]-1") for n in siblings)
+    if own and counts[own] == 1:
         return own
     place = siblings.index(occ) + 1 if occ in siblings else occ
     if own:
@@ -140,10 +146,12 @@ def document_key(ctx: Context) -> str:
     n = ctx.segment[1] if ctx.segment else 1
     number = order_number(ctx)
     if number is None:
-        return f"{ctx.system('document', Authority(), 'OBX-1')}|{ctx.message.control_id}|{n}"
+        return f"{ctx.system('document', Authority(), ctx.field_here('OBX', 1))}|{ctx.message.control_id}|{n}"
     path, value, kind = number
     authority = Authority(ctx.read(f"{path}.2"), ctx.read(f"{path}.3"), ctx.read(f"{path}.4"))
-    return f"{ctx.system(kind, authority, path)}|{value}|{result_set_id(ctx, n)}"
+    seg, _, fld = path.partition("-")
+    system = ctx.system(kind, authority, lambda: ctx.field_here(seg, int(fld)))
+    return f"{system}|{value}|{result_set_id(ctx, n)}"
 
 
 def _content_type(kind: str, subtype: str) -> str:

@@ -55,7 +55,7 @@ import orjson
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7 import path as er7_path
 from gateway.hl7.er7 import Message, Segment, unescape
-from gateway.mapping.namespaces import Authority, Namespaces, is_kind
+from gateway.mapping.namespaces import Authority, Namespaces, Resolved, is_kind
 from gateway.mapping.ownership import FILE as OWNERSHIP_FILE
 from gateway.mapping.ownership import POLICIES, Ownership
 from gateway.mapping.rules import (
@@ -69,6 +69,7 @@ from gateway.mapping.rules import (
     is_empty,
     load_concept_maps,
     load_yaml,
+    look_up,
     mapping_files,
     parse_when,
     rule_failure,
@@ -84,6 +85,11 @@ Function = Callable[["Context", Any], Any]
 NULL: Final = '""'  # HL7's explicit null: "delete the value held"
 WRITE_POLICY: Final = "urn:passerelle:write-policy"
 CLEAR: Final = "urn:passerelle:clear"
+IF_ABSENT: Final = "urn:passerelle:if-absent"
+# Reference data several parts of a message may name with small differences (a doctor's name
+# spelt twice): the first is kept, with a warning. Any other resource named twice with different
+# content refuses the message.
+SHARED_TYPES: Final = frozenset({"Practitioner", "Organization", "Location"})
 UNSUPPORTED_FILE: Final = "unsupported.yaml"
 # Header fields the gateway itself reads (routing, sender, dedupe, ACK): not content.
 HEADER_FIELDS: Final = frozenset({3, 4, 5, 6, 7, 9, 10, 11, 12, 15, 16, 17, 18, 21})
@@ -92,6 +98,18 @@ _RESERVED_FILES: Final = frozenset({OWNERSHIP_FILE, UNSUPPORTED_FILE})
 _ELEMENT = re.compile(
     r"^_?[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?(?:\.[a-zA-Z][a-zA-Z0-9]*(?:\[(?:\d+)?\])?)*$"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Degradation:
+    """A value the mapping could not carry as sent: reported, and refused by a strict channel."""
+
+    text: str
+    location: str | None
+    code: str  # HL7 table 0357
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(slots=True)
@@ -109,6 +127,7 @@ class Context:
     fr_core_version: str = "2.1.0"  # the FR Core release the output is shaped to
     layout: Layout | None = None  # segment groups (ORU: ORC/OBR), when the mapping declares them
     group: int | None = None  # the group of the segment being iterated
+    section: int | None = None  # and its section
     ref_segments: dict[str, str] = field(default_factory=dict)  # key → segment of a per-segment resource
     skipped: set[str] = field(default_factory=set)  # fullUrls of resources already found not produced
     forward: set[str] = field(default_factory=set)  # fullUrls referenced before being decided
@@ -116,9 +135,14 @@ class Context:
     found: dict[tuple[str, int], Segment | None] = field(default_factory=dict)  # segment lookups so far
     namespaces: Namespaces = field(default_factory=Namespaces)
     kind: str | None = None  # the identifier kind the rule being applied names (``kind:``)
-    degraded: list[str] = field(default_factory=list)  # what strict channels refuse: codes not known…
-    nulls: set[str] = field(default_factory=set)  # top-level elements the message nulled ("")
+    source: str | None = None  # the ``from:`` of the rule whose function runs
+    degraded: list[Degradation] = field(default_factory=list)  # what strict channels refuse
+    # Top-level elements the message nulled (""), with the leaves that said so: they count as mapped
+    # only when the entry carries the removal (an update, not a create).
+    nulls: dict[str, list[Leaf]] = field(default_factory=dict)
+    defaulted: list[str] = field(default_factory=list)  # elements set to the mapping's "unknown" value
     concept_maps: Mapping[str, ConceptMap] = field(default_factory=dict)  # for functions that translate
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # what functions work out once a message
     _order: list[tuple[str, int]] | None = None  # (segment, occurrence) in message order, when asked
     _split: tuple[str, list[list[str]]] | None = None  # the current scope, split
     _sender: tuple[str, str, str] | None = None
@@ -126,7 +150,11 @@ class Context:
     def enter(self, segment: tuple[str, int] | None) -> None:
         """Iterate ``segment`` (name, occurrence): reads and references follow its group."""
         self.segment = segment
-        self.group = self.layout.group_of.get(segment) if self.layout and segment else None
+        layout = self.layout
+        if layout is not None and segment is not None:
+            self.group, self.section = layout.group_of.get(segment), layout.section_of.get(segment)
+        else:
+            self.group = self.section = None
 
     def find(self, seg: str, occurrence: int) -> Segment | None:
         """``message.segment``, looked up once per message: the message does not change while mapped."""
@@ -137,12 +165,24 @@ class Context:
         segment = found[key] = self.message.segment(seg, occurrence)
         return segment
 
+    def members(self, seg: str) -> list[int]:
+        """The occurrences of ``seg`` that belong here: the current group's (or section's), else all."""
+        if self.layout is not None:
+            mine = self.layout.occurrences(seg, self.group, self.section)
+            if mine is not None:
+                return mine
+            if self.group is not None:
+                return self.layout.in_group.get((seg, self.group), [])
+        return list(range(1, len(self.message.segments_named(seg)) + 1))
+
     def occurrence(self, seg: str) -> int | None:
         """Which occurrence of ``seg`` an unqualified path means here; None when its group has none."""
         if self.segment is not None and self.segment[0] == seg:
             return self.segment[1]
-        if self.layout is not None and self.group is not None and seg in self.layout.grouped:
-            return self.layout.first_in_group.get((seg, self.group))
+        if self.layout is not None:
+            mine = self.layout.occurrences(seg, self.group, self.section)
+            if mine is not None:
+                return mine[0] if mine else None
         return 1
 
     # -- reading ----------------------------------------------------------------------------
@@ -272,6 +312,16 @@ class Context:
         base = er7_path.field_path(seg, occ, fld) + f"[{rep}]"
         return base + path
 
+    def field_here(self, seg: str, fld: int) -> str:
+        """Field ``fld`` of the ``seg`` meant here, as ERR-2 names it (``OBR[2]-3`` in the second
+        order group)."""
+        return er7_path.field_path(seg, self.occurrence(seg) or 1, fld)
+
+    def place(self) -> str:
+        """Where the value a function was given comes from (``SCH-9``, ``PID-13[2].18``)."""
+        source = self.source or ""
+        return source if source and not source.startswith(".") else self.here(source)
+
     def sender(self) -> tuple[str, str, str]:
         """(MSH-3.1, MSH-4.1, MSH-4.2): who sent the message, for namespaces."""
         if self._sender is None:
@@ -282,15 +332,26 @@ class Context:
     def system(self, kind: str, authority: Authority, where: str | Callable[[], str]) -> str:
         """The namespace of an identifier of ``kind`` (raises UnknownNamespace when none);
         ``where`` (or what it gives) names the field in a warning or a refusal."""
+        return self.resolve(kind, authority, where).system
+
+    def resolve(self, kind: str, authority: Authority, where: str | Callable[[], str]) -> Resolved:
+        """``system``, saying also which parts of the authority the system carries."""
         resolved = self.namespaces.resolve(kind, authority, self.sender, where)
         if resolved.note is not None:
             self.warnings.append(resolved.note)
-        return resolved.system
+        return resolved
 
-    def degrade(self, note: str) -> None:
-        """A warning a strict channel turns into a refusal (a code not known, a value defaulted)."""
+    def degrade(self, note: str, *, code: str = "102", location: str | None = None) -> None:
+        """A warning a strict channel turns into a refusal (a code not known, a value defaulted).
+
+        ``code``: HL7 table 0357 for the refusal (102 data type error, 103 table value not found,
+        101 required field missing); the location defaults to the note's own prefix (``PV1-2: …``).
+        """
         self.warnings.append(note)
-        self.degraded.append(note)
+        if location is None:
+            prefix = note.partition(": ")[0]
+            location = prefix if er7_path.location(prefix) is not None else None
+        self.degraded.append(Degradation(note, location, code))
 
     def following(self, name: str) -> list[int]:
         """Occurrences of ``name`` right after the current segment (NTE after its OBX)."""
@@ -329,11 +390,9 @@ class Context:
         if self.segment is not None and self.segment[0] == seg:
             n = self.segment[1]
             urls = [target[n - 1]] if n <= len(target) else []
-        elif self.layout is not None and self.group is not None and seg in self.layout.grouped:
-            group_of, group = self.layout.group_of, self.group
-            urls = [url for n, url in enumerate(target, 1) if group_of.get((seg, n)) == group]
         else:
-            urls = target
+            mine = self.layout.occurrences(seg, self.group, self.section) if self.layout is not None else None
+            urls = target if mine is None else [target[n - 1] for n in mine if n <= len(target)]
         return [{"reference": url} for url in urls if self._wanted(url)]
 
     def _wanted(self, url: str) -> bool:
@@ -403,35 +462,63 @@ def _field_leaves(seg: str, occ: int, fld: int, text: str, msg: Message) -> Iter
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Where each segment sits: groups start at an anchor segment (ORC or OBR in an ORU), so that a
-    result reads its own order's OBR and a report lists only its own observations."""
+    """Where each segment sits. A section opens at each section anchor (PID: one patient's part of
+    an ORU that carries several patients); inside it, groups open at the group anchors (ORC, OBR),
+    so that a result reads its own order's OBR, refers to its own patient, and a report lists only
+    its own observations."""
 
-    group_of: dict[tuple[str, int], int]  # (segment, occurrence) → group (0 before the first anchor)
-    first_in_group: dict[tuple[str, int], int]  # (segment, group) → its first occurrence there
-    grouped: frozenset[str]  # segments met inside a group
+    group_of: dict[tuple[str, int], int]  # (segment, occurrence) → group; a section's head is one too
+    grouped: frozenset[str]  # segments met inside an anchored group
+    section_of: dict[tuple[str, int], int]  # (segment, occurrence) → section (0 before the first)
+    sectioned: frozenset[str]  # segments met inside a section
+    in_group: dict[tuple[str, int], list[int]]  # (segment, group) → its occurrences there
+    in_section: dict[tuple[str, int], list[int]]  # (segment, section) → its occurrences there
 
     @classmethod
-    def of(cls, message: Message, anchors: Sequence[str]) -> Layout:
+    def of(cls, message: Message, anchors: Sequence[str], sections: Sequence[str] = ()) -> Layout:
         """``anchors`` in their order in a group (ORC, OBR): a segment that comes again, or one
-        that comes before an anchor already seen in the group, opens the next group."""
+        that comes before an anchor already seen in the group, opens the next group. A section
+        anchor opens a section, whose segments up to the first group anchor are its head group."""
         rank = {name: i for i, name in enumerate(anchors)}
+        opens = frozenset(sections)
         counts: dict[str, int] = {}
-        group, last = 0, -1
+        group = section = 0
+        last, anchored = -1, False
         group_of: dict[tuple[str, int], int] = {}
-        first: dict[tuple[str, int], int] = {}
+        section_of: dict[tuple[str, int], int] = {}
+        in_group: dict[tuple[str, int], list[int]] = {}
+        in_section: dict[tuple[str, int], list[int]] = {}
         grouped: set[str] = set()
+        sectioned: set[str] = set()
         for seg in message.segments:
             name = seg.name
             counts[name] = occ = counts.get(name, 0) + 1
-            if name in rank:
-                if group == 0 or rank[name] <= last:
+            if name in opens:
+                section += 1
+                group += 1
+                last, anchored = -1, False
+            elif name in rank:
+                if not anchored or rank[name] <= last:
                     group += 1
-                last = rank[name]
+                last, anchored = rank[name], True
             group_of[(name, occ)] = group
-            first.setdefault((name, group), occ)
-            if group:
+            section_of[(name, occ)] = section
+            in_group.setdefault((name, group), []).append(occ)
+            in_section.setdefault((name, section), []).append(occ)
+            if anchored:
                 grouped.add(name)
-        return cls(group_of, first, frozenset(grouped))
+            if section:
+                sectioned.add(name)
+        return cls(group_of, frozenset(grouped), section_of, frozenset(sectioned), in_group, in_section)
+
+    def occurrences(self, seg: str, group: int | None, section: int | None) -> list[int] | None:
+        """The occurrences of ``seg`` that belong with a segment of ``group`` in ``section``: the
+        group's, for a segment of groups; else the section's; None when neither narrows it."""
+        if group is not None and seg in self.grouped:
+            return self.in_group.get((seg, group), [])
+        if section is not None and seg in self.sectioned:
+            return self.in_section.get((seg, section), [])
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -489,6 +576,7 @@ class Mapping_:
     resources: list[ResourceMapping]
     file: str
     groups: tuple[str, ...] = ()  # anchor segments of repeated groups, in group order (ORU: ORC, OBR)
+    sections: tuple[str, ...] = ()  # segments that open one patient's part of the message (ORU: PID)
 
     def serves(self, event: str) -> bool:
         family = event.split("^")[0] + "^*"
@@ -501,7 +589,7 @@ class MappingResult:
     warnings: list[str]
     unmapped: list[str]  # leaves no rule put anywhere: "PID-13[1].4", "ZXY-2[1]" …
     mapping: str
-    degraded: list[str] = field(default_factory=list)  # the warnings a strict channel refuses
+    degraded: list[Degradation] = field(default_factory=list)  # the warnings a strict channel refuses
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -535,7 +623,7 @@ _RESOURCE_KEYS = {
     "write",
     "__line__",
 }
-_FILE_KEYS = {"name", "events", "resources", "groups", "__line__"}
+_FILE_KEYS = {"name", "events", "resources", "groups", "sections", "__line__"}
 
 
 class Library:
@@ -743,15 +831,28 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                     key="ref",
                     line=int(rule.where.rsplit(":", 1)[1]),
                 )
-    groups = data.get("groups", [])
-    if not isinstance(groups, list) or not all(isinstance(g, str) and er7_path.is_segment(g) for g in groups):
+    anchors = {}
+    for key, example in (("groups", "[ORC, OBR]"), ("sections", "[PID]")):
+        names = data.get(key, [])
+        if not isinstance(names, list) or not all(
+            isinstance(n, str) and er7_path.is_segment(n) for n in names
+        ):
+            raise ConfigError(
+                f"a list of the segments that open a {key[:-1]}, such as {example}",
+                file=file,
+                key=key,
+                line=data["__line__"],
+            )
+        anchors[key] = tuple(names)
+    if set(anchors["groups"]) & set(anchors["sections"]):
         raise ConfigError(
-            "a list of the segments that open a group, such as [ORC, OBR]",
-            file=file,
-            key="groups",
-            line=data["__line__"],
+            "a segment opens a group or a section, not both", file=file, key="sections", line=data["__line__"]
         )
-    return Mapping_(data["name"], frozenset(events), resources, file, tuple(groups))
+    return Mapping_(data["name"], frozenset(events), resources, file, anchors["groups"], anchors["sections"])
+
+
+def _is_segment_name(name: object) -> bool:
+    return isinstance(name, str) and er7_path.is_segment(name)
 
 
 def _resolve_uses(mappings: Sequence[Mapping_]) -> None:
@@ -906,7 +1007,9 @@ def run(
         refs,
         timezone=timezone,
         fr_core_version=fr_core_version,
-        layout=Layout.of(message, mapping.groups) if mapping.groups else None,
+        layout=Layout.of(message, mapping.groups, mapping.sections)
+        if mapping.groups or mapping.sections
+        else None,
         ref_segments=ref_segments,
         namespaces=namespaces or Namespaces(),
         concept_maps=library.concept_maps,
@@ -936,25 +1039,25 @@ def run(
                 continue
             resource: dict[str, Any] = {"resourceType": res.type}
             # What this resource takes counts only if it is produced.
-            ctx.consumed, ctx.nulls = set(), set()
+            ctx.consumed, ctx.nulls, ctx.defaulted = set(), {}, []
             try:
                 for apply in plan.rules:
                     apply(resource, ctx)
                 # A resource nothing was mapped into is not produced, nor one without what it
                 # cannot be without (``required: {content: ~}``); what it took stays unmapped.
                 if len(_prune_fast(resource)) > 1 and all(
-                    not is_empty(resource.get(k)) for k, v in res.required.items() if v is None
+                    not is_empty(_element_at(resource, k)) for k, v in res.required.items() if v is None
                 ):
                     _fill_required(resource, res, ctx)
                     probe = _probe(plan, ctx) if plan.match is not None else None
-                    built.append(_Built(plan, url, resource, sorted(ctx.nulls), probe))
+                    built.append(_Built(plan, url, resource, dict(ctx.nulls), probe, list(ctx.defaulted)))
                     ctx.skipped.discard(url)
                     mapped |= ctx.consumed
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise ValidationError(f"mapping {mapping.name}: {res.key}: {rule_failure(exc)}") from exc
         ctx.enter(None)
         ctx.scope, ctx.at = None, None
-    entries = _entries(built, ctx, library, message)
+    entries = _entries(built, ctx, library, message, mapped)
     return MappingResult(
         {"resourceType": "Bundle", "type": "transaction", "entry": entries},
         list(dict.fromkeys(ctx.warnings)),
@@ -969,8 +1072,9 @@ class _Built:
     plan: _Plan
     url: str
     resource: dict[str, Any]
-    nulls: list[str]
+    nulls: dict[str, list[Leaf]]
     probe: dict[str, Any] | None  # the identifiers to find it by, when not its own (A47)
+    defaulted: list[str]
 
 
 def _scope_field(scope: str, ctx: Context) -> tuple[str, int, int]:
@@ -984,8 +1088,39 @@ def _probe(plan: _Plan, ctx: Context) -> dict[str, Any]:
     request's criteria, so what they take counts as mapped."""
     probe: dict[str, Any] = {}
     assert plan.match is not None
+    before = set(ctx.consumed)
     plan.match(probe, ctx)
-    return _prune(probe)  # type: ignore[no-any-return]
+    probe = _prune(probe)
+    # Only system|value reach the criteria: what else the match read (a type, an authority's
+    # name) is not carried, so it stays unmapped.
+    criteria = [
+        str(ident.get(part) or "")
+        for idents in probe.values()
+        if isinstance(idents, list)
+        for ident in idents
+        if isinstance(ident, dict)
+        for part in ("system", "value")
+    ]
+    for seg, occ, fld, rep, c, sub in ctx.consumed - before:
+        text = ctx.read(f"{seg}[{occ}]-{fld}[{rep}].{c}.{sub}")
+        if not any(text in criterion for criterion in criteria):
+            ctx.consumed.discard((seg, occ, fld, rep, c, sub))
+    return probe
+
+
+def _element_at(resource: Mapping[str, Any], path: str) -> Any:
+    """The value at an element path (``content[0].attachment.data``; a list without an index: its
+    first item), None when any step is missing."""
+    node: Any = resource
+    for step in path.split("."):
+        name, _, index = step.partition("[")
+        node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, list):
+            at = int(index[:-1]) if index[:-1] else 0
+            node = node[at] if at < len(node) else None
+        if node is None:
+            return None
+    return node
 
 
 def _fill_required(resource: dict[str, Any], res: ResourceMapping, ctx: Context) -> None:
@@ -1001,12 +1136,16 @@ def _fill_required(resource: dict[str, Any], res: ResourceMapping, ctx: Context)
         if isinstance(node, dict) and not is_empty(node.get(steps[-1])):
             continue
         _set(resource, element, value)
+        ctx.defaulted.append(element.split(".")[0])
         shown = value.get("code", value) if isinstance(value, dict) else value
-        ctx.degrade(f"{res.type}.{element}: required and not in the message; set to {shown!r}")
+        ctx.degrade(f"{res.type}.{element}: required and not in the message; set to {shown!r}", code="101")
 
 
-def _entries(built: list[_Built], ctx: Context, library: Library, message: Message) -> list[dict[str, Any]]:
-    """Each built resource as a transaction entry, written by its policy under its namespaced key."""
+def _entries(
+    built: list[_Built], ctx: Context, library: Library, message: Message, mapped: set[Leaf]
+) -> list[dict[str, Any]]:
+    """Each built resource as a transaction entry, written by its policy under its namespaced key:
+    an update by the preferred key; a create by any of its keys (found by one, it is that one)."""
     entries: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}  # request URL (or key) → the entry that carries it
     merged: dict[str, str] = {}  # fullUrl of a dropped duplicate → the kept one
@@ -1029,6 +1168,8 @@ def _entries(built: list[_Built], ctx: Context, library: Library, message: Messa
             if item.probe is not None:
                 keys = [_key(item.probe, res.identity, ()), *keys]
                 keys += [k for k in _all_keys(item.probe, res.identity) if k not in keys]
+            elif policy_of(res) == "create":
+                keys += _all_keys(resource, res.identity)
             found = [k for k in keys if k]
             if found:
                 criteria = "identifier=" + ",".join(dict.fromkeys(found))
@@ -1043,7 +1184,13 @@ def _entries(built: list[_Built], ctx: Context, library: Library, message: Messa
             else:
                 request = {"method": "PUT", "url": f"{res.type}?{criteria}"}
                 extensions = [{"url": WRITE_POLICY, "valueCode": "merge"}] if policy == "merge" else []
-                extensions += [{"url": CLEAR, "valueString": name} for name in item.nulls]
+                for name, leaves in sorted(item.nulls.items()):
+                    extensions.append({"url": CLEAR, "valueString": name})
+                    mapped.update(leaves)
+                if policy == "merge":  # a value the mapping supplied never replaces a stored one
+                    extensions += [
+                        {"url": IF_ABSENT, "valueString": name} for name in dict.fromkeys(item.defaulted)
+                    ]
                 if extensions:
                     request["extension"] = extensions
         same: str | None = None
@@ -1057,7 +1204,7 @@ def _entries(built: list[_Built], ctx: Context, library: Library, message: Messa
             kept = seen.get(same)
             if kept is not None:
                 merged[url] = kept["fullUrl"]
-                _absorb(kept["resource"], resource, ctx, shared=policy_of(res) == "merge")
+                _absorb(kept["resource"], resource, ctx, shared=res.type in SHARED_TYPES)
                 continue
         entry = {"fullUrl": url, "resource": resource, "request": request}
         if same is not None:
@@ -1076,22 +1223,25 @@ def _entries(built: list[_Built], ctx: Context, library: Library, message: Messa
 
 
 def _absorb(kept: dict[str, Any], duplicate: Mapping[str, Any], ctx: Context, *, shared: bool) -> None:
-    """A resource named twice in one message (the same doctor attending and admitting): the
-    duplicate's elements the kept one lacks are added. Two different values for one element of
-    shared reference data keep the first, with a warning; for clinical data (a result, an order)
-    that would lose one of them, so the message is refused instead."""
+    """A resource named twice in one message (the same doctor attending and admitting). For shared
+    reference data, the duplicate's elements the kept one lacks are added, and of two different
+    values the first is kept, with a warning. For anything else (a patient, a result, an order) two
+    parts of one message that say different things about one resource are not reconciled by
+    guessing: an ADT^A40 whose MRG-1 names the survivor itself would otherwise deactivate it. The
+    message is refused, naming the element."""
     for name, value in duplicate.items():
-        if name == "identifier":
+        if name == "identifier" or kept.get(name) == value:
             continue
+        what = f"{kept.get('resourceType')}.{name}"
+        if not shared:
+            raise ValidationError(
+                f"two parts of the message name one {kept.get('resourceType')} (same key) and "
+                f"{'disagree on' if name in kept else 'only one gives'} {name}: neither is dropped, "
+                "the message is refused"
+            )
         if name not in kept:
             kept[name] = value
-        elif kept[name] != value:
-            what = f"{kept.get('resourceType')}.{name}"
-            if not shared:
-                raise ValidationError(
-                    f"two parts of the message are one {kept.get('resourceType')} (same key) with different "
-                    f"{name}: neither is dropped, the message is refused"
-                )
+        else:
             ctx.warnings.append(f"{what}: one resource named twice with different values; the first kept")
     idents = kept.get("identifier")
     if isinstance(idents, list):
@@ -1236,29 +1386,24 @@ def _finish(
     when something was set from it."""
     if table is not None:
         code = str(value)
-        if code in table.table:
+        if code in table.table:  # the usual case, without building the warning's location
             value = table.table[code]
         else:
-            kept = table.fallback(code)
             where = (
                 rule.source
                 if rule.source and not rule.source.startswith(".")
                 else ctx.here(rule.source or "")
             )
-            if kept is None:
-                ctx.degrade(f"{where}: code {code!r} not in concept map {table.name}; left out")
+            value = look_up(table, code, where, lambda note: ctx.degrade(note, code="103"))
+            if value is None:
                 return
-            ctx.degrade(
-                f"{where}: code {code!r} not in concept map {table.name}; kept as sent ({table.system})"
-            )
-            value = kept
     if function is not None:
-        previous = ctx.kind
-        ctx.kind = rule.kind
+        previous = ctx.kind, ctx.source
+        ctx.kind, ctx.source = rule.kind, rule.source
         try:
             value = function(ctx, value)
         finally:
-            ctx.kind = previous
+            ctx.kind, ctx.source = previous
     if is_empty(value):
         return
     put(target, value)
@@ -1275,8 +1420,7 @@ def _null(rule: Rule, ctx: Context, leaf: Leaf | None) -> None:
     name = rule.target.removesuffix("[]")
     # Identifiers are never removed by a message: a "" there is left to the unmapped report.
     if leaf is not None and _ELEMENT_NAME.fullmatch(name) and name != "identifier":
-        ctx.nulls.add(name)
-        ctx.consumed.add(leaf)
+        ctx.nulls.setdefault(name, []).append(leaf)
 
 
 def _source(rule: Rule, raw: str, leaf: Leaf | None, ctx: Context, top: bool) -> str | None:
@@ -1320,13 +1464,7 @@ def _segment_occurrences(rule: Rule, ctx: Context) -> list[int]:
     assert rule.each is not None
     if rule.follows:
         return ctx.following(rule.each)
-    count = len(ctx.message.segments_named(rule.each))
-    layout, group = ctx.layout, ctx.group
-    return [
-        i
-        for i in range(1, count + 1)
-        if layout is None or group is None or layout.group_of.get((rule.each, i)) == group
-    ]
+    return ctx.members(rule.each)
 
 
 def _apply_each(rule: Rule, target: dict[str, Any], ctx: Context, library: Library, top: bool) -> None:

@@ -15,11 +15,13 @@ import hashlib
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from importlib.metadata import entry_points
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway.hl7.er7 import unescape
+from gateway.core.errors import ValidationError
+from gateway.hl7.er7 import Separators, unescape
 from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed, document_key, order_number, result_set_id
 from gateway.mapping.engine import NULL, Context
 from gateway.mapping.namespaces import Authority, is_oid
@@ -155,12 +157,12 @@ def _namespaced(
     ``assigner.display`` its namespace id. ``where`` names the field for a refusal.
     """
     (namespace, n_leaf), (universal, u_leaf), (kind_code, k_leaf) = (ctx.value(p) for p in hd)
-    system = ctx.system(kind, Authority(namespace, universal, kind_code), where)
-    if universal and universal in system:
-        ctx.consume(u_leaf)
-        ctx.consume(k_leaf)
-    ctx.consume(n_leaf)
-    return system, namespace or None
+    resolved = ctx.resolve(kind, Authority(namespace, universal, kind_code), where)
+    for part, leaf in (("universal", u_leaf), ("type", k_leaf)):
+        if part in resolved.used:
+            ctx.consume(leaf)
+    ctx.consume(n_leaf)  # the assigner's name, always kept
+    return resolved.system, namespace or None
 
 
 def _assigner(ident: dict[str, Any], name: str | None) -> None:
@@ -187,7 +189,7 @@ def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     type_code, type_leaf = ctx.value(".5")
     ins = INS_OIDS.get(oid) if universal_type in ("ISO", "") else None
     if ins is not None or type_code == "INS":
-        if "VALI" not in ctx.message.repetitions("PID-32"):
+        if identity_status(ctx)[0] != "VALI":
             ctx.warnings.append(
                 f"{ctx.here()}: INS received without PID-32 = VALI: identifier left out (PAM FR rule)"
             )
@@ -214,6 +216,44 @@ def cx_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     if period:
         ident["period"] = period
     return ident
+
+
+def merged_identifier(ctx: Context, value: Any) -> dict[str, Any] | None:
+    """The current MRG-1 repetition of an A40 → an identifier of the record merged away. Its INS is
+    left out (reported): the survivor's PID-3 carries the patient's INS, and PID-32 qualifies the
+    survivor's identity, not the merged record's."""
+    if not _is_ins(ctx.read(".4.2"), ctx.read(".4.3"), ctx.read(".5")):
+        return cx_identifier(ctx, value)
+    seps = ctx.message.separators
+    others = [
+        rep
+        for rep in ctx.message.repetitions(ctx.field_here("MRG", 1))
+        if rep.split(seps.component)[0] and not _is_ins(*_cx_authority(rep, seps))
+    ]
+    if not others:  # merging "whoever has this INS" into the survivor would be a guess
+        raise ValidationError(
+            "MRG-1 names the merged record by its INS alone: no local identifier to merge it by",
+            location=ctx.field_here("MRG", 1),
+        )
+    ctx.warnings.append(
+        f"{ctx.here()}: the merged record's INS is not carried (the survivor's PID-3 holds it)"
+    )
+    return None
+
+
+def _is_ins(oid: str, universal_type: str, type_code: str) -> bool:
+    return (oid in INS_OIDS and universal_type in ("ISO", "")) or type_code == "INS"
+
+
+def _cx_authority(rep: str, seps: Separators) -> tuple[str, str, str]:
+    """(CX-4.2, CX-4.3, CX-5) of one raw CX repetition."""
+    parts = rep.split(seps.component)
+    hd = parts[3].split(seps.subcomponent) if len(parts) > 3 else []
+    return (
+        hd[1] if len(hd) > 1 else "",
+        hd[2] if len(hd) > 2 else "",
+        parts[4] if len(parts) > 4 else "",
+    )
 
 
 def _period(ctx: Context, start: str, end: str) -> dict[str, str]:
@@ -262,7 +302,8 @@ def order_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     for seg in ("OBR", "ORC"):
         base = f"{seg}-{field}"
         if ctx.read(f"{base}.1"):
-            system, assigner = _namespaced(ctx, kind, (f"{base}.2", f"{base}.3", f"{base}.4"), base)
+            hd = (f"{base}.2", f"{base}.3", f"{base}.4")
+            system, assigner = _namespaced(ctx, kind, hd, ctx.field_here(seg, field))
             code = "FILL" if field == 3 else "PLAC"
             ident: dict[str, Any] = {
                 "type": _identifier_type(code),
@@ -292,10 +333,12 @@ def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     set_id = result_set_id(ctx, occ)
     number = order_number(ctx)
     if number is None:
-        system = ctx.system("observation", Authority(), "OBX-1")
+        system = ctx.system("observation", Authority(), ctx.field_here("OBX", 1))
         return {"system": system, "value": f"{ctx.message.control_id}-{occ}"}
     path, value, kind = number
-    system, assigner = _namespaced(ctx, kind, (f"{path}.2", f"{path}.3", f"{path}.4"), path)
+    seg, _, fld = path.partition("-")
+    hd = (f"{path}.2", f"{path}.3", f"{path}.4")
+    system, assigner = _namespaced(ctx, kind, hd, lambda: ctx.field_here(seg, int(fld)))
     ctx.take(f"{path}.1")
     if set_id == ctx.read("OBX-1"):
         ctx.take("OBX-1")
@@ -310,7 +353,9 @@ def immunization_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     never does: nothing else says two RXA are one immunization)."""
     for path, kind, code in (("ORC-3", "filler-order", "FILL"), ("ORC-2", "placer-order", "PLAC")):
         if ctx.read(f"{path}.1"):
-            system, assigner = _namespaced(ctx, kind, (f"{path}.2", f"{path}.3", f"{path}.4"), path)
+            hd = (f"{path}.2", f"{path}.3", f"{path}.4")
+            fld = int(path[-1])
+            system, assigner = _namespaced(ctx, kind, hd, ctx.field_here("ORC", fld))
             ident: dict[str, Any] = {
                 "type": _identifier_type(code),
                 "system": system,
@@ -319,7 +364,7 @@ def immunization_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
             _assigner(ident, assigner)
             return ident
     occ = ctx.segment[1] if ctx.segment else 1
-    system = ctx.system("immunization", Authority(), "RXA-1")
+    system = ctx.system("immunization", Authority(), ctx.field_here("RXA", 1))
     return {"system": system, "value": f"{ctx.message.control_id}-{occ}"}
 
 
@@ -369,21 +414,30 @@ def place_text(ctx: Context, _: Any) -> str | None:
     return " ".join(parts) or None
 
 
-def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """PID-32 → the FR Core identity-reliability extension: the first code of the target release's
-    table 0445. The extension holds one status; any other code is reported, not dropped silently."""
+def identity_status(ctx: Context) -> tuple[str | None, str | None, list[str]]:
+    """The PID-32 (of the patient mapped here) status the output carries: the first code of the
+    target FR Core release's table 0445; the path of its repetition; the codes left out."""
     known = IDENTITY_CODES.get(ctx.fr_core_version, IDENTITY_STATUSES)
-    codes = [c for c in ctx.message.repetitions("PID-32") if c]
-    status = next((c for c in codes if c in known), None)
-    left = [c for c in codes if c != status]
+    occ = ctx.occurrence("PID") or 1
+    codes = ctx.message.repetitions(f"PID[{occ}]-32")
+    rep = next((n for n, c in enumerate(codes, 1) if c in known), None)
+    status = codes[rep - 1] if rep is not None else None
+    left = [c for c in codes if c and c != status]
+    return status, (f"PID[{occ}]-32[{rep}]" if rep is not None else None), left
+
+
+def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """PID-32 → the FR Core identity-reliability extension. The extension holds one status (the
+    one the INS rule reads); any other code is reported, not dropped silently."""
+    status, path, left = identity_status(ctx)
     if left:
         ctx.warnings.append(
             f"PID-32: {', '.join(left)} not carried by the FR Core {ctx.fr_core_version} identity-reliability"
             " extension (one status of its table 0445); in the unmapped report"
         )
-    if status is None:
+    if status is None or path is None:
         return None
-    ctx.take(f"PID-32[{codes.index(status) + 1}]")
+    ctx.take(path)
     return {
         "url": FR_IDENTITY_RELIABILITY,
         "extension": [{"url": "identityStatus", "valueCoding": {"system": FR_CS_0445, "code": status}}],
@@ -392,10 +446,11 @@ def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 def birth_place(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The PID-11 repetition with XAD-7 = BDL → patient-birthPlace with the INSEE commune code."""
-    for n, rep in enumerate(ctx.message.repetitions("PID-11"), 1):
+    occ = ctx.occurrence("PID") or 1
+    for n, rep in enumerate(ctx.message.repetitions(f"PID[{occ}]-11"), 1):
         if "BDL" not in rep:
             continue
-        saved = ctx.scoped("PID", 1, 11, n, rep)
+        saved = ctx.scoped("PID", occ, 11, n, rep)
         try:
             if ctx.read(".7") != "BDL":
                 continue
@@ -484,7 +539,8 @@ def telecom(ctx: Context, _: Any) -> dict[str, Any] | None:
         use = {13: "home", 14: "work"}.get(ctx.at[2])  # HL7: PID-13 is the home number, PID-14 work
     if use is not None:
         point["use"] = use
-    if ctx.read(".18").isdigit() and int(ctx.read(".18")) > 0:
+    rank = _number(ctx.read(".18"))
+    if isinstance(rank, int) and 0 < rank <= _POSITIVE_INT_MAX:  # else left in the unmapped report
         point["rank"] = int(ctx.take(".18"))
     period = _period(ctx, ".13", ".14")
     if period:
@@ -590,11 +646,22 @@ def cwe_concept(ctx: Context, _: Any) -> dict[str, Any] | None:
     return concept
 
 
+_INT64 = 2**63
+_POSITIVE_INT_MAX = 2**31 - 1  # FHIR positiveInt is a 32-bit integer
+
+
 def _number(text: str) -> float | int | None:
-    if not _NUMBER.match(text.strip()):
+    """An HL7 number as a JSON number; None when it is not one, or when JSON would not keep every
+    digit sent (an integer beyond 64 bits, a decimal with more digits than a double holds): a
+    result is left out and reported rather than stored with other digits."""
+    text = text.strip()
+    if not _NUMBER.match(text):
         return None
+    if "." not in text:
+        number = int(text)
+        return number if -_INT64 <= number < _INT64 else None
     value = float(text)
-    return int(value) if value.is_integer() and "." not in text else value
+    return value if Decimal(repr(value)) == Decimal(text) else None
 
 
 def _occ(ctx: Context) -> int:
@@ -635,7 +702,7 @@ def _value_of(ctx: Context, kind: str, n: int, reps: list[str]) -> dict[str, Any
     if kind == "NM":
         number = _number(ctx.read(field))
         if number is None:
-            ctx.degrade(f"{field}: NM value is not a number; left out")
+            ctx.degrade(f"{field}: NM value is not a number JSON keeps exactly; left out")
             return None
         ctx.take(field)
         return {"valueQuantity": _quantity(ctx, number)}
@@ -862,8 +929,18 @@ def decimal(ctx: Context, value: Any) -> float | int | None:
     """An NM field → a JSON number; anything else is reported and left out."""
     number = _number(str(value or ""))
     if number is None and value:
-        ctx.degrade("a numeric field holds no number; left out")
+        ctx.degrade(f"{ctx.place()}: not a number JSON keeps exactly; left out")
     return number
+
+
+def positive_int(ctx: Context, value: Any) -> int | None:
+    """An NM field → a FHIR positiveInt (1 … 2^31-1, no fraction); anything else is reported."""
+    number = _number(str(value or ""))
+    if isinstance(number, int) and 0 < number <= _POSITIVE_INT_MAX:
+        return number
+    if value:
+        ctx.degrade(f"{ctx.place()}: not a whole number from 1 to {_POSITIVE_INT_MAX}; left out")
+    return None
 
 
 PASSERELLE_SEGMENT = "urn:passerelle:hl7v2-segment:"
@@ -889,6 +966,8 @@ BUILTIN: dict[str, Function] = {
     "zfa_extension": _segment_extension("ZFA"),
     "zfd_extension": _segment_extension("ZFD"),
     "decimal": decimal,
+    "merged_identifier": merged_identifier,
+    "positive_int": positive_int,
     "practitioner_identifier": practitioner_identifier,
     "human_name": human_name,
     "hd_organization_identifier": hd_organization_identifier,

@@ -63,6 +63,16 @@ class Authority:
     def __bool__(self) -> bool:
         return bool(self.namespace or self.universal)
 
+    def key(self) -> str:
+        """The authority as a piece of a derived system: its three parts, each kept readable."""
+        return ":".join(_part(p) for p in (self.namespace, self.universal, self.type)).rstrip(":")
+
+    def verbatim(self) -> frozenset[str]:
+        """The parts ``key`` carries as they are written (not percent-encoded): those reach the
+        output through a derived system; the others stay in the unmapped report."""
+        parts = (("namespace", self.namespace), ("universal", self.universal), ("type", self.type))
+        return frozenset(name for name, text in parts if text and _part(text) == text)
+
     def describe(self) -> str:
         """For warnings and errors: the authority's own codes, never patient data."""
         parts = [p for p in (self.namespace, self.universal, self.type) if p]
@@ -73,6 +83,12 @@ class Authority:
 class Resolved:
     system: str
     note: str | None = None  # a warning for the message when the system had to be derived
+    # The parts of the authority the system carries (namespace, universal, type): what of the
+    # message reaches the output through it.
+    used: frozenset[str] = frozenset()
+
+
+_UNIVERSAL = frozenset({"universal", "type"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,17 +137,17 @@ class Namespaces:
         """
         native = _native(authority)
         if native is not None:
-            return Resolved(native)
+            return Resolved(native, used=_UNIVERSAL)
         if not isinstance(where, str):
             where = where()
         who = sender()
         entry = self._sender(who)
         for table in (entry.authorities if entry else {}, self.authorities):
-            for key in (authority.namespace, authority.universal):
+            for key, part in ((authority.namespace, "namespace"), (authority.universal, "universal")):
                 if key and key in table:
                     found = _for_kind(table[key], kind)
                     if found is not None:
-                        return Resolved(found)
+                        return Resolved(found, used=frozenset({part}))
         finess = _FINESS_TYPES.get(authority.type.upper())
         if finess is not None and authority.universal:
             system = f"urn:passerelle:finess:{finess}:{_part(authority.universal)}:{kind}"
@@ -139,25 +155,29 @@ class Namespaces:
                 system,
                 f"{where}: assigning authority {authority.describe()} has no OID; system derived from its "
                 "FINESS (declare it in namespaces.authorities of config.yaml)",
+                _UNIVERSAL,
             )
+        # Derived from the sender: the whole authority (its name, universal id and type, whatever
+        # they are) goes into the system, so that two authorities never share one.
+        suffix = f"/{authority.key()}" if authority else ""
+        used = authority.verbatim()
         if entry is not None:
-            # The sender's own numbers (no authority at all) are in its system for that kind; a
-            # number of an authority it names but the table does not know is kept apart from them.
+            # The sender's own numbers (no authority at all) are in its system for that kind.
             if not authority and kind in entry.systems:
                 return Resolved(entry.systems[kind])
             if entry.system:
-                base = f"{entry.system.rstrip('/')}/{kind}"
-                return Resolved(f"{base}/{_part(authority.namespace)}" if authority.namespace else base)
+                return Resolved(f"{entry.system.rstrip('/')}/{kind}{suffix}", used=used)
         application, facility, facility_id = who
         owner = facility_id or facility
         if self.policy == "sender" and (owner or application):
             system = f"urn:passerelle:sender:{_part(owner)}:{_part(application)}:{kind}"
-            if authority.namespace:
-                system += f":{_part(authority.namespace)}"
+            if authority:
+                system += f":{authority.key()}"
             return Resolved(
                 system,
                 f"{where}: assigning authority {authority.describe()} not known; system derived from the "
                 "sender (declare it in namespaces.authorities or namespaces.senders of config.yaml)",
+                used,
             )
         raise UnknownNamespace(
             f"{where}: no namespace for this {kind} identifier (assigning authority {authority.describe()}); "

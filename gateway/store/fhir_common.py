@@ -33,7 +33,7 @@ from gateway.core.errors import (
     PasserelleError,
 )
 from gateway.core.ids import new_id
-from gateway.store.merge import MERGE, REPLACE, merge_resource, write_policy
+from gateway.store.merge import MERGE, Policy, merge_resource, write_policy
 
 T = TypeVar("T")
 
@@ -535,6 +535,7 @@ class _Entry:
     current: Row | _Unread | None = UNREAD
     merge: bool = False  # a PUT merged into what is stored (gateway.store.merge), not replacing it
     clear: tuple[str, ...] = ()  # elements the sender nulled: removed by a merge
+    keep: tuple[str, ...] = ()  # elements a merge sets only where nothing is stored
 
 
 def _entry_of(index: int, raw: Any) -> _Entry:
@@ -574,7 +575,7 @@ def _entry_of(index: int, raw: Any) -> _Entry:
     full_url = raw.get("fullUrl")
     if_none_exist = request.get("ifNoneExist")
     if_match = request.get("ifMatch")
-    policy, clear = write_policy(request) if "extension" in request else (REPLACE, ())
+    policy = write_policy(request) if "extension" in request else Policy()
     return _Entry(
         index,
         method,
@@ -585,8 +586,9 @@ def _entry_of(index: int, raw: Any) -> _Entry:
         full_url if isinstance(full_url, str) else None,
         if_none_exist if isinstance(if_none_exist, str) and if_none_exist else None,
         if_match if isinstance(if_match, str) and if_match else None,
-        merge=policy == MERGE and method == "PUT",
-        clear=clear,
+        merge=policy.kind == MERGE and method == "PUT",
+        clear=policy.clear,
+        keep=policy.keep,
     )
 
 
@@ -882,6 +884,26 @@ async def _plan(tx: Transaction, entry: _Entry) -> None:
             entry.target = found[2]["id"] if found is not None and found[2] is not None else None
 
 
+# The elements that say whose record a resource is.
+_PATIENT_ELEMENTS = ("subject", "patient")
+
+
+def _same_patient(entry: _Entry, current: Row | _Unread | None, incoming: Mapping[str, Any]) -> None:
+    """A conditional update found by a business identifier must stay the same patient's: a lab
+    that reuses a number for another patient, a movement id equal to another visit's, never move a
+    record from one patient to another (the write is refused: the message goes to ERROR)."""
+    if isinstance(current, _Unread) or current is None or current[1] or current[2] is None:
+        return
+    for element in _PATIENT_ELEMENTS:
+        before, after = _reference_of(current[2].get(element)), _reference_of(incoming.get(element))
+        if before and after and before != after:
+            raise Conflict(
+                f"{entry.type_}/{current[2].get('id')} found by its identifier belongs to {before}, not "
+                f"{after}: the identifier is another patient's (a reused number); not written",
+                location=f"{entry.type_}.{element}",
+            )
+
+
 async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
     if entry.method == "POST":
         if entry.existing is not None:
@@ -898,7 +920,11 @@ async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
             if isinstance(current, _Unread):
                 current = await tx.fetch(entry.type_, entry.target)  # handed on to _put: read once
             if current is not None and not current[1] and current[2] is not None:
-                resource = merge_resource(current[2], resource, entry.clear)
+                resource = merge_resource(current[2], resource, entry.clear, entry.keep)
+        if entry.query is not None:
+            if isinstance(current, _Unread):
+                current = await tx.fetch(entry.type_, entry.target)
+            _same_patient(entry, current, resource)
         stored, created = await _put(tx, entry.type_, entry.target, resource, entry.if_match, current)
         return _response(201 if created else 200, stored, entry.type_)
     if entry.method == "DELETE":

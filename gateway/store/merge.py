@@ -7,15 +7,21 @@ an A40) would wipe what an earlier ADT set. An entry whose ``request.extension``
 - the stored resource is the base; its ``resourceType`` and ``id`` stay, its ``meta`` does not,
   but for ``meta.profile``;
 - each top-level element of the incoming resource replaces the stored one, except:
-  - ``identifier``, merged per system: the incoming identifiers, then the stored ones of the
-    systems the incoming ones do not name (a stored system-less one stays unless an incoming one
-    has its value and type);
+  - ``identifier``, merged per system and type: the incoming identifiers, then the stored ones of
+    a (system, type) the incoming ones do not have (a new INS replaces the old INS, a new IPP of a
+    namespace the old IPP; a billing number the message lacks stays; a stored system-less one stays
+    unless an incoming one has its value and type);
+  - ``participant`` merged per participation type and ``telecom`` per use (else system): several
+    HL7 fields feed them (PV1-7/8/17; PID-13/14), and a message lacking one of those fields keeps
+    what it had set;
   - ``extension``, merged per ``url``: the incoming ones, then the stored ones of other urls;
   - ``link``, merged per ``other.reference``: the incoming ones, then the stored ones of other
     references;
   - ``meta``: the incoming one, with ``meta.profile`` the stored profiles then the new ones;
 - an element the incoming resource lacks is kept, unless ``clear`` names it (``urn:passerelle:clear``:
-  the sender sent HL7 ``""``), and then it is removed.
+  the sender sent HL7 ``""``), and then it is removed;
+- an element ``keep`` names (``urn:passerelle:if-absent``: a value the mapping supplied for "unknown",
+  not the sender) is only set when nothing is stored there.
 
 Merging the same incoming resource twice gives what merging it once gave, so a replayed message
 writes no new version.
@@ -25,12 +31,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Collection, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.errors import BadRequest
 
 WRITE_POLICY_URL = "urn:passerelle:write-policy"
 CLEAR_URL = "urn:passerelle:clear"
+IF_ABSENT_URL = "urn:passerelle:if-absent"
 MERGE = "merge"
 REPLACE = "replace"
 
@@ -39,19 +47,29 @@ _STRUCTURAL = frozenset({"resourceType", "id", "meta"})
 _SERVER_META = ("versionId", "lastUpdated")
 
 
-def write_policy(request: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
-    """A Bundle entry's ``request`` → (write policy, elements to clear); unknown extensions ignored.
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How an entry meets the stored resource: the policy, what to remove, what not to overwrite."""
+
+    kind: str = REPLACE
+    clear: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+
+
+def write_policy(request: Mapping[str, Any]) -> Policy:
+    """A Bundle entry's ``request`` → its Policy; unknown extensions ignored.
 
     ``replace`` when no policy is given. Raises BadRequest (at ``request.extension``) when our
     extensions are malformed.
     """
     extensions = request.get("extension")
     if extensions is None:
-        return REPLACE, ()
+        return Policy()
     if not isinstance(extensions, list):
         raise BadRequest("request.extension must be a list", location="request.extension")
     policy: str | None = None
     clear: list[str] = []
+    keep: list[str] = []
     for ext in extensions:
         if not isinstance(ext, dict):
             raise BadRequest("request.extension items must be objects", location="request.extension")
@@ -64,20 +82,24 @@ def write_policy(request: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
                     location="request.extension",
                 )
             policy = code
-        elif url == CLEAR_URL:
+        elif url in (CLEAR_URL, IF_ABSENT_URL):
             name = ext.get("valueString")
             if not isinstance(name, str) or not name:
                 raise BadRequest(
-                    f"{CLEAR_URL}: expected the name of an element in valueString",
+                    f"{url}: expected the name of an element in valueString",
                     location="request.extension",
                 )
-            clear.append(name)
-    return policy or REPLACE, tuple(clear)
+            (clear if url == CLEAR_URL else keep).append(name)
+    return Policy(policy or REPLACE, tuple(clear), tuple(keep))
 
 
 def is_policy_extension(extension: Any) -> bool:
     """Whether a ``request.extension`` item is one of ours."""
-    return isinstance(extension, dict) and extension.get("url") in (WRITE_POLICY_URL, CLEAR_URL)
+    return isinstance(extension, dict) and extension.get("url") in (
+        WRITE_POLICY_URL,
+        CLEAR_URL,
+        IF_ABSENT_URL,
+    )
 
 
 def strip_policy(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +116,10 @@ def strip_policy(request: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def merge_resource(
-    current: Mapping[str, Any], incoming: Mapping[str, Any], clear: Collection[str] = ()
+    current: Mapping[str, Any],
+    incoming: Mapping[str, Any],
+    clear: Collection[str] = (),
+    keep: Collection[str] = (),
 ) -> dict[str, Any]:
     """The content to store when ``incoming`` is merged into ``current`` (see the module's rules).
 
@@ -113,7 +138,7 @@ def merge_resource(
         if key not in _STRUCTURAL and not (key in clear and key not in incoming):
             out[key] = value
     for key, value in incoming.items():
-        if key in _STRUCTURAL:
+        if key in _STRUCTURAL or (key in keep and key in current):
             continue
         merge = _MERGERS.get(key)
         out[key] = merge(current[key], value) if merge is not None and key in current else value
@@ -150,9 +175,43 @@ def _merge_keyed(stored: Any, incoming: Any, key: Callable[[Any], Hashable | Non
     return [*incoming, *kept]
 
 
+def _merge_by_group(stored: Any, incoming: Any, key: Callable[[Any], Hashable | None]) -> Any:
+    """The incoming items, then the stored items of the groups (same key) the incoming have none of:
+    a group the message sent is replaced whole, one it did not send stays."""
+    if not isinstance(stored, list) or not isinstance(incoming, list):
+        return incoming
+    groups = {key(i) for i in incoming}
+    return [*incoming, *(item for item in stored if key(item) not in groups)]
+
+
 def _system(identifier: Any) -> Hashable | None:
+    """(system, type codes) of an identifier; None without a system."""
     system = identifier.get("system") if isinstance(identifier, dict) else None
-    return system if isinstance(system, str) and system else None
+    if not isinstance(system, str) or not system:
+        return None
+    return system, _codes(identifier.get("type"))
+
+
+def _codes(concept: Any) -> tuple[Any, ...]:
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
+        return ()
+    return tuple(sorted(str(c.get("code")) for c in codings if isinstance(c, dict) and c.get("code")))
+
+
+def _participation(participant: Any) -> Hashable | None:
+    types = participant.get("type") if isinstance(participant, dict) else None
+    if not isinstance(types, list) or not types:
+        return None
+    return tuple(_codes(t) for t in types)
+
+
+def _use(point: Any) -> Hashable | None:
+    if not isinstance(point, dict):
+        return None
+    use, system = point.get("use"), point.get("system")
+    found = use if isinstance(use, str) and use else system
+    return found if isinstance(found, str) and found else None
 
 
 def _merge_identifiers(stored: Any, incoming: Any) -> Any:
@@ -186,4 +245,6 @@ _MERGERS: dict[str, Callable[[Any, Any], Any]] = {
     "identifier": _merge_identifiers,
     "extension": lambda stored, incoming: _merge_keyed(stored, incoming, _url),
     "link": lambda stored, incoming: _merge_keyed(stored, incoming, _other),
+    "participant": lambda stored, incoming: _merge_by_group(stored, incoming, _participation),
+    "telecom": lambda stored, incoming: _merge_by_group(stored, incoming, _use),
 }

@@ -123,10 +123,11 @@ def _expected(document: dict[str, Any]) -> dict[str, Any]:
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            # a document feed only names the Patient: created when absent, never overwritten
+            # a document feed only names the Patient: created when none has any of its keys,
+            # never overwritten
             {"fullUrl": "urn:entry:0", "resource": PATIENT,
              "request": {"method": "POST", "url": "Patient",
-                         "ifNoneExist": f"identifier=urn:oid:{IPP_OID}|{IPP}"}},
+                         "ifNoneExist": f"identifier=urn:oid:{IPP_OID}|{IPP},urn:oid:{INS_NIR}|{INS}"}},
             {"fullUrl": "urn:entry:1", "resource": AUTHOR,
              "request": {"method": "PUT", "url": f"Practitioner?identifier={IDNPS}|810001234567",
                          "extension": MERGE}},
@@ -175,6 +176,19 @@ def test_plain_text_document(library: Library) -> None:
     assert att["contentType"] == "text/plain"
     assert base64.b64decode(att["data"]).decode() == text
     assert att["size"] == len(text.encode())
+
+
+def test_a_document_sent_as_text_lines_is_reported_not_read_as_ed(library: Library) -> None:
+    """OBX-2 TX: its OBX-5 is text, not ED components; nothing is decoded from it by position."""
+    message = mdm("T02", "MDM-0005", "58135").decode("utf-8")
+    message = message.replace(
+        "OBX|1|ED|11488-4^CR de consultation^LN||^TEXT^XML^Base64^",
+        "OBX|1|TX|11488-4^CR de consultation^LN||",
+    )
+    result = library.map(Message.parse(message))
+    assert not any(e["resource"]["resourceType"] == "DocumentReference" for e in result.bundle["entry"])
+    assert any("OBX[1]-2: value type 'TX', not ED" in w for w in result.warnings)
+    assert "OBX-5[1]" in result.unmapped
 
 
 # -- end to end -------------------------------------------------------------------------------------

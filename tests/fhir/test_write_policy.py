@@ -14,7 +14,9 @@ from gateway.core.errors import BadRequest
 from gateway.store.fhir_common import FhirRepository
 from gateway.store.merge import (
     CLEAR_URL,
+    IF_ABSENT_URL,
     WRITE_POLICY_URL,
+    Policy,
     merge_resource,
     strip_policy,
     write_policy,
@@ -202,16 +204,17 @@ def policy_request(*extensions: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_write_policy_of_a_request() -> None:
-    assert write_policy({"method": "PUT", "url": "Patient/p"}) == ("replace", ())
+    assert write_policy({"method": "PUT", "url": "Patient/p"}) == Policy("replace")
     unknown = {"url": "urn:someone-else", "valueString": "x"}
-    assert write_policy(policy_request(unknown)) == ("replace", ())
+    assert write_policy(policy_request(unknown)) == Policy("replace")
     request = policy_request(
         {"url": WRITE_POLICY_URL, "valueCode": "merge"},
         unknown,
         {"url": CLEAR_URL, "valueString": "telecom"},
         {"url": CLEAR_URL, "valueString": "address"},
+        {"url": IF_ABSENT_URL, "valueString": "status"},
     )
-    assert write_policy(request) == ("merge", ("telecom", "address"))
+    assert write_policy(request) == Policy("merge", ("telecom", "address"), ("status",))
     assert strip_policy(request) == {"method": "PUT", "url": "Patient?identifier=s|v", "extension": [unknown]}
     assert "extension" not in strip_policy(policy_request({"url": WRITE_POLICY_URL, "valueCode": "merge"}))
 
@@ -278,7 +281,7 @@ ELEMENTS = {
 PATIENTS = st.fixed_dictionaries({"resourceType": st.just("Patient")}, optional=ELEMENTS)
 STORED = st.fixed_dictionaries({"resourceType": st.just("Patient"), "id": st.just("p1")}, optional=ELEMENTS)
 CLEAR = st.lists(st.sampled_from(sorted(ELEMENTS)), max_size=3)
-MERGED_ELEMENTS = ("resourceType", "id", "identifier", "extension", "link", "meta")
+MERGED_ELEMENTS = ("resourceType", "id", "identifier", "extension", "link", "meta", "participant", "telecom")
 
 
 @given(STORED, PATIENTS, CLEAR)
@@ -293,9 +296,10 @@ def test_merge_properties(current: dict[str, Any], incoming: dict[str, Any], cle
         if key not in incoming and key not in MERGED_ELEMENTS:
             assert (key in merged) == (key not in clear)
     if "identifier" in incoming:
-        systems = {i.get("system") for i in incoming["identifier"]}
+        # an identifier of a system (and type) the message does not carry is never removed
+        systems = {(i.get("system"), str(i.get("type"))) for i in incoming["identifier"]}
         for stored in current.get("identifier", []):
-            if stored.get("system") is not None and stored["system"] not in systems:
+            if stored.get("system") is not None and (stored["system"], str(stored.get("type"))) not in systems:
                 assert stored in merged["identifier"]
         for new in incoming["identifier"]:
             assert new in merged["identifier"]

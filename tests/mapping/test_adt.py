@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.errors import ConfigError, UnsupportedMessage
+from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import Message, escape
 from gateway.mapping import functions
 from gateway.mapping.engine import Library, MappingResult
@@ -414,6 +414,40 @@ def test_a40_merge_links_both_records_and_keeps_the_merged_one() -> None:
     assert not any(u.startswith("MRG") for u in result.unmapped)
 
 
+def test_a40_without_a_record_to_merge_creates_no_patient() -> None:
+    result = mapped(identity_event("ADT^A40^ADT_A39", ""))
+    (survivor,) = result.bundle["entry"]
+    assert "link" not in survivor["resource"]
+    assert survivor["resource"].get("active", True) is True
+
+
+def test_a40_naming_the_merged_record_by_its_ins_alone_is_refused() -> None:
+    """Merging "whoever holds this INS" into the survivor would be a guess at identity."""
+    ins = "282032123456789^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS"
+    with pytest.raises(ValidationError) as info:
+        mapped(identity_event("ADT^A40^ADT_A39", ins))
+    assert info.value.location == "MRG-1"
+    # with a local identifier beside it, the merge goes by that one; the INS is reported
+    result = mapped(
+        identity_event("ADT^A40^ADT_A39", f"440011^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI~{ins}")
+    )
+    merged = result.bundle["entry"][1]
+    assert merged["request"]["url"] == "Patient?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|440011"
+    assert all("213.1.4.8" not in i["system"] for i in merged["resource"]["identifier"])
+    assert any("merged record's INS" in w for w in result.warnings)
+    assert any(u.startswith("MRG-1[2]") for u in result.unmapped)
+
+
+@pytest.mark.parametrize("statuses", ["PROV~VALI", "~DOUB~VALI"])
+def test_the_ins_travels_only_when_the_status_carried_is_vali(statuses: str) -> None:
+    """Several PID-32 codes: the one the extension carries decides, not any VALI further on."""
+    result = mapped(A01.replace("|VALI\r", f"|{statuses}\r"))
+    patient = result.bundle["entry"][0]["resource"]
+    assert all("INS" not in str(i.get("type")) for i in patient["identifier"])
+    (reliability,) = (e for e in patient["extension"] if e["url"].endswith("identity-reliability"))
+    assert reliability["extension"][0]["valueCoding"]["code"] == statuses.strip("~").split("~")[0]
+
+
 def test_a47_finds_the_patient_by_its_former_identifier() -> None:
     result = mapped(identity_event("ADT^A47^ADT_A30", "998877^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI"))
     assert bundle_errors(result.bundle) == []
@@ -426,7 +460,13 @@ def test_a47_finds_the_patient_by_its_former_identifier() -> None:
         "extension": MERGE,
     }
     assert entry["resource"]["identifier"][0]["value"] == "552233"
-    assert not any(u.startswith("MRG") for u in result.unmapped)
+    # the criteria carry the old identifier's system and value only: its type and its
+    # authority's name are reported, not counted as kept
+    assert [u for u in result.unmapped if u.startswith("MRG")] == [
+        "MRG-1[1].4.1",
+        "MRG-1[1].4.3",
+        "MRG-1[1].5",
+    ]
 
 
 def test_validation_verdicts_are_stable_across_calls() -> None:

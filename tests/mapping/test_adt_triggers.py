@@ -31,7 +31,8 @@ MOVEMENTS = [
     ("A53", "ADT_A52", "CANCEL", "A22", "onleave", "entered-in-error"),
     ("A54", "ADT_A54", "INSERT", "", "in-progress", "in-progress"),
     ("A55", "ADT_A52", "CANCEL", "A54", "in-progress", "entered-in-error"),
-    ("Z99", "ADT_A01", "UPDATE", "A01", "in-progress", "in-progress"),
+    # a movement's update says nothing of the visit: its status is set only where none is stored
+    ("Z99", "ADT_A01", "UPDATE", "A01", None, "in-progress"),
 ]
 
 
@@ -53,12 +54,18 @@ def message(trigger: str, structure: str, action: str, original: str) -> str:
 
 @pytest.mark.parametrize(("trigger", "structure", "action", "original", "visit", "movement"), MOVEMENTS)
 def test_movement_trigger(
-    trigger: str, structure: str, action: str, original: str, visit: str, movement: str
+    trigger: str, structure: str, action: str, original: str, visit: str | None, movement: str
 ) -> None:
     result = LIB.map(Message.parse(message(trigger, structure, action, original)))
     assert bundle_errors(result.bundle) == []
     expected = copy.deepcopy(A01_BUNDLE)
-    expected["entry"][1]["resource"]["status"] = visit
+    expected["entry"][1]["resource"]["status"] = visit or "unknown"
+    if visit is None:
+        request = expected["entry"][1]["request"]
+        request["extension"] = [
+            *request["extension"],
+            {"url": "urn:passerelle:if-absent", "valueString": "status"},
+        ]
     expected["entry"][2]["resource"]["status"] = movement
     if original:  # ZBE-6, the trigger an UPDATE or CANCEL acts on, is kept on the movement
         expected["entry"][2]["resource"]["extension"] = [

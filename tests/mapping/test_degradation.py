@@ -3,9 +3,12 @@ FHIR's "unknown", a strict channel refuses instead; HL7's "" removes what is sto
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.errors import ValidationError
 from gateway.engine.steps import FhirMapping
@@ -14,6 +17,11 @@ from gateway.mapping.validate import bundle_errors
 from gateway.store.fhir import SqliteFhirRepository
 from tests.mapping.test_adt import A01, LIB, MAPPINGS, segment
 from tests.mapping.test_oru import oru
+from tests.mapping.test_other_feeds import PID as SIU_PID
+
+SIU_MSH = (
+    "MSH|^~\\&|APP|CHU-EST|PASSERELLE|GHT|20261123110000||SIU^S12^SIU_S12|X1|P|2.5|||||FRA|UNICODE UTF-8"
+)
 
 
 def test_an_unknown_patient_class_keeps_its_code_in_its_hl7_table() -> None:
@@ -48,6 +56,52 @@ def test_an_unknown_status_code_is_reported_and_the_result_kept() -> None:
     assert observation["valueQuantity"]["value"] == 4.1
     assert observation["status"] == "unknown"
     assert "OBX-11[1]" in result.unmapped  # the code left out is in the report, not lost
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["12345678901234567890123", "0.12345678901234567890123", "-9223372036854775809"],
+    ids=["integer-beyond-64-bits", "more-digits-than-a-double", "below-int64"],
+)
+def test_a_number_json_would_change_is_left_out_and_reported_never_rounded(value: str) -> None:
+    obx = segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: value, 11: "F"})
+    result = LIB.map(oru(obx))
+    observation = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    )
+    assert "valueQuantity" not in observation
+    assert "OBX-5[1]" in result.unmapped
+    assert any(d.location == "OBX[1]-5" for d in result.degraded)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_every_number_kept_is_the_number_sent(number: Decimal) -> None:
+    text = format(number, "f")
+    obx = segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: text, 11: "F"})
+    result = LIB.map(oru(obx))
+    observation = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    )
+    if "valueQuantity" in observation:
+        assert Decimal(repr(observation["valueQuantity"]["value"])) == Decimal(text)
+    else:
+        assert result.degraded
+
+
+@pytest.mark.parametrize("minutes", ["30.5", "0", "-15", "99999999999"])
+def test_a_duration_that_is_no_positive_whole_number_is_reported(minutes: str) -> None:
+    sch = segment(
+        "SCH",
+        {2: "RDV-9^AGENDA^1.2.250.1.71.4.2.2.4455^ISO", 9: minutes, 10: "min", 11: "^^^20261201093000"},
+    )
+    result = LIB.map(Message.parse("\r".join([SIU_MSH, SIU_PID, sch]) + "\r"))
+    assert bundle_errors(result.bundle) == []
+    appointment = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Appointment"
+    )
+    assert "minutesDuration" not in appointment
+    assert "SCH-9[1]" in result.unmapped
+    assert any(d.location == "SCH-9" for d in result.degraded)
 
 
 def test_a_strict_channel_refuses_what_others_degrade() -> None:

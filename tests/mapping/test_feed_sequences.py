@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conformance.suite import DATA_DIR
-from gateway.core.errors import Conflict, UnknownNamespace
+from gateway.core.errors import Conflict, UnknownNamespace, ValidationError
 from gateway.hl7.er7 import Message
 from gateway.mapping.namespaces import Namespaces
 from gateway.mapping.validate import bundle_errors
@@ -180,6 +180,21 @@ async def test_an_identifier_change_between_two_known_patients_is_refused_not_gu
     assert len(await found(repo, "Patient")) == 2
 
 
+async def test_a_merge_of_a_patient_into_itself_is_refused_and_leaves_it_active(repo) -> None:
+    await write(repo, A01)
+    a40 = "\r".join(
+        [
+            msh("ADT^A40^ADT_A39", "A40-SELF"),
+            pid("400001", status="PROV"),
+            "MRG|400001^^^HOPITAL-NORD&1.2.250.1.71.4.2.2.1234&ISO^PI",
+        ]
+    )
+    with pytest.raises(ValidationError, match="refused"):
+        LIB.map(Message.parse(a40))
+    (patient,) = await found(repo, "Patient")
+    assert patient.get("active", True) is True
+
+
 VXU = "\r".join(
     [
         msh("VXU^V04^VXU_V04", "V-1"),
@@ -239,3 +254,32 @@ async def test_each_order_is_its_own_service_request_and_a_cancel_revokes_only_i
         "active",
     ]
     assert requests["CMD-2"]["code"]["coding"][0]["code"] == "2951-2"
+
+
+async def test_a_result_message_for_two_patients_gives_each_patient_only_their_own_results(repo) -> None:
+    """ORU^R01 repeats its PATIENT_RESULT group: every result of the second PID is that patient's."""
+    text = "\r".join(
+        [
+            msh("ORU^R01^ORU_R01", "LAB-2P", app="SIL", facility="LABO-EST"),
+            pid("300011", rest="PREMIER^Anne"),
+            segment(
+                "OBR", {1: "1", 3: "RES1^LABO-EST^1.2.250.1.71.4.2.2.5551^ISO", 4: "2823-3^Potassium^LN"}
+            ),
+            segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: "4.1", 6: "mmol/L^^UCUM", 11: "F"}),
+            pid("300022", rest="SECOND^Paul"),
+            segment("OBR", {1: "1", 3: "RES2^LABO-EST^1.2.250.1.71.4.2.2.5551^ISO", 4: "2951-2^Sodium^LN"}),
+            segment("OBX", {1: "1", 2: "NM", 3: "2951-2^Sodium^LN", 5: "140", 6: "mmol/L^^UCUM", 11: "F"}),
+        ]
+    )
+    await write(repo, text)
+    patients = {systems(p)[IPP]: p["id"] for p in await found(repo, "Patient")}
+    assert set(patients) == {"300011", "300022"}
+    by_code = {
+        o["code"]["coding"][0]["code"]: o["subject"]["reference"] for o in await found(repo, "Observation")
+    }
+    assert by_code == {"2823-3": f"Patient/{patients['300011']}", "2951-2": f"Patient/{patients['300022']}"}
+    reports = {
+        r["code"]["coding"][0]["code"]: r["subject"]["reference"]
+        for r in await found(repo, "DiagnosticReport")
+    }
+    assert reports == {"2823-3": f"Patient/{patients['300011']}", "2951-2": f"Patient/{patients['300022']}"}

@@ -106,3 +106,32 @@ async def test_a_sender_namespace_takes_the_same_message_in(start_gateway, clien
     far = FakeDestination.instances["far"]
     await wait_for(lambda: len(far.received) == 1)
     assert b"urn:passerelle:sender:LABO-EST:SIL:filler-order|RES456" in far.received[0][1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_screening_sees_the_message_as_the_steps_before_it_made_it(
+    start_gateway, client_for, tmp_path, workers
+) -> None:
+    """A channel that drops a Z segment before mapping with ``unmapped: reject`` must not refuse
+    the message for that segment at intake, nor change what intake journals."""
+    cfg = config(tmp_path, workers, unmapped="reject")
+    cfg.data["channels"][0]["steps"] = [
+        {"type": "set_field", "path": "MSH-4", "value": "CHU-EST^1.2.250.1.71.4.2.2.4455^ISO"},
+        {"type": "remove_segments", "segments": ["ZXY"]},
+        *cfg.data["channels"][0]["steps"],
+    ]
+    gw = await start_gateway(cfg)
+    message = (
+        ORU_WITHOUT_AUTHORITY.replace("RES456", "RES456^LABO-EST^1.2.250.1.71.4.2.2.5551^ISO")
+        .replace("R-77", "R-78")
+        .replace("OBR|1|", "OBR||")  # a set id no rule reads
+        + "ZXY|local|value\r"
+    )
+    ack = Message.decode(await client_for(gw).send(message.encode()))
+    assert ack.get("MSA-1") == "AA", ack.get("ERR-8")
+    (row,) = await gw.store.list_messages(
+        status=None, control_id="R-78", channel=None, limit=10, before_seq=None
+    )
+    stored = await gw.store.get_message(row["id"], with_payloads=True)
+    assert stored is not None
+    assert b"ZXY|local|value" in stored["raw"]  # intake keeps the bytes as sent

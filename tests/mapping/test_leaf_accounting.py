@@ -190,7 +190,11 @@ def adt_a01(draw: st.DrawFn) -> str:
         draw(
             messy(
                 Segment(
-                    "ZBE", {1: f"{draw(IDS)}^{authority}^{oid}^ISO", 2: when, 4: "INSERT", 5: "N"}, width=9
+                    # movements are numbered in their own domain: the same number in the visits'
+                    # domain would name the same Encounter twice (and the message be refused)
+                    "ZBE",
+                    {1: f"{draw(IDS)}^{authority}^{oid}.1^ISO", 2: when, 4: "INSERT", 5: "N"},
+                    width=9,
                 )
             )
         ).render(),

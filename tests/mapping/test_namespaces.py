@@ -133,3 +133,20 @@ def test_the_mapping_names_the_field_it_cannot_namespace() -> None:
     keys = [e["request"].get("ifNoneExist") or e["request"]["url"] for e in mapped.bundle["entry"]]
     assert all("identifier=|" not in key for key in keys)
     assert any("urn:passerelle:sender:LABO-EST:SIL:filler-order|RES456" in key for key in keys)
+
+
+def test_a_refusal_names_the_occurrence_of_the_group_it_comes_from() -> None:
+    """ERR-2 must point at the second order's OBR-3, not at the first one, which was fine."""
+    text = "\r".join(
+        [
+            "MSH|^~\\&|SIL|LABO-EST|PASSERELLE|GHT|20261123110000||ORU^R01^ORU_R01|X1|P|2.5",
+            "PID|||552233^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI||GÉRARD^Zoé",
+            segment("OBR", {1: "1", 3: "RES455^LABO-EST^1.2.250.1.71.4.2.2.5551^ISO", 4: "X^Bilan^L"}),
+            segment("OBX", {1: "1", 2: "NM", 3: "2823-3^Potassium^LN", 5: "4.1", 11: "F"}),
+            segment("OBR", {1: "2", 3: "RES456", 4: "X^Bilan^L"}),
+            segment("OBX", {1: "1", 2: "NM", 3: "2951-2^Sodium^LN", 5: "140", 11: "F"}),
+        ]
+    )
+    with pytest.raises(UnknownNamespace) as info:
+        LIB.map(Message.parse(text))
+    assert info.value.location == "OBR[2]-3"
