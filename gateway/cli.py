@@ -196,11 +196,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from gateway.core.envelope import HL7_V2, Envelope
     from gateway.engine.steps import FhirMapping, StepContext
     from gateway.hl7.er7 import Message
+    from gateway.mapping.rules import shipped_mappings
 
     if args.to == "hl7v2":
         return _convert_to_hl7v2(args)
     settings: dict[str, Any] = {
-        "directory": args.mappings or "mappings",
+        "directory": args.mappings or str(shipped_mappings()),
         "timezone": args.timezone,
         "missing_namespace": args.missing_namespace,
         "strict": args.strict,
@@ -254,9 +255,10 @@ def _convert_to_hl7v2(args: argparse.Namespace) -> int:
     from gateway.core.envelope import FHIR_JSON, Envelope
     from gateway.core.ids import new_id
     from gateway.engine.steps import Hl7v2Mapping, StepContext
+    from gateway.mapping.rules import shipped_mappings
 
     settings = {
-        "directory": args.mappings or "mappings/reverse",
+        "directory": args.mappings or str(shipped_mappings("reverse")),
         "timezone": args.timezone,
         "charset": args.charset,
     }
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("files", nargs="+")
     convert.add_argument("--to", choices=["fhir", "hl7v2"], default="fhir", help="hl7v2: FHIR JSON files in")
     convert.add_argument(
-        "--mappings", default=None, help="the mapping directory (default: ./mappings, or ./mappings/reverse)"
+        "--mappings", default=None, help="mapping directory (default: the shipped ones, or their reverse/)"
     )
     convert.add_argument("--charset", default="UNICODE UTF-8", help="--to hl7v2: MSH-18 of the output")
     convert.add_argument("--update", action="store_true", help="--to hl7v2: the resources are updates (A31)")

@@ -128,6 +128,24 @@ def test_config_error_names_file_key_line_and_exits_non_zero(tmp_path: Path) -> 
     assert "integer" in run.stderr
 
 
+@pytest.mark.parametrize("missing", ["nowhere", "empty"])
+def test_a_mapping_directory_missing_or_empty_stops_the_start(tmp_path: Path, missing: str) -> None:
+    """Once the gateway started, said ready, ACKed AA and sent every message to ERROR."""
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "sources:\n  - {name: h, type: mllp, port: 0}\n"
+        "channels:\n  - name: c\n    source: h\n"
+        f'    steps:\n      - {{type: fhir_mapping, directory: "{{config_dir}}/{missing}"}}\n'
+        "    destinations:\n      - {name: d, type: file, directory: out}\n"
+    )
+    run = subprocess.run(
+        [*PASSERELLE, "run", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2
+    assert f"{bad}:7: channels[0].steps[0].directory: {tmp_path / missing}:" in run.stderr
+
+
 def test_unknown_connector_type_is_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.core.config import Config, Path_
-from gateway.core.errors import PasserelleError
+from gateway.core.errors import ConfigError, PasserelleError
 from gateway.core.protocols import MessageStore
 from gateway.core.tls import resolve_paths
 from gateway.engine import registry
@@ -96,6 +96,11 @@ class Builder:
             return factory(item.get("name", kind), self.expand(settings), *extra)
         except (ValueError, TypeError, KeyError) as exc:
             raise self.config.error(at, f"invalid settings: {exc}") from exc
+        except ConfigError as exc:
+            if exc.line is not None or exc.key is None or exc.key not in item:
+                raise  # placed in a file of its own (a mapping file, with its line)
+            # a setting that names something missing (a mapping directory): the config's key too
+            raise self.config.error((*at, exc.key), f"{exc.file}: {exc.reason}") from exc
 
     def channel_specs(self) -> list[ChannelSpec]:
         data = self.config.data

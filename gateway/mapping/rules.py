@@ -22,6 +22,7 @@ the warning says so and the field stays in the unmapped report.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +98,22 @@ def check_keys(data: Mapping[str, Any], allowed: set[str], file: str, what: str)
         )
 
 
+def shipped_mappings(part: str = "") -> Path:
+    """The mappings the project ships (``part``: "" or "reverse"), wherever the command runs: the
+    source tree's ``mappings/`` (a checkout, an editable install), else the copy a wheel installs
+    under ``<prefix>/share/passerelle/mappings``."""
+    here = Path(__file__).resolve().parents[2] / "mappings"
+    base = here if here.is_dir() else Path(sys.prefix) / "share" / "passerelle" / "mappings"
+    return base / part if part else base
+
+
 def mapping_files(directory: Path, what: str) -> list[Path]:
     """The ``*.yaml`` files of a mapping directory; a missing or empty one is a configuration error."""
     if not directory.is_dir():
-        raise ConfigError(f"no such {what} directory", file=str(directory))
+        raise ConfigError(f"no such {what} directory", file=str(directory), key="directory")
     files = sorted(p for p in directory.glob("*.yaml") if p.is_file())
     if not files:
-        raise ConfigError(f"no {what} file (*.yaml) here", file=str(directory))
+        raise ConfigError(f"no {what} file (*.yaml) here", file=str(directory), key="directory")
     return files
 
 

@@ -68,3 +68,27 @@ def test_convert_prints_the_bundle_and_what_was_left(tmp_path: Path) -> None:
     )
     assert run.returncode == 1
     assert orjson.loads(run.stdout)["error"]["code"] == "200"
+
+
+def test_convert_finds_the_shipped_mappings_wherever_it_runs(tmp_path: Path) -> None:
+    source = tmp_path / "a01.hl7"
+    source.write_bytes(A01.encode())
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "convert", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # no mappings/ here
+    )
+    assert run.returncode == 0, run.stderr
+    assert orjson.loads(run.stdout)["unmapped"] == A01_UNMAPPED
+    # a path given and wrong is an error, never "no mappings"
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "convert", str(source), "--mappings", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert "no such mapping directory" in run.stderr
