@@ -363,6 +363,10 @@ class Gateway:
             checks["store"] = {"ok": True}
         except (PasserelleError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": type(exc).__name__}
+        if isinstance(self.store, SqliteStore | PostgresStore):
+            # Reads may work while commits fail (a full disk): every message would be answered AE
+            # and trace writes wait, so the node is not ready until the journal commits again.
+            checks["journal_writes"] = self.store.write_health()
         if (jetstream := self.backends.jetstream) is not None:
             try:
                 await asyncio.wait_for(jetstream.journal.ping(), 2.0)

@@ -6,8 +6,12 @@ names, identifiers and birth dates never reach a log call.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import select
 import sys
+import threading
 import traceback
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -67,11 +71,67 @@ def processors() -> list[Any]:
     ]
 
 
+class LineLogger:
+    """Writes each rendered event as one whole line: one ``os.write`` of the line and its newline.
+
+    The main process and its worker processes share stdout. ``print`` writes the text and the
+    newline apart (two writes when stdout is unbuffered), and a buffered stream cuts long lines
+    where its buffer ends: either way a line of one process can land inside a line of another,
+    which breaks every JSON-lines shipper. A single write of a whole line is never interleaved
+    with another process's on a pipe (up to PIPE_BUF bytes) nor on a file (O_APPEND, or a shared
+    offset); a longer line on a pipe is at least written in one go from this process.
+
+    ``stream`` None: ``sys.stdout`` as it is at each call (tests swap it). A stream without a
+    file descriptor (an in-memory one) gets the whole line in one ``write``.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        stream = self._stream if self._stream is not None else sys.stdout
+        with self._lock:
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                stream.write(line)
+                stream.flush()
+                return
+            stream.flush()  # whatever the stream holds goes first, in order
+            write_whole(fd, line.encode("utf-8", "backslashreplace"))
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def write_whole(fd: int, data: bytes) -> None:
+    """One ``os.write`` of ``data``; only what the kernel did not take (a full non-blocking pipe,
+    a signal) is written after it, once the descriptor can take more."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        view = view[written:]
+
+
+class LineLoggerFactory:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._logger = LineLogger(stream)
+
+    def __call__(self, *args: Any) -> LineLogger:
+        return self._logger
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     structlog.configure(
         processors=processors(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=LineLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 

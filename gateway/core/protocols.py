@@ -85,11 +85,17 @@ def shard_of(partition_key: str, count: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
-    """The journal's answer for one envelope: its id, and whether it was already known."""
+    """The journal's answer for one envelope: its id, and whether it was already known.
+
+    ``conflict``: the dedupe key (channel, sender, MSH-10) was already used by a *different*
+    message. It is then also ``duplicate`` (nothing to process), but ``message_id`` is the
+    envelope's own row, kept with status ERROR, and the sender must be answered AE (ERR-3 205).
+    """
 
     message_id: str
     duplicate: bool
     seq: int
+    conflict: bool = False
 
 
 @dataclass(slots=True)

@@ -2,7 +2,9 @@
 
 The order is the contract: the ACK (AA/CA) is built only after the journal has
 committed the envelope. A message we cannot read is still journaled (status
-ERROR, with its error) before it is answered AR: bad input loses nothing.
+ERROR, with its error and whatever MSH-10 could be read) before it is answered
+AR: bad input loses nothing. A message that reuses an MSH-10 already journaled
+for other content is kept too (ERROR) and answered AE, ERR-3 205 at MSH-10.
 """
 
 from __future__ import annotations
@@ -22,16 +24,32 @@ from gateway.core.errors import (
     ProcessingError,
     SenderNotAllowed,
     StoreError,
+    ValidationError,
 )
 from gateway.core.ids import new_id
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, Peer, Reply, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.channel import Outcome
-from gateway.hl7.ack import ack_request, build_ack
+from gateway.hl7.ack import AckRequest, ack_request, build_ack
 from gateway.hl7.er7 import Message
 
 log = get_logger("passerelle.intake")
+
+
+class ControlIdReused(ValidationError):
+    """The sender already sent another message (other bytes) under this MSH-10 (table 0357: 205)."""
+
+    hl7_error_code = "205"
+    http_status = 409
+    fhir_issue_code = "duplicate"
+
+
+def _control_id_reused() -> ControlIdReused:
+    return ControlIdReused(
+        "MSH-10 was already used by this sender for another message: give this one its own control id",
+        location="MSH-10",
+    )
 
 
 class IntakeChannel(Protocol):
@@ -109,6 +127,11 @@ class Hl7Intake:
                 reply(self._journal_failed(msg, request.enhanced, peer))
                 return
             self._dispatch(msg, envelopes, result, peer)
+            if request.warnings:
+                self._note_warnings(msg, request, result, peer)
+            if any(r.conflict for r in result):
+                reply(self._conflict_ack(msg, request, result))
+                return
             if early:
                 self.acked += 1
             reply(early)
@@ -187,12 +210,53 @@ class Hl7Intake:
             )
         return out
 
+    def _note_warnings(
+        self, msg: Message, request: AckRequest, results: Sequence[AppendResult], peer: Peer
+    ) -> None:
+        """MSH-15/16 values read otherwise than written: the warning is kept on the message."""
+        log.warning(
+            "ack_request_unusual",
+            source=self.source,
+            control_id=msg.control_id,
+            peer=peer.address,
+            fields=sorted({w[:6] for w in request.warnings}),
+        )
+        detail = {"warnings": list(request.warnings)}
+        for res in results:
+            if not res.duplicate:
+                self.store.record(res.message_id, StageRecord("intake", Status.RECEIVED, detail=detail))
+
+    def _conflict_ack(self, msg: Message, request: AckRequest, results: Sequence[AppendResult]) -> bytes:
+        """The answer when a channel's journal holds this MSH-10 for other content: AE (CE), with
+        ERR-3 205 at MSH-10, traced on the rows this frame made. Another message's answer is
+        never sent for this one, and a resend under a new control id gets through."""
+        self.rejected += 1
+        code = AckCode.CE if request.enhanced else AckCode.AE
+        ack = build_ack(msg, code, _control_id_reused(), sending_application=self.sending_application)
+        for res in results:
+            if res.conflict or not res.duplicate:
+                self.store.record(
+                    res.message_id, StageRecord("ack", Status.ERROR, ack, HL7_V2, {"code": code.value})
+                )
+        return ack if request.wants_commit_ack(False) else b""
+
     def _dispatch(
         self, msg: Message, envelopes: Sequence[Envelope], results: Sequence[AppendResult], peer: Peer
     ) -> list[tuple[IntakeChannel, str]]:
         """Hand new messages to their channels; returns those whose outcome the ACK must wait for."""
         waits = []
         for channel, env, res in zip(self.channels, envelopes, results, strict=True):
+            if res.conflict:
+                channel.counters["conflicts"] = channel.counters.get("conflicts", 0) + 1
+                log.warning(
+                    "message_control_id_reused",
+                    channel=channel.name,
+                    message_id=res.message_id,
+                    control_id=msg.control_id,
+                    peer=peer.address,
+                    code=ControlIdReused.hl7_error_code,
+                )
+                continue
             if res.duplicate:
                 channel.counters["duplicates"] += 1
                 log.info(
@@ -238,22 +302,29 @@ class Hl7Intake:
         except StoreError:
             return self._journal_failed(msg, False, peer)
         waits = [(mid, fut) for fut, mid in self._dispatch_expecting(msg, envelopes, results, peer)]
-        code, error = AckCode.AA, None
+        request = ack_request(msg)
+        if request.warnings:
+            self._note_warnings(msg, request, results, peer)
+        code: AckCode = AckCode.AA
+        error: MessageError | None = None
+        if any(res.conflict for res in results):
+            code, error = AckCode.AE, _control_id_reused()
+            self.rejected += 1
         for mid, fut in waits:
             outcome = await fut
             if outcome.error is not None or outcome.status in (Status.ERROR, Status.DEAD):
-                code = AckCode.AE
-                error = outcome.error or ProcessingError("processing failed")
+                if code is AckCode.AA:
+                    code = AckCode.AE
+                    error = outcome.error or ProcessingError("processing failed")
                 # The sender is told AE and will resend: that resend must be processed, not deduplicated,
                 # so the release is committed before the answer leaves.
                 await self.store.release_dedupe(mid)
-        request = ack_request(msg)
         if not request.wants_commit_ack(code is AckCode.AA):
             return b""
         ack = build_ack(msg, code, error, sending_application=self.sending_application)
         self.acked += 1
         for res in results:
-            if not res.duplicate:
+            if res.conflict or not res.duplicate:
                 self.store.record(
                     res.message_id, StageRecord("ack", Status.RECEIVED, ack, HL7_V2, {"code": code.value})
                 )
@@ -312,13 +383,16 @@ class Hl7Intake:
             raw=raw,
             content_type=HL7_V2,
             sender=f"{msg.sending_application}^{msg.sending_facility}" if msg is not None else "",
-            control_id="",  # never deduplicated: a corrected resend must get through
+            # Kept so that a search by MSH-10 finds the refusal; never deduplicated (no dedupe key),
+            # so that a corrected resend under the same MSH-10 gets through.
+            control_id=control_id,
             message_type=f"{msg.message_type}^{msg.trigger}" if msg is not None else "",
             partition_key="",
             received_at=now,
             trace_id=mid,
             peer=peer.address,
             status=Status.ERROR,
+            dedupe=False,
         )
         try:
             await self.store.append([env])
@@ -334,6 +408,7 @@ class Hl7Intake:
                         "control_id": control_id,
                     },
                 ),
+                status=Status.ERROR,  # the message's error column: lists show why it was refused
             )
         except StoreError:
             log.error("journal_unavailable", source=self.source, peer=peer.address)

@@ -10,7 +10,8 @@ Rules (HL7 v2.5 §2.9, IHE ITI original mode as PAM FR uses it):
 
 from __future__ import annotations
 
-import itertools
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -37,25 +38,65 @@ TABLE_0357 = {
 }
 
 
+# HL7 table 0155 (accept/application acknowledgment conditions).
+ACK_CONDITIONS = frozenset({"AL", "NE", "ER", "SU"})
+
+
 @dataclass(frozen=True, slots=True)
 class AckRequest:
-    """Whether, and how, a message asks to be acknowledged (MSH-15/MSH-16)."""
+    """Whether, and how, a message asks to be acknowledged (MSH-15/MSH-16).
+
+    Only NE, ER on success and SU on failure leave a message unanswered: any other MSH-15 is
+    answered. A value outside table 0155 is read as AL, with a warning (``warnings``) that the
+    intake records on the message; a value of spaces only is read as empty.
+    """
 
     enhanced: bool
     accept_ack_type: str  # AL, NE, ER, SU ("" in original mode)
+    warnings: tuple[str, ...] = ()
 
     def wants_commit_ack(self, success: bool) -> bool:
         if not self.enhanced:
             return True
         kind = self.accept_ack_type or "AL"
-        return kind == "AL" or (kind == "ER" and not success) or (kind == "SU" and success)
+        if kind == "NE":
+            return False
+        if kind == "ER":
+            return not success
+        if kind == "SU":
+            return success
+        return True  # AL, and anything that is not a known condition
+
+
+_ORIGINAL_MODE = AckRequest(False, "")
 
 
 def ack_request(msg: Message | None) -> AckRequest:
     if msg is None:
-        return AckRequest(False, "")
-    accept, app = msg.accept_ack_type.upper(), msg.application_ack_type.upper()
-    return AckRequest(bool(accept or app), accept)
+        return _ORIGINAL_MODE
+    accept_raw, app_raw = msg.accept_ack_type, msg.application_ack_type
+    if not (accept_raw or app_raw):
+        return _ORIGINAL_MODE  # the usual case: original mode, nothing to check
+    warnings: list[str] = []
+    accept = _condition(accept_raw, "MSH-15", warnings, "answered as AL")
+    app = _condition(app_raw, "MSH-16", warnings, "read as AL")
+    return AckRequest(bool(accept or app), accept, tuple(warnings))
+
+
+def _condition(raw: str, field: str, warnings: list[str], fallback: str) -> str:
+    """One of table 0155's values, "" when absent (or only spaces), "AL" for anything else."""
+    value = raw.strip().upper()
+    if value in ACK_CONDITIONS:
+        return value
+    if not value:
+        if raw:
+            warnings.append(f"{field} holds only spaces: read as empty")
+        return ""
+    shown = (
+        value if len(value) <= 10 and value.isprintable() else value[:10].encode("unicode_escape").decode()
+    )
+    warnings.append(f"{field} '{shown}' is not a value of HL7 table 0155 (AL, NE, ER, SU): {fallback}")
+    return "AL"
 
 
 def location_to_erl(location: str | None, seps: Separators) -> str:
@@ -73,12 +114,64 @@ def location_to_erl(location: str | None, seps: Separators) -> str:
     return seps.component.join(parts)
 
 
-_counter = itertools.count(1)
+# ACK control ids (MSH-10, ST, at most 20 characters in v2.5): 9 characters of milliseconds, 3 of
+# a sequence within the millisecond, then 8 naming this process, all in Crockford's base32 (whose
+# alphabet is in ASCII order). Ids of one process are strictly increasing, so they sort in the
+# order they were made; the process tag keeps nodes and restarts apart (40 random bits).
+_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _B32 for b in _B32]
+_SEQ_LIMIT = 32**3
+_MS_LIMIT = 32**9  # the year 3084
+
+
+def _b32(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 32)
+        out.append(_B32[r])
+    return "".join(reversed(out))
+
+
+def _new_process_tag() -> str:
+    return _b32(int.from_bytes(os.urandom(5), "big"), 8)
+
+
+_id_lock = threading.Lock()
+_last = (-1, 0)  # (milliseconds, sequence) of the last id made
+_tag = _new_process_tag()
+
+
+def _after_fork() -> None:
+    global _id_lock, _last, _tag
+    _id_lock, _last, _tag = threading.Lock(), (-1, 0), _new_process_tag()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _control_id(now: float) -> str:
-    # Unique per process and sortable: time plus a rolling counter.
-    return f"ACK{int(now * 1000)}{next(_counter) % 100000:05d}"
+    global _last
+    ms = int(now * 1000) % _MS_LIMIT
+    with _id_lock:
+        last_ms, seq = _last
+        if ms <= last_ms:  # the same millisecond, or the clock stepped back: keep increasing
+            ms, seq = last_ms, seq + 1
+            if seq >= _SEQ_LIMIT:
+                ms, seq = last_ms + 1, 0
+        else:
+            seq = 0
+        _last = (ms, seq)
+    n = (ms << 15) | seq  # 60 bits: 12 characters, written as 6 pairs
+    t = _PAIRS
+    return (
+        t[n >> 50]
+        + t[(n >> 40) & 1023]
+        + t[(n >> 30) & 1023]
+        + t[(n >> 20) & 1023]
+        + t[(n >> 10) & 1023]
+        + t[n & 1023]
+        + _tag
+    )
 
 
 _stamp_cache: tuple[int, str] = (-1, "")

@@ -6,10 +6,28 @@ The SQLite and PostgreSQL stores run their own queries, then hand the rows here,
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
+
+CONFLICT_CODE = "205"  # HL7 table 0357: duplicate key identifier (an MSH-10 reused for other content)
+
+
+def content_digest(raw: bytes) -> str:
+    """What tells a resend (the same bytes) from another message under the same dedupe key."""
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def same_content(digest: str | None, raw: bytes | None, other: str) -> bool:
+    """Whether a stored message (its digest, or its raw bytes when it was written before digests
+    were kept) holds the bytes whose digest is ``other``."""
+    if digest is not None:
+        return digest == other
+    if raw is not None:
+        return content_digest(bytes(raw)) == other
+    return True  # nothing left to compare (the payload was pruned): a duplicate, as before
 
 
 def trace_stage(row: Mapping[str, Any], *, with_payloads: bool) -> dict[str, Any]:

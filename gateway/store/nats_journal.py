@@ -3,9 +3,11 @@
 Streams (``P`` is the configured prefix, one set per installation):
 
 - ``P_IN``, subjects ``P.in.<channel>.<partition>``, work-queue retention: every envelope a node
-  receives. Published with ``Nats-Msg-Id`` = a digest of channel + sender + MSH-10, so a resend
-  inside the duplicate window is dropped by JetStream itself; the PostgreSQL unique key catches
-  those that come later. The sender's ACK leaves only after the PubAck (the envelope is stored).
+  receives. Published with ``Nats-Msg-Id`` = a digest of channel + sender + MSH-10 + content, so a
+  resend inside the duplicate window is dropped by JetStream itself; the PostgreSQL unique key
+  catches those that come later. Another message under an MSH-10 the store already holds is not
+  published: it is kept in PostgreSQL as ERROR and its sender answered AE (a conflict). The
+  sender's ACK leaves only after the PubAck (the envelope is stored).
 - ``P_DLQ``: a reference (ids and codes, no payload) to every message given up, and JetStream's
   own MAX_DELIVERIES advisories for the consumers of ``P_IN``.
 
@@ -51,6 +53,7 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, shard_of
 from gateway.core.status import Status
+from gateway.store.message_views import content_digest, same_content
 from gateway.store.postgres import PostgresStore
 
 log = get_logger("passerelle.journal")
@@ -67,9 +70,13 @@ def token_of(name: str) -> str:
 
 
 def msg_id_of(env: Envelope) -> str | None:
+    """The Nats-Msg-Id: the dedupe key *and* the content, so that JetStream drops a resend of the
+    same bytes but never another message that reuses an MSH-10 (the store answers that one)."""
     if not (env.control_id and env.dedupe):
         return None
-    return hashlib.blake2b(env.dedupe_key.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        f"{env.dedupe_key}\x1f{content_digest(env.raw)}".encode(), digest_size=16
+    ).hexdigest()
 
 
 def encode(env: Envelope, ack: tuple[bytes, str] | None) -> bytes:
@@ -378,7 +385,11 @@ class JetStreamStore(PostgresStore):
         """Work goes to the stream; what is not work (filtered, rejected) straight to the store."""
         results: list[AppendResult | None] = [None] * len(envelopes)
         waits: list[Awaitable[Any]] = []
-        local = [i for i, e in enumerate(envelopes) if e.status is not Status.RECEIVED]
+        # Another message under a key the store holds: the store keeps it as a conflict.
+        reused = await self._reused_keys(envelopes)
+        local = [
+            i for i, e in enumerate(envelopes) if e.status is not Status.RECEIVED or e.dedupe_key in reused
+        ]
 
         async def publish(i: int) -> None:
             env = envelopes[i]
@@ -408,6 +419,38 @@ class JetStreamStore(PostgresStore):
             waits.append(store_locally())
         await asyncio.gather(*waits)
         return [r for r in results if r is not None]
+
+    async def _reused_keys(self, envelopes: Sequence[Envelope]) -> set[str]:
+        """The dedupe keys among these that the store holds for *other* content. A message still
+        in the stream, not yet in the store, is not seen here: the consumer's admit keeps it as a
+        conflict then (its sender was answered already)."""
+        keyed = {
+            e.dedupe_key: content_digest(e.raw)
+            for e in envelopes
+            if e.control_id and e.dedupe and e.status is Status.RECEIVED
+        }
+        if not keyed or not self.connected:
+            return set()  # PostgreSQL away: the intake does not wait for it (the consumer checks)
+
+        async def fn(conn: Any) -> list[Any]:
+            return list(
+                await conn.fetch(
+                    "SELECT dedupe_key, digest, CASE WHEN digest IS NULL THEN raw END AS old_raw"
+                    " FROM messages WHERE dedupe_key = ANY($1::text[])",
+                    list(keyed),
+                )
+            )
+
+        try:
+            async with asyncio.timeout(1.0):
+                rows = await self._read(fn)
+        except (StoreError, TimeoutError):
+            return set()
+        return {
+            r["dedupe_key"]
+            for r in rows
+            if not same_content(r["digest"], r["old_raw"], keyed[r["dedupe_key"]])
+        }
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -28,7 +28,14 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
-from gateway.store.message_views import message_counts, message_filters, trace_stage
+from gateway.store.message_views import (
+    CONFLICT_CODE,
+    content_digest,
+    message_counts,
+    message_filters,
+    same_content,
+    trace_stage,
+)
 
 log = get_logger("passerelle.store")
 
@@ -89,6 +96,9 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE TABLE installation (name TEXT PRIMARY KEY, value BYTEA NOT NULL);",
     # /api/messages?since=&until= filters on the receipt time.
     "CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);",
+    # A digest of the raw bytes, compared where the dedupe key is checked (see _insert). Rows
+    # written before have none: their raw bytes are digested when needed.
+    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS digest TEXT;",
 )
 
 _MSG_COLUMNS = (
@@ -104,9 +114,12 @@ _INSERT_STAGE = (
 )
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, channel, source, received_at, updated_at, status, sender, control_id,"
-    " message_type, partition_key, content_type, charset, trace_id, peer, raw, dedupe_key)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) ON CONFLICT DO NOTHING RETURNING seq"
+    " message_type, partition_key, content_type, charset, trace_id, peer, raw, dedupe_key, digest)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17) ON CONFLICT DO NOTHING"
+    " RETURNING seq"
 )
+_KEY = 15  # positions in a message row (see _message_row)
+_DIGEST = 16
 # Errors that mean "the database went away", as opposed to "this write is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -132,6 +145,22 @@ def connection_lost(exc: BaseException, conn: Any = None) -> bool:
     if isinstance(exc, _LOST):
         return True
     return isinstance(exc, asyncpg.InterfaceError) and conn is not None and bool(conn.is_closed())
+
+
+# SQLSTATE classes of a server that cannot take writes now, whatever the write: 53 insufficient
+# resources (53100 disk full, 53200 out of memory, 53300 too many connections), 58 system error
+# (58030 I/O error). Time or an operator cures them; the write itself is not wrong.
+_UNAVAILABLE_CLASSES = ("53", "58")
+
+
+def unavailable(exc: BaseException, conn: Any = None) -> bool:
+    """The database cannot commit now (link lost, disk full…): keep the write and try again."""
+    if connection_lost(exc, conn):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    if not (isinstance(exc, asyncpg.PostgresError) and isinstance(state, str)):
+        return False
+    return state[:2] in _UNAVAILABLE_CLASSES
 
 
 def redacted(dsn: str) -> str:
@@ -250,6 +279,14 @@ class PostgresStore:
             raise StoreError("the store's writer is not running")
         await self._read(lambda c: c.fetchval("SELECT 1"))
 
+    def write_health(self) -> dict[str, Any]:
+        """Whether the store commits. After a failed batch (link lost, disk full) it does not until
+        a batch lands: trace writes wait in the queue meanwhile, and when none does, a small write
+        is queued in their place, so that the state is found again without outside traffic."""
+        if not self.connected and not self._queue and self._pool is not None and not self._closing:
+            self._enqueue(_probe, None, None)  # kept and retried like a trace write
+        return {"ok": self.connected, "queued_writes": len(self._queue)}
+
     # -- the grouped writer -------------------------------------------------
 
     def _start_writer(self) -> None:
@@ -302,7 +339,7 @@ class PostgresStore:
             except Exception as exc:  # noqa: BLE001 - the writer must not die with one batch
                 # What escapes _run_batch is a lost link or a failure to get a connection at all
                 # (an InterfaceError from the pool); a wrong write is answered inside it.
-                if not (connection_lost(exc) or isinstance(exc, asyncpg.InterfaceError)):
+                if not (unavailable(exc) or isinstance(exc, asyncpg.InterfaceError)):
                     log.error("store_batch_failed", error=type(exc).__name__)
                     results = [StoreError(f"store write failed: {type(exc).__name__}")] * len(batch)
                     del self._queue[: len(batch)]
@@ -310,7 +347,13 @@ class PostgresStore:
                         _settle_one(fut, callback, result)
                     continue
                 if self.connected:
-                    log.error("store_connection_lost", error=type(exc).__name__)
+                    state = getattr(exc, "sqlstate", None)
+                    lost = connection_lost(exc) or isinstance(exc, asyncpg.InterfaceError)
+                    log.error(
+                        "store_connection_lost" if lost else "store_cannot_commit",
+                        error=type(exc).__name__,
+                        sqlstate=state if isinstance(state, str) else None,
+                    )
                 self.connected = False
                 # Appends answer the sender now (AE: send again); trace writes wait for the database.
                 keep = []
@@ -345,8 +388,8 @@ class PostgresStore:
             try:
                 async with conn.transaction():
                     return [await op(conn) for op, _, _ in batch]
-            except Exception as exc:  # sorted below: lost link or one wrong write
-                if connection_lost(exc, conn):
+            except Exception as exc:  # sorted below: lost link, full disk, or one wrong write
+                if unavailable(exc, conn):
                     raise
             # One write is wrong: each in its own transaction, so it does not sink the others.
             results: list[Any] = []
@@ -355,7 +398,7 @@ class PostgresStore:
                     async with conn.transaction():
                         results.append(await op(conn))
                 except Exception as exc:  # any failure of one write is that write's answer
-                    if connection_lost(exc, conn):
+                    if unavailable(exc, conn):
                         raise
                     results.append(StoreError(f"store write failed: {type(exc).__name__}"))
             return results
@@ -785,6 +828,15 @@ async def _nothing(conn: Conn) -> None:
     return None
 
 
+async def _probe(conn: Conn) -> None:
+    """A real write (a row version, WAL): lands only when the database commits again."""
+    await conn.execute(
+        "INSERT INTO installation (name, value) VALUES ('write_probe', $1)"
+        " ON CONFLICT (name) DO UPDATE SET value=excluded.value",
+        os.urandom(8),
+    )
+
+
 def _settle_one(fut: asyncio.Future[Any] | None, callback: Callable[[Any], None] | None, result: Any) -> None:
     if callback is not None:
         try:
@@ -816,6 +868,7 @@ def _message_row(e: Envelope) -> tuple[Any, ...]:
         e.peer,
         e.raw,
         e.dedupe_key if e.control_id and e.dedupe else None,
+        content_digest(e.raw),
     )
 
 
@@ -832,9 +885,15 @@ async def _insert(
     same = await conn.fetchrow("SELECT seq, status FROM messages WHERE id=$1", row[0])
     if same is not None:
         return AppendResult(row[0], False, same["seq"]), str(same["status"])
-    first = await conn.fetchrow("SELECT id, seq, status FROM messages WHERE dedupe_key=$1", row[-1])
+    first = await conn.fetchrow(
+        "SELECT id, seq, status, digest, CASE WHEN digest IS NULL THEN raw END AS old_raw FROM messages"
+        " WHERE dedupe_key=$1",
+        row[_KEY],
+    )
     if first is None:  # the first one was pruned meanwhile: keep this one
-        return await _insert(conn, (*row[:-1], None), ack)
+        return await _insert(conn, (*row[:_KEY], None, row[_DIGEST]), ack)
+    if not same_content(first["digest"], first["old_raw"], row[_DIGEST]):
+        return await _insert_conflict(conn, row, first["id"]), None
     detail = orjson.dumps({"duplicate_of_envelope": row[0], "peer": row[13]}).decode()
     await conn.execute(
         "INSERT INTO stages (message_id, stage, status, at, detail) VALUES ($1,$2,$3,$4,$5::jsonb)",
@@ -845,6 +904,27 @@ async def _insert(
         detail,
     )
     return AppendResult(first["id"], True, first["seq"]), None
+
+
+async def _insert_conflict(conn: Conn, row: tuple[Any, ...], first_id: str) -> AppendResult:
+    """Keep a message that reuses another's MSH-10: its own row, ERROR, no key (see AppendResult)."""
+    kept = (*row[:5], Status.ERROR.value, *row[6:_KEY], None, row[_DIGEST])
+    seq = await conn.fetchval(_INSERT_MESSAGE, *kept)
+    if seq is None:  # this very envelope again (a redelivery): the row is there already
+        seq = await conn.fetchval("SELECT seq FROM messages WHERE id=$1", row[0])
+        return AppendResult(row[0], True, seq, conflict=True)
+    await conn.execute("UPDATE messages SET error=$1 WHERE seq=$2", CONFLICT_CODE, seq)
+    detail = {
+        "error": CONFLICT_CODE,
+        "text": "MSH-10 is already used by another message with other content",
+        "location": "MSH-10",
+        "conflicts_with": first_id,
+        "peer": row[13],
+    }
+    await conn.execute(
+        _INSERT_STAGE, row[0], "intake", Status.ERROR.value, row[3], None, None, orjson.dumps(detail).decode()
+    )
+    return AppendResult(row[0], True, seq, conflict=True)
 
 
 async def _work_of(conn: Conn, row: Any) -> WorkItem | None:

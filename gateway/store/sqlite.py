@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import sqlite3
 import threading
 import time
@@ -27,7 +28,14 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
-from gateway.store.message_views import message_counts, message_filters, trace_stage
+from gateway.store.message_views import (
+    CONFLICT_CODE,
+    content_digest,
+    message_counts,
+    message_filters,
+    same_content,
+    trace_stage,
+)
 
 log = get_logger("passerelle.store")
 
@@ -56,7 +64,8 @@ CREATE TABLE IF NOT EXISTS messages (
     discarded_at REAL,
     ack BLOB,
     ack_meta TEXT,
-    outcome TEXT
+    outcome TEXT,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_status ON messages(status, seq);
 CREATE INDEX IF NOT EXISTS messages_channel ON messages(channel, seq);
@@ -83,12 +92,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (message_id, destination)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '2');
+INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '3');
 """
 # The commonest trace entries live in the message's own row instead of rows of their own: the ACK
 # sent on commit (ack, ack_meta) and a first-try delivery to every destination (outcome). Each saves
 # statements and WAL pages on the hot path; readers show them as the stages and deliveries they are.
 _V2_COLUMNS = (("ack", "BLOB"), ("ack_meta", "TEXT"), ("outcome", "TEXT"))
+# Schema 3: a digest of the raw bytes, compared where the dedupe key is checked, so that a resend is
+# told from another message that reuses an MSH-10 (see append_then). Rows written before have none:
+# their raw bytes are digested when needed.
+_V3_COLUMNS = (("digest", "TEXT"),)
+SCHEMA_VERSION = 3
 
 _MSG_COLUMNS = (
     "seq, id, channel, source, received_at, updated_at, status, sender, control_id, message_type, "
@@ -143,6 +157,13 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closing = False
+        # Trace writes that could not be committed yet, per message, oldest first (see _defer).
+        self._backlog: dict[str, _Trace] = {}
+        self._deferring = False
+        self._write_error: str | None = None  # why the last commit failed, until one succeeds
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_FIRST
+        self.close_grace = 5.0  # how long close() keeps trying to write the backlog
         self.commits = 0  # counters read by the benchmark and /api/stats
         self.committed_ops = 0
 
@@ -221,10 +242,23 @@ class SqliteStore:
             self._close_readers()
             return
         self._closing = True
-        while self._appends or self._pending or self._committing:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.close_grace
+        pause = 0.001
+        while self._appends or self._pending or self._committing or self._backlog:
             if not self._committing:
                 self._flush()
-            await asyncio.sleep(0.001)
+                if self._backlog and not self._committing:
+                    if loop.time() >= give_up:
+                        break
+                    pause = min(pause * 2, 0.25)  # the disk is still full: back off
+            await asyncio.sleep(pause)
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._backlog:
+            log.error("journal_trace_lost", messages=len(self._backlog), error=self._write_error or "unknown")
+            self._backlog.clear()
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -246,16 +280,33 @@ class SqliteStore:
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
+    def write_health(self) -> dict[str, Any]:
+        """Whether the journal commits: readiness says not ready while the last commit failed or
+        trace writes wait to be written again (a full disk, an I/O error)."""
+        health: dict[str, Any] = {
+            "ok": self._write_error is None and not self._backlog,
+            "deferred_messages": len(self._backlog),
+        }
+        if self._write_error is not None:
+            health["error"] = self._write_error
+        return health
+
     # -- the group-commit writer -------------------------------------------
     #
     # Writes are applied on the event loop's own thread, once per loop turn: every write submitted
     # meanwhile shares one transaction. Only COMMIT (the fsync) goes to a thread, one hop per batch,
     # and the loop gathers the next batch meanwhile. Running the SQL itself on a writer thread
     # measured slower here: GIL hand-offs for every statement.
+    #
+    # Trace writes (stages, deliveries, statuses) are data (a _Trace per message). One that cannot
+    # be committed for a reason that time can cure (a full disk, an I/O error, a lock) is kept in
+    # the backlog, merged with the message's other waiting writes, and written again ahead of the
+    # next batches, with back-off while nothing else is written: a write of a message's trace is
+    # never lost nor applied before the ones that came before it. Readiness says not ready meanwhile.
 
     def _submit(self, op: Op, *, append: bool = False) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._enqueue((op, fut, None), append)
+        self._enqueue((op, fut, None, None), append)
         return fut
 
     def _enqueue(self, entry: _Entry, append: bool) -> None:
@@ -266,33 +317,48 @@ class SqliteStore:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _submit_quiet(self, op: Op) -> asyncio.Future[Any]:
-        """A write nobody has to await; a failure is logged instead of lost."""
-        fut = self._submit(op)
+    def _trace_write(self, trace: _Trace, op: Op | None = None) -> asyncio.Future[Any]:
+        """A trace write nobody has to await (``op``: a faster form of ``trace.apply``). Kept and
+        written again when the journal cannot commit it now; a write given up is logged."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_log_failure)
+        self._enqueue((op or trace.apply, fut, None, trace), False)
         return fut
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._committing:
             return  # the commit in flight reschedules when it lands
-        batch, self._appends = self._appends, []
+        # What waits in the backlog goes first (the oldest writes), then the appends, which gate
+        # ACKs and so jump ahead of the trace writes. Safe: any later write about a message is
+        # only submitted once that message's append has committed.
+        batch = self._take_backlog(self._max_batch)
+        batch += self._appends
+        self._appends = []
         # Trace writes fill the rest, bounded so that one commit stays short for the next ACKs.
         room = max(self._max_batch - len(batch), 64)
-        batch += self._pending[:room]
+        taken = self._pending[:room]
         del self._pending[:room]
+        for entry in taken:
+            trace = entry[3]
+            if trace is not None and trace.message_id in self._backlog:
+                # Older writes of this message still wait: this one waits behind them.
+                self._defer(trace)
+                _settle_entry(entry, _DEFERRED)
+            else:
+                batch.append(entry)
         if not batch:
             return
         conn = self._wconn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [op(conn) for op, _, _ in batch]
+            results = [op(conn) for op, _, _, _ in batch]
         except sqlite3.Error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._settle(batch, self._run_isolated([op for op, _, _ in batch]))
-            self._reschedule()
+            self._settle(batch, self._run_isolated(batch))
+            self._after_write()
             return
         # The fsync of COMMIT runs on a thread (the GIL is released meanwhile): the loop goes on
         # reading frames and gathering the next batch while the disk works.
@@ -308,55 +374,144 @@ class SqliteStore:
             conn = self._wconn
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [StoreError(f"journal commit failed: {type(exc).__name__}")] * len(batch)
+            # Nothing of the batch is written: trace writes are kept, the rest is answered.
+            retry = _retryable(exc)
+            results = []
+            for _, _, _, trace in batch:
+                if trace is not None and retry:
+                    self._defer(trace)
+                    results.append(_DEFERRED)
+                else:
+                    results.append(StoreError(f"journal commit failed: {type(exc).__name__}"))
+            self._commit_failed(exc)
         else:
             self.commits += 1
             self.committed_ops += len(batch)
+            self._commit_succeeded()
         self._settle(batch, results)
-        self._reschedule()
+        self._after_write()
 
     def _reschedule(self) -> None:
         if (self._appends or self._pending) and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _settle(self, batch: list[_Entry], results: list[Any]) -> None:
-        for (_, fut, callback), result in zip(batch, results, strict=True):
-            if isinstance(result, _Failed):
-                result = StoreError(f"journal write failed: {result.kind}")
-            if callback is not None:
-                # Called now, in this turn: the ACK leaves without another loop turn.
-                try:
-                    callback(result)
-                except Exception as exc:  # one bad continuation must not stop the rest
-                    log.exception("journal_callback_failed", error=type(exc).__name__)
-            elif fut is not None and not fut.done():
-                if isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+    def _after_write(self) -> None:
+        self._reschedule()
+        if self._backlog and self._write_error is None:
+            # The journal commits again: what still waits goes next, without waiting for a timer.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif self._backlog or self._write_error is not None:
+            self._arm_retry()
 
-    def _run_isolated(self, ops: list[Op]) -> list[Any]:
-        """After a failed batch: each op in its own transaction, so one bad write does not sink the rest."""
+    def _settle(self, batch: list[_Entry], results: list[Any]) -> None:
+        for entry, result in zip(batch, results, strict=True):
+            _settle_entry(entry, result)
+
+    def _run_isolated(self, batch: list[_Entry]) -> list[Any]:
+        """After a failed batch: each write in its own transaction, so one bad write does not sink
+        the rest. A trace write that fails for a reason time can cure is kept for later."""
         conn = self._wconn
         assert conn is not None
         results: list[Any] = []
-        for op in ops:
+        failure: BaseException | None = None
+        landed = 0
+        for op, _, _, trace in batch:
+            if trace is not None and trace.message_id in self._backlog:
+                self._defer(trace)  # an earlier write of this message failed just now
+                results.append(_DEFERRED)
+                continue
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 results.append(op(conn))
                 conn.execute("COMMIT")
+                landed += 1
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if _retryable(exc):
+                    failure = exc
+                    if trace is not None:
+                        self._defer(trace)
+                        results.append(_DEFERRED)
+                        continue
                 results.append(_Failed(type(exc).__name__))
         self.commits += 1
-        self.committed_ops += len(ops)
+        self.committed_ops += landed
+        if failure is not None:
+            self._commit_failed(failure)
+        elif landed:
+            self._commit_succeeded()
         return results
 
+    # -- the backlog: trace writes the journal could not commit yet --------------
+
+    def _defer(self, trace: _Trace) -> None:
+        held = self._backlog.get(trace.message_id)
+        if held is None:
+            if not self._deferring:
+                self._deferring = True
+                log.warning("journal_trace_deferred")
+            self._backlog[trace.message_id] = trace
+        elif held is not trace:
+            held.merge(trace)
+
+    def _take_backlog(self, limit: int) -> list[_Entry]:
+        """The oldest waiting traces, as writes of the next batch (the rest keep waiting)."""
+        if not self._backlog:
+            return []
+        ids = list(itertools.islice(self._backlog, limit))
+        return [(t.apply, None, None, t) for t in (self._backlog.pop(mid) for mid in ids)]
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        kind = _error_kind(exc)
+        if self._write_error is None:
+            log.error("journal_commit_failed", error=kind)
+        self._write_error = kind
+
+    def _commit_succeeded(self) -> None:
+        if self._write_error is not None:
+            log.info("journal_commit_restored", deferred_messages=len(self._backlog))
+            self._write_error = None
+        if not self._backlog:
+            self._retry_delay = _RETRY_FIRST
+            if self._deferring:
+                self._deferring = False
+                log.info("journal_trace_written")
+
+    def _arm_retry(self) -> None:
+        """While the backlog waits or the last commit failed, try again after a back-off even
+        when nothing else is written: the backlog itself, else a small write that needs a page."""
+        if self._retry_handle is not None or self._closing or self._wconn is None:
+            return
+        delay = self._retry_delay
+        self._retry_delay = min(delay * 2, _RETRY_LONGEST)
+        self._retry_handle = asyncio.get_running_loop().call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        if self._closing or self._wconn is None:
+            return
+        if self._backlog:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif self._write_error is not None:
+            self._enqueue((_probe, None, None, None), False)
+        # Each try ends in _after_write, which arms the next one while still needed.
+
+    def _backlog_releases(self, message_id: str) -> bool:
+        """A release of this message's dedupe key waits in the backlog (it was decided before)."""
+        held = self._backlog.get(message_id)
+        return held is not None and held.release
+
     async def flush(self) -> None:
-        """Wait until every write queued so far is committed."""
+        """Wait until every write queued so far is committed (StoreError while some must wait)."""
         await self._submit(lambda conn: None)
+        if self._backlog:
+            raise StoreError("trace writes are waiting for the journal to commit again")
 
     # -- journal ---------------------------------------------------------------
 
@@ -384,9 +539,15 @@ class SqliteStore:
         *,
         ack: tuple[bytes, str] | None = None,
     ) -> None:
-        """Like ``append``, but ``then`` is called right after the commit, in the same loop turn."""
+        """Like ``append``, but ``then`` is called right after the commit, in the same loop turn.
+
+        Dedupe: an envelope whose key (channel, sender, MSH-10) is already held is a duplicate
+        only when its bytes are the same (their digests match). Another message under a seen
+        MSH-10 is kept as a row of its own, status ERROR, without key nor ACK, and answered as a
+        conflict (see AppendResult): the sender is told, and nothing is thrown away.
+        """
         ack_payload = ack[0] if ack else None
-        rows = [
+        rows: list[tuple[Any, ...]] = [
             (
                 e.id,
                 e.channel,
@@ -406,24 +567,33 @@ class SqliteStore:
                 e.dedupe_key if e.control_id and e.dedupe else None,
                 ack_payload,
                 _ack_meta(ack[1], e.status.value) if ack else None,
+                content_digest(e.raw),
             )
             for e in envelopes
         ]
+        releases = self._backlog_releases
 
         def op(conn: sqlite3.Connection) -> list[AppendResult]:
             out = []
             for row in rows:
-                got = conn.execute(
-                    "INSERT INTO messages (id, channel, source, received_at, updated_at, status, sender,"
-                    " control_id, message_type, partition_key, content_type, charset, trace_id, peer, raw,"
-                    " dedupe_key, ack, ack_meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT(dedupe_key) DO NOTHING RETURNING seq",
-                    row,
-                ).fetchone()
+                got = conn.execute(_INSERT_MESSAGE, row).fetchone()
                 if got is not None:
                     out.append(AppendResult(row[0], False, got[0]))
                     continue
-                first = conn.execute("SELECT id, seq FROM messages WHERE dedupe_key=?", (row[15],)).fetchone()
+                first = conn.execute(
+                    "SELECT id, seq, digest, CASE WHEN digest IS NULL THEN raw END FROM messages"
+                    " WHERE dedupe_key=?",
+                    (row[_KEY],),
+                ).fetchone()
+                if releases(first[0]):
+                    # Its sender was answered AE and the release waits in the backlog: apply it now.
+                    conn.execute("UPDATE messages SET dedupe_key=NULL WHERE id=?", (first[0],))
+                    got = conn.execute(_INSERT_MESSAGE, row).fetchone()
+                    out.append(AppendResult(row[0], False, got[0]))
+                    continue
+                if not same_content(first[2], first[3], row[_DIGEST]):
+                    out.append(_insert_conflict(conn, row, first[0]))
+                    continue
                 conn.execute(
                     "INSERT INTO stages (message_id, stage, status, at, detail) VALUES (?,?,?,?,?)",
                     (
@@ -437,22 +607,15 @@ class SqliteStore:
                 out.append(AppendResult(first[0], True, first[1]))
             return out
 
-        self._enqueue((op, None, then), True)
+        self._enqueue((op, None, then, None), True)
 
     def record(self, message_id: str, stage: StageRecord, *, status: Status | None = None) -> Awaitable[None]:
         now = time.time()
-        stage_row = _stage_row(message_id, stage, now)
-        status_value = status.value if status is not None else None
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(_INSERT_STAGE, stage_row)
-            if status_value is not None:
-                conn.execute(
-                    "UPDATE messages SET status=?, updated_at=?, error=? WHERE id=?",
-                    (status_value, now, _error_of(stage), message_id),
-                )
-
-        return self._submit_quiet(op)
+        trace = _Trace(message_id)
+        trace.stages.append(_stage_row(message_id, stage, now))
+        if status is not None:
+            trace.status = (status.value, now, _error_of(stage))
+        return self._trace_write(trace)
 
     def queue_deliveries(
         self, message_id: str, stage: StageRecord, destinations: Sequence[str], *, sent: bool = False
@@ -463,21 +626,13 @@ class SqliteStore:
         stage_row = _stage_row(message_id, stage, now)
         status = Status.QUEUED.value if destinations and not sent else Status.SENT.value
         attempts = 1 if sent else 0
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(_INSERT_STAGE, stage_row)
-            conn.executemany(
-                "INSERT INTO deliveries (message_id, destination, status, attempts, updated_at)"
-                " VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET status=excluded.status,"
-                " attempts=excluded.attempts, updated_at=excluded.updated_at, last_error=NULL",
-                [(message_id, d, status, attempts, now) for d in destinations],
-            )
-            conn.execute(
-                "UPDATE messages SET status=?, updated_at=?, error=NULL WHERE id=?", (status, now, message_id)
-            )
-
+        trace = _Trace(message_id)
+        trace.stages.append(stage_row)
+        for d in destinations:
+            trace.deliveries[d] = (status, attempts, now, None, True)
+        trace.status = (status, now, None)
         if status != Status.SENT.value or stage.payload is not None:
-            return self._submit_quiet(op)
+            return self._trace_write(trace)
         # Delivered at the first try (or nowhere to deliver): one UPDATE keeps it in the message row.
         outcome = _outcome(stage_row, destinations)
 
@@ -488,9 +643,10 @@ class SqliteStore:
                 (status, now, outcome, message_id),
             )
             if not cur.rowcount:  # the row already holds one: rows of their own, as before
-                op(conn)
+                trace.apply(conn)
 
-        return self._submit_quiet(folded)
+        # Kept for later as rows of their own (the trace), should this write have to wait.
+        return self._trace_write(trace, folded)
 
     def delivery_update(
         self,
@@ -504,32 +660,19 @@ class SqliteStore:
         error: str | None = None,
     ) -> Awaitable[None]:
         now = time.time()
-        stage_row = _stage_row(message_id, stage, now) if stage is not None else None
-        msg_status = message_status.value if message_status is not None else None
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE deliveries SET status=?, attempts=?, updated_at=?, last_error=?"
-                " WHERE message_id=? AND destination=?",
-                (status.value, attempts, now, error, message_id, destination),
-            )
-            if stage_row is not None:
-                conn.execute(_INSERT_STAGE, stage_row)
-            if msg_status is not None:
-                conn.execute(
-                    "UPDATE messages SET status=?, updated_at=?, error=? WHERE id=?",
-                    (msg_status, now, error, message_id),
-                )
-
-        return self._submit_quiet(op)
+        trace = _Trace(message_id)
+        trace.deliveries[destination] = (status.value, attempts, now, error, False)
+        if stage is not None:
+            trace.stages.append(_stage_row(message_id, stage, now))
+        if message_status is not None:
+            trace.status = (message_status.value, now, error)
+        return self._trace_write(trace)
 
     def release_dedupe(self, message_id: str) -> Awaitable[None]:
         """The sender was told AE/AR: let a resend of the same MSH-10 be processed afresh."""
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE messages SET dedupe_key=NULL WHERE id=?", (message_id,))
-
-        return self._submit_quiet(op)
+        trace = _Trace(message_id)
+        trace.release = True
+        return self._trace_write(trace)
 
     # -- reads -----------------------------------------------------------------
 
@@ -720,12 +863,19 @@ class SqliteStore:
             "commits": self.commits,
             "ops": self.committed_ops,
             "queued_writes": len(self._pending),
+            "deferred_messages": len(self._backlog),
+            "commit_failing": self._write_error is not None,
         }
         return result
 
     # -- operator actions --------------------------------------------------------
 
+    def _settled(self, message_id: str) -> None:
+        if message_id in self._backlog:
+            raise StoreError("this message's trace is still waiting to be written; try again shortly")
+
     async def reset_for_replay(self, message_id: str) -> WorkItem | None:
+        self._settled(message_id)
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> WorkItem | None:
@@ -760,6 +910,7 @@ class SqliteStore:
         return result
 
     async def discard(self, message_id: str) -> bool:
+        self._settled(message_id)
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> bool:
@@ -802,14 +953,174 @@ class SqliteStore:
         return result
 
 
-_Entry = tuple[Op, "asyncio.Future[Any] | None", "Callable[[Any], None] | None"]
-
-
 class _Failed:
     __slots__ = ("kind",)
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+
+
+class _DeferredError(StoreError):
+    """A trace write that could not be committed now: it is kept and written later."""
+
+
+_DEFERRED = _Failed("deferred")
+_RETRY_FIRST = 0.05
+_RETRY_LONGEST = 2.0
+# Stage rows kept per waiting message: the first half and the latest, with a count of the others.
+_MAX_DEFERRED_STAGES = 64
+
+# SQLite result codes (the primary code, the low byte) that time or an operator can cure.
+_TRANSIENT_CODES = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        8,  # SQLITE_READONLY
+        10,  # SQLITE_IOERR
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+        15,  # SQLITE_PROTOCOL
+    }
+)
+
+
+def _retryable(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _TRANSIENT_CODES
+    return isinstance(exc, sqlite3.OperationalError)
+
+
+def _error_kind(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return name if isinstance(name, str) else type(exc).__name__
+
+
+class _Trace:
+    """The trace writes about one message, as data: applied by one write, and merged with the
+    message's later writes while they wait (so that the backlog holds one per message)."""
+
+    __slots__ = ("deliveries", "dropped", "message_id", "release", "stages", "status")
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        self.stages: list[tuple[Any, ...]] = []  # stage rows (see _stage_row), in order
+        # destination → (status, attempts, at, last error, may insert the row)
+        self.deliveries: dict[str, tuple[str, int, float, str | None, bool]] = {}
+        self.status: tuple[str, float, str | None] | None = None  # (status, at, error)
+        self.release = False  # the dedupe key is released
+        self.dropped = 0  # stage rows left out to bound the memory a waiting message holds
+
+    def merge(self, later: _Trace) -> None:
+        """Add ``later``'s writes after these: rows append, states take the latest value."""
+        self.stages += later.stages
+        self.dropped += later.dropped
+        excess = len(self.stages) - _MAX_DEFERRED_STAGES
+        if excess > 0:
+            half = _MAX_DEFERRED_STAGES // 2
+            del self.stages[half : half + excess]
+            self.dropped += excess
+        for destination, state in later.deliveries.items():
+            before = self.deliveries.get(destination)
+            self.deliveries[destination] = state if before is None else (*state[:4], state[4] or before[4])
+        if later.status is not None:
+            self.status = later.status
+        self.release = self.release or later.release
+
+    def apply(self, conn: sqlite3.Connection) -> None:
+        mid = self.message_id
+        if len(self.stages) == 1:
+            conn.execute(_INSERT_STAGE, self.stages[0])
+        elif self.stages:
+            conn.executemany(_INSERT_STAGE, self.stages)
+        if self.dropped:
+            last = self.stages[-1]
+            detail = orjson.dumps({"stages_left_out": self.dropped}).decode()
+            conn.execute(_INSERT_STAGE, (mid, "trace_coalesced", last[2], last[3], None, None, detail))
+        for destination, (status, attempts, at, error, insert) in self.deliveries.items():
+            if insert:
+                conn.execute(_UPSERT_DELIVERY, (mid, destination, status, attempts, at, error))
+            else:
+                conn.execute(
+                    "UPDATE deliveries SET status=?, attempts=?, updated_at=?, last_error=?"
+                    " WHERE message_id=? AND destination=?",
+                    (status, attempts, at, error, mid, destination),
+                )
+        if self.status is not None:
+            conn.execute(
+                "UPDATE messages SET status=?, updated_at=?, error=? WHERE id=?", (*self.status, mid)
+            )
+        if self.release:
+            conn.execute("UPDATE messages SET dedupe_key=NULL WHERE id=?", (mid,))
+
+
+_UPSERT_DELIVERY = (
+    "INSERT INTO deliveries (message_id, destination, status, attempts, updated_at, last_error)"
+    " VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET status=excluded.status, attempts=excluded.attempts,"
+    " updated_at=excluded.updated_at, last_error=excluded.last_error"
+)
+
+_Entry = tuple[Op, "asyncio.Future[Any] | None", "Callable[[Any], None] | None", "_Trace | None"]
+
+
+def _settle_entry(entry: _Entry, result: Any) -> None:
+    _, fut, callback, trace = entry
+    if result is _DEFERRED:
+        result = _DeferredError("the journal could not commit this write now; it is kept and retried")
+    elif isinstance(result, _Failed):
+        result = StoreError(f"journal write failed: {result.kind}")
+    if fut is None and callback is None:
+        if trace is not None and isinstance(result, StoreError) and not isinstance(result, _DeferredError):
+            # A write from the backlog, given up (a failure time does not cure): say so once.
+            log.error("journal_write_failed", error=result.message, message_id=trace.message_id)
+        return
+    if callback is not None:
+        # Called now, in this turn: the ACK leaves without another loop turn.
+        try:
+            callback(result)
+        except Exception as exc:  # one bad continuation must not stop the rest
+            log.exception("journal_callback_failed", error=type(exc).__name__)
+    elif fut is not None and not fut.done():
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """A write that needs pages, rolled into nothing: succeeds only when the journal can commit."""
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', ?)", ("." * 8192,))
+    conn.execute("DELETE FROM meta WHERE key='write_probe'")
+
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, channel, source, received_at, updated_at, status, sender,"
+    " control_id, message_type, partition_key, content_type, charset, trace_id, peer, raw,"
+    " dedupe_key, ack, ack_meta, digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(dedupe_key) DO NOTHING RETURNING seq"
+)
+_KEY = 15  # positions in a message row (see append_then)
+_DIGEST = 18
+
+
+def _insert_conflict(conn: sqlite3.Connection, row: tuple[Any, ...], first_id: str) -> AppendResult:
+    """Keep a message that reuses another's MSH-10: its own row, ERROR, no key, no ACK yet."""
+    kept = (*row[:5], Status.ERROR.value, *row[6:_KEY], None, None, None, row[_DIGEST])
+    seq = conn.execute(_INSERT_MESSAGE, kept).fetchone()[0]
+    conn.execute("UPDATE messages SET error=? WHERE seq=?", (CONFLICT_CODE, seq))
+    detail = {
+        "error": CONFLICT_CODE,
+        "text": "MSH-10 is already used by another message with other content",
+        "location": "MSH-10",
+        "conflicts_with": first_id,
+        "peer": row[13],
+    }
+    conn.execute(
+        _INSERT_STAGE,
+        (row[0], "intake", Status.ERROR.value, row[3], None, None, orjson.dumps(detail).decode()),
+    )
+    return AppendResult(row[0], True, seq, conflict=True)
 
 
 _INSERT_STAGE = (
@@ -830,16 +1141,17 @@ def _stage_row(message_id: str, stage: StageRecord, now: float) -> tuple[Any, ..
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Schema 1 → 2: the folded trace columns (see _V2_COLUMNS)."""
+    """Schema 1 → 2: the folded trace columns (see _V2_COLUMNS); 2 → 3: the content digest
+    (_V3_COLUMNS). Columns only are added, so a journal of any earlier version opens in place."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
-    missing = [(name, kind) for name, kind in _V2_COLUMNS if name not in have]
+    missing = [(name, kind) for name, kind in (*_V2_COLUMNS, *_V3_COLUMNS) if name not in have]
     if not missing:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
         for name, kind in missing:
             conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")
-        conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -935,5 +1247,5 @@ def _envelope_of(row: sqlite3.Row) -> Envelope:
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None and not isinstance(exc, _DeferredError):
         log.error("journal_write_failed", error=type(exc).__name__, sqlstate=getattr(exc, "sqlstate", None))

@@ -181,12 +181,11 @@ def test_folded_trace_reads_as_the_row_per_stage_store(histories: list[dict[str,
 
 
 def _schema_1() -> str:
-    """The journal's schema as the earlier release created it: today's, less the folded columns."""
-    folded = ",\n    ack BLOB,\n    ack_meta TEXT,\n    outcome TEXT\n"
-    assert folded in sqlite_store._SCHEMA
-    return sqlite_store._SCHEMA.replace(folded, "\n").replace(
-        "'schema_version', '2'", "'schema_version', '1'"
-    )
+    """The journal's schema as the earlier release created it: today's, less the folded columns
+    (schema 2) and the content digest (schema 3)."""
+    later = ",\n    ack BLOB,\n    ack_meta TEXT,\n    outcome TEXT,\n    digest TEXT\n"
+    assert later in sqlite_store._SCHEMA
+    return sqlite_store._SCHEMA.replace(later, "\n").replace("'schema_version', '3'", "'schema_version', '1'")
 
 
 async def test_a_schema_1_journal_is_migrated_and_reads_as_before(tmp_path: Path) -> None:
@@ -226,7 +225,7 @@ async def test_a_schema_1_journal_is_migrated_and_reads_as_before(tmp_path: Path
     try:
         db = sqlite3.connect(path)
         assert {"ack", "ack_meta", "outcome"} <= {r[1] for r in db.execute("PRAGMA table_info(messages)")}
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
         db.close()
         old_msg = await store.get_message("m-old", with_payloads=True)
         assert old_msg is not None
