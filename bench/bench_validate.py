@@ -42,7 +42,10 @@ def main() -> None:
     messages = [
         p.read_bytes() for p in sorted((DATA_DIR / "hl7").glob("*.hl7")) if not p.stem.startswith("bad-")
     ]
-    assert all(validate_hl7(m) == [] for m in messages), "the benchmark messages must conform"
+    # the conforming ones (warnings allowed: a field over its v2.5 length); the suite's messages that
+    # break one PAM FR rule on purpose are left out
+    messages = [m for m in messages if not any(f.is_error for f in validate_hl7(m))]
+    assert len(messages) >= 10, "the benchmark needs the suite's conforming messages"
     turn = iter(range(1 << 62))
 
     def one_message() -> None:

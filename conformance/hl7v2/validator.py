@@ -5,6 +5,10 @@ The message is read with the lazy ER7 codec; nothing here parses with hl7apy.
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from pathlib import Path
 from typing import Final
 
 from conformance.findings import Finding, Severity
@@ -26,6 +30,12 @@ UNKNOWN_STRUCTURE: Final = "HL7-MSG-002"
 ACK_CODE: Final = "ACK-MSA-001"
 ACK_ECHO: Final = "ACK-MSA-002"
 ACK_ERR: Final = "ACK-ERR-001"
+FLD_LENGTH: Final = "HL7-FLD-004"
+
+# Control ids: receivers truncate or refuse longer ones, so MSA-2 no longer matches MSH-10. Other
+# v2.5 lengths are often exceeded in practice: a warning, or every real message would fail.
+LENGTH_ERRORS: Final = frozenset({("MSH", 10), ("MSA", 2)})
+_LENGTHS_FILE: Final = Path(__file__).with_name("lengths.json")
 
 ACK_CODES: Final = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 
@@ -72,6 +82,54 @@ def validate_hl7(
     elif profile == "pam-fr" and msg.message_type == "ADT":
         findings.extend(pamfr.check(msg))
     return findings
+
+
+@functools.cache
+def max_lengths() -> dict[str, dict[int, int]]:
+    """v2.5 maximum field lengths: segment → {field number → length}.
+
+    Read from HAPI's v2.5 segment classes (hapi-structures-v25); fields without a v2.5 length
+    (MSA-5, withdrawn) and the separators MSH-1/MSH-2 are not in the table.
+    """
+    raw = json.loads(_LENGTHS_FILE.read_text(encoding="utf-8"))
+    return {name: {int(number): int(size) for number, size in sizes.items()} for name, sizes in raw.items()}
+
+
+@functools.cache
+def _limits(name: str) -> tuple[int, ...]:
+    # Indexed by field number - 1; fields without a v2.5 length never exceed theirs, nor do
+    # MSH-1/MSH-2, which hold the separators themselves.
+    sizes = max_lengths().get(name, {})
+    skip = 2 if name == "MSH" else 0
+    return tuple(
+        sys.maxsize if number <= skip else sizes.get(number, sys.maxsize)
+        for number in range(1, max(sizes, default=0) + 1)
+    )
+
+
+def _check_lengths(
+    name: str, prefix: str, fields: list[str], single: frozenset[int], rep: str, findings: list[Finding]
+) -> None:
+    limits = _limits(name)
+    # Fields past v2.5's last one have no length to check: zip stops there.
+    pairs = zip(fields, limits, strict=False)
+    for number in [n for n, (text, limit) in enumerate(pairs, 1) if len(text) > limit]:
+        limit = limits[number - 1]
+        values = fields[number - 1].split(rep)
+        for index, value in enumerate(values, 1):
+            # Counted on the text as sent (escapes included), as v2.5 counts a field's data.
+            if len(value) <= limit:
+                continue
+            indexed = number not in single or len(values) > 1
+            findings.append(
+                Finding(
+                    FLD_LENGTH,
+                    Severity.ERROR if (name, number) in LENGTH_ERRORS else Severity.WARNING,
+                    f"{prefix}-{number}" + (f"[{index}]" if indexed else ""),
+                    f"{name}-{number} is {len(value)} characters, over v2.5's {limit}",
+                    "too-long",
+                )
+            )
 
 
 def _structure_name(msg: Message) -> str:
@@ -124,6 +182,7 @@ def _structure(msg: Message, findings: list[Finding]) -> None:
                         "required",
                     )
                 )
+        _check_lengths(seg.name, prefix, fields, spec.single, rep, findings)
         if seg.name == "MSH":
             continue  # MSH-1/MSH-2 hold the separators themselves
         for number in spec.single:

@@ -252,8 +252,8 @@ def build_ack(
         msh.pop()
     segments = ["MSH" + f + msh[1] + f + f.join(msh[2:])]
     msa = ["MSA", code.value, echo]
-    if error is not None:
-        msa.append(escape(_short(error.message), seps))
+    if error is not None:  # MSA-3 holds 80 characters in v2.5; ERR-8 carries the longer text
+        msa.append(_fit(error.message, 80, seps))
     segments.append(f.join(msa))
     if error is not None and code not in (AckCode.AA, AckCode.CA):
         text = TABLE_0357.get(error.hl7_error_code, "")
@@ -266,7 +266,7 @@ def build_ack(
             "",
             "",
             "",
-            escape(_short(error.message), seps),
+            _fit(error.message, 250, seps),  # ERR-8's v2.5 length
         ]
         segments.append(f.join(err))
     text_out = "\r".join(segments) + "\r"
@@ -275,6 +275,19 @@ def build_ack(
     except UnicodeEncodeError:
         # The error text may hold a character the sender's charset lacks; ASCII-fold it.
         return text_out.encode(codec, errors="replace")
+
+
+def _fit(text: str, limit: int, seps: Separators) -> str:
+    """``text`` escaped and shortened to ``limit`` characters as sent (escapes count)."""
+    room = limit
+    out = escape(_short(text, room), seps)
+    if len(out) > limit:  # escapes took room: start from the proportion, then step down
+        room = max(1, room * limit // len(out))
+        out = escape(_short(text, room), seps)
+        while len(out) > limit and room > 1:
+            room -= 1
+            out = escape(_short(text, room), seps)
+    return out
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.core.errors import AckCode
+from conformance.hl7v2.validator import validate_hl7
+from gateway.core.errors import AckCode, ValidationError
 from gateway.hl7 import ack as ack_module
 from gateway.hl7.ack import ack_request, build_ack
 from gateway.hl7.er7 import Message
@@ -89,3 +92,16 @@ def test_ack_control_ids_made_on_several_threads_do_not_collide() -> None:
         t.join()
     assert len(set(made)) == 8000
     assert {len(c) for c in made} == {20}
+
+
+@given(st.text(min_size=1, max_size=400) | st.text("|^~\\&", min_size=80, max_size=300))
+def test_an_ack_s_error_text_fits_msa_3_and_err_8_carries_more(text: str) -> None:
+    """MSA-3 holds 80 characters in v2.5 (escapes count); the ACK passes the gateway's own check."""
+    ack = Message.decode(build_ack(header(), AckCode.AE, ValidationError(text + "|^~\\&")))
+    raw_msa3 = ack.segment("MSA").field(3)
+    assert len(raw_msa3) <= 80
+    assert not any(
+        f.rule == "HL7-FLD-004" for f in validate_hl7(build_ack(header(), AckCode.AE, ValidationError(text)))
+    )
+    if len(" ".join(text.split())) > 80:
+        assert len(ack.get("ERR-8")) > len(ack.get("MSA-3"))
