@@ -98,3 +98,44 @@ def test_arbitrary_bytes_never_crash_and_never_overflow(data: bytes) -> None:
         if isinstance(item, bytes):
             assert len(item) <= 256
     assert dec.buffered <= 256 + len(data)
+
+
+def test_abandon_returns_the_beginning_releases_the_rest_and_drops_the_frame_to_its_end() -> None:
+    dec = FrameDecoder(max_size=1000, prefix_size=10)
+    assert dec.feed(b"\x0b" + b"A" * 500) == []
+    assert dec.buffered == 500
+    assert dec.abandon() == b"A" * 10
+    assert dec.buffered == 0 and dec.discarding and dec.in_frame
+    assert dec.abandon() == b""  # already refused
+    assert dec.feed(b"B" * 5000) == []
+    assert dec.buffered == 0  # the rest of it is never held
+    assert dec.feed(b"\x1c\x0d" + frame(MSG)) == [MSG]
+    assert not dec.discarding
+
+
+def test_reset_forgets_the_open_frame() -> None:
+    dec = FrameDecoder()
+    dec.feed(b"\x0bhalf")
+    dec.reset()
+    assert dec.buffered == 0 and not dec.in_frame
+    assert dec.feed(b"rest\x1c\x0d" + frame(MSG)) == [MSG]
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=300), max_size=40),
+)
+def test_any_chunking_gives_the_same_frames_and_refusals(sizes: list[int], cuts: list[int]) -> None:
+    messages = [bytes([65 + i % 26]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(frame(m) for m in messages)
+    whole = FrameDecoder(max_size=256, prefix_size=16).feed(stream)
+    assert whole == [m if len(m) <= 256 else Oversize(m[:16], 256) for m in messages]
+    dec = FrameDecoder(max_size=256, prefix_size=16)
+    out: list[bytes | Oversize] = []
+    pos = 0
+    for cut in cuts:
+        out += dec.feed(stream[pos : pos + cut])
+        assert dec.buffered <= 256 + cut  # an oversize frame is never held past one read
+        pos += cut
+    out += dec.feed(stream[pos:])
+    assert out == whole
