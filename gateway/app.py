@@ -32,6 +32,7 @@ from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
 from gateway.http.auth import build_authenticator
 from gateway.http.fhir_routing import FHIR_INTAKE
+from gateway.http.server import GatewayRunner
 from gateway.store import backends
 from gateway.store.audit import AuditLog
 from gateway.store.postgres import PostgresStore
@@ -251,7 +252,8 @@ class Gateway:
         )
         app[FHIR_INTAKE] = self.fhir_intake
         max_header = int(self.http_settings.get("max_header_bytes", 8190))
-        self._runner = web.AppRunner(
+        # parser-level errors (a line over max_header) answered as OperationOutcomes, quoting nothing
+        self._runner = GatewayRunner(
             app, access_log=None, handle_signals=False, max_line_size=max_header, max_field_size=max_header
         )
         await self._runner.setup()

@@ -63,9 +63,12 @@ FakeDestination.CONFIG_SCHEMA = {  # type: ignore[attr-defined]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The whole suite's log output is scanned for the patient data the tests use (tests/phi_scan.py).
+    # The whole suite's log output is scanned for the patient data the tests use (tests/phi_scan.py):
+    # captured output, child processes' log files, and every stdlib log record (aiohttp's included).
     if not config.pluginmanager.has_plugin("passerelle-phi-scan"):
-        config.pluginmanager.register(PhiScan(), "passerelle-phi-scan")
+        scan = PhiScan()
+        config.pluginmanager.register(scan, "passerelle-phi-scan")
+        scan.install()
 
 
 @pytest.fixture(autouse=True)

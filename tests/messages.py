@@ -30,6 +30,7 @@ def adt(
     facility: str = "HOPITAL-NORD",
     msh9: str | None = None,
     identity: str = "VALI",
+    visit: str = "",
 ) -> bytes:
     structure = {
         "A01": "ADT_A01",
@@ -44,7 +45,9 @@ def adt(
         "EVN||20261123101500|||JDUPONT^DUPONT^Jean",
         f"PID|||{patient}^^^HOPITAL-NORD&1.2.250.1.71.4.2.2.1234&ISO^PI||{family}^{given}^^^^^L||"
         f"19750412|F|||12 rue des Écoles^^Besançon^^25000^FRA^H{'|' * 21}{identity}",
-        "PV1||I|CARDIO^101^1^HOPITAL-NORD||||||||||||||||V2026000123^^^HOPITAL-NORD&1.2.250.1.71.4.2.2.1234&ISO^VN",
+        # each patient's own visit number: one number for two patients is refused by the repository
+        f"PV1||I|CARDIO^101^1^HOPITAL-NORD||||||||||||||||{visit or 'V' + patient}^^^HOPITAL-NORD&"
+        "1.2.250.1.71.4.2.2.1234&ISO^VN",
         f"ZBE|MVT{control_id}^HOPITAL-NORD^1.2.250.1.71.4.2.2.1234^ISO|20261123101500||INSERT|N",
     ]
     text = "\r".join(segments) + "\r"

@@ -5,14 +5,22 @@ and, at the end of the session, searched for the names, identifiers and birth da
 tests put in their messages and resources. So are the log files that ``passerelle run``
 child processes wrote under the session's temporary directory. A hit fails the run.
 
+The standard library's logging is read at its source too: for the whole session a handler on the
+root logger sees every record that reaches the root's handlers (aiohttp's server-side loggers
+opened to DEBUG, so that their records are made at all), formatted with its traceback, whatever
+pytest captures or not (records outside a test, records of threads).
+
 Only log lines are scanned (JSON lines with an "event", structlog console lines, log
-records): what a CLI prints on purpose (a converted Bundle, say) is not a log.
+records, and Python tracebacks with the line that announces them: what the logging module
+prints when no handler is configured, in a child process say): what a CLI prints on purpose (a
+converted Bundle, say) is not a log.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,6 +73,35 @@ def _numeric(term: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\d.]){re.escape(term)}(?!\d)")
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+# Inside a traceback: its frames (indented) and the lines that chain one to another.
+_TRACEBACK_BODY = (" ", "\t", _TRACEBACK, "During handling of", "The above exception", "^", "~")
+
+
+def _log_lines(lines: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """(line, whether it is part of a Python traceback or announces one)."""
+    pending: str | None = None  # the line before, which may announce a traceback
+    inside = False
+    for line in lines:
+        if line.startswith(_TRACEBACK):
+            if pending is not None:
+                yield pending, True
+                pending = None
+            inside = True
+            yield line, True
+            continue
+        if inside:
+            yield line, True
+            # the exception's own line (not indented) ends a traceback, unless another follows
+            inside = not line or line.startswith(_TRACEBACK_BODY)
+            continue
+        if pending is not None:
+            yield pending, False
+        pending = line
+    if pending is not None:
+        yield pending, False
+
+
 def find_phi(
     lines: Iterable[str], terms: Iterable[str] = PHI_TERMS, *, every_line: bool = False
 ) -> list[tuple[str, str]]:
@@ -78,8 +115,8 @@ def find_phi(
         for variant in (term, _escaped(term), term.upper(), _escaped(term.upper())):
             variants.setdefault(variant, term)
     hits = []
-    for line in lines:
-        if not every_line and not _LOG_LINE.match(line):
+    for line, traceback in _log_lines(lines):
+        if not every_line and not traceback and not _LOG_LINE.match(line):
             continue
         text = _TIMESTAMP.sub("", line)
         found = next((term for variant, term in variants.items() if variant in text), None)
@@ -90,9 +127,68 @@ def find_phi(
     return hits
 
 
+class LogRecords(logging.Handler):
+    """On the root logger for the whole session: every record that reaches the root's handlers,
+    formatted with its traceback and stack, searched as it comes; hits kept with the test then
+    running ("<session>" outside any test)."""
+
+    def __init__(self, scan: PhiScan) -> None:
+        super().__init__(logging.NOTSET)
+        self.scan = scan
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted: its parts, raw
+            text = f"{record.name} {record.msg!r} {record.args!r}"
+        self.records += 1
+        for term, line in find_phi(text.splitlines(), every_line=True):
+            self.scan.hit(self.scan.current, term, line)
+
+
+# Loggers opened to DEBUG for the session, so that their records are made and read: aiohttp's
+# server side. ``aiohttp.access`` and ``aiohttp.client`` keep their level: the gateway keeps no
+# access log (gateway.http.server), and the far-end servers and clients some tests run are not
+# the gateway (tests/ops/test_parser_errors.py opens every aiohttp logger around the gateway).
+OPENED_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.internal", "aiohttp.websocket")
+
+
 class PhiScan:
     def __init__(self) -> None:
         self.hits: list[tuple[str, str, str]] = []  # (where, term, line)
+        self.current = "<session>"
+        self.handler = LogRecords(self)
+        self._levels: dict[str, int] = {}
+
+    def hit(self, where: str, term: str, line: str) -> None:
+        if (where, term, line) not in self.hits:
+            self.hits.append((where, term, line))
+
+    def install(self) -> None:
+        """Read the standard library's logging from now on (root handler, aiohttp at DEBUG)."""
+        root = logging.getLogger()
+        if self.handler not in root.handlers:
+            root.addHandler(self.handler)
+        for name in OPENED_LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels.setdefault(name, logger.level)
+            logger.setLevel(logging.DEBUG)
+
+    def uninstall(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._levels.clear()
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        self.current = nodeid
+
+    @pytest.hookimpl
+    def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        self.current = "<session>"
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -100,11 +196,11 @@ class PhiScan:
             if "stdout" in name or "stderr" in name or "log" in name:
                 # Captured log records are log lines as a whole; on stdout/stderr only log-shaped lines.
                 for term, line in find_phi(text.splitlines(), every_line="log" in name):
-                    if (report.nodeid, term, line) not in self.hits:  # later reports repeat sections
-                        self.hits.append((report.nodeid, term, line))
+                    self.hit(report.nodeid, term, line)  # later reports repeat sections: kept once
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.uninstall()
         factory = getattr(session.config, "_tmp_path_factory", None)
         if factory is not None:
             try:

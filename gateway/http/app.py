@@ -22,7 +22,8 @@ from gateway.http.fhir import add_fhir_routes
 from gateway.http.limits import rate_limit_middleware
 from gateway.http.masking import mask_hl7, payload_text
 from gateway.http.metrics import MetricsSource, add_metrics_route
-from gateway.http.outcome import json_response, outcome_middleware
+from gateway.http.outcome import format_middleware, json_response, outcome_middleware
+from gateway.http.server import server_handler_args
 from gateway.store.audit import AuditLog
 from gateway.store.fhir import FhirRepository
 
@@ -57,12 +58,20 @@ def build_app(
     documents: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """Access control is always on: without an authenticator only /health, /ready and the
-    console's static files answer; everything else is 401."""
+    console's static files answer; everything else is 401.
+
+    Serve it with ``gateway.http.server.GatewayRunner`` (in place of ``web.AppRunner``): errors
+    aiohttp answers itself (a request line or header over the limit...) are OperationOutcomes.
+    """
     middlewares: list[Middleware] = [outcome_middleware]
     if rate_limit is not None:
         middlewares.append(rate_limit_middleware(rate_limit, authenticator))
-    middlewares += [auth_middleware(authenticator), audit_middleware()]
-    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    middlewares += [auth_middleware(authenticator), audit_middleware(), format_middleware]
+    # aiohttp's protocol logs through a PHI-free logger of its own, and keeps no access log (its
+    # lines begin with the request line: a query with names and INS). See gateway.http.server.
+    app = web.Application(
+        middlewares=middlewares, client_max_size=max_body_bytes, handler_args=server_handler_args()
+    )
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -43,7 +43,7 @@ SEARCH_PARAMS: dict[str, tuple[str, str]] = {
     "action": ("token", "C R U D or E"),
     "date": ("date", "recorded; prefixes ge gt le lt"),
 }
-_SEARCH_PARAMS = frozenset({*SEARCH_PARAMS, "_count", "_format", "_pretty"})
+_SEARCH_PARAMS = frozenset({*SEARCH_PARAMS, "_count", "_cursor", "_format", "_pretty"})
 
 
 def _outcome(status: int) -> str:
@@ -59,6 +59,8 @@ def _interaction(method: str, parts: list[str]) -> tuple[str, str]:
     if method == "GET":
         if len(parts) <= 1:
             return "search-type" if parts else "search-system", "E"
+        if parts[-1] == "_history":
+            return "history-instance", "R"
         return ("vread" if "_history" in parts else "read"), "R"
     if method == "POST":
         return "create", "C"
@@ -212,9 +214,21 @@ async def search_audit(request: web.Request) -> web.Response:
             since = ts
         else:
             until = ts
+    cursor = request.query.get("_cursor")
+    if cursor is not None and (not cursor.isascii() or not cursor.isdigit() or len(cursor) > 18):
+        raise BadRequest("_cursor is the value a next link gives", location="_cursor")
+    count = int(raw_count)
+    # One more than a page: whether there is a next page, without counting the whole trail.
     rows = await audit.search(
-        count=int(raw_count), agent=request.query.get("agent"), action=action, since=since, until=until
+        count=count + 1,
+        agent=request.query.get("agent"),
+        action=action,
+        since=since,
+        until=until,
+        before_seq=int(cursor) if cursor is not None else None,
     )
+    more = len(rows) > count
+    rows = rows[:count]
     who, role = _who(request)
     await audit.write(
         event(
@@ -227,12 +241,17 @@ async def search_audit(request: web.Request) -> web.Response:
             entities=[query_entity(urlencode(list(request.query.items())))] if request.query else [],
         )
     )
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(rows),
-        "entry": [{"fullUrl": f"AuditEvent/{r['id']}", "resource": r} for _, r in rows],
-    }
+    base = f"{request.url.origin()}/fhir/AuditEvent"
+    links = [{"relation": "self", "url": str(request.url)}]
+    if more:
+        kept = [(k, v) for k, v in request.query.items() if k not in ("_count", "_cursor")]
+        query = urlencode([*kept, ("_count", count), ("_cursor", rows[-1][0])])
+        links.append({"relation": "next", "url": f"{base}?{query}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if cursor is None and not more:
+        bundle["total"] = len(rows)  # the whole result is this page; otherwise not counted
+    bundle["link"] = links
+    bundle["entry"] = [{"fullUrl": f"{base}/{r['id']}", "resource": r} for _, r in rows]
     return web.Response(body=orjson.dumps(bundle), content_type=FHIR_JSON)
 
 

@@ -15,11 +15,27 @@ Every call needs a caller (a bearer credential). What the caller may see follows
 =================  ==========================================================================
 caller             documents it never sees (TRE_A07 visibility codes)
 =================  ==========================================================================
-professional       MASQUE_PS; with scope ``audience:social`` MASQUE_PSOCIAL instead, with
-                   ``audience:third-party`` MASQUE_PT instead
+professional       MASQUE_PS; with scope ``audience:social`` also MASQUE_PSOCIAL, with
+                   ``audience:third-party`` also MASQUE_PT (scopes add masks, never remove
+                   one: the most restrictive rule wins), except the documents it authored
 patient            INVISIBLE_PATIENT, and only their own (``patients`` identifiers); with scope
                    ``audience:legal-representative`` also INVISIBLE_REPRESENTANTS_LEGAUX
 operator, admin    none
+=================  ==========================================================================
+
+Nor does a caller see a List entry that points at a document it may not see, nor the List itself
+when every document it names is hidden from it (a SubmissionSet would tell that they exist).
+
+Who changes a published document (metadata update, Bundle PATCH/DELETE entries, replacement):
+
+=================  ==========================================================================
+caller             may change
+=================  ==========================================================================
+its author         status, every securityLabel (visibility, confidentiality), isArchived
+patient            the masks from professionals (MASQUE_PS, MASQUE_PSOCIAL, MASQUE_PT) of the
+                   documents of their own record they see; nothing else
+other professional nothing of these (403)
+admin, the feed    everything a metadata update may change
 =================  ==========================================================================
 """
 
@@ -40,18 +56,18 @@ from gateway.http import fhir as fhir_routes
 from gateway.http.auth import Caller, Role, caller_of, require
 from gateway.http.fhir import (
     FHIR_REPOSITORY,
+    VERSIONS,
     Handler,
-    InvalidResource,
     _body,
     _validate_entries,
     _version_headers,
     add_capability,
     fhir_response,
     searchset,
-    validate_resource,
 )
 from gateway.http.fhir_routing import routed
 from gateway.http.scope import DOCUMENT_RULES, compartment_of, is_mhd_list, visible_included
+from gateway.mapping.validation import InvalidResource, validate_resource
 from gateway.store.backends import document_store
 from gateway.store.doc_search import SEARCH_PARAM_TYPES
 from gateway.store.documents import (
@@ -65,8 +81,9 @@ from gateway.store.documents import (
     BaseDocumentStore,
     Mode,
     ValueSets,
+    is_unrestricted,
 )
-from gateway.store.fhir import DEFAULT_COUNT, FhirRepository
+from gateway.store.fhir import DEFAULT_COUNT, ID_RE, MAX_COUNT, FhirRepository, SearchResult, parse_search
 
 DOCUMENT_STORE: web.AppKey[BaseDocumentStore] = web.AppKey("document_store", BaseDocumentStore)
 JSON_PATCH = "application/json-patch+json"
@@ -77,6 +94,8 @@ _GENERIC_LIST_PARAMS = frozenset(
 )
 _READ_ROLES = (Role.PROFESSIONAL, Role.PATIENT, Role.OPERATOR)
 _WRITE_ROLES = (Role.PROFESSIONAL,)
+# A patient may mask and unmask their own documents from professionals (the store says which labels).
+_METADATA_ROLES = (Role.PROFESSIONAL, Role.PATIENT)
 # A patient may add documents to their own record (the store checks whose record it is).
 _PUBLISH_ROLES = (Role.PROFESSIONAL, Role.PATIENT)
 
@@ -90,12 +109,16 @@ def actor_for(caller: Caller) -> Actor:
         if "audience:legal-representative" in caller.scopes:
             hidden |= INVISIBLE_REPRESENTANTS_LEGAUX
         return Actor(hidden=hidden, patients=tuple(caller.patients), subject=caller.subject)
+    # A professional always hides what is masked from professionals; each audience it holds adds
+    # that audience's mask. A scope never lifts a mask: the most restrictive rule wins.
     hidden = MASQUE_PS
-    if "audience:social" in caller.scopes:
-        hidden = MASQUE_PSOCIAL
-    elif "audience:third-party" in caller.scopes:
-        hidden = MASQUE_PT
+    for scope, bit in _AUDIENCE_MASKS.items():
+        if scope in caller.scopes:
+            hidden |= bit
     return Actor(hidden=hidden, practitioner=caller.practitioner, subject=caller.subject)
+
+
+_AUDIENCE_MASKS = {"audience:social": MASQUE_PSOCIAL, "audience:third-party": MASQUE_PT}
 
 
 def add_document_routes(
@@ -111,7 +134,9 @@ def add_document_routes(
     )
     if store is None:
         return
+    store.validator = validate_resource  # what a metadata update makes is checked as any write
     app[DOCUMENT_STORE] = store
+    app[VERSIONS] = store  # the repository's versions, read through the store's connections
     app[DOCUMENT_RULES] = StoreRules(store)
     router = app.router
     # "{type:X}" keeps match_info["type"], so that a route can hand over to the generic handler.
@@ -120,10 +145,10 @@ def add_document_routes(
     router.add_get(docs, find_documents)
     router.add_post(docs, _reports_issues(simplified_publish))
     router.add_put(docs, not_allowed)
-    router.add_patch(docs, update_metadata)
+    router.add_patch(docs, _reports_issues(update_metadata))
     router.add_get(docs + "/{id}", read_document)
     router.add_put(docs + "/{id}", not_allowed)
-    router.add_patch(docs + "/{id}", update_metadata)
+    router.add_patch(docs + "/{id}", _reports_issues(update_metadata))
     router.add_delete(docs + "/{id}", delete_document)
     router.add_get(lists, find_lists)
     router.add_get(lists + "/{id}", read_list)
@@ -143,7 +168,11 @@ _PARAM_DOCS = {
     "period": "overlaps the service period; prefixes eq ge gt le lt",
     "isArchived": "true or false (PDSm archive flag)",
 }
-_FIXED = {"versioning": "versioned", "readHistory": False, "conditionalDelete": "not-supported"}
+_FIXED = {"versioning": "versioned", "readHistory": True, "conditionalDelete": "not-supported"}
+_VERSION_READS = [
+    {"code": "vread", "documentation": "to who may read the document (or List, Binary) now"},
+    {"code": "history-instance", "documentation": "to who may read the document (or List, Binary) now"},
+]
 
 
 def _params(table: Mapping[str, str], docs: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -175,6 +204,7 @@ def _capabilities() -> list[dict[str, Any]]:
                     "identifier=…): status, securityLabel and the isArchived extension only, else 405",
                 },
                 {"code": "delete", "documentation": "logical (status entered-in-error), by the author only"},
+                *_VERSION_READS,
             ],
             **_FIXED,
             "updateCreate": False,
@@ -185,8 +215,12 @@ def _capabilities() -> list[dict[str, Any]]:
         {
             "type": "List",
             "documentation": "ITI-66 Find Lists (SubmissionSets, Folders) with patient or patient.identifier;"
-            " without them, the generic search on _id, identifier, subject, encounter, _lastUpdated",
-            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")],
+            " without them, the generic search on _id, identifier, subject, encounter, _lastUpdated."
+            " A caller that masking or patient scope limits sees no entry naming a document hidden"
+            " from it, nor a List naming only such documents (left out of totals too); its generic"
+            f" search filters at most {MAX_FILTERED_LISTS} matches (400 beyond: narrow it)",
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")]
+            + _VERSION_READS,
             **_FIXED,
             "updateCreate": True,
             "conditionalCreate": True,
@@ -198,7 +232,8 @@ def _capabilities() -> list[dict[str, Any]]:
             "documentation": "ITI-68 Retrieve Document: GET Binary/{id} answers the bytes in their own"
             " content type (a Binary resource when FHIR JSON is asked); no search for callers that"
             " masking or patient scope limits",
-            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")],
+            "interaction": [{"code": c} for c in ("read", "search-type", "create", "update", "delete")]
+            + _VERSION_READS,
             **_FIXED,
             "updateCreate": True,
             "conditionalCreate": True,
@@ -230,6 +265,15 @@ class StoreRules:
             # A Binary outside the store: as ITI-68 answers, only for unrestricted callers.
             return actor.patients is None and not actor.hidden
         return True
+
+    async def view(self, request: web.Request, resource: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        if not await self.visible(request, resource):
+            return None
+        if resource.get("resourceType") == "List":
+            caller = caller_of(request)
+            actor = actor_for(caller) if caller is not None else Actor()
+            return (await self.store.visible_lists([dict(resource)], actor))[0]
+        return resource
 
     async def managed(self, type_: str, id_: str) -> bool:
         if type_ == "Binary":
@@ -272,7 +316,8 @@ def _absolute(request: web.Request, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_document_bundle(data: Mapping[str, Any]) -> bool:
-    for entry in data.get("entry") or ():
+    entries = data.get("entry")
+    for entry in entries if isinstance(entries, list) else ():  # a bad one is the Bundle route's 400
         if not isinstance(entry, dict):
             continue
         resource = entry.get("resource")
@@ -322,7 +367,8 @@ def _no_document_reads(request: web.Request, data: Mapping[str, Any]) -> None:
     actor = actor_for(caller)
     if actor.patients is None and not actor.hidden:
         return
-    for i, entry in enumerate(data.get("entry") or ()):
+    entries = data.get("entry")
+    for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         req = entry.get("request") if isinstance(entry, dict) else None
         url = req.get("url") if isinstance(req, dict) else None
         if (
@@ -355,10 +401,7 @@ async def simplified_publish(request: web.Request) -> web.Response:
 async def _published(request: web.Request, resource: dict[str, Any], actor: Actor) -> web.Response:
     stored, warnings = await _store(request).publish_document(resource, actor)
     version = stored["meta"]["versionId"]
-    headers = {
-        "Location": f"{_base(request)}/DocumentReference/{stored['id']}/_history/{version}",
-        "ETag": f'W/"{version}"',
-    }
+    headers = {"Location": fhir_routes.location(request, stored), "ETag": f'W/"{version}"'}
     if "return=OperationOutcome" in request.headers.get("Prefer", ""):
         issues = warnings or [
             {"severity": "information", "code": "informational", "diagnostics": "published"}
@@ -413,8 +456,9 @@ async def retrieve_document(request: web.Request) -> web.Response:
 
 
 async def update_metadata(request: web.Request) -> web.Response:
-    """Conditional PATCH (JSON Patch): status, securityLabel, isArchived only; else 405."""
-    actor = actor_for(require(request, *_WRITE_ROLES))
+    """Conditional PATCH (JSON Patch): status, securityLabel, isArchived only; else 405. Who may
+    change which of them: see the module's table (the store enforces it)."""
+    actor = actor_for(require(request, *_METADATA_ROLES))
     if request.content_type != JSON_PATCH:
         raise UnsupportedMediaType(f"send {JSON_PATCH}")
     id_ = request.match_info.get("id")
@@ -442,19 +486,20 @@ async def not_allowed(request: web.Request) -> web.Response:
 
 
 async def find_lists(request: web.Request) -> web.Response:
-    """ITI-66 (patient, code, status...); a plain List search goes to the generic handler."""
+    """ITI-66 (patient, code, status...); a plain List search goes to the generic handler, and for
+    callers the masking or patient rules limit, through the same filter as ITI-66."""
     params = list(request.query.items())
     if all(name in _GENERIC_LIST_PARAMS for name, _ in params) and not any(
         name in ("patient", "patient.identifier") for name, _ in params
     ):
         caller = caller_of(request)
-        allowed = await _store(request).allowed_patients(actor_for(caller)) if caller is not None else None
-        if allowed is None:
+        actor = actor_for(caller) if caller is not None else Actor()
+        if is_unrestricted(actor):
             return await fhir_routes.search(request)
         # A patient's generic List search: narrowed to the Lists about their own record.
-        result = await _repository(request).search(
-            "List", [*params, ("subject", ",".join(sorted(allowed)) or "Patient/-")], count=DEFAULT_COUNT
-        )
+        allowed = await _store(request).allowed_patients(actor)
+        narrowed = [("subject", ",".join(sorted(allowed)) or "Patient/-")] if allowed is not None else []
+        result = await _visible_list_search(request, params, narrowed, actor)
         compartment = await compartment_of(request, _repository(request), "List")
         result = await visible_included(request, result, compartment)
         return fhir_response(searchset(request, "List", params, result))
@@ -463,15 +508,61 @@ async def find_lists(request: web.Request) -> web.Response:
     return fhir_response(searchset(request, "List", params, result))
 
 
+# A limited caller's generic List search filters every match (a List naming only documents hidden
+# from the caller is not shown, nor counted): up to this many matches, else narrow the search.
+MAX_FILTERED_LISTS = 5_000
+
+
+async def _visible_list_search(
+    request: web.Request, params: list[tuple[str, str]], narrowed: list[tuple[str, str]], actor: Actor
+) -> SearchResult:
+    """The generic List search with the document store's List filter (``visible_list``): exact
+    totals and pages, since every match is filtered before paging."""
+    parsed = parse_search("List", params)  # a BadRequest before any I/O
+    count = parsed.count if parsed.count is not None else DEFAULT_COUNT
+    offset = parsed.offset or 0
+    criteria = [(k, v) for k, v in params if k not in ("_count", "_offset", "_include")] + narrowed
+    repo, store = _repository(request), _store(request)
+    shown: list[dict[str, Any]] = []
+    total = scanned = 0
+    while True:
+        page = await repo.search("List", [*criteria, ("_count", str(MAX_COUNT)), ("_offset", str(scanned))])
+        if page.total > MAX_FILTERED_LISTS:
+            raise BadRequest(
+                f"more than {MAX_FILTERED_LISTS} Lists match: narrow the search (_id, identifier,"
+                " subject, _lastUpdated), or find a patient's Lists with patient= (ITI-66)"
+            )
+        for view in await store.visible_lists(page.matches, actor):
+            if view is None:
+                continue
+            if offset <= total < offset + count:
+                shown.append(view)
+            total += 1
+        scanned += len(page.matches)
+        if not page.matches or scanned >= page.total:
+            break
+    included: list[dict[str, Any]] = []
+    includes = [(k, v) for k, v in params if k == "_include"]
+    if includes and shown:
+        ids = ",".join(str(v["id"]) for v in shown)
+        found = await repo.search("List", [("_id", ids), *includes, ("_count", str(len(shown)))])
+        included = found.included
+    return SearchResult(shown, total, included, count, offset)
+
+
 async def read_list(request: web.Request) -> web.Response:
-    """A List read: a caller limited to some patients reads the Lists about them only."""
+    """A List read: a caller limited to some patients reads the Lists about them only, and a
+    caller the masking rules limit does not see what names hidden documents (``visible_list``)."""
     caller = caller_of(request)
     actor = actor_for(caller) if caller is not None else None
-    if actor is None or actor.patients is None:
+    if actor is None or is_unrestricted(actor):
         return await fhir_routes.read(request)
     id_ = request.match_info["id"]
-    found = await _store(request).read_list(id_, actor)
+    found = await _store(request).read_list(id_, actor) if ID_RE.fullmatch(id_) else None
     if found is None:
+        repo = _repository(request)
+        if actor.patients is None and ID_RE.fullmatch(id_) and await repo.is_deleted("List", id_):
+            raise fhir_routes.Gone(f"List/{id_} was deleted")
         raise NotFound(f"List/{id_} is not known")
     return fhir_response(found, headers=_version_headers(found))
 

@@ -1,9 +1,12 @@
 """The FHIR R4 REST API under /fhir, on the built-in repository.
 
-Every resource is validated with the ``fhir.resources`` R4B models here, before it reaches the
-repository (which trusts its callers). Every answer is ``application/fhir+json``; every error an
-OperationOutcome (the shared middleware renders single-issue ones, this module the validation
-reports that list one issue per problem).
+Every resource is validated by gateway.mapping.validation (the R4B models, FHIR JSON primitive
+types, required bindings) before it reaches the repository (which trusts its callers). Every
+answer is ``application/fhir+json`` (another ``_format`` is 406); every error an OperationOutcome
+(the shared middleware renders single-issue ones, this module the validation reports that list
+one issue per problem). The versions the repository keeps are served: ``Type/id/_history/N``
+(vread, the ``Location`` of every write) and ``Type/id/_history``, within what the caller may
+read (gateway.http.scope).
 """
 
 from __future__ import annotations
@@ -13,13 +16,11 @@ import functools
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from aiohttp import web
-from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.resource import Resource
 
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import (
@@ -28,19 +29,21 @@ from gateway.core.errors import (
     HttpError,
     NotFound,
     PasserelleError,
-    Unprocessable,
     UnsupportedMediaType,
 )
 from gateway.http import scope
 from gateway.http.auth import Role, caller_of
 from gateway.http.fhir_routing import routed
-from gateway.mapping.structure import conforms
+from gateway.mapping.validation import InvalidResource as InvalidResource
+from gateway.mapping.validation import UnsupportedResourceType as UnsupportedResourceType
+from gateway.mapping.validation import closed_codes, conforms_fast, model_of
+from gateway.mapping.validation import validate_resource as validate_resource
+from gateway.store.documents import Version
 from gateway.store.fhir import (
     CHAINED_PARAMS,
     DEFAULT_COUNT,
     ID_RE,
     REFERENCE_PARAMS,
-    TYPE_RE,
     FhirRepository,
     SearchResult,
     error_entry,
@@ -59,15 +62,10 @@ def add_capability(app: web.Application, entry: dict[str, Any]) -> None:
 
 
 JSON_TYPES = (FHIR_JSON, "application/json")
-INTERACTIONS = ("read", "search-type", "create", "update", "delete")
+INTERACTIONS = ("read", "vread", "history-instance", "search-type", "create", "update", "delete")
+_VERSION_INTERACTIONS = ("vread", "history-instance")
 # Result parameters with no effect on a JSON-only server.
 _IGNORED_PARAMS = ("_format", "_pretty")
-
-
-class UnsupportedResourceType(NotFound):
-    """A resource type this server does not know: 404, issue code ``not-supported``."""
-
-    fhir_issue_code = "not-supported"
 
 
 class Gone(HttpError):
@@ -77,46 +75,11 @@ class Gone(HttpError):
     fhir_issue_code = "deleted"
 
 
-class InvalidResource(Unprocessable):
-    """A resource the R4B models reject; carries every issue found, each with its location."""
-
-    fhir_issue_code = "invalid"
-
-    def __init__(self, issues: list[tuple[str, str, str]]) -> None:
-        # (issue code, diagnostics, FHIRPath-ish location)
-        first = issues[0]
-        super().__init__(
-            f"{len(issues)} validation error(s); first: {first[2]}: {first[1]}", location=first[2]
-        )
-        self.issues = issues
-
-    def outcome(self) -> dict[str, Any]:
-        return {
-            "resourceType": "OperationOutcome",
-            "issue": [
-                {"severity": "error", "code": code, "diagnostics": text, "expression": [where]}
-                for code, text, where in self.issues
-            ],
-        }
-
-
 # -- resource types and validation ---------------------------------------------------------------
 
 
-@functools.cache
-def _model(type_: str) -> Any | None:
-    """The R4B model class of a concrete resource type, None when there is none."""
-    if not TYPE_RE.fullmatch(type_) or type_ in ("Resource", "DomainResource"):
-        return None
-    try:
-        cls = get_fhir_model_class(type_)
-    except ValueError:
-        return None
-    return cls if isinstance(cls, type) and issubclass(cls, Resource) else None
-
-
 def is_resource_type(type_: str) -> bool:
-    return _model(type_) is not None
+    return model_of(type_) is not None
 
 
 def _require_type(type_: str) -> None:
@@ -133,42 +96,10 @@ def resource_types() -> tuple[str, ...]:
     return tuple(n for n in names if is_resource_type(n))
 
 
-def _path(where: str, loc: tuple[Any, ...]) -> str:
-    out = where
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def _issue_code(kind: str) -> str:
-    if "missing" in kind:
-        return "required"
-    if kind == "extra_forbidden":
-        return "structure"
-    return "value"
-
-
-def closed_codes(info: Any) -> tuple[str, ...] | None:
-    """The codes of a required binding to a closed list, None when the element's list is open.
-
-    The models take ``enum_values`` from the element's short text: "a | b | c" (possibly followed
-    by " - why" or " (when)") is the closed list of a required binding; "+" or "etc." mark more
-    codes, and a list inside other words ("formats supported (xml | json | ttl | mime type)") is
-    only examples of an open code system (MIME types there).
-    """
-    extra = info.json_schema_extra
-    allowed = extra.get("enum_values") if isinstance(extra, dict) else None
-    if not isinstance(allowed, list) or not allowed or "+" in allowed or "etc." in allowed:
-        return None
-    joined = " | ".join(map(str, allowed))
-    title = (info.title or "").strip()
-    if title != joined and not title.startswith((joined + " -", joined + " (")):
-        return None
-    return tuple(map(str, allowed))
-
-
 def _code_issues(model: Any, where: str) -> Iterator[tuple[str, str, str]]:
-    """Codes outside a required binding: the models carry the list but leave the check to us."""
+    """Codes outside a closed short list, on a parsed model. ``validate_resource`` checks codes on
+    the JSON itself (gateway.mapping.validation); this is kept for the reference implementation of
+    tests/mapping/test_structure.py."""
     for name, info in type(model).model_fields.items():
         value = getattr(model, name, None)
         if value is None:
@@ -183,34 +114,6 @@ def _code_issues(model: Any, where: str) -> Iterator[tuple[str, str, str]]:
                     yield ("code-invalid", f"{item!r} is not one of {' | '.join(allowed)}", here)
             elif hasattr(type(item), "model_fields"):
                 yield from _code_issues(item, here)
-
-
-def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> None:
-    """Raise InvalidResource (422) listing every problem, or UnsupportedResourceType (404)."""
-    rtype = resource.get("resourceType")
-    if not isinstance(rtype, str):
-        raise BadRequest("resourceType is missing", location=f"{where}.resourceType" if where else None)
-    model = _model(rtype)
-    if model is None:
-        raise UnsupportedResourceType(f"resource type {rtype!r} is not supported", location=where)
-    if conforms(resource, bindings=True):
-        return  # the compiled check only says yes where the models (and bindings) do
-    where = where or rtype
-    try:
-        parsed = model.model_validate(dict(resource))
-    except (AttributeError, KeyError, TypeError) as exc:
-        # fhir.resources crashes on some malformed shapes (e.g. "_use": 3): still a 422, not a 500.
-        raise InvalidResource([("structure", "malformed element structure", where)]) from exc
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        errors = getattr(exc, "errors", None)
-        if not callable(errors):
-            raise InvalidResource([("invalid", str(exc), where)]) from exc
-        raise InvalidResource(
-            [(_issue_code(e["type"]), e["msg"], _path(where, tuple(e["loc"]))) for e in errors()]
-        ) from exc
-    issues = list(_code_issues(parsed, where))
-    if issues:
-        raise InvalidResource(issues)
 
 
 # -- request and response helpers -----------------------------------------------------------------
@@ -245,9 +148,9 @@ async def _resource_body(request: web.Request, type_: str) -> dict[str, Any]:
     data = await _body(request)
     if data.get("resourceType") != type_:
         raise BadRequest(f"resourceType must be {type_}", location="resourceType")
-    # The compiled check takes microseconds: on the loop. Only the models' slow verdict (and its
+    # The quick check takes microseconds: on the loop. Only the models' slow verdict (and its
     # messages) is CPU work worth a thread, kept off the loop that also answers MLLP senders.
-    if not conforms(data, bindings=True):
+    if not conforms_fast(data):
         await asyncio.to_thread(validate_resource, data)
     return data
 
@@ -261,12 +164,31 @@ def _version_headers(resource: Mapping[str, Any]) -> dict[str, str]:
     return headers
 
 
+def location(request: web.Request, resource: Mapping[str, Any]) -> str:
+    """Where a written resource is read again: its version (vread) when versions are served."""
+    base = f"{_base(request)}/{resource['resourceType']}/{resource['id']}"
+    if VERSIONS not in request.app:
+        return base
+    return f"{base}/_history/{(resource.get('meta') or {}).get('versionId', '')}"
+
+
+def answer_locations(request: web.Request, answer: dict[str, Any]) -> dict[str, Any]:
+    """A transaction answer's ``Type/id/_history/N`` locations, as ``Type/id`` when versions are
+    not served (every link the server gives must answer)."""
+    if VERSIONS in request.app:
+        return answer
+    for entry in answer.get("entry") or ():
+        response = entry.get("response") if isinstance(entry, dict) else None
+        if isinstance(response, dict) and isinstance(loc := response.get("location"), str):
+            response["location"] = loc.split("/_history/", 1)[0]
+    return answer
+
+
 def _written(
     request: web.Request, resource: dict[str, Any], created: bool, *, status: int | None = None
 ) -> web.Response:
     headers = _version_headers(resource)
-    type_, id_ = resource["resourceType"], resource["id"]
-    headers["Location"] = f"{_base(request)}/{type_}/{id_}/_history/{resource['meta']['versionId']}"
+    headers["Location"] = location(request, resource)
     return fhir_response(resource, status or (201 if created else 200), headers)
 
 
@@ -300,15 +222,19 @@ def add_fhir_routes(app: web.Application, repository: FhirRepository) -> None:
     router.add_get("/fhir/{type}/{id}", read)
     router.add_put("/fhir/{type}/{id}", _reports_issues(update))
     router.add_delete("/fhir/{type}/{id}", delete)
+    router.add_get("/fhir/{type}/{id}/_history", history)
+    router.add_get("/fhir/{type}/{id}/_history/{vid}", vread)
 
 
 async def metadata(request: web.Request) -> web.Response:
     statement = dict(await capability_statement())
     statement["implementation"] = {"description": "Passerelle FHIR repository", "url": _base(request)}
     served = request.app.get(CAPABILITIES) or {}
-    if served:
+    if served or VERSIONS not in request.app:
         rest = dict(statement["rest"][0])
         rest["resource"] = [served.get(r["type"], r) for r in rest["resource"]]
+        if VERSIONS not in request.app:  # no version reader: vread and history are not served
+            rest["resource"] = [_without_versions(r) for r in rest["resource"]]
         if "DocumentReference" in served:
             rest["interaction"] = [
                 {
@@ -326,6 +252,109 @@ async def read(request: web.Request) -> web.Response:
     _require_type(type_)
     resource = await scoped_read(request, type_, id_)
     return fhir_response(resource, headers=_version_headers(resource))
+
+
+# -- versions (vread, history) ---------------------------------------------------------------------
+
+
+class VersionReader(Protocol):
+    """Reads the versions the repository keeps (the document store does, on both built-in backends)."""
+
+    async def versions(self, type_: str, id_: str) -> list[Version]: ...
+
+
+VERSIONS: web.AppKey[VersionReader] = web.AppKey("versions", VersionReader)
+_MAX_HISTORY = 500
+
+
+async def _versions_seen(request: web.Request, type_: str, id_: str) -> list[Version]:
+    """The versions of ``type_/id_`` the caller may see, newest first; 404 when there is none.
+
+    A caller that patient scope or document masking limits sees the versions of what it may read
+    now (the current version decides, as a read would), and of those only the ones inside its
+    compartment; a List's entries naming hidden documents are left out of every version.
+    """
+    _require_type(type_)
+    reader = request.app.get(VERSIONS)
+    if reader is None or not ID_RE.fullmatch(id_):
+        raise NotFound(f"{type_}/{id_} has no version history here")
+    repo = _repository(request)
+    compartment = await scope.compartment_of(request, repo, type_)
+    limited = compartment is not None or (
+        type_ in scope.DOCUMENT_TYPES and scope.is_limited(caller_of(request))
+    )
+    if limited:
+        current = await repo.read(type_, id_)
+        if current is None or not await scope.may_see(request, current, compartment):
+            raise NotFound(f"{type_}/{id_} is not known")
+    seen: list[Version] = []
+    for version in await reader.versions(type_, id_):
+        body = version.body
+        if limited and body is not None:
+            if compartment is not None and not compartment.holds(body):
+                continue
+            shown = await scope.shown(request, body)
+            if shown is None:
+                continue
+            body = dict(shown)
+        elif limited:
+            continue  # a deletion says nothing a limited caller may be told
+        seen.append(Version(version.version, version.last_updated, body))
+    if not seen:
+        raise NotFound(f"{type_}/{id_} is not known")
+    return seen
+
+
+async def vread(request: web.Request) -> web.Response:
+    """``GET /fhir/{type}/{id}/_history/{vid}``: that version (410 when it is a deletion)."""
+    type_, id_, vid = request.match_info["type"], request.match_info["id"], request.match_info["vid"]
+    versions = await _versions_seen(request, type_, id_)
+    found = next((v for v in versions if str(v.version) == vid), None)
+    if found is None:
+        raise NotFound(f"{type_}/{id_} has no version {vid}")
+    if found.body is None:
+        raise Gone(f"version {vid} of {type_}/{id_} is its deletion")
+    return fhir_response(found.body, headers=_version_headers(found.body))
+
+
+async def history(request: web.Request) -> web.Response:
+    """``GET /fhir/{type}/{id}/_history``: a history Bundle, newest version first."""
+    type_, id_ = request.match_info["type"], request.match_info["id"]
+    unknown = sorted(set(request.query) - {"_count", "_offset", *_IGNORED_PARAMS})
+    if unknown:
+        raise BadRequest(f"unsupported history parameter {unknown[0]!r}", location=unknown[0])
+    count = _bounded(request, "_count", DEFAULT_COUNT, _MAX_HISTORY)
+    offset = _bounded(request, "_offset", 0, 10**9)
+    versions = await _versions_seen(request, type_, id_)
+    base = _base(request)
+    entries = []
+    for v in versions[offset : offset + count]:
+        entry: dict[str, Any] = {"fullUrl": f"{base}/{type_}/{id_}"}
+        if v.body is not None:
+            entry["resource"] = v.body
+        method, url = ("POST", type_) if v.version == 1 else ("PUT", f"{type_}/{id_}")
+        if v.body is None:
+            method, url = "DELETE", f"{type_}/{id_}"
+        entry["request"] = {"method": method, "url": url}
+        status = {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[method]
+        entry["response"] = {"status": status, "etag": f'W/"{v.version}"', "lastModified": v.last_updated}
+        entries.append(entry)
+    links = [{"relation": "self", "url": str(request.url)}]
+    if offset + count < len(versions):
+        query = urlencode([("_count", count), ("_offset", offset + count)])
+        links.append({"relation": "next", "url": f"{base}/{type_}/{id_}/_history?{query}"})
+    bundle = {"resourceType": "Bundle", "type": "history", "total": len(versions), "link": links}
+    bundle["entry"] = entries
+    return fhir_response(bundle)
+
+
+def _bounded(request: web.Request, name: str, default: int, high: int) -> int:
+    raw = request.query.get(name, "")
+    if raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 10:
+        raise BadRequest(f"{name} must be a non-negative integer", location=name)
+    return min(int(raw), high)
 
 
 async def scoped_read(request: web.Request, type_: str, id_: str) -> dict[str, Any]:
@@ -478,10 +507,13 @@ async def bundle(request: web.Request) -> web.Response:
 
     async def write() -> web.Response:
         if kind == "transaction":
-            return fhir_response(await _visible_answer(request, await repo.transaction(data)))
+            answer = await _visible_answer(request, await repo.transaction(data))
+            return fhir_response(answer_locations(request, answer))
         # A batch: invalid entries get their own error responses; the others still run.
         kept = [e for i, e in enumerate(entries) if i not in failed]
-        answer = await _visible_answer(request, await repo.transaction({**data, "entry": kept}))
+        answer = answer_locations(
+            request, await _visible_answer(request, await repo.transaction({**data, "entry": kept}))
+        )
         done = iter(answer.get("entry", []))
         answer["entry"] = [failed[i] if i in failed else next(done) for i in range(len(entries))]
         return fhir_response(answer)
@@ -603,7 +635,8 @@ def _fast_valid(entry: Any) -> bool:
     """An entry the compiled check accepts (or one without a resource: the repository's to judge)."""
     if not isinstance(entry, dict) or entry.get("resource") is None:
         return True
-    return conforms(entry["resource"], bindings=True)
+    resource = entry["resource"]
+    return isinstance(resource, dict) and conforms_fast(resource)
 
 
 def _validate_entry(index: int, entry: Any) -> None:
@@ -618,6 +651,12 @@ def _validate_entry(index: int, entry: Any) -> None:
 
 # -- CapabilityStatement ----------------------------------------------------------------------------
 
+
+def _without_versions(entry: dict[str, Any]) -> dict[str, Any]:
+    interactions = [i for i in entry.get("interaction", ()) if i.get("code") not in _VERSION_INTERACTIONS]
+    return {**entry, "interaction": interactions, "readHistory": False}
+
+
 _SEARCH_PARAMS: dict[str, tuple[str, str]] = {
     "_id": ("token", "Logical id of the resource"),
     "_lastUpdated": ("date", "meta.lastUpdated; prefixes eq ge gt le lt"),
@@ -629,7 +668,7 @@ _SEARCH_PARAMS: dict[str, tuple[str, str]] = {
 
 
 def _resource_capability(type_: str) -> dict[str, Any]:
-    model = _model(type_)
+    model = model_of(type_)
     assert model is not None
     fields = {info.alias or name for name, info in model.model_fields.items()}
     params = ["_id", "_lastUpdated"] + [p for p in ("identifier", *REFERENCE_PARAMS) if p in fields]
@@ -646,7 +685,7 @@ def _resource_capability(type_: str) -> dict[str, Any]:
         "type": type_,
         "interaction": [{"code": code} for code in INTERACTIONS],
         "versioning": "versioned",
-        "readHistory": False,
+        "readHistory": True,
         "updateCreate": True,
         "conditionalCreate": True,
         "conditionalUpdate": True,

@@ -124,6 +124,11 @@ class DocumentRules(Protocol):
         """Whether this List or Binary belongs to a published document (changed only through MHD)."""
         ...
 
+    async def view(self, request: web.Request, resource: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The resource as this request's caller may be shown it (a List without the entries that
+        name documents hidden from it), None when it may not be shown at all."""
+        ...
+
 
 DOCUMENT_RULES: web.AppKey[DocumentRules] = web.AppKey("document_rules", DocumentRules)
 
@@ -240,14 +245,27 @@ async def may_see(request: web.Request, resource: Mapping[str, Any], compartment
     return True
 
 
+async def shown(
+    request: web.Request, resource: Mapping[str, Any], compartment: Compartment | None = None
+) -> Mapping[str, Any] | None:
+    """A resource met on the way as the caller may be shown it (``DocumentRules.view`` for the
+    document types), None when it may not be shown."""
+    if compartment is not None and not compartment.holds(resource):
+        return None
+    if resource.get("resourceType") in DOCUMENT_TYPES and is_limited(caller_of(request)):
+        rules = request.app.get(DOCUMENT_RULES)
+        return await rules.view(request, resource) if rules is not None else None
+    return resource
+
+
 async def visible_included(
     request: web.Request, result: SearchResult, compartment: Compartment | None
 ) -> SearchResult:
     """``_include``d resources the caller may not see are left out (matches were filtered in the query)."""
     if not result.included or (compartment is None and not is_limited(caller_of(request))):
         return result
-    kept = [r for r in result.included if await may_see(request, r, compartment)]
-    return replace(result, included=kept) if len(kept) != len(result.included) else result
+    kept = [dict(v) for r in result.included if (v := await shown(request, r, compartment)) is not None]
+    return replace(result, included=kept) if kept != result.included else result
 
 
 # -- writes -------------------------------------------------------------------------------------

@@ -356,6 +356,22 @@ def _any_resource(bindings: bool) -> Check:
     return check
 
 
+@functools.cache
+def choice_siblings(rtype: str) -> Mapping[str, frozenset[str]]:
+    """For each top-level element of a choice (``deceasedBoolean``), the other names of its choice
+    (``deceasedDateTime``): a resource holds one of them."""
+    cls = _resource_class(rtype)
+    if cls is None:
+        return {}
+    aliases = {name: info.alias or name for name, info in cls.model_fields.items()}
+    out: dict[str, frozenset[str]] = {}
+    for names in cls.get_one_of_many_fields(typing.cast(Any, None)).values():
+        group = frozenset(aliases[n] for n in names)
+        for alias in group:
+            out[alias] = group - {alias}
+    return out
+
+
 def conforms(resource: Mapping[str, Any], *, bindings: bool = False) -> bool:
     """True only when fhir.resources R4B accepts ``resource`` (a JSON object with a resourceType).
 

@@ -1,10 +1,7 @@
-"""Every produced Bundle is validated against the fhir.resources R4B models before it leaves.
-
-Each resource first goes through the compiled structure check (gateway.mapping.structure),
-which only ever says yes where fhir.resources does. Anything it does not accept is validated
-by fhir.resources itself, which gives the verdict and the detailed messages: errors read
-exactly as they always have, and a valid resource costs tens of microseconds, not a pydantic
-model build.
+"""Every produced Bundle is validated before it leaves, by the one validation every resource
+written through /fhir passes (gateway.mapping.validation): the R4B models, FHIR JSON primitive
+types and required bindings. A valid resource costs tens of microseconds (the compiled structure
+check, then a walk of the JSON); anything else gets the models' own verdict and messages.
 """
 
 from __future__ import annotations
@@ -12,33 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pydantic
-from fhir.resources.R4B import get_fhir_model_class
-
-from gateway.mapping.structure import conforms
+from gateway.core.errors import PasserelleError
+from gateway.mapping.validation import InvalidResource, validate_resource
 
 
 def bundle_errors(bundle: Mapping[str, Any]) -> list[str]:
     """Each problem as 'Bundle.entry[i].resource.<path>: message'; empty when valid."""
     errors: list[str] = []
     for i, entry in enumerate(bundle.get("entry", [])):
-        resource = entry.get("resource", {})
-        if conforms(resource):
-            continue
-        kind = resource.get("resourceType", "")
+        where = f"Bundle.entry[{i}].resource"
         try:
-            model = get_fhir_model_class(kind)
-        except (KeyError, ValueError, ImportError):
-            errors.append(f"Bundle.entry[{i}].resource: unknown resource type {kind!r}")
-            continue
-        try:
-            model.model_validate(resource)
-        except pydantic.ValidationError as exc:
-            for err in exc.errors():
-                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-                errors.append(f"Bundle.entry[{i}].resource{where}: {err['msg']}")
-        except (AttributeError, KeyError, TypeError):
-            # fhir.resources crashes on some malformed shapes (a primitive extension that is not an
-            # object): still a verdict of "invalid", never an unhandled error.
-            errors.append(f"Bundle.entry[{i}].resource: malformed element structure")
+            validate_resource(entry.get("resource", {}), where)
+        except InvalidResource as exc:
+            errors.extend(f"{location}: {text}" for _, text, location in exc.issues)
+        except PasserelleError as exc:  # no resourceType, or one the models do not know
+            errors.append(f"{where}: {exc.message}")
     return errors

@@ -25,6 +25,7 @@ with its location.
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from fhir_core.utils import get_fhir_type_name, is_primitive_type
 
 from gateway.core.errors import BadRequest, NotFound, Unprocessable
 from gateway.mapping.structure import conforms
-from gateway.store.fhir import TYPE_RE
+
+# A resource type's name, as URLs and references carry it.
+TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 
 # -- the value sets --------------------------------------------------------------------------------
 

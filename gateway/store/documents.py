@@ -139,6 +139,15 @@ FEED = Actor(may_delete_any=True, subject="feed")
 
 
 @dataclass(frozen=True, slots=True)
+class Version:
+    """One version of a resource, as the repository keeps it (``body`` None: a deletion)."""
+
+    version: int
+    last_updated: str
+    body: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Retrieved:
     """ITI-68: a document's bytes and their content type."""
 
@@ -317,6 +326,10 @@ class DocOps(ABC):
     @abstractmethod
     async def indexed_document(self, id_: str) -> tuple[dict[str, Any], str | None, int | None] | None:
         """A live DocumentReference with its indexed patient and mask (None, None: not indexed)."""
+
+    @abstractmethod
+    async def versions(self, type_: str, id_: str) -> list[Version]:
+        """Every version the repository keeps of a resource (``resource_versions``), newest first."""
 
 
 INDEX_COLUMNS = (
@@ -543,11 +556,136 @@ async def _visible(ops: DocOps, actor: Actor, patient: str, mask: int, doc_id: s
     return allowed is None or patient in allowed
 
 
+def is_unrestricted(actor: Actor) -> bool:
+    """An actor no visibility rule limits (operators, administrators, the feed)."""
+    return actor.patients is None and not actor.hidden
+
+
+# "DocumentReference/id" at the end of a reference (relative, absolute, or versioned).
+_DOCUMENT_REFERENCE = re.compile(r"(?:^|/)DocumentReference/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
+
+
+def _listed_document(entry: Any) -> str | None:
+    item = entry.get("item") if isinstance(entry, dict) else None
+    ref = item.get("reference") if isinstance(item, dict) else None
+    match = _DOCUMENT_REFERENCE.search(ref) if isinstance(ref, str) else None
+    return match[1] if match else None
+
+
+async def _visible_documents(ops: DocOps, actor: Actor, ids: set[str]) -> set[str]:
+    """Which of these DocumentReference ids the actor may see; an id that names no live document
+    counts as seen (there is nothing to hide about it)."""
+    if is_unrestricted(actor) or not ids:
+        return set(ids)
+    marks = ",".join("?" * len(ids))
+    rows = await ops.rows(
+        "SELECT r.id, d.patient, d.mask FROM resources r LEFT JOIN doc_index d ON d.id=r.id"  # noqa: S608
+        f" WHERE r.type='DocumentReference' AND r.deleted=0 AND r.id IN ({marks})",
+        sorted(ids),
+    )
+    seen = set(ids) - {str(row[0]) for row in rows}
+    authored: set[str] = set()
+    if (mine := _authored(actor)) is not None:
+        sql, args = mine
+        authored = {str(r[0]) for r in await ops.rows(f"{sql} AND id IN ({marks})", [*args, *sorted(ids)])}
+    allowed = await _allowed_patients(ops, actor)
+    for id_, patient, mask in rows:
+        if patient is None:
+            continue  # not published through the store: shown to unrestricted callers only
+        if int(mask or 0) & actor.hidden and str(id_) not in authored:
+            continue
+        if allowed is None or patient in allowed:
+            seen.add(str(id_))
+    return seen
+
+
+async def visible_list(ops: DocOps, actor: Actor, item: dict[str, Any]) -> dict[str, Any] | None:
+    """A List as this actor may see it: without the entries of documents hidden from it, and
+    None when every document it names is hidden (the List would reveal them only)."""
+    entries = item.get("entry")
+    if is_unrestricted(actor) or not isinstance(entries, list):
+        return item
+    listed = {i: doc for i, e in enumerate(entries) if (doc := _listed_document(e)) is not None}
+    if not listed:
+        return item
+    seen = await _visible_documents(ops, actor, set(listed.values()))
+    hidden = {i for i, doc in listed.items() if doc not in seen}
+    if not hidden:
+        return item
+    if len(hidden) == len(listed):
+        return None
+    return {**item, "entry": [e for i, e in enumerate(entries) if i not in hidden]}
+
+
 async def _check_author(ops: DocOps, actor: Actor, doc_id: str) -> None:
     """Only the document's author may delete it (DMP rule); 403 for anyone else."""
     if actor.may_delete_any or await _is_author(ops, actor, doc_id):
         return
     raise Forbidden("only the document's author may delete it", location="DocumentReference.author")
+
+
+# -- who may change what of a published document -------------------------------------------------
+#
+# A published document's status, visibility (every securityLabel: the TRE_A07 codes and the
+# confidentiality) and archive flag are its author's (DMP: the author deletes, replaces, makes a
+# document visible to the patient after the announcement consultation...). Administrators and the
+# gateway's own feed (``may_delete_any``) may change them too. The patient may mask a document
+# of their own record from an audience of professionals, and unmask it: the codes below, and
+# nothing else. Anyone else changes none of them (403).
+
+PATIENT_LABELS = frozenset({"MASQUE_PS", "MASQUE_PSOCIAL", "MASQUE_PT"})
+
+
+def _label_set(doc: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    out: set[tuple[str, str, str]] = set()
+    for label in doc.get("securityLabel") or ():
+        codings = _codings(label)
+        if not codings:
+            out.add(("", "", orjson.dumps(label).decode()))  # not a coded label: compared whole
+        for coding in codings:
+            out.add(
+                (str(coding.get("system", "")), str(coding.get("code", "")), str(coding.get("display", "")))
+            )
+    return out
+
+
+def metadata_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[list[str], set[str]]:
+    """(the elements a metadata update changes: status, isArchived; the securityLabel codes it adds
+    or removes, as "system|code")."""
+    changed = [name for name in ("status",) if before.get(name) != after.get(name)]
+    if is_archived(before) != is_archived(after):
+        changed.append("isArchived")
+    labels = {f"{system}|{code}" for system, code, _ in _label_set(before) ^ _label_set(after)}
+    return changed, labels
+
+
+async def check_metadata_rights(
+    ops: DocOps, actor: Actor, doc_id: str, before: Mapping[str, Any], after: Mapping[str, Any]
+) -> None:
+    """403 unless this actor may make this change to this (visible) document: see above."""
+    changed, labels = metadata_changes(before, after)
+    if (not changed and not labels) or actor.may_delete_any:
+        return
+    if actor.patients is not None:  # the patient, on their own record (visibility checked before)
+        patient_may = {f"{VISIBILITY}|{code}" for code in PATIENT_LABELS}
+        if changed or not labels <= patient_may:
+            raise Forbidden(
+                "a patient may only mask or unmask a document from professionals"
+                f" ({', '.join(sorted(PATIENT_LABELS))}); its author changes the rest",
+                location=f"DocumentReference.{changed[0] if changed else 'securityLabel'}",
+            )
+        return
+    if await _is_author(ops, actor, doc_id):
+        return
+    if "status" in changed:
+        what, where = "status", "status"
+    elif labels:
+        what, where = "visibility (securityLabel)", "securityLabel"
+    else:
+        what, where = "archive flag", "extension"
+    raise Forbidden(
+        f"only the document's author may change its {what}", location=f"DocumentReference.{where}"
+    )
 
 
 # -- patches ----------------------------------------------------------------------------------------
@@ -1137,6 +1275,7 @@ class _Publication:
             _keep_managed(existing, doc)
             if existing.get("status") == "current" and doc["status"] == "entered-in-error":
                 await _check_author(self.ops, self.actor, existing["id"])
+                await check_metadata_rights(self.ops, self.actor, existing["id"], existing, doc)
                 self.deletes.add(i)
             elif not self.actor.may_delete_any and _content_differs(existing, doc):
                 raise MethodNotAllowed(
@@ -1244,7 +1383,11 @@ class _Publication:
         else:
             raise Unprocessable("relatesTo.target references the replaced DocumentReference", location=where)
         current = await self.tx.fetch("DocumentReference", doc_id)
-        if current is None or current[2] is None:
+        if (
+            current is None
+            or current[2] is None
+            or not await _visible(self.ops, self.actor, _patient_of(current[2]), mask_of(current[2]), doc_id)
+        ):
             raise Unprocessable(
                 f"the replaced document DocumentReference/{doc_id} is not known", location=where
             )
@@ -1290,7 +1433,9 @@ class _Publication:
                         "a document replaces only a document of the same patient",
                         location="resource.relatesTo",
                     )
-                await self._update(old[2], {**old[2], "status": "superseded"})
+                superseded = {**old[2], "status": "superseded"}
+                await check_metadata_rights(self.ops, self.actor, old_id, old[2], superseded)
+                await self._update(old[2], superseded)
             except PasserelleError as exc:
                 raise _at(exc, i) from None
         for i, special in self.specials.items():
@@ -1306,22 +1451,30 @@ class _Publication:
         else:
             doc_id = rest
         current = await self.tx.fetch("DocumentReference", doc_id)
+        absent = NotFound(f"DocumentReference/{doc_id} is not known", location="request.url")
         if current is None or current[2] is None:
-            raise NotFound(f"DocumentReference/{doc_id} is not known", location="request.url")
+            raise absent
         before = current[2]
+        if not await _visible(self.ops, self.actor, _patient_of(before), mask_of(before), doc_id):
+            raise absent
         if special.method == "DELETE":
             after = {**before, "status": "entered-in-error"}
+            await _check_author(self.ops, self.actor, doc_id)
         else:
             assert special.patch is not None
             after = special.patch(before)
             check_metadata_update(before, after)
-        if after.get("status") == "entered-in-error" and before.get("status") != "entered-in-error":
-            await _check_author(self.ops, self.actor, doc_id)
-        stored = await self._update(before, after)
+        await check_metadata_rights(self.ops, self.actor, doc_id, before, after)
+        stored = await self._update(before, after, validate=special.method == "PATCH")
         return _response(200, "DocumentReference", stored)
 
-    async def _update(self, before: Mapping[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    async def _update(
+        self, before: Mapping[str, Any], after: dict[str, Any], *, validate: bool = False
+    ) -> dict[str, Any]:
         body = {k: v for k, v in after.items() if k != "meta"}
+        if validate and self.store.validator is not None:
+            # What a patch made: validated as any written resource (bindings, primitive types).
+            self.store.validator(body)
         stored, _ = await common.put(self.tx, "DocumentReference", str(before["id"]), body)
         await index_document(self.ops, stored.body)
         return stored.body
@@ -1367,6 +1520,9 @@ class BaseDocumentStore(ABC):
         self.repository = repository
         self.mode = Mode(mode)
         self.valuesets = valuesets or ValueSets.load(DEFAULT_VALUESETS)
+        # The check every written resource passes (the HTTP layer's one validation function): the
+        # store runs it on what a metadata update makes, which no caller sees before it is written.
+        self.validator: Callable[[Mapping[str, Any]], None] | None = None
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -1462,8 +1618,8 @@ class BaseDocumentStore(ABC):
             lists = []
             for patient in sorted(patients):
                 for item in await ops.patient_lists(patient):
-                    if _list_matches(item, wanted):
-                        lists.append(item)
+                    if _list_matches(item, wanted) and (shown := await visible_list(ops, actor, item)):
+                        lists.append(shown)
             lists.sort(key=lambda r: (str(r.get("date", "")), r["id"]), reverse=True)
             return SearchResult(lists[offset : offset + count], len(lists), [], count, offset)
 
@@ -1487,9 +1643,40 @@ class BaseDocumentStore(ABC):
             allowed = await _allowed_patients(ops, actor)
             if allowed is not None and (found.get("subject") or {}).get("reference") not in allowed:
                 return None
-            return found
+            return await visible_list(ops, actor, found)
 
         result: dict[str, Any] | None = await self._reading(run)
+        return result
+
+    async def visible_lists(
+        self, lists: Sequence[dict[str, Any]], actor: Actor
+    ) -> list[dict[str, Any] | None]:
+        """Each List as this actor may see it (``visible_list``), None for those it may not see."""
+        if is_unrestricted(actor) or not lists:
+            return list(lists)
+
+        async def run(ops: DocOps) -> list[dict[str, Any] | None]:
+            return [await visible_list(ops, actor, item) for item in lists]
+
+        result: list[dict[str, Any] | None] = await self._reading(run)
+        return result
+
+    async def versions(self, type_: str, id_: str) -> list[Version]:
+        """Every version of any resource of the repository, newest first (vread, history): the
+        repository keeps them, and this store reaches its tables on both backends. A resource
+        loaded without history (``bulk_load``) has its current version only."""
+
+        async def run(ops: DocOps) -> list[Version]:
+            found = await ops.versions(type_, id_)
+            current = await ops.rows(
+                "SELECT version_id, last_updated, deleted FROM resources WHERE type=? AND id=?", (type_, id_)
+            )
+            if current and not int(current[0][2]) and all(v.version != int(current[0][0]) for v in found):
+                body = await ops.body(type_, id_)
+                found.insert(0, Version(int(current[0][0]), str(current[0][1]), body))
+            return found
+
+        result: list[Version] = await self._reading(run)
         return result
 
     async def read(self, id_: str, actor: Actor) -> dict[str, Any] | None:
@@ -1532,17 +1719,22 @@ class BaseDocumentStore(ABC):
         async def run(tx: common.Transaction, ops: DocOps) -> dict[str, Any]:
             pub = _Publication(self, tx, ops, actor)
             doc_id = await _target(ops, target)
+            # Found by identifier, a document the actor may not see is named by no answer.
+            absent = NotFound(
+                f"DocumentReference/{doc_id} is not known"
+                if not target.startswith("?")
+                else "no DocumentReference has this identifier"
+            )
             current = await tx.fetch("DocumentReference", doc_id)
             if current is None or current[2] is None:
-                raise NotFound(f"DocumentReference/{doc_id} is not known")
+                raise absent
             before = current[2]
             if not await _visible(ops, actor, _patient_of(before), mask_of(before), doc_id):
-                raise NotFound(f"DocumentReference/{doc_id} is not known")
+                raise absent
             after = apply_json_patch(before, operations)
             check_metadata_update(before, after)
-            if after.get("status") == "entered-in-error" and before.get("status") != "entered-in-error":
-                await _check_author(ops, actor, doc_id)
-            return await pub._update(before, after)
+            await check_metadata_rights(ops, actor, doc_id, before, after)
+            return await pub._update(before, after, validate=True)
 
         stored: dict[str, Any] = await self._writing(run)
         log.info("document_updated", actor=actor.subject, document=stored["id"])
@@ -1661,6 +1853,14 @@ class _SqliteOps(DocOps):
             (id_,),
         ).fetchone()
         return None if row is None else (orjson.loads(row[0]), row[1], row[2])
+
+    async def versions(self, type_: str, id_: str) -> list[Version]:
+        rows = self.conn.execute(
+            "SELECT version_id, last_updated, body FROM resource_versions WHERE type=? AND id=?"
+            " ORDER BY version_id DESC",
+            (type_, id_),
+        ).fetchall()
+        return [Version(int(v), str(t), orjson.loads(b) if b is not None else None) for v, t, b in rows]
 
 
 class SqliteDocumentStore(BaseDocumentStore):

@@ -31,6 +31,7 @@ import orjson
 
 from gateway.core.errors import BadRequest, PasserelleError, StoreError
 from gateway.core.logging import get_logger
+from gateway.mapping.validation import TYPE_RE as TYPE_RE
 from gateway.store import fhir_common as common
 
 # The backend-neutral parts, under the names the rest of the gateway imports them by.
@@ -42,7 +43,6 @@ from gateway.store.fhir_common import MAX_OFFSET as MAX_OFFSET
 from gateway.store.fhir_common import REFERENCE_PARAMS as REFERENCE_PARAMS
 from gateway.store.fhir_common import RESULT_PARAMS as RESULT_PARAMS
 from gateway.store.fhir_common import SEARCH_PARAMS as SEARCH_PARAMS
-from gateway.store.fhir_common import TYPE_RE as TYPE_RE
 from gateway.store.fhir_common import FhirRepository as FhirRepository
 from gateway.store.fhir_common import SearchQuery as SearchQuery
 from gateway.store.fhir_common import SearchResult as SearchResult

@@ -33,12 +33,12 @@ from gateway.core.errors import (
     PasserelleError,
 )
 from gateway.core.ids import new_id
+from gateway.mapping.validation import TYPE_RE
 from gateway.store.merge import MERGE, Policy, merge_resource, write_policy
 
 T = TypeVar("T")
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
 MAX_COUNT = 500
 DEFAULT_COUNT = 50
 MAX_OFFSET = 10**9

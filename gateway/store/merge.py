@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.errors import BadRequest
+from gateway.mapping.structure import choice_siblings
 
 WRITE_POLICY_URL = "urn:passerelle:write-policy"
 CLEAR_URL = "urn:passerelle:clear"
@@ -137,11 +138,15 @@ def merge_resource(
     for key, value in current.items():
         if key not in _STRUCTURAL and not (key in clear and key not in incoming):
             out[key] = value
+    choices = choice_siblings(str(out.get("resourceType", "")))
     for key, value in incoming.items():
         if key in _STRUCTURAL or (key in keep and key in current):
             continue
         merge = _MERGERS.get(key)
         out[key] = merge(current[key], value) if merge is not None and key in current else value
+        for other in choices.get(key, ()):  # deceasedDateTime replaces a stored deceasedBoolean
+            out.pop(other, None)
+            out.pop("_" + other, None)
     return copy.deepcopy(out)
 
 

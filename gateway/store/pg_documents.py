@@ -26,6 +26,7 @@ from gateway.store.documents import (
     DocOps,
     Mode,
     ValueSets,
+    Version,
     _Blob,
     index_document,
 )
@@ -160,6 +161,15 @@ class _PgOps(DocOps):
         body = _body(row[0])
         assert body is not None
         return body, row[1], row[2]
+
+    async def versions(self, type_: str, id_: str) -> list[Version]:
+        rows = await self.conn.fetch(
+            "SELECT version_id, last_updated, body::text FROM resource_versions WHERE type=$1 AND id=$2"
+            " ORDER BY version_id DESC",
+            type_,
+            id_,
+        )
+        return [Version(int(r[0]), str(r[1]), _body(r[2])) for r in rows]
 
 
 class PgDocumentStore(BaseDocumentStore):

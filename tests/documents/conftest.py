@@ -48,6 +48,9 @@ TOKENS = {
                "scopes": ["audience:social"]},
     "third": {"token": "third-token-0123456789", "subject": "third-1", "role": "professional",
               "scopes": ["audience:third-party"]},
+    # both audiences at once: every mask of either applies
+    "social_third": {"token": "social-third-token-0123456789", "subject": "social-third-1",
+                     "role": "professional", "scopes": ["audience:third-party", "audience:social"]},
     "patient": {"token": "patient-token-0123456789", "subject": "patient-1", "role": "patient",
                 "patients": [f"{INS}|{PATIENT_INS}"]},
     "rep": {"token": "rep-token-0123456789", "subject": "rep-1", "role": "patient",

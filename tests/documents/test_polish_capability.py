@@ -96,7 +96,7 @@ async def test_document_search_parameters_match_the_parser(client: Client, patie
 async def test_document_interactions_are_the_routes(client: Client) -> None:
     entry = resource(await statement(client), "DocumentReference")
     codes = {i["code"] for i in entry["interaction"]}
-    assert codes == {"read", "search-type", "create", "patch", "delete"}
+    assert codes == {"read", "vread", "history-instance", "search-type", "create", "patch", "delete"}
     assert "update" not in codes and entry["conditionalUpdate"] is False
     # create: ITI-105
     resp = await client.post(

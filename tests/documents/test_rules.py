@@ -165,13 +165,24 @@ async def test_mask_and_unmask_by_metadata_update(client: Client) -> None:
 
 
 # code → callers that must not see it, callers that still do
+# A professional with audience scopes is still a professional: MASQUE_PS hides documents from
+# them too, and each audience adds its own mask (the most restrictive rule wins).
 VISIBILITY_RULES = {
     # "pro" authored the document: a mask from professionals does not hide it from its author
-    "MASQUE_PS": ({"pro2"}, {"pro", "patient", "rep", "social", "third", "admin", "operator"}),
-    "INVISIBLE_PATIENT": ({"patient", "rep"}, {"pro", "social", "third", "admin", "operator"}),
-    "INVISIBLE_REPRESENTANTS_LEGAUX": ({"rep"}, {"patient", "pro", "social", "third", "admin", "operator"}),
-    "MASQUE_PSOCIAL": ({"social"}, {"pro", "patient", "rep", "third", "admin", "operator"}),
-    "MASQUE_PT": ({"third"}, {"pro", "patient", "rep", "social", "admin", "operator"}),
+    "MASQUE_PS": (
+        {"pro2", "social", "third", "social_third"},
+        {"pro", "patient", "rep", "admin", "operator"},
+    ),
+    "INVISIBLE_PATIENT": (
+        {"patient", "rep"},
+        {"pro", "social", "third", "social_third", "admin", "operator"},
+    ),
+    "INVISIBLE_REPRESENTANTS_LEGAUX": (
+        {"rep"},
+        {"patient", "pro", "social", "third", "social_third", "admin", "operator"},
+    ),
+    "MASQUE_PSOCIAL": ({"social", "social_third"}, {"pro", "patient", "rep", "third", "admin", "operator"}),
+    "MASQUE_PT": ({"third", "social_third"}, {"pro", "patient", "rep", "social", "admin", "operator"}),
 }
 
 

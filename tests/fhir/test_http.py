@@ -62,7 +62,15 @@ async def test_metadata_is_a_valid_capability_statement(client: Client) -> None:
         assert t in by_type, t
     assert len(by_type) > 100  # every resource type the R4B models know
     obs = by_type["Observation"]
-    assert {i["code"] for i in obs["interaction"]} == {"read", "search-type", "create", "update", "delete"}
+    assert {i["code"] for i in obs["interaction"]} == {
+        "read",
+        "vread",
+        "history-instance",
+        "search-type",
+        "create",
+        "update",
+        "delete",
+    }
     params = {p["name"]: p for p in obs["searchParam"]}
     assert set(params) == {"_id", "_lastUpdated", "identifier", "patient", "subject", "encounter"}
     assert "patient.identifier" in params["patient"]["documentation"]

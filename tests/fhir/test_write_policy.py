@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.core.errors import BadRequest
+from gateway.mapping.validate import bundle_errors
 from gateway.store.fhir_common import FhirRepository
 from gateway.store.merge import (
     CLEAR_URL,
@@ -299,7 +300,10 @@ def test_merge_properties(current: dict[str, Any], incoming: dict[str, Any], cle
         # an identifier of a system (and type) the message does not carry is never removed
         systems = {(i.get("system"), str(i.get("type"))) for i in incoming["identifier"]}
         for stored in current.get("identifier", []):
-            if stored.get("system") is not None and (stored["system"], str(stored.get("type"))) not in systems:
+            if (
+                stored.get("system") is not None
+                and (stored["system"], str(stored.get("type"))) not in systems
+            ):
                 assert stored in merged["identifier"]
         for new in incoming["identifier"]:
             assert new in merged["identifier"]
@@ -445,3 +449,11 @@ async def test_unknown_write_policy_is_refused_naming_request_extension(repo: Fh
     ignored["request"]["extension"] = [{"url": "urn:someone-else", "valueCode": "upsert"}]
     answer = await repo.transaction(transaction(ignored))
     assert answer["entry"][0]["response"]["status"] == "201 Created"
+
+
+def test_a_choice_sent_as_another_type_replaces_the_stored_one() -> None:
+    """Both alternatives of a choice in one resource is invalid FHIR: the message's wins."""
+    stored = {"resourceType": "Patient", "id": "p", "deceasedBoolean": False, "_deceasedBoolean": {"id": "x"}}
+    merged = merge_resource(stored, {"resourceType": "Patient", "deceasedDateTime": "2026-11-01"})
+    assert merged == {"resourceType": "Patient", "id": "p", "deceasedDateTime": "2026-11-01"}
+    assert bundle_errors({"entry": [{"resource": merged}]}) == []

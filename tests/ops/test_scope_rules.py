@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from gateway.core.errors import Forbidden
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
-from gateway.http.fhir import _model, closed_codes
 from gateway.http.scope import COMPARTMENT_TYPES, Compartment
+from gateway.mapping.validation import closed_codes
+from gateway.mapping.validation import model_of as _model
 from gateway.store.fhir import ID_RE, SqliteFhirRepository, _split, _unescape
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
