@@ -35,6 +35,9 @@ from fhir_core.types import FhirBase, FhirElementOrResourceBase
 from fhir_core.utils import get_fhir_type_name, is_list_type, is_primitive_type
 
 Check = Callable[[Any], bool]
+# What ``conforms`` checks codes against: nothing (False), every closed ``enum_values`` list (True),
+# or the codes a function gives for (model class, element alias, field info), None for none.
+Bindings = bool | Callable[[Any, str, Any], "tuple[str, ...] | None"]
 
 _PREFIX: Final = "R4B."
 
@@ -108,6 +111,10 @@ def _decimal(value: Any) -> bool:
     # fhir_core matches str(value) against its regex and builds a Decimal from it, nothing more.
     kind = type(value)
     return (kind is int or kind is float or kind is str) and _DECIMAL.fullmatch(str(value)) is not None
+
+
+def _json_decimal(value: Any) -> bool:
+    return type(value) is not str and _decimal(value)
 
 
 def _calendar_date(text: str) -> bool:
@@ -196,7 +203,7 @@ class _Model:
 
     __slots__ = ("_bindings", "_choices", "_cls", "_fields", "_needs_one", "_required", "_required_ext")
 
-    def __init__(self, cls: type[FHIRAbstractModel], bindings: bool) -> None:
+    def __init__(self, cls: type[FHIRAbstractModel], bindings: Bindings) -> None:
         self._cls = cls
         self._bindings = bindings
         self._fields: dict[str, Check] | None = None
@@ -245,7 +252,7 @@ class _Model:
             aliases[name] = alias
             if name == "fhir_comments":
                 continue  # left to fhir.resources
-            fields[alias] = _field_check(info, self._bindings)
+            fields[alias] = _field_check(info, self._bindings, cls, alias)
         if cls.has_resource_base():
             rtype = cls.get_resource_type()
             fields["resourceType"] = functools.partial(_equals, rtype)
@@ -276,14 +283,20 @@ def _equals(expected: str, value: Any) -> bool:
     return type(value) is str and value == expected
 
 
-def _field_check(info: Any, bindings: bool) -> Check:
+def _field_check(info: Any, bindings: Bindings, owner: Any = None, alias: str = "") -> Check:
     if is_primitive_type(info):
         try:
             kind = get_fhir_type_name(info, _PREFIX)
         except ValueError:
             return _never
         one = _PRIMITIVES.get(kind, _never)
-        if bindings and kind == "code":
+        if callable(bindings):  # the REST check: FHIR JSON's own types, so no decimal as a string
+            if kind == "decimal":
+                one = _json_decimal
+            codes = bindings(owner, alias, info)
+            if codes:
+                one = functools.partial(_one_of, one, frozenset(codes))
+        elif bindings and kind == "code":
             extra = info.json_schema_extra
             allowed = extra.get("enum_values") if isinstance(extra, dict) else None
             # "+" marks an open list: nothing to enforce (as the REST API does).
@@ -306,6 +319,10 @@ def _code_in(allowed: frozenset[str], value: Any) -> bool:
     return _code(value) and value in allowed
 
 
+def _one_of(check: Check, allowed: frozenset[str], value: Any) -> bool:
+    return check(value) and value in allowed
+
+
 def _fhir_base(annotation: Any) -> type[FhirBase] | None:
     if isinstance(annotation, type) and issubclass(annotation, FhirBase):
         return annotation
@@ -316,7 +333,7 @@ def _fhir_base(annotation: Any) -> type[FhirBase] | None:
     return None
 
 
-def _model(cls: type[FHIRAbstractModel], bindings: bool) -> _Model:
+def _model(cls: type[FHIRAbstractModel], bindings: Bindings) -> _Model:
     key = (cls, bindings)
     found = _MODELS.get(key)
     if found is None:
@@ -324,7 +341,7 @@ def _model(cls: type[FHIRAbstractModel], bindings: bool) -> _Model:
     return found
 
 
-_MODELS: dict[tuple[type[FHIRAbstractModel], bool], _Model] = {}
+_MODELS: dict[tuple[type[FHIRAbstractModel], Bindings], _Model] = {}
 
 
 @functools.cache
@@ -341,7 +358,7 @@ def _resource_class(rtype: str) -> type[FHIRAbstractModel] | None:
     return cls
 
 
-def _any_resource(bindings: bool) -> Check:
+def _any_resource(bindings: Bindings) -> Check:
     """A contained / entry resource: checked as the type its resourceType names."""
 
     def check(value: Any) -> bool:
@@ -372,10 +389,12 @@ def choice_siblings(rtype: str) -> Mapping[str, frozenset[str]]:
     return out
 
 
-def conforms(resource: Mapping[str, Any], *, bindings: bool = False) -> bool:
+def conforms(resource: Mapping[str, Any], *, bindings: Bindings = False) -> bool:
     """True only when fhir.resources R4B accepts ``resource`` (a JSON object with a resourceType).
 
-    With ``bindings``, every code under a closed ``enum_values`` list must also be one of them.
+    With ``bindings`` True, every code under a closed ``enum_values`` list must also be one of
+    them; with a function, every element it gives codes for (gateway.mapping.validation's
+    required bindings).
     False means invalid *or* not decided here: ask fhir.resources for the verdict and messages.
     """
     if type(resource) is not dict:

@@ -285,6 +285,11 @@ def binding_of(cls: Any, alias: str, info: Any) -> tuple[tuple[str, ...] | None,
     return closed_codes(info), False
 
 
+def required_codes(cls: Any, alias: str, info: Any) -> tuple[str, ...] | None:
+    """The codes a coded element must be one of (for the compiled check), None when unbound."""
+    return binding_of(cls, alias, info)[0]
+
+
 @functools.cache
 def _elements(cls: Any) -> dict[str, _Element]:
     out: dict[str, _Element] = {}
@@ -314,6 +319,11 @@ def _elements(cls: Any) -> dict[str, _Element]:
 def _issues(cls: Any, value: Any, where: str) -> Iterator[tuple[str, str, str]]:
     """What the models let through: primitive values of the wrong JSON type, codes outside a
     required binding. (A walk of the JSON: cheaper than the compiled structure check itself.)"""
+    yield from _walk(cls, value, (where,))
+
+
+def _walk(cls: Any, value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[str, str, str]]:
+    # ``at``: the path so far, spelt out only for an issue (most resources have none)
     if not isinstance(value, dict):
         return
     elements = _elements(cls)
@@ -322,25 +332,36 @@ def _issues(cls: Any, value: Any, where: str) -> Iterator[tuple[str, str, str]]:
         if element is None:
             continue  # unknown elements, "_x" primitive extensions: the models' to judge
         many = isinstance(item, list)
-        for i, one in enumerate(item if many else [item]):
-            here = f"{where}.{key}[{i}]" if many else f"{where}.{key}"
-            if element.primitive is not None:
+        items = item if many else (item,)
+        primitive = element.primitive
+        if primitive is not None:
+            expected = _JSON_TYPES.get(primitive, (str,))
+            codes = element.codes
+            for i, one in enumerate(items):
                 if one is None:
                     continue
-                expected = _JSON_TYPES.get(element.primitive, (str,))
                 if type(one) not in expected:
                     spelt = " or ".join(_JSON_NAMES[t] for t in expected)
                     got = _JSON_NAMES.get(type(one), type(one).__name__)
-                    yield ("value", f"a FHIR {element.primitive} is a JSON {spelt}, not {got}", here)
-                elif element.codes is not None and one not in element.codes:
+                    here = _spelt((*at, key, i) if many else (*at, key))
+                    yield ("value", f"a FHIR {primitive} is a JSON {spelt}, not {got}", here)
+                elif codes is not None and one not in codes:
+                    here = _spelt((*at, key, i) if many else (*at, key))
                     yield ("code-invalid", f"{one!r} is not one of {' | '.join(element.listed)}", here)
-            elif element.resource:
+        elif element.resource:
+            for i, one in enumerate(items):
                 rtype = one.get("resourceType") if isinstance(one, dict) else None
                 inner = model_of(rtype) if isinstance(rtype, str) else None
                 if inner is not None:
-                    yield from _issues(inner, one, here)
-            elif element.model is not None:
-                yield from _issues(element.model, one, here)
+                    yield from _walk(inner, one, (*at, key, i) if many else (*at, key))
+        elif element.model is not None:
+            model = element.model
+            for i, one in enumerate(items):
+                yield from _walk(model, one, (*at, key, i) if many else (*at, key))
+
+
+def _spelt(at: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (p if n == 0 else f".{p}") for n, p in enumerate(at))
 
 
 def _issue_code(kind: str) -> str:
@@ -363,10 +384,7 @@ def _path(where: str, loc: tuple[Any, ...]) -> str:
 
 def conforms_fast(resource: Mapping[str, Any]) -> bool:
     """The quick yes (on the event loop): True only when ``validate_resource`` would accept."""
-    if not conforms(resource, bindings=True):
-        return False
-    cls = model_of(str(resource["resourceType"]))
-    return cls is not None and next(_issues(cls, resource, ""), None) is None
+    return conforms(resource, bindings=required_codes)
 
 
 def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> None:
@@ -378,8 +396,13 @@ def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> 
     if model is None:
         raise UnsupportedResourceType(f"resource type {rtype!r} is not supported", location=where)
     where = where or rtype
+    if conforms(resource, bindings=required_codes):  # the compiled yes: structure, JSON types, bindings
+        return
     issues: list[tuple[str, str, str]] = []
-    if not conforms(resource, bindings=True):  # the models' verdict, with their messages
+    # The walk says what the models let through (JSON types, required bindings); the models judge
+    # the rest, and give their own messages whenever anything is wrong.
+    walked = list(_issues(model, resource, where))
+    if walked or not conforms(resource):
         try:
             model.model_validate(dict(resource))
         except (AttributeError, KeyError, TypeError) as exc:
@@ -391,6 +414,6 @@ def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> 
                 raise InvalidResource([("invalid", str(exc), where)]) from exc
             issues = [(_issue_code(e["type"]), e["msg"], _path(where, tuple(e["loc"]))) for e in errors()]
     located = {i[2] for i in issues}
-    issues += [i for i in _issues(model, resource, where) if i[2] not in located]
+    issues += [i for i in walked if i[2] not in located]
     if issues:
         raise InvalidResource(issues)

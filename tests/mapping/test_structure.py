@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from conformance.suite import DATA_DIR
 from gateway.hl7.er7 import Message
 from gateway.http.fhir import InvalidResource, _code_issues, validate_resource
-from gateway.mapping import structure
+from gateway.mapping import structure, validation
 from gateway.mapping.namespaces import Namespaces
 from gateway.mapping.structure import conforms
 from gateway.mapping.validate import bundle_errors
@@ -461,3 +461,15 @@ def test_what_is_left_to_fhir_resources_still_gets_its_verdict() -> None:
         "Bundle.entry[0].resource.active",
         "Bundle.entry[0].resource.multipleBirthInteger",
     ]
+
+
+@SETTINGS
+@given(mutated())
+def test_the_compiled_yes_of_the_rest_check_leaves_nothing_for_the_walk(resource: dict[str, Any]) -> None:
+    """validate_resource returns on the compiled check alone: it must never accept a wrong JSON type
+    or a code outside a required binding that the walk would report."""
+    if validation.conforms(resource, bindings=validation.required_codes):
+        model = validation.model_of(resource["resourceType"])
+        assert model is not None
+        assert list(validation._issues(model, resource, resource["resourceType"])) == []
+        assert model_accepts(resource)
