@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from connectors.mllp.framing import frame
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
-from tests.conftest import FakeDestination, mllp_port, wait_for
+from tests.conftest import AUTH, FakeDestination, mllp_port, wait_for
 from tests.messages import adt
 
 
@@ -184,6 +185,13 @@ async def test_a_refusal_is_listed_by_its_control_id_with_its_error(
     assert row["status"] == Status.ERROR.value
     assert row["error"] == "102"
     assert row["channel"] == "source:hospital"
+    # nothing to replay (no channel took it): the answer says so, and what the sender should do
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        url = f"http://127.0.0.1:{gw.http_port_bound}/api/messages/{row['id']}/replay"
+        async with http.post(url) as resp:
+            assert resp.status == 409
+            outcome = await resp.json()
+    assert "refused at intake" in outcome["issue"][0]["diagnostics"]
     # refusals are never deduplicated: the corrected resend, same MSH-10, is accepted and delivered
     assert ack_fields(await client.send(adt("NC0007"))).get("MSA-1") == "AA"
     far = FakeDestination.instances["far"]

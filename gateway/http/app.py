@@ -192,8 +192,14 @@ async def get_message(request: web.Request) -> web.Response:
 async def replay(request: web.Request) -> web.Response:
     mid = request.match_info["id"]
     store = request.app[RUNTIME].store
-    if await store.get_message(mid, with_payloads=False) is None:
+    found = await store.get_message(mid, with_payloads=False)
+    if found is None:
         raise NotFound(f"no message {mid}")
+    if str(found.get("channel") or "").startswith("source:"):
+        raise Conflict(
+            f"message {mid} was refused at intake (no channel took it; its bytes are kept as evidence): "
+            "the sender sends it again, corrected"
+        )
     if not await request.app[RUNTIME].replay(mid):
         raise Conflict(
             f"message {mid} cannot be replayed (payload pruned by retention, or not a channel message)"

@@ -160,7 +160,8 @@ function messageRows(tbody, messages, withActions) {
     if (withActions) {
       actions.appendChild(actionButton("Replay", "POST", "/api/dlq/" + encodeURIComponent(m.id) + "/replay"));
       actions.appendChild(actionButton("Discard", "POST", "/api/dlq/" + encodeURIComponent(m.id) + "/discard"));
-    } else {
+    } else if (!String(m.channel).startsWith("source:")) {
+      // a refusal at intake belongs to no channel: the sender sends it again, nothing to replay
       actions.appendChild(actionButton("Replay", "POST", "/api/messages/" + encodeURIComponent(m.id) + "/replay"));
     }
     const tr = row([when(m.received_at), m.channel, m.control_id, m.message_type, m.error || "", actions]);
