@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TextIO
 
 from conformance.fhir.registry import ProfileError, Registry
 from conformance.findings import Finding
+from conformance.report import CaseResult
 from conformance.runner import validate_file
 from conformance.suite import SuiteError, available, find
 
@@ -73,13 +75,17 @@ def run(
     fhir: str | None = None,
     api: str | None = None,
     settle: float | None = None,
+    timeout: float | None = None,
+    reveal: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    """Runs a suite. On a terminal, a progress bar (as `passerelle tail` draws); elsewhere (a CI
+    log), one plain line per case as it ends: ``[3/12] SUITE CASE PASSED 0.4 s``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from conformance.report import write_reports
-    from conformance.runner import run_suite
+    from conformance.runner import AWAITS_ANSWERS, run_suite
 
     try:
         suite = find(name)
@@ -91,17 +97,32 @@ def run(
         flag = "--listen mllp://HOST:PORT" if suite.kind == "mllp-sender" else "--target URL"
         print(f"passerelle conformance: suite {suite.name} ({suite.kind}) needs {flag}", file=err)
         return EXIT_USAGE
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        print(f"passerelle conformance: --timeout {timeout:g}: seconds, more than 0", file=err)
+        return EXIT_USAGE
+    if timeout is not None and suite.kind not in AWAITS_ANSWERS:
+        print(f"passerelle conformance: --timeout: a {suite.kind} suite awaits no answer; ignored", file=err)
+    if reveal:
+        print(
+            "passerelle conformance: --reveal: the reports show the messages unmasked; they may hold"
+            " patient data",
+            file=err,
+        )
+    interactive = out.isatty()
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         transient=True,
-        disable=not err.isatty(),
+        disable=not (interactive and err.isatty()),
     )
     task = bar.add_task(suite.name, total=len(suite.cases) or None)
 
     def progress(done: int, total: int, label: str) -> None:
         bar.update(task, completed=done, total=total, description=f"{suite.name}: {label}")
+
+    def case_done(number: int, total: int, case: CaseResult) -> None:
+        print(progress_line(suite.name, number, total, case), file=out, flush=True)
 
     try:
         with bar:
@@ -116,6 +137,9 @@ def run(
                     fhir=fhir,
                     api=api,
                     settle=settle,
+                    timeout=timeout,
+                    reveal=reveal,
+                    on_case=None if interactive else case_done,
                 )
             )
     except (SuiteError, ProfileError) as exc:
@@ -134,7 +158,17 @@ def run(
         f"{counts['errors']} errors, {counts['warnings']} warnings, {counts['skipped']} skipped",
         file=out,
     )
+    if result.timeout is not None:
+        print(f"time-out for each answer: {result.timeout_text}", file=out)
     if report_dir:
         for path in write_reports(result, Path(report_dir)):
             print(f"report: {path}", file=out)
     return EXIT_OK if result.passed else EXIT_FAIL
+
+
+def progress_line(suite: str, number: int, total: int, case: CaseResult) -> str:
+    """A case that ended, for a log: its number, suite, id, verdict and time; no patient data (the
+    case id is the suite's, or a file name or ``message-N``), no terminal codes."""
+    verdict = "PASSED" if case.passed else "FAILED"
+    text = f"[{number}/{total}] {suite} {case.id} {verdict} {case.seconds:.1f} s"
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -16,7 +16,7 @@ from urllib.parse import urlencode, urljoin
 import orjson
 
 from conformance.fhir.registry import Registry
-from conformance.report import CaseResult, SuiteResult
+from conformance.report import CaseResult, Step, SuiteResult, show_json, show_query
 from conformance.suite import Case, Suite, SuiteError
 
 PDSM = "https://interop.esante.gouv.fr/ig/fhir/pdsm/StructureDefinition/"
@@ -196,6 +196,7 @@ async def run_document_server(
     *,
     token: str | None,
     timeout: float,
+    reveal: bool = False,
 ) -> None:
     import aiohttp
 
@@ -216,7 +217,7 @@ async def run_document_server(
         for done, case in enumerate(suite.cases, 1):
             started = time.monotonic()
             outcome = CaseResult(case.id, case.title)
-            runner = _CaseRun(session, base, patient, registry, outcome)
+            runner = _CaseRun(session, base, patient, registry, outcome, reveal=reveal, timeout=timeout)
             try:
                 await runner.run(case)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -256,7 +257,15 @@ async def _create_patient(session: Any, base: str, patient: dict[str, str]) -> C
 
 class _CaseRun:
     def __init__(
-        self, session: Any, base: str, patient: dict[str, str], registry: Registry, case: CaseResult
+        self,
+        session: Any,
+        base: str,
+        patient: dict[str, str],
+        registry: Registry,
+        case: CaseResult,
+        *,
+        reveal: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self.session = session
         self.base = base
@@ -264,6 +273,9 @@ class _CaseRun:
         self.registry = registry
         self.case = case
         self.docs: dict[str, _Doc] = {}
+        self.reveal = reveal
+        self.timeout = timeout
+        self.sent: str | None = None  # the last request, as the reports show it
 
     def doc(self, name: str) -> _Doc:
         return self.docs.setdefault(name, _Doc(name))
@@ -278,10 +290,34 @@ class _CaseRun:
                     f"{case.id} step {number}: no action (publish, search, retrieve, read, update)"
                 )
             args = step[action] or {}
+            since, started = len(self.case.assertions), time.monotonic()
             status, body, raw = await getattr(self, action)(args, where)
             self._check(where, action, args, expect, status, body, raw)
+            answer = show_json(body, reveal=self.reveal) if body is not None else f"{len(raw)} bytes"
+            self.case.add_step(
+                Step(
+                    where,
+                    f"{action} {args.get('document', '')}".strip(),
+                    "fhir",
+                    sent=self.sent,
+                    received=f"HTTP {status}\n{answer}",
+                    timeout=self.timeout,
+                    seconds=time.monotonic() - started,
+                ),
+                since,
+            )
 
     async def _call(self, method: str, url: str, **kw: Any) -> tuple[int, Any, bytes]:
+        data = kw.get("data") or b""
+        try:
+            shown = show_json(orjson.loads(data), reveal=self.reveal) if data else ""
+        except orjson.JSONDecodeError:
+            shown = f"{len(data)} bytes"
+        # the query's values are hidden when masked: only the path and the parameter names show
+        path, _, query = url.partition("?")
+        params = [(name, value) for name, _, value in (p.partition("=") for p in query.split("&") if p)]
+        where = path + ("?" + show_query(params, reveal=self.reveal) if params else "")
+        self.sent = f"{method} {where}" + (f"\n{shown}" if shown else "")
         async with self.session.request(method, url, **kw) as resp:
             raw = await resp.read()
             try:

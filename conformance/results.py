@@ -23,12 +23,15 @@ looked up by their MSH-10 in the admin API: any left ERROR or DEAD fails the cas
 
 Findings name checks, identifiers the suite wrote and server ids, never what the server holds
 beyond that: a receiver that ignored the search would otherwise put other patients in a report.
+Each check is also a step of the case (report.Step): the search sent and the matches of its last
+try, masked (conformance/report.py) unless the run reveals them; each status look-up, likewise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -40,7 +43,7 @@ from conformance.errors import SuiteError
 from conformance.fhir.registry import reference_fhirpath
 from conformance.findings import Severity
 from conformance.per_run import PerRun
-from conformance.report import Assertion, CaseResult
+from conformance.report import Assertion, CaseResult, Step, show_json, show_query
 
 CHECK_KEYS: Final = (
     "search",
@@ -227,13 +230,14 @@ class ResultApis:
 class Verifier:
     """Runs a case's result checks once its messages are sent; one HTTP session for the run."""
 
-    def __init__(self, apis: ResultApis, run: PerRun, timeout: float = 30.0) -> None:
+    def __init__(self, apis: ResultApis, run: PerRun, timeout: float = 30.0, *, reveal: bool = False) -> None:
         for url in (apis.fhir, apis.api):
             if url is not None and not url.startswith(("http://", "https://")):
                 raise SuiteError(f"expected an http(s):// URL, got {url!r}")
         self.apis = apis
         self.run = run
-        self.timeout = timeout
+        self.timeout = timeout  # seconds for each HTTP request
+        self.reveal = reveal  # the steps keep what was searched and found unmasked
         self._session: Any = None
 
     async def __aenter__(self) -> Verifier:
@@ -260,7 +264,10 @@ class Verifier:
         deadline = loop.time() + self.apis.settle
         if accepted:
             if self.apis.api:
-                case.assertions += await self._statuses(accepted, deadline)
+                for assertion, step in await self._statuses(accepted, deadline):
+                    since = len(case.assertions)
+                    case.assertions.append(assertion)
+                    case.add_step(step, since)
             else:
                 case.skip(
                     "MSG-STATUS",
@@ -277,7 +284,10 @@ class Verifier:
                     "FHIR", self._location(check), f"{label}not checked: no FHIR API given (--fhir URL)"
                 )
             return
-        case.assertions += await self._fhir(checks, deadline)
+        for found, step in await self._fhir(checks, deadline):
+            since = len(case.assertions)
+            case.assertions += found
+            case.add_step(step, since)
 
     def _location(self, check: ResultCheck) -> str:
         try:
@@ -288,29 +298,47 @@ class Verifier:
 
     # -- FHIR -------------------------------------------------------------------------------------
 
-    async def _fhir(self, checks: Sequence[ResultCheck], deadline: float) -> list[Assertion]:
+    async def _fhir(
+        self, checks: Sequence[ResultCheck], deadline: float
+    ) -> list[tuple[list[Assertion], Step]]:
+        """Each check's assertions and step, of the last try."""
         loop = asyncio.get_running_loop()
         pause = 0.05
+        tries = 0
         while True:
-            found: list[Assertion] = []
+            tries += 1
+            found: list[tuple[list[Assertion], Step]] = []
             reachable = True
             for check in checks:
-                assertions, reached = await self._evaluate(check)
-                found += assertions
+                assertions, reached, step = await self._evaluate(check)
+                found.append((assertions, step))
                 reachable = reachable and reached
-            if not reachable or all(a.passed for a in found) or loop.time() >= deadline:
+            if not reachable or all(a.passed for f, _ in found for a in f) or loop.time() >= deadline:
+                for _, step in found:
+                    step.note += f"; try {tries}" if tries > 1 else ""
                 return found
             await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
             pause = min(pause * 2, 1.0)
 
-    async def _evaluate(self, check: ResultCheck) -> tuple[list[Assertion], bool]:
-        """The check's assertions, and False when the server could not be reached at all."""
+    async def _evaluate(self, check: ResultCheck) -> tuple[list[Assertion], bool, Step]:
+        """The check's assertions, False when the server could not be reached at all, and the step:
+        the search sent and the matches found."""
         import aiohttp
 
         location = self._location(check)
         label = f"{check.title}: " if check.title else ""
         out: list[Assertion] = []
         matches: list[dict[str, Any]] = []
+        params = parse_qsl(self.run.expand(check.query), keep_blank_values=True)
+        url = urljoin(_base(self.apis.fhir), check.resource_type)
+        step = Step(
+            check.key,
+            f"search {check.resource_type}" + (f" ({check.title})" if check.title else ""),
+            "fhir",
+            f"GET {url}?{show_query(params, reveal=self.reveal)}",
+            timeout=self.timeout,
+        )
+        started = time.monotonic()
 
         def verdict(passed: bool, name: str, message: str) -> None:
             # an expectation on the matches is not met by finding none
@@ -319,16 +347,24 @@ class Verifier:
             out.append(Assertion(name, passed, severity, location, label + message))
 
         try:
-            params = parse_qsl(self.run.expand(check.query), keep_blank_values=True)
             matches = await self._search(check.resource_type, params)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            verdict(False, "FHIR-SEARCH", f"the FHIR API cannot be reached: {type(exc).__name__}")
-            return out, False
+            why = f"the FHIR API cannot be reached: {type(exc).__name__}"
+            if isinstance(exc, TimeoutError):
+                why += f", no answer within the time-out of {self.timeout:g} s"
+            verdict(False, "FHIR-SEARCH", why)
+            step.note, step.seconds = why, time.monotonic() - started
+            return out, False, step
         except _HttpError as exc:
             verdict(False, "FHIR-SEARCH", str(exc))
-            return out, True
+            step.note, step.seconds = str(exc), time.monotonic() - started
+            return out, True, step
+        step.seconds = time.monotonic() - started
+        step.received = show_json(matches, reveal=self.reveal)
+        step.note = f"{len(matches)} match(es)"
         if check.where:
             matches = [m for m in matches if _truth(_run(check.where, m))]
+            step.note += f", {len(matches)} where {check.where}"
         ids = ", ".join(_ref(m) for m in matches) or "none"
         counted = f"{len(matches)} match(es){' where ' + check.where if check.where else ''} ({ids})"
         if check.count is not None:
@@ -360,7 +396,7 @@ class Verifier:
                 "FHIR-LINK",
                 _every(matches, unlinked, f"has a link of type {link.type} to the resource holding {to}"),
             )
-        return out, True
+        return out, True, step
 
     async def _search(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
         base = _base(self.apis.fhir)
@@ -431,24 +467,48 @@ class Verifier:
 
     # -- Passerelle admin API ---------------------------------------------------------------------
 
-    async def _statuses(self, accepted: Sequence[tuple[str, str]], deadline: float) -> list[Assertion]:
-        """Polls ``GET /api/messages?control_id=…`` until each message is done with, or the deadline."""
+    async def _statuses(
+        self, accepted: Sequence[tuple[str, str]], deadline: float
+    ) -> list[tuple[Assertion, Step]]:
+        """Polls ``GET /api/messages?control_id=…`` until each message is done with, or the deadline:
+        an assertion and a step (the look-up and the rows of its last try) per message."""
         import aiohttp
 
         loop = asyncio.get_running_loop()
         url = self.apis.api.rstrip("/") + "/messages" if self.apis.api else ""
         rows: dict[str, list[dict[str, Any]]] = {}
+        tries: dict[str, int] = {}
+        started = time.monotonic()
+
+        def step(where: str, control_id: str) -> Step:
+            return Step(
+                f"{where} status",
+                "look up the message by its MSH-10 (admin API)",
+                "http",
+                f"GET {url}?control_id={control_id}&limit=100",
+                timeout=self.timeout,
+                seconds=time.monotonic() - started,
+            )
+
         pause = 0.05
         while True:
-            for _, control_id in accepted:
+            for where, control_id in accepted:
                 if _final(rows.get(control_id)):
                     continue
+                tries[control_id] = tries.get(control_id, 0) + 1
                 try:
                     body = await self._get_json(url, [("control_id", control_id), ("limit", "100")])
                 except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                    return [_failed("MSG-STATUS", "admin API", f"cannot be reached: {type(exc).__name__}")]
+                    why = f"cannot be reached: {type(exc).__name__}"
+                    if isinstance(exc, TimeoutError):
+                        why += f", no answer within the time-out of {self.timeout:g} s"
+                    failed = step(where, control_id)
+                    failed.note = f"the admin API {why}"
+                    return [(_failed("MSG-STATUS", "admin API", why), failed)]
                 except _HttpError as exc:
-                    return [_failed("MSG-STATUS", "admin API", str(exc))]
+                    failed = step(where, control_id)
+                    failed.note = str(exc)
+                    return [(_failed("MSG-STATUS", "admin API", str(exc)), failed)]
                 found = body.get("messages")
                 rows[control_id] = (
                     [r for r in found if isinstance(r, dict)] if isinstance(found, list) else []
@@ -457,10 +517,17 @@ class Verifier:
                 break
             await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
             pause = min(pause * 2, 1.0)
-        return [
-            _status_assertion(where, control_id, rows.get(control_id) or [], self.apis.settle)
-            for where, control_id in accepted
-        ]
+        out = []
+        for where, control_id in accepted:
+            found_rows = rows.get(control_id) or []
+            done = step(where, control_id)
+            # the rows as the admin API lists them, reduced to what names no patient
+            done.received = show_json(
+                [{k: r.get(k) for k in ("id", "channel", "status")} for r in found_rows], reveal=True
+            )
+            done.note = f"{len(found_rows)} message(s); try {tries.get(control_id, 0)}"
+            out.append((_status_assertion(where, control_id, found_rows, self.apis.settle), done))
+        return out
 
 
 class _HttpError(Exception):

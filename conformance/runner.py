@@ -9,7 +9,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import orjson
@@ -18,19 +18,31 @@ from conformance.fhir.registry import Registry, default_registry
 from conformance.findings import Finding
 from conformance.hl7v2.validator import validate_hl7
 from conformance.per_run import PerRun
-from conformance.report import CaseResult, SuiteResult
+from conformance.report import CaseResult, Step, SuiteResult, show_hl7
 from conformance.results import ResultApis, Verifier
 from conformance.suite import Suite, SuiteError
 from gateway.core.errors import MessageError
 from gateway.hl7.er7 import split_messages
 
 Progress = Callable[[int, int, str], None]  # (done, total, case id)
+CaseDone = Callable[[int, int, CaseResult], None]  # (its number, the cases expected, the case ended)
 
 HL7_SUFFIXES = (".hl7", ".er7", ".txt")
+DEFAULT_TIMEOUT: Final = 30.0  # seconds each answer is waited for, unless the suite or --timeout says
+AWAITS_ANSWERS: Final = frozenset({"mllp-receiver", "fhir-documents"})
 
 
 def _noop(done: int, total: int, label: str) -> None:
     return None
+
+
+def answer_timeout(suite: Suite, timeout: float | None) -> tuple[float, str]:
+    """The seconds each answer is waited for, and where they come from (report.TIMEOUT_SOURCES)."""
+    if timeout is not None:
+        return float(timeout), "option"
+    if suite.settings.get("timeout_s") is not None:
+        return float(suite.settings["timeout_s"]), "suite"
+    return DEFAULT_TIMEOUT, "default"
 
 
 def parse_mllp(url: str) -> tuple[str, int]:
@@ -49,31 +61,62 @@ async def run_suite(
     count: int | None = None,
     registry: Registry | None = None,
     progress: Progress = _noop,
-    timeout: float = 30.0,
+    timeout: float | None = None,
     fhir: str | None = None,
     api: str | None = None,
     settle: float | None = None,
+    reveal: bool = False,
+    on_case: CaseDone | None = None,
 ) -> SuiteResult:
     """``fhir``, ``api`` and ``settle`` serve the result checks of mllp-receiver suites: the
     system's FHIR API, a Passerelle gateway's admin API, and the seconds given to processing
-    (default: the suite's ``settle_s``)."""
-    result = SuiteResult(suite.name, suite.title, target)
+    (default: the suite's ``settle_s``). ``timeout``: seconds each answer is waited for (default:
+    the suite's ``timeout_s``, else DEFAULT_TIMEOUT). ``reveal``: the steps' messages are kept
+    unmasked in the result. ``on_case`` is called as each case ends, with its number among the
+    cases and how many are expected (for the files suite, a guess until every file is read)."""
+    result = SuiteResult(suite.name, suite.title, target, revealed=reveal)
+    wait_for, result.timeout_source = answer_timeout(suite, timeout)
+    if suite.kind in AWAITS_ANSWERS:
+        result.timeout = wait_for
     start = time.monotonic()
     registry = registry or default_registry()
+    progress = _reporting(result, progress, on_case)
     if suite.kind == "files":
         _run_files(suite, Path(target.removeprefix("file://")), result, registry, profile, progress)
     elif suite.kind == "mllp-receiver":
         wait = float(suite.settings.get("settle_s", 20)) if settle is None else settle
         apis = ResultApis(fhir=fhir, api=api, token=token, settle=wait)
-        await _run_mllp_receiver(suite, target, result, progress, timeout, apis)
+        await _run_mllp_receiver(suite, target, result, progress, wait_for, apis, reveal)
     elif suite.kind == "mllp-sender":
-        await _run_mllp_sender(suite, target, result, progress, count)
+        await _run_mllp_sender(suite, target, result, progress, count, reveal)
     else:
         from conformance.mhd import run_document_server
 
-        await run_document_server(suite, target, result, registry, progress, token=token, timeout=timeout)
+        await run_document_server(
+            suite, target, result, registry, progress, token=token, timeout=wait_for, reveal=reveal
+        )
     result.seconds = time.monotonic() - start
     return result
+
+
+def _reporting(result: SuiteResult, progress: Progress, on_case: CaseDone | None) -> Progress:
+    """``progress`` as the runners call it (after appending the cases done), and ``on_case`` for
+    each case appended since the last call: a runner may append more cases than it counts (the
+    document server's setup case, the files suite's messages after the first of a file)."""
+    if on_case is None:
+        return progress
+    seen = 0
+
+    def tick(done: int, total: int, label: str) -> None:
+        nonlocal seen
+        progress(done, total, label)
+        ended = len(result.cases)
+        expected = total + max(ended - done, 0)
+        for number in range(seen + 1, ended + 1):
+            on_case(number, max(expected, number), result.cases[number - 1])
+        seen = ended
+
+    return tick
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -131,15 +174,22 @@ def _run_files(
 
 
 async def _run_mllp_receiver(
-    suite: Suite, target: str, result: SuiteResult, progress: Progress, timeout: float, apis: ResultApis
+    suite: Suite,
+    target: str,
+    result: SuiteResult,
+    progress: Progress,
+    timeout: float,
+    apis: ResultApis,
+    reveal: bool = False,
 ) -> None:
     from connectors.mllp.client import MllpClient
 
     host, port = parse_mllp(target)
     run = PerRun(suite.per_run)
-    client = MllpClient(host, port)
+    # the time-out holds for the connection too: a target that never accepts is one that never answers
+    client = MllpClient(host, port, connect_timeout=timeout)
     try:
-        async with Verifier(apis, run, timeout) as verifier:
+        async with Verifier(apis, run, timeout, reveal=reveal) as verifier:
             for done, case in enumerate(suite.cases, 1):
                 started = time.monotonic()
                 outcome = CaseResult(case.id, case.title)
@@ -150,13 +200,27 @@ async def _run_mllp_receiver(
                     control_id = ""  # raw steps send bytes with no readable MSH-10
                     if not step.get("raw"):
                         raw, control_id = run.prepare(raw)
+                    since = len(outcome.assertions)
+                    shown = Step(
+                        where, f"send {step['send']}", "hl7v2", show_hl7(raw, reveal=reveal), timeout=timeout
+                    )
+                    sent_at = time.monotonic()
                     try:
                         answer = await client.send(raw, timeout=timeout)
                     except (TimeoutError, OSError, ConnectionError, MessageError) as exc:
-                        outcome.fail("ACK-RECEIVED", where, f"no acknowledgement: {type(exc).__name__}")
+                        shown.seconds = time.monotonic() - sent_at
+                        why = f"no acknowledgement: {type(exc).__name__}"
+                        if isinstance(exc, TimeoutError):
+                            why += f", none within the time-out of {timeout:g} s"
+                        outcome.fail("ACK-RECEIVED", where, why)
+                        shown.note = why
+                        outcome.add_step(shown, since)
                         await client.close()
                         continue
+                    shown.seconds = time.monotonic() - sent_at
+                    shown.received = show_hl7(answer, reveal=reveal)
                     code = _check_ack(outcome, where, answer, control_id, step.get("expect") or {})
+                    outcome.add_step(shown, since)
                     if control_id and code in ("AA", "CA"):
                         accepted.append((where, control_id))
                 await verifier.after(outcome, case.then, accepted)
@@ -201,7 +265,12 @@ def _check_ack(
 
 
 async def _run_mllp_sender(
-    suite: Suite, listen: str, result: SuiteResult, progress: Progress, count: int | None
+    suite: Suite,
+    listen: str,
+    result: SuiteResult,
+    progress: Progress,
+    count: int | None,
+    reveal: bool = False,
 ) -> None:
     from connectors.mllp.framing import FrameDecoder, Oversize, frame
     from gateway.core.errors import AckCode, ValidationError
@@ -252,6 +321,11 @@ async def _run_mllp_sender(
                         )
                     else:
                         ack = build_ack(msg, AckCode.AA)
+                    # what the system sent, and the acknowledgement the suite answered
+                    exchange = Step(label, "receive", "hl7v2", show_hl7(ack, reveal=reveal))
+                    exchange.received = show_hl7(item, reveal=reveal)
+                    exchange.seconds = case.seconds
+                    case.add_step(exchange, 0)
                     writer.write(frame(ack))
                     await writer.drain()
                     progress(len(result.cases), wanted, label)

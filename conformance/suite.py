@@ -85,6 +85,11 @@ def _suite(path: Path, doc: Any) -> Suite:
     settle = doc.get("settle_s", 20)
     if isinstance(settle, bool) or not isinstance(settle, int | float) or settle < 0:
         raise SuiteError("key 'settle_s': seconds, 0 or more")
+    timeout = doc.get("timeout_s")  # seconds each answer is waited for; --timeout overrides
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf")
+    ):
+        raise SuiteError("key 'timeout_s': seconds, more than 0")
     rules = parse_rules(doc.get("per_run"))
     cases: list[Case] = []
     for index, raw in enumerate(doc.get("cases") or []):

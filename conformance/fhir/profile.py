@@ -10,6 +10,17 @@ pattern[x], slicing with ``value``, ``pattern``, ``exists``, ``type`` and ``prof
 discriminators, open/closed rules, required and extensible bindings on code, Coding and
 CodeableConcept, FHIRPath invariants (fhirpathpy, compiled once), and type profiles
 (an extension or a contained resource is checked against its own profile when it is known).
+
+Slices and their fixed/pattern values. A value belongs to a slice when it matches every
+discriminator of the slicing that the slice fixes (by a fixed or pattern value on the
+discriminator's path, or on an element above it: a ``patternIdentifier`` fixes ``system``).
+A derived profile that states discriminators of its own for the slices it adds
+(fr-core-patient-ins slices the identifiers by ``system``, under fr-core-patient's ``type``)
+makes those slices' own discriminators decisive: a value matching none of the slices on the
+whole combination, but matching such a slice on its own discriminators, belongs to it. Either
+way, once in a slice, every fixed[x] and pattern[x] of the slice and of its elements applies:
+a test NIR (system ...4.10) typed INS-NIR is an FHIR-PATTERN-001 error on
+``Patient.identifier:INS-NIR-TEST.type``, not an identifier the open slicing lets through.
 """
 
 from __future__ import annotations
@@ -83,6 +94,9 @@ class Element:
     binding: tuple[str, str] | None = None  # (strength, value set url)
     constraints: list[Constraint] = field(default_factory=list)
     discriminators: list[tuple[str, str]] = field(default_factory=list)
+    # A slice: the discriminators stated by the profile that introduced it, when that profile stated
+    # its own (None: the slicing's, ``discriminators`` of the sliced element).
+    slice_by: list[tuple[str, str]] | None = None
     rules: str = "open"
     slices: dict[str, Element] = field(default_factory=dict)
     children: dict[str, Element] = field(default_factory=dict)
@@ -121,10 +135,16 @@ def compile_profile(
     rtype = str(sd.get("type"))
     # A differential only states what changes: start from a copy of the parent's compiled tree.
     root = copy.deepcopy(base.root) if base is not None and not sd.get("snapshot") else Element(rtype, rtype)
+    # The discriminators this StructureDefinition states, by sliced element: the slices it adds are
+    # made under them (elements come in order: a slicing before its slices).
+    stated: dict[int, list[tuple[str, str]]] = {}
     for element in elements:
         eid = str(element.get("id") or element.get("path"))
-        node = _node_for(root, eid, rtype)
+        node = _node_for(root, eid, rtype, stated)
         _apply(node, element, compile_fhirpath)
+        slicing = element.get("slicing")
+        if slicing:
+            stated[id(node)] = _discriminator_pairs(slicing)
     return Profile(
         url=str(sd.get("url")),
         name=str(sd.get("name") or sd.get("id")),
@@ -135,7 +155,13 @@ def compile_profile(
     )
 
 
-def _node_for(root: Element, eid: str, rtype: str) -> Element:
+def _discriminator_pairs(slicing: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(str(d["type"]), str(d["path"])) for d in slicing.get("discriminator", [])]
+
+
+def _node_for(
+    root: Element, eid: str, rtype: str, stated: Mapping[int, list[tuple[str, str]]] | None = None
+) -> Element:
     parts = _split_id(eid)
     if parts[0] != rtype:
         raise ValueError(f"element {eid!r} is not under {rtype}")
@@ -157,8 +183,9 @@ def _node_for(root: Element, eid: str, rtype: str) -> Element:
             else:
                 sub = child.slices.get(slice_name)
                 if sub is None:
+                    own = stated.get(id(child)) if stated is not None else None
                     sub = child.slices[slice_name] = Element(
-                        key, f"{child.label}:{slice_name}", choice=choice
+                        key, f"{child.label}:{slice_name}", choice=choice, slice_by=own
                     )
                 child = sub
         node = child
@@ -203,8 +230,7 @@ def _apply(node: Element, element: Mapping[str, Any], compile_fhirpath: Callable
     slicing = element.get("slicing")
     if slicing:
         # A derived profile keeps its parent's discriminators and may add some.
-        for d in slicing.get("discriminator", []):
-            pair = (str(d["type"]), str(d["path"]))
+        for pair in _discriminator_pairs(slicing):
             if pair not in node.discriminators:
                 node.discriminators.append(pair)
         node.rules = str(slicing.get("rules", node.rules))
@@ -455,10 +481,19 @@ class Checker:
         # A slice matches when every discriminator it constrains matches, and it constrains one at
         # least (a derived profile may add discriminators its parent's slices do not fix).
         for name, sub in node.slices.items():
-            verdicts = [self._discriminates(sub, kind, path, value) for kind, path in node.discriminators]
-            if False not in verdicts and True in verdicts:
+            if self._fits(sub, node.discriminators, value):
+                return name
+        # Else a slice a derived profile added under discriminators of its own takes the value its
+        # own discriminators match; its other fixed and pattern values are then checked.
+        for name, sub in node.slices.items():
+            own = sub.slice_by
+            if own and set(own) != set(node.discriminators) and self._fits(sub, own, value):
                 return name
         return None
+
+    def _fits(self, sub: Element, discriminators: list[tuple[str, str]], value: Any) -> bool:
+        verdicts = [self._discriminates(sub, kind, path, value) for kind, path in discriminators]
+        return False not in verdicts and True in verdicts
 
     def _discriminates(self, sub: Element, kind: str, path: str, value: Any) -> bool | None:
         """Whether ``value`` fits ``sub`` on this discriminator; None when the slice does not fix it."""
@@ -476,13 +511,7 @@ class Checker:
             if target is None or (target.min is None and target.max is None):
                 return None
             return bool(actual) == ((target.min or 0) > 0)
-        expected: Any = None
-        is_pattern = False
-        if target is not None:
-            if target.fixed is not None:
-                expected = target.fixed
-            elif target.pattern is not None:
-                expected, is_pattern = target.pattern, True
+        expected, is_pattern = _expected_at(sub, path)
         if expected is None and path == "url":
             # an extension slice names its extension by the type profile
             profiles = sub.types.get("Extension") or []
@@ -523,6 +552,37 @@ class Checker:
 
     def _add(self, rule: str, severity: Severity, where: str, message: str, code: str) -> None:
         self.out.append(Finding(rule, severity, where, message, code))
+
+
+def _expected_at(sub: Element, path: str) -> tuple[Any, bool]:
+    """(value, is a pattern) a slice fixes at a discriminator path; (None, False) when it fixes none.
+
+    The element at the path says it with its fixed[x] or pattern[x]; else an element above it
+    does, with a complex fixed or pattern value holding the path (``patternIdentifier.system``).
+    """
+    parts = [p for p in path.split(".") if p not in ("$this", "")]
+    node: Element | None = sub
+    for depth in range(len(parts) + 1):
+        if node is None:
+            break
+        rest = parts[depth:]
+        for held, is_pattern in ((node.fixed, False), (node.pattern, True)):
+            if held is None:
+                continue
+            found = _inside(held, rest)
+            if found is not None:
+                return found, is_pattern
+        if depth < len(parts):
+            node = node.children.get(parts[depth])
+    return None, False
+
+
+def _inside(value: Any, keys: list[str]) -> Any:
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
 
 
 def _descend(node: Element, path: str) -> Element | None:

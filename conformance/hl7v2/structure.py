@@ -5,6 +5,10 @@ and repeating fields, data types) but parsing with it costs milliseconds per mes
 tables are read once per structure and turned into plain tuples; messages are read with the
 ER7 codec of :mod:`gateway.hl7.er7`.
 
+v2.5 is the default. The French specifications that use another version or pre-adopt a
+later segment (conformance/hl7v2/french.py) ask for a structure of another hl7apy version
+(``version="2.6"``) with segments inserted into its groups (``inserts``).
+
 Z segments are local by definition (HL7 v2.5 §2.5.2): the structure walk skips them, and the
 PAM FR rules check the ones that profile defines.
 """
@@ -12,6 +16,7 @@ PAM FR rules check the ones that profile defines.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,16 +75,36 @@ def _card(card: tuple[int, int]) -> tuple[int, int]:
     return low, (_UNBOUNDED if high == -1 else high)
 
 
-def _build(children: Sequence[Any]) -> tuple[Node, ...]:
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """A segment a profile adds to a group of the base structure, right after one of its segments."""
+
+    group: str  # hl7apy's group name, e.g. ORU_R01_OBSERVATION
+    after: str  # the segment of that group it follows
+    segment: str
+    min: int = 0
+    max: int = -1  # -1: unbounded
+
+
+def _build(children: Sequence[Any], inserts: tuple[Insert, ...] = (), group: str = "") -> tuple[Node, ...]:
     nodes: list[Node] = []
     for name, sub, card, kind in children:
         low, high = _card(card)
         if kind == "GRP":
-            kids = _build(sub[1])
+            kids = _build(sub[1], inserts, name)
             nodes.append(Node(name, low, high, kids, _first_of(kids)))
         else:
             nodes.append(Node(name, low, high, (), frozenset((name,))))
+            for extra in inserts:
+                if extra.group == group and extra.after == name:
+                    lo, hi = _card((extra.min, extra.max))
+                    nodes.append(Node(extra.segment, lo, hi, (), frozenset((extra.segment,))))
     return tuple(nodes)
+
+
+def _module(version: str, kind: str) -> Any:
+    # "2.5" → hl7apy.v2_5.messages; "2.8.2" → hl7apy.v2_8_2.segments
+    return importlib.import_module(f"hl7apy.v{version.replace('.', '_')}.{kind}")
 
 
 def _first_of(children: Sequence[Node]) -> frozenset[str]:
@@ -93,28 +118,38 @@ def _first_of(children: Sequence[Node]) -> frozenset[str]:
 
 
 @functools.cache
-def message_structure(name: str) -> tuple[Node, ...] | None:
-    """The v2.5 structure called ``name`` (``ADT_A01``), or None when v2.5 has none."""
-    from hl7apy.v2_5 import messages
-
-    definition = messages.MESSAGES.get(name)
+def message_structure(
+    name: str, version: str = "2.5", inserts: tuple[Insert, ...] = ()
+) -> tuple[Node, ...] | None:
+    """The structure called ``name`` (``ADT_A01``) in ``version``, ``inserts`` added; None when absent."""
+    definition = _module(version, "messages").MESSAGES.get(name)
     if definition is None:
         return None
-    return _build(definition[1])
+    nodes = _build(definition[1], inserts)
+    missing = [i for i in inserts if not _has_insert(nodes, i)]
+    if missing:
+        raise ValueError(f"{name} {version}: no group {missing[0].group} with a {missing[0].after}")
+    return nodes
 
 
-def structure_known(name: str) -> bool:
-    from hl7apy.v2_5 import messages
+def _has_insert(nodes: Sequence[Node], extra: Insert) -> bool:
+    for node in nodes:
+        if node.name == extra.group:
+            names = [c.name for c in node.children]
+            return extra.after in names and extra.segment in names
+        if node.is_group and _has_insert(node.children, extra):
+            return True
+    return False
 
-    return name in messages.MESSAGES
+
+def structure_known(name: str, version: str = "2.5") -> bool:
+    return name in _module(version, "messages").MESSAGES
 
 
 @functools.cache
-def segment_spec(name: str) -> SegmentSpec | None:
-    """Field rules of segment ``name`` from v2.5, or None for a segment v2.5 does not define."""
-    from hl7apy.v2_5 import segments
-
-    definition = segments.SEGMENTS.get(name)
+def segment_spec(name: str, version: str = "2.5") -> SegmentSpec | None:
+    """Field rules of segment ``name`` in ``version``, or None for a segment it does not define."""
+    definition = _module(version, "segments").SEGMENTS.get(name)
     if definition is None:
         return None
     required: list[int] = []

@@ -1,5 +1,10 @@
 """HL7v2 validation: v2.5 structure (from hl7apy, compiled once), PAM FR 2.11 rules, ACK rules.
 
+In the French mode (``profile="pam-fr"``, the default) the structures of the French
+specifications replace v2.5's where they differ (conformance/hl7v2/french.py: the CI-SIS
+document transmission's ORU^R01 and MDM^T02/T04/T10, with PRT pre-adopted); ``profile="v2.5"``
+keeps v2.5 throughout. Encapsulated data (OBX-5 of type ED, Base64) is checked in both.
+
 The message is read with the lazy ER7 codec; nothing here parses with hl7apy.
 """
 
@@ -12,18 +17,20 @@ from pathlib import Path
 from typing import Final
 
 from conformance.findings import Finding, Severity
-from conformance.hl7v2 import pamfr
+from conformance.hl7v2 import french, pamfr
+from conformance.hl7v2.base64check import base64_issue
 from conformance.hl7v2.structure import (
     FLD_REPEAT,
     FLD_REQUIRED,
     FLD_TYPE,
+    Node,
     check_segments,
     message_structure,
     segment_spec,
     type_ok,
 )
 from gateway.core.errors import MessageError
-from gateway.hl7.er7 import Message
+from gateway.hl7.er7 import Message, unescape
 
 UNREADABLE: Final = "HL7-MSG-001"
 UNKNOWN_STRUCTURE: Final = "HL7-MSG-002"
@@ -31,6 +38,7 @@ ACK_CODE: Final = "ACK-MSA-001"
 ACK_ECHO: Final = "ACK-MSA-002"
 ACK_ERR: Final = "ACK-ERR-001"
 FLD_LENGTH: Final = "HL7-FLD-004"
+ED_BASE64: Final = "HL7-ED-001"
 
 # Control ids: receivers truncate or refuse longer ones, so MSA-2 no longer matches MSH-10. Other
 # v2.5 lengths are often exceeded in practice: a warning, or every real message would fail.
@@ -49,7 +57,8 @@ def validate_hl7(
 ) -> list[Finding]:
     """Every finding for one message.
 
-    ``profile`` is ``pam-fr`` (v2.5 structure + PAM FR rules on ADT) or ``v2.5`` (structure only).
+    ``profile`` is ``pam-fr`` (the French structures where they differ from v2.5, PAM FR rules on
+    ADT) or ``v2.5`` (v2.5 structure only).
     ``answers``: for an ACK, the MSH-10 of the message it acknowledges (MSA-2 must echo it);
     ``""`` when that message had none (an unreadable input), so MSA-2 may be empty.
     """
@@ -73,7 +82,8 @@ def validate_hl7(
                 )
             ]
     findings: list[Finding] = []
-    _structure(msg, findings)
+    _structure(msg, findings, french_mode=profile == "pam-fr")
+    check_encapsulated_data(msg, findings)
     if msg.message_type == "ACK":
         if answers == "":
             # The acknowledged input had no readable MSH-10: an empty MSA-2 is then the only answer.
@@ -143,9 +153,14 @@ def _structure_name(msg: Message) -> str:
     return f"{msg.message_type}_{msg.trigger}"
 
 
-def _structure(msg: Message, findings: list[Finding]) -> None:
+def _structure(msg: Message, findings: list[Finding], *, french_mode: bool = True) -> None:
     name = _structure_name(msg)
-    nodes = message_structure(name)
+    entry = french.lookup(msg, name) if french_mode else None
+    nodes: tuple[Node, ...] | None
+    if entry is not None:
+        name, label, nodes = entry.structure, entry.label, entry.nodes
+    else:
+        label, nodes = name, message_structure(name)
     segments = msg.segments
     if nodes is None:
         findings.append(
@@ -159,13 +174,13 @@ def _structure(msg: Message, findings: list[Finding]) -> None:
         )
     else:
         names = [s.name for s in segments if s.name[0] != "Z"]
-        findings.extend(check_segments(name, nodes, names))
+        findings.extend(check_segments(label, nodes, names))
     seen: dict[str, int] = {}
     rep = msg.separators.repetition
     comp = msg.separators.component
     for seg in segments:
         occurrence = seen[seg.name] = seen.get(seg.name, 0) + 1
-        spec = segment_spec(seg.name)
+        spec = segment_spec(seg.name, entry.segment_version(seg.name)) if entry else segment_spec(seg.name)
         if spec is None:
             continue
         prefix = seg.name if occurrence == 1 else f"{seg.name}[{occurrence}]"
@@ -213,6 +228,44 @@ def _structure(msg: Message, findings: list[Finding]) -> None:
                             "value",
                         )
                     )
+
+
+def check_encapsulated_data(msg: Message, findings: list[Finding]) -> None:
+    """HL7-ED-001: OBX-5 of type ED with encoding (ED-4) Base64 holds valid base64 in ED-5.
+
+    Decodable but not canonical (whitespace, missing '=' padding, non-zero unused bits) is a
+    warning; anything else (a character outside the alphabet, a misplaced or extra '=', a length
+    no decoder can complete) an error. Escape sequences are resolved first. The findings name
+    the place and the defect, never the data.
+    """
+    seps = msg.separators
+    for occurrence, obx in enumerate(msg.segments_named("OBX"), 1):
+        if obx.field(2).split(seps.component, 1)[0] != "ED":
+            continue
+        values = obx.field(5).split(seps.repetition)
+        prefix = "OBX" if occurrence == 1 else f"OBX[{occurrence}]"
+        for index, value in enumerate(values, 1):
+            parts = value.split(seps.component)
+            if len(parts) < 4 or parts[3].strip().lower() != "base64":
+                continue
+            # ED has five components: anything past ED-5 is data with a component separator in it
+            data = seps.component.join(parts[4:])
+            if seps.escape in data:
+                data = unescape(data, seps, msg.codec or "utf-8")
+            issue = base64_issue(data)
+            if issue is None:
+                continue
+            severity, defect = issue
+            where = f"{prefix}-5" + (f"[{index}]" if len(values) > 1 else "") + ".5"
+            findings.append(
+                Finding(
+                    ED_BASE64,
+                    Severity.ERROR if severity == "error" else Severity.WARNING,
+                    where,
+                    f"OBX-5 (ED, encoding Base64): the data is {defect}",
+                    "value",
+                )
+            )
 
 
 def check_ack(msg: Message, answers: str | None, findings: list[Finding]) -> None:
