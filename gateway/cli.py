@@ -354,6 +354,8 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
         fhir=args.fhir,
         api=args.api,
         settle=args.settle,
+        timeout=args.timeout,
+        reveal=args.reveal,
     )
 
 
@@ -463,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conformance.add_argument("--profile", help="FHIR profile for the files suite")
     conformance.add_argument("--count", type=int, help="messages to wait for (live sender suites)")
+    conformance.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds each answer (ACK, HTTP response) is waited for (default: suite timeout_s, else 30)",
+    )
+    conformance.add_argument(
+        "--reveal",
+        action="store_true",
+        help="write the messages and answers unmasked in the reports (they may then hold patient data)",
+    )
     conformance.set_defaults(func=_cmd_conformance)
     return parser
 
