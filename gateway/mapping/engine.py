@@ -245,13 +245,17 @@ class Context:
         """``read``, with the leaf: ``consume(leaf)`` then makes it mapped without reading twice."""
         raw, leaf = self.locate(path)
         text = _text(raw, self.message)
-        return text, leaf if text.strip() else None
+        if not text.strip():  # blanks only: no value (FHIR strings hold a non-blank character)
+            return "", None
+        return text, leaf
 
     def take(self, path: str) -> str:
         """``read``, and the leaf counts as mapped: call it for what goes into the output."""
         raw, leaf = self.locate(path)
         value = _text(raw, self.message)
-        if leaf is not None and value.strip():
+        if not value.strip():  # blanks only: no value (FHIR strings hold a non-blank character)
+            return ""
+        if leaf is not None:
             self.consumed.add(leaf)
         return value
 

@@ -22,7 +22,14 @@ from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ValidationError
 from gateway.hl7.er7 import Separators, unescape
-from gateway.mapping.documents import MDM_FUNCTIONS, decode_ed, document_key, order_number, result_set_id
+from gateway.mapping.documents import (
+    MDM_FUNCTIONS,
+    decode_ed,
+    document_key,
+    is_document,
+    order_number,
+    result_set_id,
+)
 from gateway.mapping.engine import NULL, Context
 from gateway.mapping.namespaces import Authority, is_oid
 
@@ -37,6 +44,7 @@ BIRTH_LIST_GIVEN_NAME = (
     "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-birth-list-given-name"
 )
 FR_INSEE_CODE = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-address-insee-code"
+FR_CORE_PATIENT_INS = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins"
 INSEE_COMMUNES = "https://mos.esante.gouv.fr/NOS/TRE_R13-CommuneOM/FHIR/TRE-R13-CommuneOM"
 # INS OIDs → (FR Core identifier type, use): the test and demo NIRs have slices of their own.
 INS_OIDS = {
@@ -424,6 +432,24 @@ def identity_status(ctx: Context) -> tuple[str | None, str | None, list[str]]:
     status = codes[rep - 1] if rep is not None else None
     left = [c for c in codes if c and c != status]
     return status, (f"PID[{occ}]-32[{rep}]" if rep is not None else None), left
+
+
+def ins_profile(ctx: Context, _: Any) -> str | None:
+    """FR Core's INS profile, for a Patient whose INS travels (PAM FR: PID-32 VALI, an INS in PID-3)."""
+    if identity_status(ctx)[0] != "VALI":
+        return None
+    seps, occ = ctx.message.separators, ctx.occurrence("PID") or 1
+    if not any(_is_ins(*_cx_authority(rep, seps)) for rep in ctx.message.repetitions(f"PID[{occ}]-3")):
+        return None
+    # The profile wants the birth given names (PID-5.3 of the birth name, L): never made up
+    names = [rep.split(seps.component) for rep in ctx.message.repetitions(f"PID[{occ}]-5")]
+    if not any(len(n) > 6 and n[6] == "L" and n[2] for n in names):
+        ctx.warnings.append(
+            f"PID[{occ}]-5: INS without the birth given names (XPN-3 of the L name): "
+            "fr-core-patient-ins not claimed"
+        )
+        return None
+    return FR_CORE_PATIENT_INS
 
 
 def identity_reliability(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -816,10 +842,14 @@ def practitioner_identifier(ctx: Context, _: Any) -> list[dict[str, Any]] | None
                 "value": _NATIONAL_PREFIX[kind] + value,
             }
         ]
-        if kind == "RPPS":
-            out.insert(0, {"type": _fr_type("RPPS"), "system": RPPS_SYSTEM, "value": value})
-        elif kind == "ADELI":  # FR Core 2.1.0 gives ADELI no system: typed, and none invented
-            out.append({"type": _fr_type("ADELI"), "value": value})
+        # An IDNPS says which number it carries (8 + RPPS, 0 + ADELI): the same person sent once by
+        # RPPS and once by IDNPS gets the same identifiers, so one Practitioner
+        national = out[0]["value"]
+        if kind == "RPPS" or (kind == "IDNPS" and _IDNPS_RPPS.fullmatch(national)):
+            out.insert(0, {"type": _fr_type("RPPS"), "system": RPPS_SYSTEM, "value": national[1:]})
+        elif kind == "ADELI" or (kind == "IDNPS" and _IDNPS_ADELI.fullmatch(national)):
+            # FR Core 2.1.0 gives ADELI no system: typed, and none invented
+            out.append({"type": _fr_type("ADELI"), "value": national[1:]})
         for national in out:
             _assigner(national, assigner)
         return out
@@ -833,6 +863,8 @@ def practitioner_identifier(ctx: Context, _: Any) -> list[dict[str, Any]] | None
 
 # The national practitioner id (IDNPS) is the number behind a prefix saying which it is.
 _NATIONAL_PREFIX = {"IDNPS": "", "RPPS": "8", "ADELI": "0"}
+_IDNPS_RPPS = re.compile(r"8\d{11}")  # 8 + an RPPS number (11 digits)
+_IDNPS_ADELI = re.compile(r"0\d{9}")  # 0 + an ADELI number (9 digits)
 
 
 def _fr_type(code: str) -> dict[str, Any]:
@@ -898,7 +930,10 @@ def pl_facility_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
     """OBX ED → Binary (merged into the resource), with an id derived from the document's key so
-    that a replay updates the same Binary (and another lab's never does)."""
+    that a replay updates the same Binary (and another lab's never does). A MetaDMPMSS mail body
+    or an MSSanté mail (gateway.mapping.documents) is no document."""
+    if not is_document(ctx):
+        return None
     found = decode_ed(ctx)
     if found is None:
         return None
@@ -909,7 +944,10 @@ def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 
 def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks."""
+    """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks (none for
+    an OBX that is no document: a MetaDMPMSS mail body, an MSSanté mail)."""
+    if not is_document(ctx):
+        return None
     found = decode_ed(ctx)
     if found is None:
         return None
@@ -967,6 +1005,7 @@ BUILTIN: dict[str, Function] = {
     "zfd_extension": _segment_extension("ZFD"),
     "decimal": decimal,
     "merged_identifier": merged_identifier,
+    "ins_profile": ins_profile,
     "positive_int": positive_int,
     "practitioner_identifier": practitioner_identifier,
     "human_name": human_name,

@@ -1285,8 +1285,23 @@ class _Publication:
         for j, content in enumerate(doc["content"]):
             await self._check_attachment(f"{where}.content[{j}].attachment", content, issues)
         for k, rel in enumerate(doc.get("relatesTo") or ()):
-            if isinstance(rel, dict) and rel.get("code") == "replaces":
-                self.replaces.append((i, await self._replaced(f"{where}.relatesTo[{k}].target", rel)))
+            if not (isinstance(rel, dict) and rel.get("code") == "replaces"):
+                continue
+            if doc["status"] != "current":
+                # Only a current document replaces: one published deleted (or kept superseded by a
+                # replay) leaves the document it names as it is.
+                issues.append(
+                    _issue(
+                        "warning",
+                        "business-rule",
+                        f"a {doc['status']} document replaces nothing; the target is left as it is",
+                        f"{where}.relatesTo[{k}]",
+                    )
+                )
+                continue
+            replaced = await self._replaced(f"{where}.relatesTo[{k}].target", rel, existing, issues)
+            if replaced is not None:
+                self.replaces.append((i, replaced))
         if store.mode is Mode.DMP:
             for name in ("date", "author"):
                 if not doc.get(name):
@@ -1368,13 +1383,39 @@ class _Publication:
                 _issue("warning", "required", "attachment.hash was missing: computed", f"{where}.hash")
             )
 
-    async def _replaced(self, where: str, rel: dict[str, Any]) -> str:
+    async def _replaced(
+        self,
+        where: str,
+        rel: dict[str, Any],
+        existing: Mapping[str, Any] | None = None,
+        issues: list[dict[str, Any]] | None = None,
+    ) -> str | None:
+        """The id of the document ``rel`` replaces (to be superseded); None when the document sent
+        (``existing``, as stored) already replaces it (the same replacement sent again), or when the
+        gateway's own feed replaces a document it never received (the new version is published,
+        the relation kept by identifier, with a warning: refusing it would leave the patient
+        without the current version)."""
         target: dict[str, Any] = rel["target"] if isinstance(rel.get("target"), dict) else {}
         ref = target.get("reference")
         if isinstance(ref, str) and ref.startswith("DocumentReference?"):
             try:
                 doc_id = await _one_document(self.ops, ref.partition("?")[2], where)
             except NotFound as exc:
+                params = parse_qsl(ref.partition("?")[2])
+                if self.actor == FEED and issues is not None and len(params) == 1:
+                    system, value = _split_identifier(params[0][1])
+                    rel["target"] = {
+                        "identifier": {"system": system, "value": value} if system else {"value": value}
+                    }
+                    issues.append(
+                        _issue(
+                            "warning",
+                            "not-found",
+                            "the replaced document is not known: nothing superseded",
+                            where,
+                        )
+                    )
+                    return None
                 raise Unprocessable(
                     f"the replaced document is not known: {exc.message}", location=where
                 ) from None
@@ -1391,12 +1432,19 @@ class _Publication:
             raise Unprocessable(
                 f"the replaced document DocumentReference/{doc_id} is not known", location=where
             )
+        target["reference"] = f"DocumentReference/{doc_id}"
+        rel["target"] = target
+        if existing is not None and any(
+            isinstance(r, dict)
+            and r.get("code") == "replaces"
+            and ((r.get("target") or {}).get("reference") or "").endswith(f"DocumentReference/{doc_id}")
+            for r in existing.get("relatesTo") or ()
+        ):
+            return None  # a replay: the replacement is done, whatever became of the old one since
         if current[2].get("status") != "current":
             raise Conflict(
                 f"DocumentReference/{doc_id} is {current[2].get('status')}, not current", location=where
             )
-        target["reference"] = f"DocumentReference/{doc_id}"
-        rel["target"] = target
         return doc_id
 
     async def _after(self, entries: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:

@@ -48,7 +48,10 @@ def _normalised(bundle: dict[str, Any]) -> dict[str, Any]:
 
 PATIENT = {
     "resourceType": "Patient",
-    "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient"]},
+    "meta": {"profile": [
+        "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient",
+        "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins",  # the INS travels (VALI)
+    ]},
     "identifier": [
         {"value": IPP, "system": f"urn:oid:{IPP_OID}",
          "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PI"}]},
@@ -71,7 +74,10 @@ PATIENT = {
 AUTHOR = {
     "resourceType": "Practitioner",
     "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-practitioner"]},
-    "identifier": [{"value": "810001234567", "system": IDNPS,
+    "identifier": [{"value": "10001234567", "system": "https://rpps.esante.gouv.fr",  # IDNPS = 8 + RPPS
+                    "type": {"coding": [{"system": FR_0203, "code": "RPPS"}]},
+                    "assigner": {"display": "ASIP-SANTE-PS"}},
+                   {"value": "810001234567", "system": IDNPS,
                     "type": {"coding": [{"system": FR_0203, "code": "IDNPS"}]},
                     "assigner": {"display": "ASIP-SANTE-PS"}}],
     "name": [{"family": "Martin", "given": ["Jean"], "prefix": ["Dr"], "use": "usual"}],
@@ -178,17 +184,29 @@ def test_plain_text_document(library: Library) -> None:
     assert att["size"] == len(text.encode())
 
 
-def test_a_document_sent_as_text_lines_is_reported_not_read_as_ed(library: Library) -> None:
-    """OBX-2 TX: its OBX-5 is text, not ED components; nothing is decoded from it by position."""
+def test_a_document_sent_as_text_lines_is_a_text_document(library: Library) -> None:
+    """OBX-2 TX in a document transmission (MDM): its lines (every TX OBX, every repetition) are
+    the document, text/plain, joined by newlines; its OBX-5 is text, never read as ED components.
+    (Before: the OBX was reported and no document made.)"""
     message = mdm("T02", "MDM-0005", "58135").decode("utf-8")
     message = message.replace(
-        "OBX|1|ED|11488-4^CR de consultation^LN||^TEXT^XML^Base64^",
-        "OBX|1|TX|11488-4^CR de consultation^LN||",
-    )
+        "OBX|1|ED|11488-4^CR de consultation^LN||^TEXT^XML^Base64^" + base64.b64encode(CDA_V1).decode(),
+        "OBX|1|TX|11488-4^CR de consultation^LN||Tension normale.~Pas de traitement \\T\\ suivi",
+    ).replace("||||||F\r", "||||||F\rOBX|2|TX|11488-4^CR de consultation^LN||Revoir dans un mois.||||||F\r")
     result = library.map(Message.parse(message))
-    assert not any(e["resource"]["resourceType"] == "DocumentReference" for e in result.bundle["entry"])
-    assert any("OBX[1]-2: value type 'TX', not ED" in w for w in result.warnings)
-    assert "OBX-5[1]" in result.unmapped
+    document = next(
+        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"
+    )
+    att = document["content"][0]["attachment"]
+    text = "Tension normale.\nPas de traitement & suivi\nRevoir dans un mois."
+    assert att["contentType"] == "text/plain"
+    assert base64.b64decode(att["data"]).decode() == text
+    assert att["size"] == len(text.encode()) and att["title"] == "CR de consultation"
+    assert document["type"]["coding"][0]["code"] == "11488-4"
+    # the attachment holds the lines in Base64, not as sent: reported, and the message says why
+    assert {"OBX-5[1]", "OBX-5[2]", "OBX[2]-5[1]"} <= set(result.unmapped)
+    assert any("text lines (OBX-2 TX/FT) make the text/plain document" in w for w in result.warnings)
+    assert bundle_errors(result.bundle) == []
 
 
 # -- end to end -------------------------------------------------------------------------------------

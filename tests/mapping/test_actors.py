@@ -100,7 +100,7 @@ def test_adt_doctors_and_organisations_golden() -> None:
             },
             "request": {
                 "method": "PUT",
-                "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+                "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|810003456789",
                 "extension": MERGE,
             },
         },
@@ -214,7 +214,11 @@ def test_idnps_and_local_identifiers() -> None:
     for xcn, expected in (
         (
             idnps,
-            [national("IDNPS", "810003456789", "urn:oid:1.2.250.1.71.4.2.1")],
+            # an IDNPS that is 8 + an RPPS says so: the RPPS too, as when the RPPS is sent
+            [
+                national("RPPS", "10003456789", "https://rpps.esante.gouv.fr"),
+                national("IDNPS", "810003456789", "urn:oid:1.2.250.1.71.4.2.1"),
+            ],
         ),
         (
             local,
@@ -270,7 +274,7 @@ def test_siu_staff_golden() -> None:
         },
         "request": {
             "method": "PUT",
-            "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+            "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|810003456789",
             "extension": MERGE,
         },
     }

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conformance.fhir.registry import default_registry
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import Message, escape
 from gateway.mapping import functions
@@ -37,7 +38,7 @@ A01 = (
             "|UNICODE UTF-8|||2.11^IHE_FRANCE-2.11-PAM",
             "EVN||20261123101500",
             "PID|||552233^^^CHU-EST&1.2.250.1.71.4.2.2.4455&ISO^PI~275042512345678^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8"
-            "&ISO^INS||GÉRARD^Zoé^^^Mme^^L~MARTIN-GÉRARD^Zoé^^^^^D||19750425|F|||"
+            "&ISO^INS||GÉRARD^Zoé^Zoé Marie^^Mme^^L~MARTIN-GÉRARD^Zoé^^^^^D||19750425|F|||"
             "3 rue des Tanneurs \\T\\ fils^^Besançon"
             "^^25000^FRA^H~^^Besançon^^^FRA^BDL^^25056||0381000000|||||||||||||||||||VALI",
             segment(
@@ -85,6 +86,10 @@ A01_UNMAPPED = ["EVN-2[1]", "PV1-3[1].2", "PV1-3[1].3", "ZBE-5[1]", "ZXY-1[1]", 
 # ADT is the identity feed: its Patient and Encounters are merged into what is stored.
 MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
 
+BIRTH_LIST_GIVEN_NAME = (
+    "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-birth-list-given-name"
+)
+
 A01_BUNDLE: dict[str, Any] = {
     "resourceType": "Bundle",
     "type": "transaction",
@@ -93,7 +98,12 @@ A01_BUNDLE: dict[str, Any] = {
             "fullUrl": "urn:uuid:0",
             "resource": {
                 "resourceType": "Patient",
-                "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient"]},
+                "meta": {
+                    "profile": [
+                        "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient",
+                        "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins",
+                    ]
+                },
                 "identifier": [
                     {
                         "value": "552233",
@@ -122,7 +132,13 @@ A01_BUNDLE: dict[str, Any] = {
                     },
                 ],
                 "name": [
-                    {"family": "GÉRARD", "given": ["Zoé"], "prefix": ["Mme"], "use": "official"},
+                    {
+                        "family": "GÉRARD",
+                        "given": ["Zoé"],
+                        "extension": [{"url": BIRTH_LIST_GIVEN_NAME, "valueString": "Zoé Marie"}],
+                        "prefix": ["Mme"],
+                        "use": "official",
+                    },
                     {"family": "MARTIN-GÉRARD", "given": ["Zoé"], "use": "usual"},
                 ],
                 "gender": "female",
@@ -481,3 +497,17 @@ def test_validation_verdicts_are_stable_across_calls() -> None:
     for _ in range(2):  # no state carried between calls changes a verdict
         assert bundle_errors(good) == []
         assert bundle_errors(bad) == ["Bundle.entry[0].resource.class: Field required"]
+
+
+def test_the_ins_profile_is_claimed_only_with_what_it_requires() -> None:
+    """fr-core-patient-ins when the INS travels (VALI) with the birth given names (PID-5.3 of the L
+    name); without them the Patient stays fr-core-patient and the message says why."""
+    ins_profile = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-ins"
+    patient = mapped(A01).bundle["entry"][0]["resource"]
+    assert ins_profile in patient["meta"]["profile"]
+    assert [f for f in default_registry().validate(patient) if f.is_error] == []
+    without = mapped(A01.replace("GÉRARD^Zoé^Zoé Marie^^Mme^^L", "GÉRARD^Zoé^^^Mme^^L"))
+    assert ins_profile not in without.bundle["entry"][0]["resource"]["meta"]["profile"]
+    assert any("fr-core-patient-ins not claimed" in w for w in without.warnings)
+    prov = mapped(A01.replace("|VALI\r", "|PROV\r"))
+    assert ins_profile not in prov.bundle["entry"][0]["resource"]["meta"]["profile"]

@@ -283,3 +283,18 @@ async def test_a_result_message_for_two_patients_gives_each_patient_only_their_o
         for r in await found(repo, "DiagnosticReport")
     }
     assert reports == {"2823-3": f"Patient/{patients['300011']}", "2951-2": f"Patient/{patients['300022']}"}
+
+
+async def test_one_doctor_sent_by_idnps_then_by_rpps_is_one_practitioner(repo) -> None:
+    """IDNPS = 8 + RPPS: both forms name one person (once two Practitioners, then every later
+    message naming the doctor refused as ambiguous)."""
+    by_rpps = "10003456789^DUPRÉ^Hélène^^^^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO^D^^^RPPS"
+    by_idnps = "810003456789^DUPRÉ^Hélène^^^^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO^D^^^IDNPS"
+    for n, xcn in enumerate((by_idnps, by_rpps, by_idnps), 1):
+        visit = segment("PV1", {2: "I", 7: xcn, 19: f"V-{n}^^^HOPITAL-NORD&{HOSPITAL}&ISO^VN"})
+        await write(repo, "\r".join([msh("ADT^A01^ADT_A01", f"DOC-{n}"), pid("700001"), visit]))
+    (practitioner,) = await found(repo, "Practitioner")
+    assert systems(practitioner) == {
+        "https://rpps.esante.gouv.fr": "10003456789",
+        "urn:oid:1.2.250.1.71.4.2.1": "810003456789",
+    }

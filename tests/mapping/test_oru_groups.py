@@ -209,7 +209,7 @@ EXPECTED: list[dict[str, Any]] = [
         },
         "request": {
             "method": "PUT",
-            "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10003456789",
+            "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|810003456789",
             "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
         },
     },
@@ -250,7 +250,7 @@ EXPECTED: list[dict[str, Any]] = [
         },
         "request": {
             "method": "PUT",
-            "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10007654321",
+            "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|810007654321",
             "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
         },
     },
@@ -518,6 +518,7 @@ EXPECTED: list[dict[str, Any]] = [
                 "text": "Note",
             },
             "subject": {"reference": "urn:uuid:0"},
+            "date": "2026-11-23T11:00:00+01:00",  # MSH-7: this document has no OBX-14
             "content": [
                 {
                     "attachment": {

@@ -213,7 +213,7 @@ def test_orm_golden() -> None:
             },
             "request": {
                 "method": "PUT",
-                "url": "Practitioner?identifier=https://rpps.esante.gouv.fr|10000000001",
+                "url": "Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|810000000001",
                 "extension": [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}],
             },
         },
