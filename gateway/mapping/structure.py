@@ -303,7 +303,7 @@ def _field_check(info: Any, bindings: Bindings, owner: Any = None, alias: str = 
             if isinstance(allowed, list) and allowed and "+" not in allowed:
                 one = functools.partial(_code_in, frozenset(allowed))
     else:
-        base = _fhir_base(info.annotation)
+        base = fhir_base(info.annotation)
         if base is None:
             return _never
         if issubclass(base, FhirElementOrResourceBase):
@@ -323,11 +323,12 @@ def _one_of(check: Check, allowed: frozenset[str], value: Any) -> bool:
     return check(value) and value in allowed
 
 
-def _fhir_base(annotation: Any) -> type[FhirBase] | None:
+def fhir_base(annotation: Any) -> type[FhirBase] | None:
+    """The FHIR type a model field's annotation names (inside Optional, list…), None if none."""
     if isinstance(annotation, type) and issubclass(annotation, FhirBase):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _fhir_base(arg)
+        found = fhir_base(arg)
         if found is not None:
             return found
     return None

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import functools
 import re
-import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
-from fhir_core.types import FhirBase, FhirElementOrResourceBase
+from fhir_core.types import FhirElementOrResourceBase
 from fhir_core.utils import get_fhir_type_name, is_primitive_type
 
 from gateway.core.errors import BadRequest, NotFound, Unprocessable
-from gateway.mapping.structure import conforms
+from gateway.mapping.structure import conforms, fhir_base
 
 # A resource type's name, as URLs and references carry it.
 TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
@@ -267,16 +266,6 @@ class _Element:
     resource: bool  # a resource (contained, Bundle.entry.resource, Parameters.parameter.resource)
 
 
-def _fhir_base(annotation: Any) -> type[FhirBase] | None:
-    if isinstance(annotation, type) and issubclass(annotation, FhirBase):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _fhir_base(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def binding_of(cls: Any, alias: str, info: Any) -> tuple[tuple[str, ...] | None, bool]:
     """(the codes a coded element must be one of, whether they come from REQUIRED_BINDINGS)."""
     explicit = REQUIRED_BINDINGS.get((cls.__name__, alias))
@@ -305,7 +294,7 @@ def _elements(cls: Any) -> dict[str, _Element]:
             codes, _ = binding_of(cls, alias, info)
             out[alias] = _Element(kind, frozenset(codes) if codes else None, codes or (), None, False)
             continue
-        base = _fhir_base(info.annotation)
+        base = fhir_base(info.annotation)
         if base is None:
             continue
         if issubclass(base, FhirElementOrResourceBase):

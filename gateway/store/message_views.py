@@ -6,11 +6,16 @@ The SQLite and PostgreSQL stores run their own queries, then hand the rows here,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
+
+from gateway.core.logging import get_logger
+
+log = get_logger("passerelle.store")
 
 CONFLICT_CODE = "205"  # HL7 table 0357: duplicate key identifier (an MSH-10 reused for other content)
 
@@ -80,3 +85,17 @@ def message_counts(
         counts[status] = counts.get(status, 0) + n
         by_type.setdefault(channel, {}).setdefault(message_type, {})[status] = n
     return by_channel, by_type
+
+
+def settle(fut: asyncio.Future[Any] | None, callback: Callable[[Any], None] | None, result: Any) -> None:
+    """Hand a journal write's result on: to its callback (called now), else to its future."""
+    if callback is not None:
+        try:
+            callback(result)
+        except Exception as exc:  # one bad continuation must not stop the rest
+            log.exception("journal_callback_failed", error=type(exc).__name__)
+    elif fut is not None and not fut.done():
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)

@@ -34,6 +34,7 @@ from gateway.store.message_views import (
     message_counts,
     message_filters,
     same_content,
+    settle,
     trace_stage,
 )
 
@@ -269,7 +270,7 @@ class PostgresStore:
                     await self._writer
             self._writer = None
         for _, fut, callback in self._queue:
-            _settle_one(fut, callback, StoreError("the store closed before this write"))
+            settle(fut, callback, StoreError("the store closed before this write"))
         self._queue.clear()
         await self._pool.close()
         self._pool = None
@@ -303,7 +304,7 @@ class PostgresStore:
         self.writer_restarts += 1
         head, self._queue[: self._max_batch] = self._queue[: self._max_batch], []
         for _, fut, callback in head:
-            _settle_one(fut, callback, StoreError("the store's writer stopped during this write"))
+            settle(fut, callback, StoreError("the store's writer stopped during this write"))
         self._start_writer()
 
     def _enqueue(
@@ -344,7 +345,7 @@ class PostgresStore:
                     results = [StoreError(f"store write failed: {type(exc).__name__}")] * len(batch)
                     del self._queue[: len(batch)]
                     for (_, fut, callback), result in zip(batch, results, strict=True):
-                        _settle_one(fut, callback, result)
+                        settle(fut, callback, result)
                     continue
                 if self.connected:
                     state = getattr(exc, "sqlstate", None)
@@ -359,14 +360,14 @@ class PostgresStore:
                 keep = []
                 for entry in batch:
                     if entry[2] is not None:
-                        _settle_one(entry[1], entry[2], StoreError("the store is unreachable"))
+                        settle(entry[1], entry[2], StoreError("the store is unreachable"))
                     else:
                         keep.append(entry)
                 self._queue[: len(batch)] = keep
                 failures += 1
                 if self._closing and failures >= 3:
                     for _, fut, cb in self._queue:
-                        _settle_one(fut, cb, StoreError("the store is unreachable"))
+                        settle(fut, cb, StoreError("the store is unreachable"))
                     self._queue.clear()
                     return
                 self.lost_batches += 1
@@ -381,7 +382,7 @@ class PostgresStore:
             self.commits += 1
             self.committed_ops += len(batch)
             for (_, fut, callback), result in zip(batch, results, strict=True):
-                _settle_one(fut, callback, result)
+                settle(fut, callback, result)
 
     async def _run_batch(self, batch: list[_Entry]) -> list[Any]:
         async with self._pool.acquire() as conn:
@@ -835,19 +836,6 @@ async def _probe(conn: Conn) -> None:
         " ON CONFLICT (name) DO UPDATE SET value=excluded.value",
         os.urandom(8),
     )
-
-
-def _settle_one(fut: asyncio.Future[Any] | None, callback: Callable[[Any], None] | None, result: Any) -> None:
-    if callback is not None:
-        try:
-            callback(result)
-        except Exception as exc:  # one bad continuation must not stop the rest
-            log.exception("journal_callback_failed", error=type(exc).__name__)
-    elif fut is not None and not fut.done():
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
 
 
 def _message_row(e: Envelope) -> tuple[Any, ...]:

@@ -34,6 +34,7 @@ from gateway.store.message_views import (
     message_counts,
     message_filters,
     same_content,
+    settle,
     trace_stage,
 )
 
@@ -1075,17 +1076,7 @@ def _settle_entry(entry: _Entry, result: Any) -> None:
             # A write from the backlog, given up (a failure time does not cure): say so once.
             log.error("journal_write_failed", error=result.message, message_id=trace.message_id)
         return
-    if callback is not None:
-        # Called now, in this turn: the ACK leaves without another loop turn.
-        try:
-            callback(result)
-        except Exception as exc:  # one bad continuation must not stop the rest
-            log.exception("journal_callback_failed", error=type(exc).__name__)
-    elif fut is not None and not fut.done():
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
+    settle(fut, callback, result)  # a callback now, in this turn: the ACK leaves without another
 
 
 def _probe(conn: sqlite3.Connection) -> None:
