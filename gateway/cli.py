@@ -303,6 +303,59 @@ def _convert_to_hl7v2(args: argparse.Namespace) -> int:
     return worst
 
 
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    """Per message type: messages mapped or refused, the share of content that reached FHIR, and the
+    unmapped paths most messages carry (gateway.mapping.coverage). The mapping step is ``convert``'s."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from gateway.engine.steps import FhirMapping
+    from gateway.mapping import coverage
+    from gateway.mapping.rules import shipped_mappings
+
+    if args.top < 0:
+        print("passerelle coverage: --top takes a number of paths, 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        print(f"passerelle coverage: no such time zone: {args.timezone}", file=sys.stderr)
+        return EXIT_USAGE
+    settings: dict[str, Any] = {
+        "directory": args.mappings or str(shipped_mappings()),
+        "timezone": args.timezone,
+        "missing_namespace": args.missing_namespace,
+        "strict": args.strict,
+    }
+    try:
+        files = coverage.message_files(args.files)
+    except FileNotFoundError as exc:
+        print(f"passerelle coverage: no such file or directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.config:
+            settings["namespaces"] = config_mod.load(args.config).data.get("namespaces") or {}
+        step = FhirMapping("coverage", settings)
+    except ConfigError as exc:
+        print(f"passerelle coverage: mapping error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = coverage.measure_files(files, step.convert, default_charset=args.default_charset)
+    except OSError as exc:
+        print(f"passerelle coverage: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.html:
+        try:
+            Path(args.html).write_text(report.html(args.top), "utf-8")
+        except OSError as exc:
+            print(f"passerelle coverage: cannot write {args.html}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.json:
+        print(orjson.dumps(report.as_json(args.top), option=orjson.OPT_INDENT_2).decode())
+    else:
+        sys.stdout.write(report.text(args.top))
+    return EXIT_OK
+
+
 def _token_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", help="bearer token (default: $PASSERELLE_TOKEN, else DATA_DIR/admin-token)"
@@ -407,6 +460,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a message with a code not known or a required value missing",
     )
     convert.set_defaults(func=_cmd_convert)
+
+    coverage = sub.add_parser(
+        "coverage",
+        help="per message type, the share of HL7v2 content the mappings carry into FHIR (no service)",
+    )
+    coverage.add_argument("files", nargs="+", metavar="FILE|DIR", help="HL7v2 files; directories recursively")
+    coverage.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    coverage.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML report")
+    coverage.add_argument("--top", type=int, default=20, help="unmapped paths listed per type (default: 20)")
+    coverage.add_argument("--mappings", default=None, help="mapping directory (default: the shipped ones)")
+    coverage.add_argument(
+        "--config", help="a config.yaml whose `namespaces` table names the identifier systems (default: none)"
+    )
+    coverage.add_argument("--default-charset", default="8859/15", help="charset when MSH-18 is empty")
+    coverage.add_argument("--timezone", default="Europe/Paris", help="zone of HL7 times sent without one")
+    coverage.add_argument(
+        "--missing-namespace",
+        choices=["reject", "sender"],
+        default="sender",
+        help="an identifier whose namespace is not known: refuse the message, or namespace it by its sender "
+        "(default)",
+    )
+    coverage.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a message with a code not known or a required value missing",
+    )
+    coverage.set_defaults(func=_cmd_coverage)
 
     api_help = "base URL of the running gateway's HTTP API"
     replay = sub.add_parser("replay", help="process stored messages again")

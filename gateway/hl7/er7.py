@@ -530,12 +530,17 @@ def _where(name: str, separators_before: int, column: int) -> str:
 # ---------------------------------------------------------------------------
 
 
+# HL7 batch envelopes (file and batch headers and trailers) wrap messages and belong to none.
+_ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
+
+
 def split_messages(data: bytes) -> list[bytes]:
-    """A file may hold several messages, one per MSH; line ends of any kind become \\r."""
+    """A file may hold several messages, one per MSH, in a batch envelope or not (FHS/BHS/BTS/FTS
+    are left out); line ends of any kind become \\r."""
     text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
     messages: list[bytes] = []
     for segment in text.split(b"\r"):
-        if not segment.strip():
+        if not segment.strip() or segment.lstrip(b"\xef\xbb\xbf")[:3] in _ENVELOPE:
             continue
         if segment.startswith(b"MSH") or not messages:
             messages.append(segment + b"\r")
