@@ -1042,7 +1042,10 @@ BUILTIN: dict[str, Function] = {
 
 def available() -> dict[str, Function]:
     """Built-in functions plus those registered by installed packages."""
-    found = {**BUILTIN, **MDM_FUNCTIONS}
+    from gateway.mapping.clinical import CLINICAL_FUNCTIONS  # clinical builds on this module
+    from gateway.mapping.medication import FUNCTIONS as MEDICATION_FUNCTIONS  # so does medication
+
+    found = {**BUILTIN, **MDM_FUNCTIONS, **CLINICAL_FUNCTIONS, **MEDICATION_FUNCTIONS}
     for ep in entry_points(group="passerelle.mapping_functions"):
         found[ep.name] = ep.load()
     return found

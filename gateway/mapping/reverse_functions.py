@@ -222,6 +222,14 @@ def _movement(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     return focus, visit
 
 
+def _left_a_place(encounter: dict[str, Any]) -> bool:
+    """A place the patient has left (status completed), or, where no entry has a status, several places."""
+    places = [p for p in encounter.get("location") or [] if isinstance(p, dict)]
+    if any("status" in p for p in places):
+        return any(p.get("status") == "completed" for p in places)
+    return len(places) > 1
+
+
 def _inserted_event(focus: dict[str, Any], visit: dict[str, Any], previous: str) -> str:
     if previous == "finished" or (focus is visit and visit.get("status") == "finished"):
         return "ADT^A03"
@@ -230,7 +238,7 @@ def _inserted_event(focus: dict[str, Any], visit: dict[str, Any], previous: str)
     start = parse_fhir_time((focus.get("period") or {}).get("start"))
     admitted = parse_fhir_time((visit.get("period") or {}).get("start"))
     moved_later = focus is not visit and start is not None and admitted is not None and start > admitted
-    if moved_later or len(focus.get("location") or []) > 1:
+    if moved_later or _left_a_place(focus):
         return "ADT^A02"
     return "ADT^A01"
 
@@ -239,7 +247,7 @@ def encounter_event(ctx: Context, value: Any) -> str:
     """Which PAM FR movement an Encounter is.
 
     - status finished (of the visit) → A03 (discharge);
-    - a movement that starts after its visit, or an Encounter with several locations → A02 (transfer);
+    - a movement that starts after its visit, or an Encounter that left a place → A02 (transfer);
     - otherwise → A01 (admission).
     Status ``entered-in-error`` (of the movement or the Encounter) sends the cancel trigger of the
     movement it withdraws: A11, A12 or A13 (a cancelled visit is an admission withdrawn; the last

@@ -1,4 +1,4 @@
-"""Lenient Base64 for documents sent in OBX-5 (issue 16, item 2).
+"""Lenient Base64 for documents sent in OBX-5.
 
 A document whose Base64 lacks its ``=`` padding, or carries spaces or (escaped) line breaks, is read
 when the intent is certain, with a warning; data that is not Base64 even then is reported (warning,

@@ -1,4 +1,4 @@
-"""Which OBX is an MDM's document, and what the message says of it (issue 16, item 4).
+"""Which OBX is an MDM's document, and what the message says of it.
 
 The document is the OBX of type ED that is neither a MetaDMPMSS flag nor the MSSanté mail (else the
 text lines, see test_mdm.py); its OBX-3 is the document's type. Before: the type and the bytes were

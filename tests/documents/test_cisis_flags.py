@@ -1,4 +1,4 @@
-"""The CI-SIS MetaDMPMSS flags sent beside a document (issue 16, item 1).
+"""The CI-SIS MetaDMPMSS flags sent beside a document.
 
 Each flag, in an MDM and in an ORU, is published through the repository destination (the document
 store's ITI-65 path) and the document is then searched (ITI-67) and read (with its bytes, ITI-68) as

@@ -1,4 +1,4 @@
-"""Deletion and replacement (issue 16, item 3): a deletion deletes and never replaces; a replacement
+"""Deletion and replacement: a deletion deletes and never replaces; a replacement
 supersedes only what it replaces; no sequence of the CI-SIS flows leaves the patient without the
 current version of a document that was only replaced.
 

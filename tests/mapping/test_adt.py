@@ -79,12 +79,19 @@ def normalized(result: MappingResult) -> Any:
     return orjson.loads(data)
 
 
-# What A01 carries that no rule puts into FHIR: the recorded time, the room and bed (no Location
-# yet), the historic flag and the unknown Z segment.
-A01_UNMAPPED = ["EVN-2[1]", "PV1-3[1].2", "PV1-3[1].3", "ZBE-5[1]", "ZXY-1[1]", "ZXY-2[1]"]
+# What A01 carries that no rule puts into FHIR: the recorded time, the historic flag and the unknown
+# Z segment (the room and bed of PV1-3 are its Location now).
+A01_UNMAPPED = ["EVN-2[1]", "ZBE-5[1]", "ZXY-1[1]", "ZXY-2[1]"]
 
 # ADT is the identity feed: its Patient and Encounters are merged into what is stored.
 MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
+
+# The Encounter.location entry of PV1-3: its Location (urn:uuid:2), active, from the movement's time.
+PLACE_ENTRY: dict[str, Any] = {
+    "location": {"reference": "urn:uuid:2", "display": "CARDIO / 101 / 1"},
+    "status": "active",
+    "period": {"start": "2026-11-23T10:15:00+01:00"},
+}
 
 BIRTH_LIST_GIVEN_NAME = (
     "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-patient-birth-list-given-name"
@@ -214,6 +221,8 @@ A01_BUNDLE: dict[str, Any] = {
                 },
                 "subject": {"reference": "urn:uuid:0"},
                 "period": {"start": "2026-11-23T10:15:00+01:00"},
+                # PV1-3, one Location for the place (point of care, room, bed), from ZBE-2
+                "location": [PLACE_ENTRY],
             },
             "request": {
                 "method": "PUT",
@@ -222,7 +231,7 @@ A01_BUNDLE: dict[str, Any] = {
             },
         },
         {
-            "fullUrl": "urn:uuid:2",
+            "fullUrl": "urn:uuid:3",
             "resource": {
                 "resourceType": "Encounter",
                 "identifier": [
@@ -241,7 +250,15 @@ A01_BUNDLE: dict[str, Any] = {
                 "subject": {"reference": "urn:uuid:0"},
                 "partOf": {"reference": "urn:uuid:1"},
                 "period": {"start": "2026-11-23T10:15:00+01:00"},
-                "location": [{"location": {"display": "CARDIO"}}],
+                # the place, then the medical unit of ZBE-7 (PAM FR), each a Location
+                "location": [
+                    PLACE_ENTRY,
+                    {
+                        "location": {"reference": "urn:uuid:4", "display": "CARDIOLOGIE"},
+                        "status": "active",
+                        "period": {"start": "2026-11-23T10:15:00+01:00"},
+                    },
+                ],
                 "serviceType": {
                     "coding": [{"code": "4010", "display": "CARDIOLOGIE"}],
                     "text": "CARDIOLOGIE",
@@ -250,6 +267,46 @@ A01_BUNDLE: dict[str, Any] = {
             "request": {
                 "method": "PUT",
                 "url": "Encounter?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|MVT-7788",
+                "extension": MERGE,
+            },
+        },
+        # The place of PV1-3, keyed on its hierarchy (point of care ^ room ^ bed) in the namespace
+        # of the establishment that numbers the visit (PV1-3 names no facility).
+        {
+            "fullUrl": "urn:uuid:2",
+            "resource": {
+                "resourceType": "Location",
+                "identifier": [{"system": "urn:oid:1.2.250.1.71.4.2.2.4455", "value": "CARDIO^101^1"}],
+                "name": "CARDIO / 101 / 1",
+                "mode": "instance",
+                "physicalType": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
+                            "code": "bd",
+                            "display": "Bed",
+                        }
+                    ]
+                },
+            },
+            "request": {
+                "method": "PUT",
+                "url": "Location?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|CARDIO%5E101%5E1",
+                "extension": MERGE,
+            },
+        },
+        # The medical unit (UF) of ZBE-7, keyed on its code (XON-10).
+        {
+            "fullUrl": "urn:uuid:4",
+            "resource": {
+                "resourceType": "Location",
+                "identifier": [{"system": "urn:oid:1.2.250.1.71.4.2.2.4455", "value": "4010"}],
+                "name": "CARDIOLOGIE",
+                "mode": "instance",
+            },
+            "request": {
+                "method": "PUT",
+                "url": "Location?identifier=urn:oid:1.2.250.1.71.4.2.2.4455|4010",
                 "extension": MERGE,
             },
         },
@@ -262,8 +319,8 @@ def test_a01_golden_bundle() -> None:
     assert bundle_errors(result.bundle) == []
     assert normalized(result) == A01_BUNDLE
     assert result.warnings == []
-    # nothing silently lost: every leaf no rule put into the Bundle is reported, down to the room
-    # and bed of PV1-3 and the unknown Z segment
+    # nothing silently lost: every leaf no rule put into the Bundle is reported, down to the
+    # unknown Z segment
     assert result.unmapped == A01_UNMAPPED
 
 
@@ -280,7 +337,7 @@ def test_ins_without_vali_is_dropped_with_a_warning() -> None:
 def test_cancellations_mark_and_keep() -> None:
     a11 = A01.replace("ADT^A01^ADT_A01", "ADT^A11^ADT_A09").replace("|INSERT|", "|CANCEL|")
     result = mapped(a11)
-    visit, movement = (e["resource"] for e in result.bundle["entry"][1:])
+    visit, movement = (e["resource"] for e in result.bundle["entry"][1:3])
     assert visit["status"] == "cancelled"
     assert movement["status"] == "entered-in-error"  # kept and marked, not deleted
     assert bundle_errors(result.bundle) == []

@@ -21,7 +21,13 @@ async def test_channel_maps_to_a_fhir_bundle_and_records_unmapped_content(start_
     await wait_for(lambda: len(far.received) == 1)
     bundle = orjson.loads(far.received[0][1])
     assert bundle["type"] == "transaction"
-    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == ["Patient", "Encounter", "Encounter"]
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == [
+        "Patient",
+        "Encounter",
+        "Encounter",
+        "Location",  # PV1-3's place
+        "Location",  # ZBE-7's medical unit
+    ]
     await gw.store.flush()
     trace = await gw.store.get_message(far.received[0][0].id, with_payloads=False)
     assert trace is not None

@@ -26,6 +26,11 @@ from gateway.mapping import engine, functions
 from gateway.mapping.engine import Library, run
 from gateway.mapping.namespaces import Namespaces
 from tests.documents.mdm_messages import mdm
+from tests.mapping import checked_conversion as checked
+from tests.mapping import test_mdm_notifications as notifications
+from tests.mapping import test_oul as oul
+from tests.mapping import test_pharmacy as rx
+from tests.mapping import test_ppr_ref as ppr
 from tests.mapping.test_actors import a01_with_actors
 from tests.mapping.test_adt import A01, LIB, identity_event, segment
 from tests.mapping.test_adt_triggers import MOVEMENTS, message
@@ -73,6 +78,7 @@ def _texts() -> Iterator[str]:
             segment("RXA", {3: "20261110103000", 5: "3421012^VAXIGRIPTETRA^L", 20: "CP"}),
         ]
     )
+    yield from _clinical_feeds()
     for path in sorted((DATA_DIR / "hl7").glob("*.hl7")):
         try:
             decoded = Message.decode(path.read_bytes())
@@ -80,6 +86,18 @@ def _texts() -> Iterator[str]:
             continue  # the suite's deliberately broken files
         if LIB.for_event(f"{decoded.message_type}^{decoded.trigger}") is not None:
             yield decoded.to_er7()
+
+
+def _clinical_feeds() -> Iterator[str]:
+    """Laboratory automation, pharmacy, problems, referrals and document notifications."""
+    yield oul.r22()
+    yield checked.message("OUL^R24^OUL_R24", checked.PID, oul.OBR, oul.ORC, oul.SPM, *oul.RESULTS)
+    yield checked.message(
+        "RDS^O13^RDS_O13", checked.PID, rx.orc(), rx.RXO, rx.RXE, rx.TQ1, rx.RXR, rx.RXD, rx.RXR
+    )
+    yield checked.message("PPR^PC1^PPR_PC1", checked.PID, ppr.prb(), "NTE|1||Suivi")
+    yield checked.message("REF^I12^REF_I12", ppr.RF1, ppr.REFERRER, ppr.REFERRED, checked.PID)
+    yield notifications.notification("T05", "DOC-72", parent="DOC-71")
 
 
 SEEDS = [text.rstrip("\r").split("\r") for text in _texts()]
