@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Options pass through: make run ARGS="--mllp-port 2576 --http-port 8081 --data-dir /tmp/p"
 run: $(STAMP)
-	$(BIN)/passerelle run --config config.yaml
+	$(BIN)/passerelle run --config config.yaml $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway connectors conformance tests bench
@@ -25,17 +26,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The console's end-to-end test drives Debian's headless chromium; installed here when missing.
+# The console's end-to-end test drives Debian's headless chromium; installed here when missing
+# (with apt-get, only when running as root), and said so before it starts.
 browser:
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& echo "make browser: chromium is missing; installing Debian's chromium package with apt-get (as root) for the console test" \
 		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium is missing: install Debian's chromium package for the console test"
 
 test: lint typecheck browser
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python bench/bench_mllp.py
+bench: $(STAMP)  # text on stdout, plots in bench/out/mllp.svg
+	$(BIN)/python bench/bench_mllp.py $(ARGS)
 
 fuzz: $(STAMP)  # hostile-input tests with many more examples than CI (FUZZ_EXAMPLES=2000)
 	$(BIN)/python bench/fuzz.py $(or $(FUZZ_EXAMPLES),2000)

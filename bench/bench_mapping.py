@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.hl7.er7 import Message  # noqa: E402
-from gateway.mapping import functions  # noqa: E402
+from gateway.mapping import catalog  # noqa: E402
 from gateway.mapping.engine import Library  # noqa: E402
 from gateway.mapping.validate import bundle_errors  # noqa: E402
 from tests.mapping.test_adt import A01, segment  # noqa: E402 - the authored test messages
@@ -106,7 +106,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    lib = Library.load(ROOT / "mappings", functions.available())
+    lib = Library.load(ROOT / "mappings", catalog.available())
     print(f"{'message':18} {'map only':>12} {'map + validate':>16}   (msg per CPU second, one core)")
     for name, text in MESSAGES.items():
         assert bundle_errors(lib.map(Message.decode((text + "\r").encode())).bundle) == []

@@ -383,6 +383,9 @@ def run_baseline(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+PLOT = Path(__file__).resolve().parent / "out" / "mllp.svg"  # bench/out/ is not tracked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -409,6 +412,12 @@ def main() -> None:
         "--out-dir",
         type=Path,
         help="where the file destination writes (default: beside the journal, on the same file system)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=PLOT,
+        help="SVG of this run's throughput and latency (default: bench/out/mllp.svg)",
     )
     args = parser.parse_args()
     global WORKERS, OUT_BASE
@@ -461,6 +470,31 @@ def main() -> None:
         print(f"ratio       end-to-end passerelle / python-hl7 = {g['e2e_per_s'] / b['acked_per_s']:.2f}x")
         # Throughput moves with whatever else the two cores run; CPU per message much less so.
         print(f"ratio       CPU per message python-hl7 / passerelle = {b['cpu_us'] / g['cpu_us']:.2f}x")
+    write_plot(args.plot, args, g, None if args.skip_baseline else b)
+    print(f"plot        {args.plot}")
+
+
+def write_plot(path: Path, args: argparse.Namespace, g: dict[str, float], b: dict[str, float] | None) -> None:
+    """The run's figures as two bar charts in one SVG: msg/s, and ACK latency percentiles."""
+    from gateway.core.charts import bar_chart, side_by_side
+
+    rates = {"passerelle acked": [g["acked_per_s"]], "passerelle end-to-end": [g["e2e_per_s"]]}
+    latency = {
+        f"passerelle, {args.connections} senders flat out": [g["p50"], g["p95"], g["p99"]],
+        f"passerelle at {args.rate:.0f} msg/s": [g["paced_p50"], g["paced_p95"], g["paced_p99"]],
+    }
+    if b is not None:
+        rates["python-hl7 acked (nothing stored)"] = [b["acked_per_s"]]
+        latency["python-hl7 flat out"] = [b["p50"], None, b["p99"]]
+    run = f"{args.messages} ADT^A01, {args.destination} destination, {args.workers} worker(s)"
+    svg = side_by_side(
+        [
+            bar_chart(f"Throughput — {run}", ["msg/s"], rates, y_title="messages per second", width=520),
+            bar_chart("ACK latency", ["p50", "p95", "p99"], latency, y_title="ms", width=520),
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(svg, "utf-8")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from connectors.fhir_repository import FhirRepositoryDestination  # noqa: E402
 from gateway.core.envelope import FHIR_JSON, Envelope  # noqa: E402
 from gateway.hl7.er7 import Message  # noqa: E402
-from gateway.mapping import functions  # noqa: E402
+from gateway.mapping import catalog  # noqa: E402
 from gateway.mapping.engine import Library  # noqa: E402
 from tests.messages import adt  # noqa: E402
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--direct", action="store_true", help="repository.transaction on parsed Bundles")
     args = parser.parse_args()
-    lib = Library.load(ROOT / "mappings", functions.available())
+    lib = Library.load(ROOT / "mappings", catalog.available())
     payloads = build(lib, args.messages, args.replays, seed=7)
     rates = []
     for run in range(args.runs):

@@ -368,6 +368,40 @@ def to_junit(result: SuiteResult) -> bytes:
     return data
 
 
+def summary_chart(counts: dict[str, int]) -> str:
+    """The verdicts as SVG (the console's plotting library): cases passed or failed, and the
+    checks by outcome."""
+    from gateway.core.charts import FAIL, MUTED, PASS, WARN, bar_chart, side_by_side
+
+    passed_checks = counts["checks"] - counts["errors"] - counts["warnings"] - counts["skipped"]
+    cases = bar_chart(
+        "Cases",
+        ["cases"],
+        {"passed": [counts["passed"]], "failed": [counts["failed"]]},
+        horizontal=True,
+        stacked=True,
+        width=420,
+        height=200,
+        colors=(PASS, FAIL),
+    )
+    checks = bar_chart(
+        "Checks",
+        ["checks"],
+        {
+            "passed": [passed_checks],
+            "errors": [counts["errors"]],
+            "warnings": [counts["warnings"]],
+            "skipped": [counts["skipped"]],
+        },
+        horizontal=True,
+        stacked=True,
+        width=420,
+        height=200,
+        colors=(PASS, FAIL, WARN, MUTED),
+    )
+    return side_by_side([cases, checks])
+
+
 def to_html(result: SuiteResult) -> bytes:
     """One self-contained page (no script, nothing fetched); every value written escaped."""
     e = html.escape
@@ -419,6 +453,7 @@ pre{{white-space:pre-wrap;word-break:break-all;background:#fff;border:1px solid 
 {result.seconds:.2f} s.</p>
 <p class="timeout">Time-out for each answer: {e(result.timeout_text)}.</p>
 <p>Messages, requests and answers of each step: {e(shown)}. Report format {FORMAT_VERSION}.</p>
+<div class="charts">{summary_chart(counts)}</div>
 <table><tr><th>Check</th><th>Location</th><th>Message</th><th>Severity</th><th>Result</th></tr>
 {"".join(rows)}
 </table></body></html>

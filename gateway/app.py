@@ -31,6 +31,7 @@ from gateway.engine.nats_channel import JetStreamChannel
 from gateway.engine.remote import ChannelPort, WorkerHandle
 from gateway.http.app import build_app
 from gateway.http.auth import build_authenticator
+from gateway.http.console_api import console_settings, listener_states
 from gateway.http.fhir_routing import FHIR_INTAKE
 from gateway.http.server import GatewayRunner
 from gateway.store import backends
@@ -63,6 +64,7 @@ class Gateway:
         self.data_dir = Path(data_dir or data.get("data_dir", "./var"))
         self.mllp_port = mllp_port
         self.http_settings = dict(data.get("http", {}))
+        self.http_port_overridden = http_port is not None
         if http_port is not None:
             self.http_settings["port"] = http_port
         self.workers = int(data.get("workers", 1) if workers is None else workers)
@@ -212,17 +214,26 @@ class Gateway:
             if isinstance(channel, ChannelRuntime):
                 channel.start()
         started: list[Source] = []
+        where: tuple[tuple[str | int, ...], Any, str | None] = ((), None, None)
         try:
-            for source in self.sources.values():
+            for name, source in self.sources.items():
+                where = self._listen_key(name)
                 await source.start()
                 started.append(source)
             if self.http_settings.get("enabled", True):
+                override = "--http-port" if self.http_port_overridden else None
+                where = (("http", "port"), self.http_settings.get("port", 8080), override)
                 await self._start_http()
         except OSError as exc:
             for source in started:
                 await source.stop(0)
             await self._close_rest()
-            raise ConfigError(f"cannot listen: {exc.strerror or exc}", file=self.config.file) from exc
+            key, port, override = where
+            reason = f"cannot listen on port {port}: {exc.strerror or exc}"
+            if override is not None:
+                reason += f" (the port given by {override})"
+            error = self.config.error(key, reason) if key else ConfigError(reason, file=self.config.file)
+            raise error from exc
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         log.info(
             "gateway_started",
@@ -232,6 +243,15 @@ class Gateway:
             sources=len(self.sources),
             http_port=self.http_port_bound,
         )
+
+    def _listen_key(self, source: str) -> tuple[tuple[str | int, ...], Any, str | None]:
+        """The config key of a source's port, the port, and the option that overrode it (if any)."""
+        for si, src in enumerate(self.config.data["sources"]):
+            if src["name"] == source:
+                port = getattr(self.sources[source], "port", src.get("port"))
+                override = "--mllp-port" if self.mllp_port is not None and port == self.mllp_port else None
+                return ("sources", si, "port"), port, override
+        return (), None, None
 
     async def _start_http(self) -> None:
         auth = self.config.data.get("auth", {})
@@ -249,6 +269,8 @@ class Gateway:
             metrics=self.metrics_data,
             rate_limit=self.http_settings.get("rate_limit", {}),
             documents=self.config.data.get("documents", {}),
+            console=console_settings(self.config.data),
+            bulk={"directory": str(self.data_dir / "exports"), **self.config.data.get("export", {})},
         )
         app[FHIR_INTAKE] = self.fhir_intake
         max_header = int(self.http_settings.get("max_header_bytes", 8190))
@@ -412,6 +434,7 @@ class Gateway:
             "started_at": self.started_at,
             "channels": [c.snapshot() for c in self.channels.values()],
             "sources": {name: {"acked": i.acked, "rejected": i.rejected} for name, i in self.intakes.items()},
+            "listeners": listener_states(self.sources),
         }
 
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,7 +88,13 @@ def _send_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 async def _send(
-    files: Sequence[str], host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None
+    files: Sequence[str],
+    host: str,
+    port: int,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    *,
+    as_json: bool = False,
 ) -> int:
     from connectors.mllp.client import MllpClient
     from gateway.hl7.ack import parse_ack
@@ -98,18 +104,24 @@ async def _send(
     try:
         for name in files:
             data = await asyncio.to_thread(Path(name).read_bytes)
-            for raw in split_messages(data):
+            for index, raw in enumerate(split_messages(data), 1):
                 try:
                     answer = await client.send(raw, timeout=timeout)
                 except (TimeoutError, OSError, ConnectionError) as exc:
-                    print(f"{name}: no answer: {type(exc).__name__} {exc}", file=sys.stderr)
+                    why = f"{type(exc).__name__} {exc}"
+                    print(f"{name}: no answer from {host}:{port}: {why}", file=sys.stderr)
                     return EXIT_FAIL
-                print(answer.decode("latin-1").replace("\r", "\n").rstrip("\n"))
-                print()
                 try:
                     code = parse_ack(answer)[0]
                 except MessageError:
                     code = ""
+                text = answer.decode("latin-1")
+                if as_json:
+                    out = {"file": name, "message": index, "code": code, "ack": text}
+                    print(orjson.dumps(out).decode())
+                else:
+                    print(text.replace("\r", "\n").rstrip("\n"))
+                    print()
                 if code not in ("AA", "CA"):
                     worst = EXIT_FAIL
     finally:
@@ -119,8 +131,12 @@ async def _send(
 
 def _cmd_send(args: argparse.Namespace) -> int:
     try:
+        args.to = args.to or _client_addresses(args.config)["mllp"]
         host, port = _parse_mllp_url(args.to, ("mllp", "mllps"))
         tls = _send_tls(args)
+    except ConfigError as exc:
+        print(f"passerelle send: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ValueError as exc:
         print(f"passerelle send: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -128,22 +144,81 @@ def _cmd_send(args: argparse.Namespace) -> int:
         if not Path(name).is_file():
             print(f"passerelle send: no such file: {name}", file=sys.stderr)
             return EXIT_USAGE
-    return asyncio.run(_send(args.files, host, port, args.timeout, tls))
+    return asyncio.run(_send(args.files, host, port, args.timeout, tls, as_json=args.json))
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    """--token, else $PASSERELLE_TOKEN, else the first-start admin token in the data directory."""
-    import os
-
+    """--token, else $PASSERELLE_TOKEN, else the first-start admin token in the data directory
+    (--data-dir, else the config's data_dir, else ./var)."""
     if args.token:
         return str(args.token)
     if os.environ.get("PASSERELLE_TOKEN"):
         return os.environ["PASSERELLE_TOKEN"]
-    path = Path(args.data_dir or "./var") / "admin-token"
+    data_dir = args.data_dir or _client_addresses(getattr(args, "config", None))["data_dir"]
+    path = Path(data_dir) / "admin-token"
     try:
         return path.read_text("ascii").strip() or None
     except OSError:
         return None
+
+
+DEFAULT_MLLP = "mllp://127.0.0.1:2575"
+DEFAULT_API = "http://127.0.0.1:8080"
+
+
+def _config_path(given: str | None) -> Path | None:
+    """--config, else ./config.yaml when there is one."""
+    if given:
+        return Path(given)
+    here = Path("config.yaml")
+    return here if here.is_file() else None
+
+
+def _reachable(host: object) -> str:
+    """Where a client reaches a server bound to ``host``: a wildcard address means this machine."""
+    text = str(host or "")
+    if text in ("", "0.0.0.0", "::", "*"):  # noqa: S104 - read from a config, not bound here
+        return "127.0.0.1"
+    return f"[{text}]" if ":" in text else text
+
+
+def _addresses_of(data: Any) -> dict[str, str]:
+    """The gateway's MLLP and HTTP addresses and data directory, as written in a config's data."""
+    out = {"mllp": DEFAULT_MLLP, "api": DEFAULT_API, "data_dir": "./var"}
+    if not isinstance(data, dict):
+        return out
+    if data.get("data_dir"):
+        out["data_dir"] = str(data["data_dir"])
+    for src in data.get("sources") or ():
+        if isinstance(src, dict) and src.get("type") == "mllp":
+            scheme = "mllps" if src.get("tls") else "mllp"
+            out["mllp"] = f"{scheme}://{_reachable(src.get('host'))}:{src.get('port', 2575)}"
+            break
+    http = data.get("http")
+    if isinstance(http, dict):
+        scheme = "https" if http.get("tls") else "http"
+        out["api"] = f"{scheme}://{_reachable(http.get('host', '127.0.0.1'))}:{http.get('port', 8080)}"
+    return out
+
+
+def _client_addresses(given: str | None) -> dict[str, str]:
+    """Addresses from --config (else ./config.yaml when present), validated; the defaults without one.
+    Raises ConfigError for a config named but missing or invalid."""
+    path = _config_path(given)
+    if path is None:
+        return _addresses_of(None)
+    return _addresses_of(config_mod.load(path).data)
+
+
+def _help_addresses() -> dict[str, str]:
+    """For --help: what ./config.yaml says, read leniently (a broken file shows the defaults)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path("config.yaml").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None
+    return _addresses_of(data)
 
 
 async def _api(method: str, base: str, path: str, token: str | None = None) -> tuple[int, Any]:
@@ -161,33 +236,98 @@ async def _api(method: str, base: str, path: str, token: str | None = None) -> t
             return resp.status, body.decode("utf-8", "replace")
 
 
-def _call_api(method: str, base: str, path: str, token: str | None = None) -> int:
+def _call_api(
+    method: str, base: str, path: str, token: str | None = None, *, as_json: bool = True
+) -> tuple[int, Any]:
+    """(exit code, body); the body is printed as JSON with ``as_json``, an error's words otherwise."""
     try:
         status, body = asyncio.run(_api(method, base, path, token))
     except OSError as exc:
         print(f"passerelle: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-    return EXIT_OK if status < 400 else EXIT_FAIL
+        return EXIT_FAIL, None
+    if as_json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    elif status >= 400:
+        issues = body.get("issue", ()) if isinstance(body, dict) else ()
+        text = "; ".join(str(i.get("diagnostics", "")) for i in issues) or str(body)
+        print(f"passerelle: {base}{path}: HTTP {status}: {text}", file=sys.stderr)
+    return (EXIT_OK if status < 400 else EXIT_FAIL), body
+
+
+def _api_base(args: argparse.Namespace) -> str:
+    return str(args.api or _client_addresses(args.config)["api"])
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _when(ts: object) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S") if ts else ""  # type: ignore[arg-type]
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    try:
+        base, token = _api_base(args), _token(args)
+    except ConfigError as exc:
+        print(f"passerelle replay: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     worst = EXIT_OK
     for mid in args.message_ids:
-        worst = max(worst, _call_api("POST", args.api, f"/api/messages/{mid}/replay", _token(args)))
+        code, body = _call_api("POST", base, f"/api/messages/{mid}/replay", token, as_json=args.json)
+        if code == EXIT_OK and not args.json:
+            print(f"{mid}: replayed (now {body.get('status', '')})")
+        worst = max(worst, code)
     return worst
 
 
+def _dlq_table(messages: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    if not messages:
+        print("No dead letters.")
+        return
+    table = Table(title=f"Dead letters: {len(messages)}", title_justify="left")
+    for column in ("Received", "Channel", "Control id", "Type", "Error", "Message id"):
+        table.add_column(column, overflow="fold")
+    for m in messages:
+        table.add_row(
+            _when(m.get("received_at")),
+            str(m.get("channel") or ""),
+            str(m.get("control_id") or ""),
+            str(m.get("message_type") or ""),
+            str(m.get("error") or ""),
+            str(m.get("id") or ""),
+        )
+    _console().print(table)
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
+    try:
+        base, token = _api_base(args), _token(args)
+    except ConfigError as exc:
+        print(f"passerelle dlq: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.action == "list":
         query = f"?limit={args.limit}" + (f"&channel={args.channel}" if args.channel else "")
-        return _call_api("GET", args.api, f"/api/dlq{query}", _token(args))
+        code, body = _call_api("GET", base, f"/api/dlq{query}", token, as_json=args.json)
+        if code == EXIT_OK and not args.json:
+            _dlq_table(list(body.get("messages", ())))
+        return code
     if not args.message_ids:
         print(f"passerelle dlq {args.action}: give at least one message id", file=sys.stderr)
         return EXIT_USAGE
     worst = EXIT_OK
+    done = {"replay": "replayed", "discard": "discarded"}[args.action]
     for mid in args.message_ids:
-        worst = max(worst, _call_api("POST", args.api, f"/api/dlq/{mid}/{args.action}", _token(args)))
+        code, _ = _call_api("POST", base, f"/api/dlq/{mid}/{args.action}", token, as_json=args.json)
+        if code == EXIT_OK and not args.json:
+            print(f"{mid}: {done}")
+        worst = max(worst, code)
     return worst
 
 
@@ -213,12 +353,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        files = _convert_files(args.files, hl7=True)
+    except FileNotFoundError as exc:
+        print(f"passerelle convert: no such file or directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     worst = EXIT_OK
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            print(f"passerelle convert: no such file: {name}", file=sys.stderr)
-            return EXIT_USAGE
+    for path in _progress(files, "convert"):
+        name = str(path)
         for index, raw in enumerate(split_messages(path.read_bytes()), 1):
             out: dict[str, Any] = {"file": name, "message": index}
             try:
@@ -248,6 +390,42 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return worst
 
 
+def _convert_files(targets: Sequence[str], *, hl7: bool) -> list[Path]:
+    """Files named, and in directories (recursively) the HL7v2 files, or the *.json ones."""
+    from gateway.mapping.coverage import message_files
+
+    if hl7:
+        return message_files(targets)
+    out: list[Path] = []
+    for target in targets:
+        path = Path(target)
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            out += sorted(p for p in path.rglob("*.json") if p.is_file())
+        else:
+            raise FileNotFoundError(target)
+    return out
+
+
+def _progress(files: Sequence[Path], what: str) -> Iterator[Path]:
+    """The files, one by one, with a progress bar on a terminal's stderr (stdout stays the output)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=len(files) < 2 or not sys.stderr.isatty(),
+    )
+    with bar:
+        yield from bar.track(files, description=what)
+
+
 def _convert_to_hl7v2(args: argparse.Namespace) -> int:
     """Print the HL7v2 messages the reverse mappings make of FHIR files (the gateway's own step)."""
     import time
@@ -267,12 +445,14 @@ def _convert_to_hl7v2(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        files = _convert_files(args.files, hl7=False)
+    except FileNotFoundError as exc:
+        print(f"passerelle convert: no such file or directory: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     worst = EXIT_OK
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            print(f"passerelle convert: no such file: {name}", file=sys.stderr)
-            return EXIT_USAGE
+    for path in _progress(files, "convert"):
+        name = str(path)
         raw = path.read_bytes()
         env = Envelope(
             id=new_id(),
@@ -360,7 +540,11 @@ def _token_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", help="bearer token (default: $PASSERELLE_TOKEN, else DATA_DIR/admin-token)"
     )
-    parser.add_argument("--data-dir", default=None, help="where to find admin-token (default: ./var)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="where to find admin-token (default: the data_dir of --config, else ./var)",
+    )
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
@@ -380,6 +564,125 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     where = f"entry {result.bad_seq}: " if result.bad_seq is not None else ""
     print(f"audit log BROKEN at {where}{result.reason} ({result.entries} entries verified before it)")
     return EXIT_FAIL
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from gateway import transfer
+
+    try:
+        cfg = config_mod.load(args.config)
+        report = asyncio.run(
+            transfer.run_import(cfg, args.data_dir, args.store, args.paths, replace=args.replace)
+        )
+    except ConfigError as exc:
+        print(f"passerelle import: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, OSError) as exc:
+        print(f"passerelle import: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return EXIT_FAIL
+    for line in report.bad_lines:
+        print(f"bad line: {line}", file=sys.stderr)
+    for line in report.conflicts:
+        print(f"conflict: {line}", file=sys.stderr)
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def _epoch(text: str | None) -> float | None:
+    from datetime import datetime
+
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} needs a UTC offset (Z or +hh:mm)")
+    return moment.timestamp()
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from gateway import transfer
+
+    try:
+        cfg = config_mod.load(args.config)
+        if args.archive_command == "audit":
+            path = args.file or transfer.data_dir_of(cfg, args.data_dir) / "audit.db"
+            with Path(args.out).open("wb") as out:
+                count, broken = transfer.export_audit(path, out)
+            print(f"{count} audit entries written to {args.out}")
+            if broken is not None:
+                print(f"audit chain BROKEN at {broken} (entries written as stored)", file=sys.stderr)
+                return EXIT_FAIL
+            return EXIT_OK
+        filters = {
+            "since": _epoch(args.since),
+            "until": _epoch(args.until),
+            "channel": args.channel,
+            "status": args.status,
+            "payloads": args.payloads,
+        }
+        with Path(args.out).open("wb") as out:
+            count = asyncio.run(transfer.run_message_export(cfg, args.data_dir, args.store, out, **filters))
+    except ConfigError as exc:
+        print(f"passerelle archive: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"passerelle archive: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, OSError) as exc:
+        print(f"passerelle archive: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"{count} messages written to {args.out}")
+    return EXIT_OK
+
+
+def _add_transfer_parsers(sub: Any) -> None:
+    """``import`` and ``archive``: records in and out (gateway.transfer, docs/exit.md)."""
+    imp = sub.add_parser(
+        "import",
+        help="load FHIR NDJSON (a bulk export's files) into this gateway's repository, ids and versions kept",
+        description="Reads each NDJSON line as a resource and writes it as it is (id, meta.versionId,"
+        " meta.lastUpdated) to the configured backend. Bad lines and conflicts are reported with"
+        " their file and line; the exit status is then 1.",
+    )
+    imp.add_argument("paths", nargs="+", type=Path, help="NDJSON files, or directories of *.ndjson files")
+    imp.add_argument("--config", default="config.yaml", help="the gateway's config (backend, data_dir)")
+    imp.add_argument("--data-dir", type=Path, default=None, help="data directory (default: config's)")
+    imp.add_argument("--store", default=None, help="postgresql://HOST:PORT/DB instead of config's store")
+    imp.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite a resource stored already with other content (default: report it as a conflict)",
+    )
+    imp.set_defaults(func=_cmd_import)
+
+    archive = sub.add_parser("archive", help="write the message journal or the audit trail as NDJSON")
+    archive_sub = archive.add_subparsers(dest="archive_command", required=True)
+    messages = archive_sub.add_parser(
+        "export",
+        help="the journal's messages with their trace (stages, deliveries), newest first",
+        description="One JSON line per message. Payloads hold patient data: they are left out"
+        " unless --payloads is given.",
+    )
+    audit = archive_sub.add_parser(
+        "audit",
+        help="the audit trail's entries with their hash chain (checked; exit 1 when broken)",
+    )
+    for parser in (messages, audit):
+        parser.add_argument("--out", required=True, help="the NDJSON file to write")
+        parser.add_argument("--config", default="config.yaml", help="the gateway's configuration")
+        parser.add_argument("--data-dir", type=Path, default=None, help="data directory (default: config's)")
+        parser.set_defaults(func=_cmd_archive)
+    messages.add_argument("--store", default=None, help="postgresql://HOST:PORT/DB instead of config's store")
+    messages.add_argument("--since", help="received at or after this instant (ISO 8601 with offset)")
+    messages.add_argument("--until", help="received before this instant (ISO 8601 with offset)")
+    messages.add_argument("--channel", help="only this channel's messages")
+    messages.add_argument("--status", help="only messages in this status (RECEIVED, SENT, ERROR, DEAD...)")
+    messages.add_argument(
+        "--payloads",
+        action="store_true",
+        help="include the received bytes and each stage's output (base64): patient data",
+    )
+    audit.add_argument("--file", type=Path, default=None, help="the audit log (default: DATA_DIR/audit.db)")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -412,30 +715,83 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     )
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from exc
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: 0 to 65535")
+    return value
+
+
+def _directory(text: str) -> Path:
+    """A data directory for argparse: a directory, or a path where one can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="passerelle", description="HL7v2 / FHIR interoperability gateway")
     sub = parser.add_subparsers(dest="command", required=True)
+    here = _help_addresses()
 
     run = sub.add_parser("run", help="start the gateway (JSON logs on stdout; SIGTERM drains and exits 0)")
-    run.add_argument("--config", default="config.yaml")
-    run.add_argument("--data-dir", type=Path, default=None)
-    run.add_argument("--mllp-port", type=int, default=None)
-    run.add_argument("--http-port", type=int, default=None)
+    run.add_argument("--config", default="config.yaml", help="the configuration file (default: config.yaml)")
+    run.add_argument(
+        "--data-dir",
+        type=_directory,
+        default=None,
+        help="journal, repository, audit trail and admin-token go there (default: the config's data_dir)",
+    )
+    run.add_argument(
+        "--mllp-port",
+        type=_port,
+        default=None,
+        help="port of the first MLLP source, in place of its sources[].port (0: any free port)",
+    )
+    run.add_argument(
+        "--http-port",
+        type=_port,
+        default=None,
+        help="port of the HTTP API and console, in place of http.port",
+    )
     run.add_argument("--journal", default=None, help="nats://HOST:PORT: the shared JetStream journal")
     run.add_argument("--store", default=None, help="postgresql://HOST:PORT/DB: the shared message store")
     run.set_defaults(func=_cmd_run)
 
+    config_help = (
+        "the gateway's config.yaml, read for the addresses and data_dir not given"
+        " (default: ./config.yaml when there is one)"
+    )
     send = sub.add_parser("send", help="send HL7v2 files over MLLP and print each ACK")
-    send.add_argument("files", nargs="+")
-    send.add_argument("--to", required=True, help="mllp://HOST:PORT, or mllps://HOST:PORT for MLLP over TLS")
-    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("files", nargs="+", help="HL7v2 files (one or more messages each)")
+    send.add_argument(
+        "--to",
+        default=None,
+        help="mllp://HOST:PORT, or mllps://HOST:PORT for MLLP over TLS (default: the first MLLP source"
+        f" of --config; here {here['mllp']})",
+    )
+    send.add_argument("--config", default=None, help=config_help)
+    send.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each ACK (default: 30)"
+    )
+    send.add_argument("--json", action="store_true", help="one JSON line per message (file, code, ACK)")
     send.add_argument("--tls-ca", help="mllps: PEM of the authorities to trust (default: the system's)")
     send.add_argument("--tls-cert", help="mllps: client certificate (PEM), for a server that asks (mTLS)")
     send.add_argument("--tls-key", help="mllps: the client certificate's private key (PEM)")
     send.set_defaults(func=_cmd_send)
 
     convert = sub.add_parser("convert", help="print the FHIR the mappings make of HL7v2 files (no service)")
-    convert.add_argument("files", nargs="+")
+    convert.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE|DIR",
+        help="HL7v2 files (FHIR JSON with --to hl7v2); directories recursively",
+    )
     convert.add_argument("--to", choices=["fhir", "hl7v2"], default="fhir", help="hl7v2: FHIR JSON files in")
     convert.add_argument(
         "--mappings", default=None, help="mapping directory (default: the shipped ones, or their reverse/)"
@@ -489,29 +845,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coverage.set_defaults(func=_cmd_coverage)
 
-    api_help = "base URL of the running gateway's HTTP API"
+    api_help = (
+        "base URL of the running gateway's HTTP API (default: http.host and http.port of --config;"
+        f" here {here['api']})"
+    )
+    json_help = "print the API's JSON answers, for scripts (default: readable lines and tables)"
     replay = sub.add_parser("replay", help="process stored messages again")
-    replay.add_argument("message_ids", nargs="+")
-    replay.add_argument("--api", default="http://127.0.0.1:8080", help=api_help)
+    replay.add_argument("message_ids", nargs="+", help="ids of stored messages (as the console and dlq list)")
+    replay.add_argument("--api", default=None, help=api_help)
+    replay.add_argument("--config", default=None, help=config_help)
+    replay.add_argument("--json", action="store_true", help=json_help)
     _token_args(replay)
     replay.set_defaults(func=_cmd_replay)
 
     dlq = sub.add_parser("dlq", help="list, replay or discard dead messages")
-    dlq.add_argument("action", choices=["list", "replay", "discard"])
-    dlq.add_argument("message_ids", nargs="*")
-    dlq.add_argument("--channel")
-    dlq.add_argument("--limit", type=int, default=100)
-    dlq.add_argument("--api", default="http://127.0.0.1:8080", help=api_help)
+    dlq.add_argument(
+        "action", choices=["list", "replay", "discard"], help="list them, or replay or discard the ids given"
+    )
+    dlq.add_argument("message_ids", nargs="*", help="ids of dead messages (replay, discard)")
+    dlq.add_argument("--channel", help="list: only this channel's dead messages")
+    dlq.add_argument("--limit", type=int, default=100, help="list: at most this many (default: 100)")
+    dlq.add_argument("--api", default=None, help=api_help)
+    dlq.add_argument("--config", default=None, help=config_help)
+    dlq.add_argument("--json", action="store_true", help=json_help)
     _token_args(dlq)
 
     tail = sub.add_parser("tail", help="follow a JSON log stream (a file, or stdin) with filters")
     tail.add_argument("file", nargs="?", default="-", help="a log file, or - for stdin (default)")
-    tail.add_argument("--channel")
-    tail.add_argument("--level", choices=["debug", "info", "warning", "error", "critical"])
-    tail.add_argument("--message-id")
+    tail.add_argument("--channel", help="only the lines about this channel")
+    tail.add_argument(
+        "--level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="only lines at this level or above",
+    )
+    tail.add_argument("--message-id", help="only the lines about this message")
     tail.add_argument("--since", help="an ISO time, or a duration back from now: 30s, 15m, 2h, 1d")
     tail.add_argument("--no-follow", action="store_true", help="print what is there and stop")
-    tail.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    tail.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="colour the levels: on a terminal only (auto, the default), always or never",
+    )
     tail.set_defaults(func=_cmd_tail)
 
     audit = sub.add_parser("audit", help="the audit trail")
@@ -519,19 +894,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser(
         "verify", help="check the hash chain; exits non-zero at the first bad entry"
     )
-    verify.add_argument("--data-dir", type=Path, default=Path("./var"))
+    verify.add_argument(
+        "--data-dir", type=Path, default=Path("./var"), help="where the audit log is (default: ./var)"
+    )
     verify.add_argument("--file", type=Path, default=None, help="the audit log (default: DATA_DIR/audit.db)")
     verify.set_defaults(func=_cmd_audit_verify)
     dlq.set_defaults(func=_cmd_dlq)
 
     validate = sub.add_parser("validate", help="check HL7v2 (PAM FR) or FHIR JSON files; non-zero on error")
-    validate.add_argument("files", nargs="+")
+    validate.add_argument("files", nargs="+", help="HL7v2 (.hl7, ER7) or FHIR JSON files")
     validate.add_argument("--profile", help="FHIR profile (id, name or url) instead of meta.profile")
     validate.add_argument("--profiles", help="StructureDefinition directory (default: profiles/)")
     validate.set_defaults(func=_cmd_validate)
 
     conformance = sub.add_parser("conformance", help="list or run conformance suites")
-    conformance.add_argument("action", choices=["list", "run"])
+    conformance.add_argument("action", choices=["list", "run"], help="list the suites, or run one")
     conformance.add_argument("suite", nargs="?", help="suite name or path to a suite YAML file")
     conformance.add_argument("--target", help="mllp://HOST:PORT, http(s)://HOST/fhir, or a file or directory")
     conformance.add_argument("--listen", help="mllp://HOST:PORT to receive on (live sender suites)")
@@ -558,6 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the messages and answers unmasked in the reports (they may then hold patient data)",
     )
     conformance.set_defaults(func=_cmd_conformance)
+    _add_transfer_parsers(sub)
     return parser
 
 

@@ -356,7 +356,8 @@ def test_dlq_and_replay_commands_drive_the_running_gateway(tmp_path: Path, procs
     procs.append(proc)
     port = proc.mllp_port
     api = f"http://127.0.0.1:{proc.wait_event('gateway_started')['http_port']}"
-    cli_api = ("--api", api, "--data-dir", str(tmp_path / "var"))  # the token is read from there
+    # the token is read from there; --json: the API's answers, as a script reads them
+    cli_api = ("--api", api, "--data-dir", str(tmp_path / "var"), "--json")
     # No admin credential configured: the first start wrote one (0600), and the CLI reads it from there.
     assert (tmp_path / "var" / "admin-token").stat().st_mode & 0o777 == 0o600
     assert _cli("dlq", "list", "--api", api, "--data-dir", str(tmp_path / "elsewhere")).returncode == 1

@@ -29,12 +29,24 @@ import copy
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
+from conformance.fhir.terminology import Terminology
 from conformance.findings import Finding, Severity
 
-if TYPE_CHECKING:
-    from conformance.fhir.registry import Registry
+
+class Registry(Protocol):
+    """What a Checker asks of the registry that holds the profiles (conformance/fhir/registry.py)."""
+
+    @property
+    def terminology(self) -> Terminology: ...
+
+    def profile(self, name_or_url: str) -> Profile | None: ...
+
+    def check_against(
+        self, url: str, value: Mapping[str, Any], where: str, out: list[Finding], resource: Mapping[str, Any]
+    ) -> None: ...
+
 
 CARDINALITY: Final = "FHIR-CARD-001"
 TYPE: Final = "FHIR-TYPE-001"

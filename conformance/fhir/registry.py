@@ -18,6 +18,8 @@ from conformance.fhir.fhirpath import Unsupported, compile_fast
 from conformance.fhir.profile import Checker, Evaluator, Profile, compile_profile
 from conformance.fhir.terminology import Terminology
 from conformance.findings import Finding, Severity
+from gateway.core.errors import HttpError
+from gateway.mapping.validation import InvalidResource, validate_resource
 
 BASE: Final = "FHIR-BASE-001"
 UNKNOWN_PROFILE: Final = "FHIR-PROFILE-001"
@@ -186,9 +188,6 @@ class Registry:
 
 def base_findings(resource: Mapping[str, Any]) -> list[Finding]:
     """The R4B model's verdict (fhir.resources), as findings."""
-    from gateway.core.errors import HttpError
-    from gateway.http.fhir import InvalidResource, validate_resource
-
     try:
         validate_resource(resource)
     except InvalidResource as exc:

@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from gateway.core.ack import AckTiming
 from gateway.core.errors import ConfigError
 
 Path_ = tuple[str | int, ...]
@@ -134,9 +135,14 @@ def _check_names(config: Config) -> None:
             )
         _unique(config, channel["destinations"], ("channels", i, "destinations"))
         queued = channel.get("queue", True)
-        timing = channel.get("ack", {}).get("timing", "before_processing")
-        if queued and timing != "before_processing":
+        try:  # the schema names the values; parsed here so that code compares members only
+            timing = AckTiming.of(channel)
+        except ValueError as exc:
+            raise config.error(("channels", i, "ack", "timing"), str(exc)) from exc
+        if "timing" in channel.get("ack", {}):
+            channel["ack"]["timing"] = timing
+        if queued and timing.waits:
             raise config.error(
                 ("channels", i, "ack", "timing"),
-                f"{timing!r} needs 'queue: false'; a queued channel acknowledges before processing",
+                f"{timing.value!r} needs 'queue: false'; a queued channel acknowledges before processing",
             )

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -136,5 +137,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     )
 
 
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    """The logger ``configure`` sets up (a filtering bound logger): typed, so mypy checks each call."""
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

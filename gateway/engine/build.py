@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.core.ack import AckTiming
 from gateway.core.config import Config, Path_
 from gateway.core.errors import ConfigError, PasserelleError
 from gateway.core.protocols import MessageStore
 from gateway.core.tls import resolve_paths
 from gateway.engine import registry
-from gateway.engine.channel import ChannelRuntime, DestinationRuntime, Filter
+from gateway.engine.channel import ChannelRuntime, LaneChannel
+from gateway.engine.pipeline import DestinationRuntime, Filter, Pipeline
 from gateway.engine.retry import RetryPolicy
 from gateway.engine.steps import Step
 from gateway.hl7.charsets import codec_for
@@ -39,8 +41,8 @@ class ChannelSpec:
         return ("channels", self.index)
 
     @property
-    def ack_timing(self) -> str:
-        return str(self.data.get("ack", {}).get("timing", "before_processing"))
+    def ack_timing(self) -> AckTiming:
+        return AckTiming.of(self.data)
 
     @property
     def sending_application(self) -> str:
@@ -130,7 +132,7 @@ class Builder:
         for si, s in enumerate(ch.get("steps", [])):
             step_item = {"name": f"{si + 1}-{s['type']}", **s}
             steps.append(self.connector("passerelle.steps", step_item, (*spec.at, "steps", si)))
-        return ChannelRuntime(
+        pipeline = Pipeline(
             name=spec.name,
             source=spec.source,
             store=store,
@@ -139,10 +141,13 @@ class Builder:
             destinations=dests,
             queued=ch.get("queue", True),
             ack_timing=spec.ack_timing,
-            partitions=ch.get("partitions", 64),
-            max_in_memory=ch.get("max_in_memory", 10_000),
             dedupe=ch.get("dedupe", True),
             default_charset=spec.default_charset,
             sending_application=spec.sending_application,
+        )
+        return LaneChannel(
+            pipeline,
+            partitions=ch.get("partitions", 64),
+            max_in_memory=ch.get("max_in_memory", 10_000),
             shard=shard,
         )

@@ -32,8 +32,6 @@ from gateway.store.fhir import FhirRepository
 
 log = get_logger("passerelle.fhir_intake")
 
-_WAITING = ("after_transform", "after_delivery")
-
 
 @dataclass(frozen=True, slots=True)
 class FhirRoute:
@@ -84,7 +82,7 @@ class Receipt:
 
     @property
     def waits(self) -> bool:
-        return any(c.ack_timing in _WAITING for c, _ in self.routes)
+        return any(c.ack_timing.waits for c, _ in self.routes)
 
 
 @dataclass(slots=True)
@@ -172,7 +170,7 @@ class FhirIntake:
         for (channel, _), env, res in zip(receipt.routes, receipt.envelopes, receipt.results, strict=True):
             if res.duplicate:
                 continue
-            if channel.ack_timing in _WAITING:
+            if channel.ack_timing.waits:
                 waits.append((res.message_id, channel.expect_outcome(res.message_id, env.partition_key)))
             channel.offer(WorkItem(res.seq, env, Status.RECEIVED, None, (), {}, checked=True))
         failure: MessageError | None = None

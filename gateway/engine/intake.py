@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
+from gateway.core.ack import AckTiming
 from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import (
     AckCode,
@@ -30,7 +31,7 @@ from gateway.core.ids import new_id
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, Peer, Reply, StageRecord, WorkItem
 from gateway.core.status import Status
-from gateway.engine.channel import Outcome
+from gateway.engine.pipeline import Outcome
 from gateway.hl7.ack import AckRequest, ack_request, build_ack
 from gateway.hl7.er7 import Message
 
@@ -56,7 +57,7 @@ class IntakeChannel(Protocol):
     """What the intake needs of a channel: a ChannelRuntime, or its stand-in for a worker process."""
 
     name: str
-    ack_timing: str
+    ack_timing: AckTiming
     sending_application: str
     dedupe: bool
     counters: dict[str, int]
@@ -94,7 +95,7 @@ class Hl7Intake:
         self._background: set[asyncio.Task[Any]] = set()
         self.partition_secret = b""  # set by the gateway at start, from the data directory
         # Channels that acknowledge on commit take the callback path; the others wait for processing.
-        self._ack_on_commit = all(c.ack_timing == "before_processing" for c in self.channels)
+        self._ack_on_commit = not any(c.ack_timing.waits for c in self.channels)
 
     # -- the hot path: callbacks, so that a frame is journaled and answered within two loop turns --
 
@@ -282,7 +283,7 @@ class Hl7Intake:
             if env.status is Status.FILTERED:
                 channel.counters["filtered"] += 1
                 continue
-            if channel.ack_timing != "before_processing":
+            if channel.ack_timing.waits:
                 waits.append((channel, res.message_id))
             channel.offer(WorkItem(res.seq, env, Status.RECEIVED, None, (), {}, checked=True))
         return waits
@@ -337,9 +338,7 @@ class Hl7Intake:
         expected = {
             res.message_id: channel.expect_outcome(res.message_id, env.partition_key)
             for channel, env, res in zip(self.channels, envelopes, results, strict=True)
-            if not res.duplicate
-            and env.status is Status.RECEIVED
-            and channel.ack_timing != "before_processing"
+            if not res.duplicate and env.status is Status.RECEIVED and channel.ack_timing.waits
         }
         self._dispatch(msg, envelopes, results, peer)
         return [(fut, mid) for mid, fut in expected.items()]

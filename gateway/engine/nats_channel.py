@@ -18,6 +18,7 @@ import contextlib
 from typing import Any
 
 from nats.aio.msg import Msg
+from structlog.contextvars import bound_contextvars
 
 from gateway.core.envelope import Envelope
 from gateway.core.errors import StoreError
@@ -25,6 +26,8 @@ from gateway.core.logging import get_logger
 from gateway.core.protocols import WorkItem
 from gateway.core.status import Status
 from gateway.engine.channel import ChannelRuntime
+from gateway.engine.pipeline import Attempt
+from gateway.engine.retry import Action
 from gateway.store.nats_journal import NATS_ERRORS, JetStreamStore, decode, in_progress_while
 
 log = get_logger("passerelle.channel")
@@ -37,21 +40,9 @@ class JetStreamChannel(ChannelRuntime):
     """The channel's steps and destinations, driven by the shared stream instead of local lanes."""
 
     def __init__(self, base: ChannelRuntime, store: JetStreamStore, *, fetch_timeout: float = 2.0) -> None:
-        super().__init__(
-            name=base.name,
-            source=base.source,
-            store=store,
-            filter=base.filter,
-            steps=base.steps,
-            destinations=base.destinations,
-            queued=base.queued,
-            ack_timing=base.ack_timing,
-            partitions=1,
-            max_in_memory=base.max_in_memory,
-            dedupe=base.dedupe,
-            default_charset=base.default_charset,
-            sending_application=base.sending_application,
-        )
+        if base.pipeline.store is not store:
+            raise ValueError("a JetStream channel's pipeline writes to the JetStream store")
+        super().__init__(base.pipeline)  # the same steps, destinations and counters: no copy
         self.pg = store
         self.journal = store.journal
         self.fetch_timeout = fetch_timeout
@@ -64,13 +55,17 @@ class JetStreamChannel(ChannelRuntime):
         self._busy: set[int] = set()
         self._idle = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
 
     def start(self) -> None:
-        self._recovering = False
-        self._spilled = False
-        self._recovered.set()  # nothing to reload: the stream holds the pending work
-        for p in range(self.journal.partitions):
-            self._consumers.append(asyncio.create_task(self._consume(p), name=f"consumer-{self.name}-{p}"))
+        with bound_contextvars(channel=self.name):  # copied into each consumer task's context
+            for p in range(self.journal.partitions):
+                self._consumers.append(
+                    asyncio.create_task(self._consume(p), name=f"consumer-{self.name}-{p}")
+                )
+
+    async def recovered(self) -> None:
+        """Nothing to recover here: the stream holds the pending work."""
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop pulling; let messages in hand finish (up to the timeout); the rest stays in the stream."""
@@ -92,7 +87,8 @@ class JetStreamChannel(ChannelRuntime):
 
     def replay(self, item: WorkItem) -> None:
         """Back into the stream, at the end of its partition (the store already reset it)."""
-        task = asyncio.get_running_loop().create_task(self._republish(item))
+        with bound_contextvars(channel=self.name, message_id=item.envelope.id):  # the task's context
+            task = asyncio.get_running_loop().create_task(self._republish(item))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -104,11 +100,9 @@ class JetStreamChannel(ChannelRuntime):
             try:
                 await self.journal.publish(item.envelope, None)
             except StoreError as exc:
-                log.warning(
-                    "replay_publish_failed", channel=self.name, message_id=item.envelope.id, error=exc.message
-                )
+                log.warning("replay_publish_failed", error=exc.message)
                 if self._stopping:
-                    log.error("replay_not_published", channel=self.name, message_id=item.envelope.id)
+                    log.error("replay_not_published")
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, longest)
@@ -125,9 +119,7 @@ class JetStreamChannel(ChannelRuntime):
             except TimeoutError:
                 continue  # nothing for this partition just now
             except (*NATS_ERRORS, StoreError) as exc:
-                log.warning(
-                    "consumer_fetch_failed", channel=self.name, partition=partition, error=type(exc).__name__
-                )
+                log.warning("consumer_fetch_failed", partition=partition, error=type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
@@ -142,13 +134,12 @@ class JetStreamChannel(ChannelRuntime):
                     # says where it stopped (a message already SENT is only acked).
                     log.warning(
                         "consumer_ack_failed",
-                        channel=self.name,
                         partition=partition,
                         seq=msg.metadata.sequence.stream,
                         error=type(exc).__name__,
                     )
                 except Exception as exc:
-                    log.exception("consumer_unexpected_error", channel=self.name, error=type(exc).__name__)
+                    log.exception("consumer_unexpected_error", error=type(exc).__name__)
                     with contextlib.suppress(*NATS_ERRORS):
                         await msg.nak(delay=1.0)
                 finally:
@@ -158,28 +149,29 @@ class JetStreamChannel(ChannelRuntime):
 
     async def _take(self, msg: Msg) -> None:
         env, ack = decode(msg.data)
-        delivered = msg.metadata.num_delivered
-        wait, longest = self.store_backoff
-        while True:
-            try:
-                delay = await self._take_once(msg, env, ack, delivered)
-                break
-            except StoreError as exc:
-                log.error("consumer_store_failed", channel=self.name, message_id=env.id, error=exc.message)
-                if self._stopping:  # another node (or this one, restarted) takes it over
-                    with contextlib.suppress(*NATS_ERRORS):
-                        await msg.nak(delay=1.0)
-                    return
-                # Kept in hand: in_progress_while keeps JetStream from redelivering meanwhile.
-                self.store_retries += 1
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, longest)
-        if delay is None:
-            return
-        if delay == _DONE:
-            await msg.ack_sync()
-        else:
-            await msg.nak(delay=delay)
+        with bound_contextvars(message_id=env.id):  # what is logged for this message names it
+            delivered = msg.metadata.num_delivered
+            wait, longest = self.store_backoff
+            while True:
+                try:
+                    delay = await self._take_once(msg, env, ack, delivered)
+                    break
+                except StoreError as exc:
+                    log.error("consumer_store_failed", error=exc.message)
+                    if self._stopping:  # another node (or this one, restarted) takes it over
+                        with contextlib.suppress(*NATS_ERRORS):
+                            await msg.nak(delay=1.0)
+                        return
+                    # Kept in hand: in_progress_while keeps JetStream from redelivering meanwhile.
+                    self.store_retries += 1
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, longest)
+            if delay is None:
+                return
+            if delay == _DONE:
+                await msg.ack_sync()
+            else:
+                await msg.nak(delay=delay)
 
     async def _take_once(
         self, msg: Msg, env: Envelope, ack: tuple[bytes, str] | None, delivered: int
@@ -188,7 +180,7 @@ class JetStreamChannel(ChannelRuntime):
         result, existing = await self.pg.admit(env, ack)
         if result.duplicate:
             self.counters["duplicates"] += 1
-            log.info("message_duplicate", channel=self.name, message_id=result.message_id)
+            log.info("message_duplicate", message_id=result.message_id)  # the first one's id
             await msg.ack_sync()
             return None
         if existing in _TERMINAL:  # done by a node that stopped before its ack: nothing left
@@ -207,81 +199,34 @@ class JetStreamChannel(ChannelRuntime):
     async def _work(self, item: WorkItem, *, last: bool) -> float:
         """Process and deliver what is pending; returns _DONE or the delay before the next try."""
         env = item.envelope
+        first: dict[str, Attempt] = {}
+        attempts: dict[str, int] = {}
         if item.status is Status.RECEIVED:
             self.counters["received"] += 1
-            result = self._process(env)
+            result = self.pipeline.process(env)
             if result is None:
                 return _DONE
             payload, transformed = result
             todo = list(self.destinations)
-            first = {d.name: await self._attempt(env, payload, d, 1) for d in todo}
-            if all(a.ok and a.stage is None for a in first.values()):
-                for dest in todo:
-                    dest.sent += 1
-                self.store.queue_deliveries(env.id, transformed, [d.name for d in todo], sent=True)
-                self.counters["sent"] += 1
+            tried = await self.pipeline.first_round(env, payload, todo, transformed)
+            if tried is None:
                 return _DONE
-            self.store.queue_deliveries(env.id, transformed, [d.name for d in todo])
-            attempts: dict[str, int] = {}
+            first = tried
         else:
             payload = item.payload if item.payload is not None else env.raw
             names = set(item.pending_destinations)
             todo = [d for d in self.destinations if d.name in names]
             attempts = dict(item.attempts)
-            first = {}
         delays: list[float] = []
         for dest in todo:
             attempt = attempts.get(dest.name, 0) + 1
-            got = first.get(dest.name) or await self._attempt(env, payload, dest, attempt)
-            if got.ok:
-                dest.sent += 1
-                self.store.delivery_update(
-                    env.id, dest.name, Status.SENT, attempt, message_status=None, stage=got.stage
-                )
+            got = first.get(dest.name) or await self.pipeline.attempt(env, payload, dest, attempt)
+            verdict = self.pipeline.settle(env, dest, attempt, got, last_delivery=last)
+            if verdict is None or verdict.action is Action.GIVE_UP:
                 continue
-            dest.errors += 1
-            log.warning(
-                "delivery_failed",
-                channel=self.name,
-                destination=dest.name,
-                message_id=env.id,
-                attempt=attempt,
-                detail=got.detail,
-            )
-            if not self.queued:
-                self.store.delivery_update(
-                    env.id,
-                    dest.name,
-                    Status.ERROR,
-                    attempt,
-                    message_status=Status.ERROR,
-                    stage=got.stage,
-                    error=got.detail,
-                )
+            if verdict.action is Action.RETRY:
+                delays.append(verdict.delay)
                 continue
-            if got.retry and attempt < dest.retry.max_attempts and not last:
-                self.store.delivery_update(
-                    env.id,
-                    dest.name,
-                    Status.ERROR,
-                    attempt,
-                    message_status=Status.ERROR,
-                    stage=got.stage,
-                    error=got.detail,
-                )
-                delays.append(dest.retry.delay(attempt, got.defer))
-                continue
-            dest.dead += 1
-            self.counters["dead"] += 1
-            self.store.delivery_update(
-                env.id,
-                dest.name,
-                Status.DEAD,
-                attempt,
-                message_status=Status.DEAD,
-                stage=got.stage,
-                error=got.detail,
-            )
             await self.journal.dead_letter(env, dest.name, got.detail)
         if delays:
             return max(min(delays), 0.001)
@@ -291,7 +236,10 @@ class JetStreamChannel(ChannelRuntime):
         return _DONE
 
     def snapshot(self) -> dict[str, Any]:
-        snap = super().snapshot()
+        # No local queue: the stream holds what waits.
+        snap = self.pipeline.snapshot(
+            {"in_memory": 0, "spilled": False, "recovering": False, "busy_lanes": 0}
+        )
         snap["in_hand"] = len(self._busy)
         snap["partitions"] = self.journal.partitions
         snap["journal"] = "nats"

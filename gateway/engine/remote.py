@@ -19,12 +19,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.core.ack import AckTiming
 from gateway.core.envelope import Envelope
 from gateway.core.errors import AckCode, MessageError, StoreError
 from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
 from gateway.core.status import Status
-from gateway.engine.channel import Filter, Outcome
 from gateway.engine.link import Link
+from gateway.engine.pipeline import Filter, Outcome
 from gateway.hl7.er7 import Message
 from gateway.store.sqlite import SqliteStore
 
@@ -56,7 +57,7 @@ class ChannelPort:
         name: str,
         source: str,
         filter: Filter,
-        ack_timing: str,
+        ack_timing: AckTiming,
         sending_application: str,
         worker: WorkerHandle,
         *,
@@ -66,7 +67,7 @@ class ChannelPort:
         self.name = name
         self.source = source
         self.filter = filter
-        self.ack_timing = ack_timing
+        self.ack_timing = AckTiming(ack_timing)
         self.sending_application = sending_application
         self.worker = worker
         self.dedupe = dedupe

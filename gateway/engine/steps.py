@@ -19,7 +19,7 @@ from gateway.core.envelope import FHIR_JSON, HL7_V2, Envelope
 from gateway.core.errors import MessageError, UnsupportedMessage, ValidationError
 from gateway.hl7.charsets import CHARSETS, codec_for
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions, namespaces, reverse_functions
+from gateway.mapping import catalog, functions, namespaces, reverse_functions
 from gateway.mapping.engine import Library, MappingResult
 from gateway.mapping.reverse import ReverseLibrary
 from gateway.mapping.validate import bundle_errors
@@ -165,7 +165,7 @@ class FhirMapping:
 
     def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
         self.name = name
-        self.library = Library.load(Path(settings["directory"]), functions.available())
+        self.library = Library.load(Path(settings["directory"]), catalog.available())
         self.fr_core_version: str = settings.get("fr_core_version", "2.1.0")
         self.reject_unmapped = settings.get("unmapped", "report") == "reject"
         self.timezone: str = settings.get("timezone", "Europe/Paris")

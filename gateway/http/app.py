@@ -16,7 +16,9 @@ from gateway.core.protocols import MessageStore
 from gateway.core.status import Status
 from gateway.http.audit import add_audit_routes, audit_middleware, record_reveal
 from gateway.http.auth import Authenticator, Role, auth_middleware, require
+from gateway.http.bulk import add_bulk_routes
 from gateway.http.console import add_console_routes
+from gateway.http.console_api import add_console_api_routes
 from gateway.http.documents import add_document_routes
 from gateway.http.fhir import add_fhir_routes
 from gateway.http.limits import rate_limit_middleware
@@ -56,6 +58,8 @@ def build_app(
     metrics: MetricsSource | None = None,
     rate_limit: Mapping[str, Any] | None = None,
     documents: Mapping[str, Any] | None = None,
+    console: Mapping[str, Any] | None = None,
+    bulk: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """Access control is always on: without an authenticator only /health, /ready and the
     console's static files answer; everything else is 401.
@@ -84,6 +88,8 @@ def build_app(
     app.router.add_post("/api/dlq/{id}/discard", discard)
     add_metrics_route(app, metrics)
     add_console_routes(app)
+    add_console_api_routes(app, runtime, console)  # after the metrics route: its plots sample it
+    add_bulk_routes(app, runtime.fhir, bulk)  # $export (settings or None): before every other /fhir route
     add_audit_routes(app, audit)  # before /fhir/{type}, which would take /fhir/AuditEvent
     add_document_routes(app, runtime.fhir, documents)  # the MHD routes, before the generic /fhir ones
     add_fhir_routes(app, runtime.fhir)

@@ -113,6 +113,7 @@ def audit_middleware() -> Middleware:
             or not (path == "/fhir" or path.startswith("/fhir/"))
             or path == "/fhir/metadata"
             or path.startswith("/fhir/AuditEvent")
+            or "/$export" in path  # gateway.http.bulk records its own kick-off, download and cancel
             or request.method in ("HEAD", "OPTIONS")
         ):
             return await handler(request)

@@ -55,6 +55,10 @@ FHIR_REPOSITORY: web.AppKey[FhirRepository] = web.AppKey("fhir_repository", Fhir
 CAPABILITIES: web.AppKey[dict[str, dict[str, Any]]] = web.AppKey("capabilities", dict)
 
 
+# System-level operations the CapabilityStatement lists (set by the routes that serve them).
+OPERATIONS: web.AppKey[list[dict[str, Any]]] = web.AppKey("fhir_operations", list)
+
+
 def add_capability(app: web.Application, entry: dict[str, Any]) -> None:
     if CAPABILITIES not in app:
         app[CAPABILITIES] = {}
@@ -244,6 +248,8 @@ async def metadata(request: web.Request) -> web.Response:
                 {"code": "batch"},
             ]
         statement["rest"] = [rest]
+    if OPERATIONS in request.app:
+        statement["rest"] = [{**statement["rest"][0], "operation": request.app[OPERATIONS]}]
     return fhir_response(statement)
 
 

@@ -97,6 +97,8 @@ async def format_middleware(request: web.Request, handler: Handler) -> web.Strea
         if fmt and _media_type(fmt.replace(" ", "+")) not in JSON_FORMATS:
             raise NotAcceptable(f"_format={fmt}: this server answers FHIR JSON only", location="_format")
         accept = request.headers.get("Accept", "")
-        if fmt is None and not path.startswith("/fhir/Binary/") and not accepts_json(accept):
+        # ITI-68 answers the document's own type; an export's files are NDJSON.
+        own_format = path.startswith(("/fhir/Binary/", "/fhir/$export-file/"))
+        if fmt is None and not own_format and not accepts_json(accept):
             raise NotAcceptable("Accept: this server answers FHIR JSON only (application/fhir+json)")
     return await handler(request)

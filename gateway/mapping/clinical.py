@@ -39,12 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
 
-from gateway.core.errors import UnknownNamespace
+from gateway.core.errors import UnknownNamespace, UnsupportedMessage, ValidationError
 from gateway.hl7 import path as er7_path
 from gateway.hl7.er7 import unescape
 from gateway.mapping.engine import NULL, Context, Leaf
 from gateway.mapping.functions import (
     _keep,
+    concept_at,
     cwe_concept,
     cx_identifier,
     ei_identifier,
@@ -215,6 +216,14 @@ def _scoped_identifier(ctx: Context, scope: str, key: Key | None, what: str) -> 
 def patient_scoped_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The current segment's key within its patient (``kind:`` names what it is): its set id."""
     return _scoped_identifier(ctx, PATIENT_SCOPE, patient_key(ctx), "patient")
+
+
+def relative_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """A relative the PID itself names (PID-21, the mother): one per patient and role (``kind:``)."""
+    key = patient_key(ctx)
+    if key is None:
+        return None
+    return {"system": _scoped(PATIENT_SCOPE, key, ctx.kind or "relative"), "value": "1"}
 
 
 def visit_scoped_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -544,10 +553,9 @@ def _entry(
     ctx: Context, key: str, place: _Place | None, display: str, status: str, start: bool
 ) -> dict[str, Any] | None:
     entry: dict[str, Any] = {}
-    if place is not None and key in ctx.refs:
-        ref = ctx.ref(key)
-        if isinstance(ref, dict):
-            entry["location"] = dict(ref)
+    ref = _own(ctx, key) if place is not None else None  # one per PV1 group in an A45: this one's
+    if ref:
+        entry["location"] = ref
     if display:
         entry.setdefault("location", {})["display"] = display
     if not entry:
@@ -569,20 +577,36 @@ def _movement_time(ctx: Context) -> str | None:
     return found
 
 
-def _pl_entry(ctx: Context, key: str, fld: int, status: str, start: bool) -> dict[str, Any] | None:
-    occ = ctx.occurrence("PV1")
-    if occ is None or not _parts(ctx, "PV1", occ, fld):
+def _pl_entry(
+    ctx: Context, key: str, fld: int, status: str, start: bool, seg: str = "PV1"
+) -> dict[str, Any] | None:
+    occ = ctx.occurrence(seg)
+    if occ is None or not _parts(ctx, seg, occ, fld):
         return None
-    place = _place_key(ctx, "PV1", occ, fld)
-    display = " / ".join(text for _, text in _place_parts(ctx, "PV1", occ, fld))
+    place = _place_key(ctx, seg, occ, fld)
+    display = " / ".join(text for _, text in _place_parts(ctx, seg, occ, fld))
     return _entry(ctx, key, place, display, status, start)
+
+
+# The pending events (HL7 v2 chapter 3; PAM FR "mouvements prévisionnels") and the triggers that
+# cancel them: admit A14 / A27, transfer A15 / A26, discharge A16 / A25.
+PENDING_ADMIT: Final = "A14"
+PENDING_TRANSFER: Final = "A15"
+# A cancelled pending admit or transfer withdraws the place the patient was to go to.
+_WITHDRAWN_PLACES: Final = frozenset({"A26", "A27"})
+
+
+def trigger(ctx: Context) -> str:
+    """MSH-9.2, the trigger event (a header field: reading it maps nothing)."""
+    return ctx.read("MSH-9.2").strip()
 
 
 def location_assigned(ctx: Context, _: Any) -> dict[str, Any] | None:
     """PV1-3 → an Encounter.location entry (V2-to-FHIR "PV1[Encounter]": active, planned when PV1-2
-    is P), referring to its Location, from the movement's time (ZBE-2)."""
-    status = "planned" if ctx.read("PV1-2.1") == "P" else "active"
-    return _pl_entry(ctx, "assigned_location", 3, status, True)
+    is P, and on a pending admit (A14), whose place is where the patient is to be admitted),
+    referring to its Location, from the movement's time (ZBE-2)."""
+    planned = ctx.read("PV1-2.1") == "P" or trigger(ctx) == PENDING_ADMIT
+    return _pl_entry(ctx, "assigned_location", 3, "planned" if planned else "active", True)
 
 
 def location_prior(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -593,6 +617,31 @@ def location_prior(ctx: Context, _: Any) -> dict[str, Any] | None:
 def location_temporary(ctx: Context, _: Any) -> dict[str, Any] | None:
     """PV1-11 → an Encounter.location entry, active (V2-to-FHIR "PV1[Encounter]")."""
     return _pl_entry(ctx, "temporary_location", 11, "active", False)
+
+
+def location_pending(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """PV1-42 (pending location) → an Encounter.location entry: reserved, as V2-to-FHIR
+    "PV1[Encounter]" says of the field; planned on a pending transfer (A15), which announces that
+    the patient is to be moved there (FHIR R4's definition of planned). A cancelled pending admit or
+    transfer (A27, A26) withdraws it: no entry (the place stays a Location)."""
+    event = trigger(ctx)
+    if event in _WITHDRAWN_PLACES:
+        return None
+    status = "planned" if event == PENDING_TRANSFER else "reserved"
+    return _pl_entry(ctx, "pending_location", 42, status, False)
+
+
+def location_prior_temporary(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """PV1-43 (prior temporary location) → an Encounter.location entry, completed (V2-to-FHIR)."""
+    return _pl_entry(ctx, "prior_temporary_location", 43, "completed", False)
+
+
+def location_prior_pending(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """PV2-1 (prior pending location) → an Encounter.location entry, planned (V2-to-FHIR
+    "PV2[Encounter]"); none on A26/A27, which withdraw the pending place."""
+    if trigger(ctx) in _WITHDRAWN_PLACES:
+        return None
+    return _pl_entry(ctx, "prior_pending_location", 1, "planned", False, seg="PV2")
 
 
 def _unit_entry(ctx: Context, key: str, fld: int) -> dict[str, Any] | None:
@@ -612,6 +661,62 @@ def location_medical_unit(ctx: Context, _: Any) -> dict[str, Any] | None:
 def location_care_unit(ctx: Context, _: Any) -> dict[str, Any] | None:
     """ZBE-8 (PAM FR: the care responsibility unit) → an Encounter.location entry."""
     return _unit_entry(ctx, "care_unit", 8)
+
+
+# -- events PAM FR defines otherwise, moves ---------------------------------------------------------
+
+
+def declares_pam_fr(ctx: Context) -> bool:
+    """Whether the message comes from a French sender that follows PAM FR: MSH-12 ``2.5^FRA^…``,
+    MSH-17 FRA, an IHE_FRANCE profile in MSH-21, or a PAM FR movement segment (ZBE)."""
+    memo = ("clinical:pam-fr",)
+    if memo not in ctx.memo:
+        msg = ctx.message
+        ctx.memo[memo] = (
+            ctx.read("MSH-12.2.1").strip().upper() == "FRA"
+            or ctx.read("MSH-17.1").strip().upper() == "FRA"
+            or any("IHE_FRANCE" in rep.upper() for rep in msg.repetitions("MSH-21"))
+            or bool(msg.segments_named("ZBE"))
+        )
+    found: bool = ctx.memo[memo]
+    return found
+
+
+def pam_fr_trigger_check(ctx: Context, _: Any) -> None:
+    """Refuses, as a type not mapped (AR, ERR-3 200), a trigger PAM FR does not use when the sender
+    declares PAM FR: A08 (identity updates come as A31, visit and movement corrections as Z99). Other
+    senders' A08 is mapped as V2-to-FHIR says. Sets nothing."""
+    if trigger(ctx) == "A08" and declares_pam_fr(ctx):
+        raise UnsupportedMessage(
+            "ADT^A08 is not mapped for a PAM FR sender: PAM FR does not use A08 (identity updates "
+            "come as A31, visit and movement corrections as Z99)",
+            location="MSH-9",
+        )
+
+
+def prior_visit_identifier(ctx: Context, value: Any) -> dict[str, Any] | None:
+    """The current MRG-5 repetition of an A45 (the visit that moves) → its namespaced identifier,
+    the key the visit is found by. A45 moves a visit between accounts; when MRG-1 names a patient
+    other than PID-3, it would also move the visit to another patient, which the gateway never does
+    (identity safety: the repository refuses to move a record between patients): the message is
+    refused, naming MRG-1. A prior patient named in no namespace PID-3 shares cannot be told to be
+    the same one: refused too."""
+    occ = ctx.occurrence("MRG") or 1
+    prior = _cx_identifiers(ctx, "MRG", occ, 1, "patient")
+    named = any(rep.strip() for rep in ctx.message.repetitions(f"MRG[{occ}]-1"))
+    if named:
+        current = {
+            (str(i["system"]), str(i["value"]))
+            for i in _cx_identifiers(ctx, "PID", ctx.occurrence("PID") or 1, 3, "patient")
+        }
+        if not any((str(i["system"]), str(i["value"])) in current for i in prior):
+            raise ValidationError(
+                "A45 moves this visit from the patient of MRG-1 to another patient (PID-3): the "
+                "gateway never moves a visit between patients (a merge, A40, or a correction at "
+                "the source is needed)",
+                location=er7_path.field_path("MRG", occ, 1),
+            )
+    return cx_identifier(ctx, value)
 
 
 # -- people ---------------------------------------------------------------------------------------
@@ -734,22 +839,11 @@ def contact_role(ctx: Context, _: Any) -> dict[str, Any] | None:
     return _table_concept(ctx, CONTACT_ROLE_MAP, V2_0131, ("HL70131", "0131"))
 
 
-def _field_concept(ctx: Context, seg: str, occ: int, fld: int) -> dict[str, Any] | None:
-    reps = ctx.message.repetitions(f"{seg}[{occ}]-{fld}")
-    if not reps or not reps[0].strip():
-        return None
-    saved = ctx.scoped(seg, occ, fld, 1, reps[0])
-    try:
-        return cwe_concept(ctx, None)
-    finally:
-        ctx.restore(saved)
-
-
 def _alternate_codes(ctx: Context, fld: int) -> dict[str, Any] | None:
     if ctx.segment is None:
         return None
     seg, occ = ctx.segment
-    concept = _field_concept(ctx, seg, occ, fld)
+    concept = concept_at(ctx, seg, occ, fld)
     if concept is None:
         return None
     return {"extension": [{"url": ALTERNATE_CODES, "valueCodeableConcept": concept}]}
@@ -764,6 +858,124 @@ def allergy_category_original(ctx: Context, _: Any) -> list[dict[str, Any]] | No
 def allergy_severity_original(ctx: Context, _: Any) -> dict[str, Any] | None:
     """AL1-4 / IAM-4 as sent, on ``criticality`` (V2-to-FHIR: the alternate-codes extension)."""
     return _alternate_codes(ctx, 4)
+
+
+# -- allergy updates (IAM) ------------------------------------------------------------------------
+
+ALLERGY_CLINICAL: Final = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+ALLERGY_VERIFICATION: Final = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+V2_0438: Final = "http://terminology.hl7.org/CodeSystem/v2-0438"
+_STATUS_DISPLAYS: Final = {
+    "active": "Active",
+    "inactive": "Inactive",
+    "resolved": "Resolved",
+    "confirmed": "Confirmed",
+    "unconfirmed": "Unconfirmed",
+    "refuted": "Refuted",
+    "entered-in-error": "Entered in Error",
+}
+CLINICAL_0438_MAP: Final = "hl7-0438-allergy-clinical"
+VERIFICATION_0438_MAP: Final = "hl7-0438-allergy-verification"
+
+
+def _status(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code, "display": _STATUS_DISPLAYS.get(code, code)}]}
+
+
+def allergy_statuses(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current IAM → AllergyIntolerance ``clinicalStatus`` and ``verificationStatus``.
+
+    IAM-6 D (delete, table 0206): V2-to-FHIR makes it an HTTP DELETE; the gateway never deletes
+    clinical data, so the allergy is kept and marked ``entered-in-error`` (verification), without a
+    clinical status (FHIR ait-2), as DG1-21 D is. Otherwise IAM-17 (table 0438, which mixes both
+    axes) is translated: C confirmed, U/P/S unconfirmed, E entered-in-error, I inactive; the code
+    as sent is kept beside the translation (v2-0438). V2-to-FHIR puts IAM-17 in clinicalStatus as
+    sent, which FHIR's required binding does not admit. Without IAM-17 the allergy is active; a code
+    the maps do not know is reported (a warning, the unmapped report) and the allergy stays active.
+    """
+    if ctx.segment is None:
+        return None
+    seg, occ = ctx.segment
+    base = f"{seg}[{occ}]"
+    if ctx.read(f"{base}-6.1").strip().upper() == "D":
+        ctx.take(f"{base}-6.1")
+        return {"verificationStatus": _status(ALLERGY_VERIFICATION, "entered-in-error")}
+    code = ctx.read(f"{base}-17.1").strip()
+    clinical_map = ctx.concept_maps.get(CLINICAL_0438_MAP)
+    verification_map = ctx.concept_maps.get(VERIFICATION_0438_MAP)
+    if not code or clinical_map is None or verification_map is None:
+        return {"clinicalStatus": _status(ALLERGY_CLINICAL, "active")}
+    if code not in clinical_map or code not in verification_map:
+        ctx.degrade(
+            f"{base}-17: code {code!r} not in concept map {CLINICAL_0438_MAP}; the allergy is kept active",
+            code="103",
+        )
+        return {"clinicalStatus": _status(ALLERGY_CLINICAL, "active")}
+    clinical, verification = clinical_map[code], verification_map[code]
+    original: dict[str, Any] = {"system": V2_0438, "code": ctx.take(f"{base}-17.1")}
+    if ctx.read(f"{base}-17.2").strip():
+        original["display"] = ctx.take(f"{base}-17.2")
+    if ctx.read(f"{base}-17.3").strip().upper() in ("HL70438", "0438"):
+        ctx.take(f"{base}-17.3")
+    out: dict[str, Any] = {}
+    if clinical:
+        out["clinicalStatus"] = _status(ALLERGY_CLINICAL, str(clinical))
+    if verification:
+        out["verificationStatus"] = _status(ALLERGY_VERIFICATION, str(verification))
+    holder = out["verificationStatus" if verification else "clinicalStatus"]
+    holder["coding"].append(original)
+    return out
+
+
+def cwe_codings(ctx: Context, value: Any) -> list[dict[str, Any]] | None:
+    """The current CWE → its codings (to add to a CodeableConcept: IAM-27 to the allergen's code)."""
+    concept = cwe_concept(ctx, value)
+    codings = (concept or {}).get("coding") or []
+    return list(codings) or None
+
+
+def _own(ctx: Context, key: str) -> dict[str, str] | None:
+    """The reference to this segment's resource ``key`` (one per segment), when the feed defines it
+    and it was built."""
+    if key not in ctx.refs:
+        return None
+    found = ctx.ref(key)
+    one = (found[0] if len(found) == 1 else None) if isinstance(found, list) else found
+    return dict(one) if one else None
+
+
+def allergy_recorder(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """The current IAM → AllergyIntolerance.recorder. V2-to-FHIR: IAM-14 (reported by) is the
+    recorder, the Patient when IAM-15 is SEL, a RelatedPerson for another relationship
+    (``allergy_reporter``), else a name alone (not always a practitioner: a display, no resource).
+    Without IAM-14, the person who first recorded it (IAM-23, ``allergy_recorder``), as Microsoft
+    FHIR-Converter does."""
+    if ctx.segment is None:
+        return None
+    seg, occ = ctx.segment
+    relation = ctx.read(f"{seg}[{occ}]-15.1").strip()
+    reps = ctx.message.repetitions(f"{seg}[{occ}]-14")
+    reported = reps[0] if reps and reps[0].strip() else ""
+    if relation.upper() == "SEL":
+        return _own(ctx, "patient") if reported else None
+    if relation:
+        return _own(ctx, "allergy_reporter")
+    if reported:
+        saved = ctx.scoped(seg, occ, 14, 1, reported)
+        try:
+            name = person_display(ctx, None)
+        finally:
+            ctx.restore(saved)
+        return {"display": name} if name else None
+    return _own(ctx, "allergy_recorder")
+
+
+def person_display(ctx: Context, _: Any) -> str | None:
+    """The current XPN → a display name (given names, then the family name), for a person the
+    message names without a number to key a resource on (IAM-14 without IAM-15)."""
+    parts = [ctx.take(path) for path in (".5", ".2", ".3", ".1.1")]
+    text = " ".join(p.strip() for p in parts if p.strip())
+    return text or None
 
 
 # -- visit (PV2) ----------------------------------------------------------------------------------
@@ -811,6 +1023,7 @@ def mode_of_arrival(ctx: Context, _: Any) -> dict[str, Any] | None:
 
 CLINICAL_FUNCTIONS: dict[str, Function] = {
     "patient_scoped_identifier": patient_scoped_identifier,
+    "relative_identifier": relative_identifier,
     "visit_scoped_identifier": visit_scoped_identifier,
     "allergy_identifier": allergy_identifier,
     "care_team_identifier": care_team_identifier,
@@ -824,6 +1037,14 @@ CLINICAL_FUNCTIONS: dict[str, Function] = {
     "location_assigned": location_assigned,
     "location_prior": location_prior,
     "location_temporary": location_temporary,
+    "location_pending": location_pending,
+    "location_prior_temporary": location_prior_temporary,
+    "location_prior_pending": location_prior_pending,
+    "pam_fr_trigger_check": pam_fr_trigger_check,
+    "prior_visit_identifier": prior_visit_identifier,
+    "allergy_statuses": allergy_statuses,
+    "cwe_codings": cwe_codings,
+    "allergy_recorder": allergy_recorder,
     "location_medical_unit": location_medical_unit,
     "location_care_unit": location_care_unit,
     "xpn_name": xpn_name,

@@ -299,6 +299,35 @@ class Coverage:
             lines += ["  " + line for line in _table(("Path", "Messages", "Leaves"), rows)]
         return "\n".join(lines) + "\n"
 
+    def charts(self) -> str:
+        """The summary as SVG: the share of content reaching FHIR, and messages mapped or refused,
+        per type (inline in the HTML report; the same library as the console's plots)."""
+        from gateway.core.charts import FAIL, PASS, bar_chart, side_by_side
+
+        kinds = self.ordered()
+        labels = [k.event for k in kinds]
+        height = max(240, 60 + 22 * len(kinds))
+        share = bar_chart(
+            "Content reaching FHIR (%)",
+            labels,
+            {"share of the leaves": [None if k.share is None else round(k.share, 1) for k in kinds]},
+            horizontal=True,
+            width=520,
+            height=height,
+            value_range=(0, 100),
+        )
+        outcome = bar_chart(
+            "Messages",
+            labels,
+            {"mapped": [k.mapped for k in kinds], "refused": [k.refused for k in kinds]},
+            horizontal=True,
+            stacked=True,
+            width=520,
+            height=height,
+            colors=(PASS, FAIL),
+        )
+        return side_by_side([share, outcome])
+
     def html(self, top: int = DEFAULT_TOP) -> str:
         """One self-contained page: no script, no external resource, every value escaped."""
         total = self.total()
@@ -319,6 +348,7 @@ class Coverage:
         for kind in self.ordered():
             parts.append(_html_row(kind, "td"))
         parts.append("</tbody><tfoot>" + _html_row(total, "th") + "</tfoot></table>")
+        parts.append(f'<div class="charts">{self.charts()}</div>')
         if total.refusals:
             parts.append("<h2>Refusals</h2><table><thead><tr><th>Code (HL7 0357)</th><th>Error</th>")
             parts.append("<th>Messages</th></tr></thead><tbody>")

@@ -32,11 +32,11 @@ import base64
 import binascii
 import hashlib
 import re
-from collections import Counter
 from typing import Any
 
 from gateway.hl7.er7 import unescape
 from gateway.mapping.engine import NULL, Context, search_token
+from gateway.mapping.functions import cwe_concept, order_number, practitioner_identifier, result_set_id
 from gateway.mapping.namespaces import Authority
 
 URI_SYSTEM = "urn:ietf:rfc:3986"
@@ -401,8 +401,6 @@ def mdm_document_type(ctx: Context, _: Any) -> dict[str, Any] | None:
     """The document's type: OBX-3 of the OBX that carries it (LOINC or TRE_A05, JDV_J07), else
     OBR-4, else TXA-2 (a code of JDV_J07 sent alone). TXA-2 and OBR-4, when they name the same
     code, are carried by it."""
-    from gateway.mapping.functions import cwe_concept  # functions imports this module
-
     _, obx = document_obx(ctx)
     concept: dict[str, Any] | None = None
     for path in ([f"OBX[{obx[0]}]-3"] if obx else []) + ["OBR-4"]:
@@ -559,8 +557,6 @@ def prt_practitioner_identifier(ctx: Context, value: Any) -> list[dict[str, Any]
     is the national id of an RPPS number (8 + 11 digits, as the CI-SIS examples send it): it is
     that IDNPS alone (no RPPS derived: the same person sent as IDNPS elsewhere is found by it),
     and the type RPPS stays reported."""
-    from gateway.mapping.functions import practitioner_identifier  # functions imports this module
-
     number = ctx.read(".1")
     if ctx.read(".13") != "RPPS" or not _IDNPS_OF_RPPS.fullmatch(number):
         return practitioner_identifier(ctx, value)
@@ -621,40 +617,6 @@ def xon_organization_identifier(ctx: Context, _: Any) -> list[dict[str, Any]] | 
 # -- ORU: the order group's documents ----------------------------------------------------------------
 
 
-def order_number(ctx: Context) -> tuple[str, str, str] | None:
-    """(path, value, kind) of the order number that names the current group's results and
-    documents: the filler's (OBR-3, ORC-3), else the placer's (OBR-2, ORC-2)."""
-    for path, kind in (
-        ("OBR-3", "filler-order"),
-        ("ORC-3", "filler-order"),
-        ("OBR-2", "placer-order"),
-        ("ORC-2", "placer-order"),
-    ):
-        value = ctx.read(f"{path}.1")
-        if value:
-            return path, value, kind
-    return None
-
-
-def result_set_id(ctx: Context, occ: int) -> str:
-    """The OBX set id, when it tells this result from the others of its order; else the OBX's
-    place among them (a sender that numbers every OBX 1 must not make them one result)."""
-    own = ctx.read("OBX-1")
-    siblings = ctx.members("OBX")
-    key = ("obx-set-ids", ctx.group, ctx.section)
-    counts = ctx.memo.get(key)
-    if counts is None:
-        counts = ctx.memo[key] = Counter(ctx.read(f"OBX[{n}]-1") for n in siblings)
-    if own and counts[own] == 1:
-        return own
-    place = siblings.index(occ) + 1 if occ in siblings else occ
-    if own:
-        ctx.warnings.append(
-            f"OBX[{occ}]-1: set id {own!r} repeats in its order group; its place ({place}) names it"
-        )
-    return f"p{place}"
-
-
 def document_key(ctx: Context) -> str:
     """A stable name for the document of the current OBX: its order's number in its namespace
     and the OBX set id; without any, the message and the OBX."""
@@ -669,7 +631,46 @@ def document_key(ctx: Context) -> str:
     return f"{system}|{value}|{result_set_id(ctx, n)}"
 
 
-MDM_FUNCTIONS = {
+def _obx_document(ctx: Context) -> tuple[str, bytes, str] | None:
+    """The current OBX's document: its content type, bytes and Binary id (derived from the
+    document's key, so that a replay updates the same Binary and another lab's never does). A
+    MetaDMPMSS mail body or an MSSanté mail is no document."""
+    found = decode_ed(ctx) if is_document(ctx) else None
+    if found is None:
+        return None
+    content_type, raw = found
+    return content_type, raw, "doc-" + hashlib.sha256(document_key(ctx).encode()).hexdigest()[:40]
+
+
+def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX ED → Binary (merged into the resource)."""
+    found = _obx_document(ctx)
+    if found is None:
+        return None
+    content_type, raw, binary_id = found
+    return {"contentType": content_type, "data": base64.b64encode(raw).decode(), "id": binary_id}
+
+
+def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
+    """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks."""
+    found = _obx_document(ctx)
+    if found is None:
+        return None
+    content_type, raw, binary_id = found
+    attachment: dict[str, Any] = {
+        "contentType": content_type,
+        "size": len(raw),
+        "hash": base64.b64encode(hashlib.sha1(raw, usedforsecurity=False).digest()).decode(),
+        "url": f"Binary/{binary_id}",
+    }
+    if ctx.read("OBX-3.2"):
+        attachment["title"] = ctx.take("OBX-3.2")
+    return attachment
+
+
+DOCUMENT_FUNCTIONS = {
+    "document_binary": document_binary,
+    "document_attachment": document_attachment,
     "mdm_document_identifier": mdm_document_identifier,
     "mdm_replaces": mdm_replaces,
     "mdm_status": mdm_status,

@@ -41,6 +41,7 @@ unmapped report by its full path (``OBX[3]-5[1].2``, see :mod:`gateway.hl7.path`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -581,6 +582,8 @@ class Mapping_:
     file: str
     groups: tuple[str, ...] = ()  # anchor segments of repeated groups, in group order (ORU: ORC, OBR)
     sections: tuple[str, ...] = ()  # segments that open one patient's part of the message (ORU: PID)
+    includes: tuple[str, ...] = ()  # mappings whose resources this one takes, less its own keys
+    excludes: frozenset[str] = frozenset()  # keys of those resources it does not take
 
     def serves(self, event: str) -> bool:
         family = event.split("^")[0] + "^*"
@@ -627,7 +630,7 @@ _RESOURCE_KEYS = {
     "write",
     "__line__",
 }
-_FILE_KEYS = {"name", "events", "resources", "groups", "sections", "__line__"}
+_FILE_KEYS = {"name", "events", "resources", "groups", "sections", "include", "exclude", "__line__"}
 
 
 class Library:
@@ -666,6 +669,7 @@ class Library:
         concept_maps = load_concept_maps(directory / "conceptmaps")
         mappings = [_parse_file(p, concept_maps, functions) for p in files]
         unique_names([m.name for m in mappings], directory, "mapping")
+        _resolve_includes(mappings)
         _resolve_uses(mappings)
         return cls(mappings, concept_maps, functions, Ownership.load(directory), _unsupported(directory))
 
@@ -826,15 +830,8 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
                 write,
             )
         )
-    for res in resources:  # references must name a resource of this file
-        for rule in _walk(res.rules):
-            if rule.ref is not None and rule.ref not in keys:
-                raise ConfigError(
-                    f"no resource with key {rule.ref!r} in this file",
-                    file=file,
-                    key="ref",
-                    line=int(rule.where.rsplit(":", 1)[1]),
-                )
+    if not data.get("include"):  # else checked once the included resources are in
+        _check_refs(resources, file)
     anchors = {}
     for key, example in (("groups", "[ORC, OBR]"), ("sections", "[PID]")):
         names = data.get(key, [])
@@ -852,11 +849,77 @@ def _parse_file(path: Path, concept_maps: Mapping[str, Any], functions: Mapping[
         raise ConfigError(
             "a segment opens a group or a section, not both", file=file, key="sections", line=data["__line__"]
         )
-    return Mapping_(data["name"], frozenset(events), resources, file, anchors["groups"], anchors["sections"])
+    lists = {}
+    for key in ("include", "exclude"):
+        names = data.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                "a list of mapping names" if key == "include" else "a list of resource keys",
+                file=file,
+                key=key,
+                line=data["__line__"],
+            )
+        lists[key] = names
+    return Mapping_(
+        data["name"],
+        frozenset(events),
+        resources,
+        file,
+        anchors["groups"],
+        anchors["sections"],
+        tuple(lists["include"]),
+        frozenset(lists["exclude"]),
+    )
 
 
 def _is_segment_name(name: object) -> bool:
     return isinstance(name, str) and er7_path.is_segment(name)
+
+
+def _check_refs(resources: Sequence[ResourceMapping], file: str) -> None:
+    """References must name a resource of this file (or of a file it includes)."""
+    keys = {r.key for r in resources}
+    for res in resources:
+        if not res.where.startswith(f"{file}:"):
+            continue  # an included resource's rules were checked in their own file
+        for rule in _walk(res.rules):
+            if rule.ref is not None and rule.ref not in keys:
+                raise ConfigError(
+                    f"no resource with key {rule.ref!r} in this file",
+                    file=file,
+                    key="ref",
+                    line=int(rule.where.rsplit(":", 1)[1]),
+                )
+
+
+def _resolve_includes(mappings: Sequence[Mapping_]) -> None:
+    """``include: [clinical-segments]`` appends that mapping's resources, except the keys this file
+    defines itself or names in ``exclude`` (an ORU's OBX are its results, not the ADT's OBX)."""
+    by_name = {m.name: m for m in mappings}
+    for mapping in mappings:
+        if not mapping.includes:
+            continue
+        own = {r.key for r in mapping.resources}
+        for name in mapping.includes:
+            included = by_name.get(name)
+            if included is None or included.includes or included is mapping:
+                raise ConfigError(
+                    f"no mapping {name!r} to include (a mapping name; an included file includes none)",
+                    file=mapping.file,
+                    key="include",
+                )
+            unknown = mapping.excludes - {r.key for r in included.resources}
+            if unknown:
+                raise ConfigError(
+                    f"{name!r} has no resource {sorted(unknown)[0]!r} to exclude",
+                    file=mapping.file,
+                    key="exclude",
+                )
+            for res in included.resources:
+                if res.key not in own and res.key not in mapping.excludes:
+                    mapping.resources.append(dataclasses.replace(res, rules=list(res.rules)))
+                    own.add(res.key)
+        _check_refs(mapping.resources, mapping.file)
 
 
 def _resolve_uses(mappings: Sequence[Mapping_]) -> None:

@@ -9,27 +9,17 @@ value to set (None sets nothing). What it puts into the output it reads with
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import re
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
-from importlib.metadata import entry_points
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.core.errors import ValidationError
 from gateway.hl7.er7 import Separators, unescape
-from gateway.mapping.documents import (
-    MDM_FUNCTIONS,
-    decode_ed,
-    document_key,
-    is_document,
-    order_number,
-    result_set_id,
-)
 from gateway.mapping.engine import NULL, Context
 from gateway.mapping.namespaces import Authority, is_oid
 
@@ -331,6 +321,40 @@ def _same_number(ctx: Context, taken: str, other: str) -> None:
         for c in (1, 2, 3, 4):
             if ctx.locate(f"{taken}.{c}")[1] in ctx.consumed:
                 ctx.take(f"{other}.{c}")
+
+
+def order_number(ctx: Context) -> tuple[str, str, str] | None:
+    """(path, value, kind) of the order number that names the current group's results and
+    documents: the filler's (OBR-3, ORC-3), else the placer's (OBR-2, ORC-2)."""
+    for path, kind in (
+        ("OBR-3", "filler-order"),
+        ("ORC-3", "filler-order"),
+        ("OBR-2", "placer-order"),
+        ("ORC-2", "placer-order"),
+    ):
+        value = ctx.read(f"{path}.1")
+        if value:
+            return path, value, kind
+    return None
+
+
+def result_set_id(ctx: Context, occ: int) -> str:
+    """The OBX set id, when it tells this result from the others of its order; else the OBX's
+    place among them (a sender that numbers every OBX 1 must not make them one result)."""
+    own = ctx.read("OBX-1")
+    siblings = ctx.members("OBX")
+    key = ("obx-set-ids", ctx.group, ctx.section)
+    counts = ctx.memo.get(key)
+    if counts is None:
+        counts = ctx.memo[key] = Counter(ctx.read(f"OBX[{n}]-1") for n in siblings)
+    if own and counts[own] == 1:
+        return own
+    place = siblings.index(occ) + 1 if occ in siblings else occ
+    if own:
+        ctx.warnings.append(
+            f"OBX[{occ}]-1: set id {own!r} repeats in its order group; its place ({place}) names it"
+        )
+    return f"p{place}"
 
 
 def observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -676,6 +700,18 @@ _INT64 = 2**63
 _POSITIVE_INT_MAX = 2**31 - 1  # FHIR positiveInt is a 32-bit integer
 
 
+def concept_at(ctx: Context, seg: str, occ: int, fld: int) -> dict[str, Any] | None:
+    """The first repetition of a CWE field of a given segment occurrence → CodeableConcept."""
+    reps = ctx.message.repetitions(f"{seg}[{occ}]-{fld}")
+    if not reps or not reps[0].strip():
+        return None
+    saved = ctx.scoped(seg, occ, fld, 1, reps[0])
+    try:
+        return cwe_concept(ctx, None)
+    finally:
+        ctx.restore(saved)
+
+
 def _number(text: str) -> float | int | None:
     """An HL7 number as a JSON number; None when it is not one, or when JSON would not keep every
     digit sent (an integer beyond 64 bits, a decimal with more digits than a double holds): a
@@ -928,41 +964,6 @@ def pl_facility_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     return _hd_identifier(ctx, ".4.2", ".4.3")
 
 
-def document_binary(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """OBX ED → Binary (merged into the resource), with an id derived from the document's key so
-    that a replay updates the same Binary (and another lab's never does). A MetaDMPMSS mail body
-    or an MSSanté mail (gateway.mapping.documents) is no document."""
-    if not is_document(ctx):
-        return None
-    found = decode_ed(ctx)
-    if found is None:
-        return None
-    content_type, raw = found
-    binary: dict[str, Any] = {"contentType": content_type, "data": base64.b64encode(raw).decode()}
-    binary["id"] = "doc-" + hashlib.sha256(document_key(ctx).encode()).hexdigest()[:40]
-    return binary
-
-
-def document_attachment(ctx: Context, _: Any) -> dict[str, Any] | None:
-    """OBX ED → Attachment pointing at its Binary, with size and SHA-1 hash as PDSm asks (none for
-    an OBX that is no document: a MetaDMPMSS mail body, an MSSanté mail)."""
-    if not is_document(ctx):
-        return None
-    found = decode_ed(ctx)
-    if found is None:
-        return None
-    content_type, raw = found
-    attachment: dict[str, Any] = {
-        "contentType": content_type,
-        "size": len(raw),
-        "hash": base64.b64encode(hashlib.sha1(raw, usedforsecurity=False).digest()).decode(),
-        "url": "Binary/doc-" + hashlib.sha256(document_key(ctx).encode()).hexdigest()[:40],
-    }
-    if ctx.read("OBX-3.2"):
-        attachment["title"] = ctx.take("OBX-3.2")
-    return attachment
-
-
 def decimal(ctx: Context, value: Any) -> float | int | None:
     """An NM field → a JSON number; anything else is reported and left out."""
     number = _number(str(value or ""))
@@ -1012,8 +1013,6 @@ BUILTIN: dict[str, Function] = {
     "hd_organization_identifier": hd_organization_identifier,
     "pl_facility_identifier": pl_facility_identifier,
     "hl7_instant": hl7_instant,
-    "document_binary": document_binary,
-    "document_attachment": document_attachment,
     "cwe_concept": cwe_concept,
     "obx_value": obx_value,
     "reference_range": reference_range,
@@ -1038,14 +1037,3 @@ BUILTIN: dict[str, Function] = {
     "telecom": telecom,
     "address": address,
 }
-
-
-def available() -> dict[str, Function]:
-    """Built-in functions plus those registered by installed packages."""
-    from gateway.mapping.clinical import CLINICAL_FUNCTIONS  # clinical builds on this module
-    from gateway.mapping.medication import FUNCTIONS as MEDICATION_FUNCTIONS  # so does medication
-
-    found = {**BUILTIN, **MDM_FUNCTIONS, **CLINICAL_FUNCTIONS, **MEDICATION_FUNCTIONS}
-    for ep in entry_points(group="passerelle.mapping_functions"):
-        found[ep.name] = ep.load()
-    return found

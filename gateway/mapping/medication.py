@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from gateway.mapping.documents import _ei_identifier, order_number, result_set_id
+from gateway.mapping.documents import _ei_identifier
 from gateway.mapping.engine import Context, search_token
 from gateway.mapping.functions import (
     _IDNPS_ADELI,
@@ -28,10 +28,12 @@ from gateway.mapping.functions import (
     _fr_type,
     _namespaced,
     annotation,
-    cwe_concept,
+    concept_at,
     decimal,
     hl7_datetime,
     observation_identifier,
+    order_number,
+    result_set_id,
 )
 from gateway.mapping.namespaces import Authority
 
@@ -216,18 +218,6 @@ def _block(ctx: Context, anchor: tuple[str, int], name: str) -> list[int]:
     return out
 
 
-def _concept_at(ctx: Context, seg: str, occ: int, fld: int) -> dict[str, Any] | None:
-    """The first repetition of a CWE field of a given occurrence → CodeableConcept."""
-    reps = ctx.message.repetitions(f"{seg}[{occ}]-{fld}")
-    if not reps or not reps[0].strip():
-        return None
-    saved = ctx.scoped(seg, occ, fld, 1, reps[0])
-    try:
-        return cwe_concept(ctx, None)
-    finally:
-        ctx.restore(saved)
-
-
 def _rxr(ctx: Context, fld: int) -> dict[str, Any] | None:
     anchor = _anchor(ctx)
     if anchor is None:
@@ -240,7 +230,7 @@ def _rxr(ctx: Context, fld: int) -> dict[str, Any] | None:
             f"RXR[{routes[1]}]: only the first RXR of {anchor[0]}[{anchor[1]}] makes the dosage's route; "
             f"{len(routes) - 1} more in the unmapped report"
         )
-    return _concept_at(ctx, "RXR", routes[0], fld)
+    return concept_at(ctx, "RXR", routes[0], fld)
 
 
 def rxr_route(ctx: Context, _: Any) -> dict[str, Any] | None:
@@ -261,7 +251,7 @@ def rxr_method(ctx: Context, _: Any) -> dict[str, Any] | None:
 def _medication(ctx: Context, anchor: tuple[str, int]) -> dict[str, Any] | None:
     seg, occ = anchor
     code_field, form_field = _GIVE[seg]
-    concept = _concept_at(ctx, seg, occ, code_field)
+    concept = concept_at(ctx, seg, occ, code_field)
     components = _block(ctx, anchor, "RXC")
     if not components:
         return {"medicationCodeableConcept": concept} if concept else None
@@ -270,12 +260,12 @@ def _medication(ctx: Context, anchor: tuple[str, int]) -> dict[str, Any] | None:
     medication: dict[str, Any] = {"resourceType": "Medication", "id": "compound"}
     if concept:
         medication["code"] = concept
-    form = _concept_at(ctx, seg, occ, form_field)
+    form = concept_at(ctx, seg, occ, form_field)
     if form:
         medication["form"] = form
     ingredients = []
     for n in components:
-        item = _concept_at(ctx, "RXC", n, 2)
+        item = concept_at(ctx, "RXC", n, 2)
         if item:
             ingredients.append({"itemCodeableConcept": item})
     if ingredients:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.core.ack import AckTiming
 from gateway.core.config import Config
 from gateway.store.documents import BaseDocumentStore, Mode, SqliteDocumentStore, ValueSets
 from gateway.store.fhir import FhirRepository, SqliteFhirRepository
@@ -92,8 +93,7 @@ def select(
                 "the nats journal needs the postgresql store: the nodes share the message state",
             )
         for i, ch in enumerate(data.get("channels", [])):
-            timing = ch.get("ack", {}).get("timing", "before_processing")
-            if ch.get("enabled", True) and timing != "before_processing":
+            if ch.get("enabled", True) and AckTiming.of(ch).waits:
                 # Another node may process the message: the ACK cannot wait for an outcome here.
                 raise config.error(
                     ("channels", i, "ack", "timing"),

@@ -533,6 +533,27 @@ class SqliteFhirRepository:
         query = parse_search(type_, params)  # a BadRequest leaves before any thread hop
         return await self._read(lambda conn: run_search(conn, query, count=count, offset=offset))
 
+    async def scan(
+        self,
+        types: Sequence[str] | None = None,
+        *,
+        after: tuple[str, str] | None = None,
+        since: str | None = None,
+        limit: int = common.SCAN_PAGE,
+    ) -> list[dict[str, Any]]:
+        """One page of live resources in (type, id) order, after the cursor ``after``: what an
+        export reads, page by page, without holding a table in memory. ``since``: changed after."""
+        where, args = common.scan_clause(types, after, since)
+
+        def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                f"SELECT body FROM resources WHERE {where} ORDER BY type, id LIMIT ?",  # noqa: S608
+                (*args, limit),
+            ).fetchall()
+            return [orjson.loads(row[0]) for row in rows]
+
+        return await self._read(fn)
+
     async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
         data = _copy(bundle) if copy else bundle
         return await self._write(lambda w: _process_bundle(w, data), rows_only=True)

@@ -417,6 +417,43 @@ def _parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialec
     return SearchQuery(type_, " AND ".join(where), tuple(args), tuple(includes), descending, count, offset)
 
 
+# -- scanning (exports) -------------------------------------------------------------------------
+
+SCAN_PAGE = 500
+
+
+def scan_clause(
+    types: Sequence[str] | None, after: tuple[str, str] | None, since: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (``?`` placeholders) of a ``scan`` page over ``resources``: live rows of
+    ``types`` (None: every type) after the (type, id) cursor, changed after ``since`` (an instant).
+    Each form seeks the primary key on both databases (one type: ``type = ? AND id > ?``, which
+    SQLite does not make of a row value beside an equality)."""
+    where, args = ["deleted=0"], []
+    if types is not None and len(types) == 1:
+        only = types[0]
+        where.append("type = ?")
+        args.append(only)
+        if after is not None and after[0] > only:
+            return "1=0", []
+        if after is not None and after[0] == only:
+            where.append("id > ?")
+            args.append(after[1])
+    else:
+        if types is not None:
+            if not types:
+                return "1=0", []
+            where.append("type IN (" + ",".join("?" * len(types)) + ")")
+            args += list(types)
+        if after is not None:
+            where.append("(type, id) > (?, ?)")  # a row value: the primary key is sought
+            args += [after[0], after[1]]
+    if since is not None:
+        where.append("last_updated > ?")
+        args.append(since)
+    return " AND ".join(where), args
+
+
 # -- writing ----------------------------------------------------------------------------------
 
 
@@ -694,6 +731,16 @@ class Transaction(ABC):
     @abstractmethod
     async def find(self, type_: str, params: Sequence[tuple[str, str]]) -> SearchResult:
         """A search inside the transaction (a Bundle's GET entry)."""
+
+    async def fetch_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Row]:
+        """``fetch`` of several (type, id), each locked as ``fetch`` locks it; absent ones are left
+        out. A backend may do it in fewer statements."""
+        found: dict[tuple[str, str], Row] = {}
+        for type_, id_ in keys:
+            row = await self.fetch(type_, id_)
+            if row is not None:
+                found[(type_, id_)] = row
+        return found
 
     async def match_first(
         self, type_: str, params: Sequence[tuple[str, str]]

@@ -20,7 +20,7 @@ from gateway.core.protocols import DeliveryResult
 from gateway.hl7.er7 import Message
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library, MappingResult
 from gateway.store.fhir import SqliteFhirRepository
 from tests.documents.conftest import TOKENS, auth
@@ -108,7 +108,7 @@ def oru_with_flags(
 
 
 def library() -> Library:
-    return Library.load(MAPPINGS, functions.available())
+    return Library.load(MAPPINGS, catalog.available())
 
 
 def convert(message: bytes) -> MappingResult:

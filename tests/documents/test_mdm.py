@@ -13,7 +13,7 @@ import pytest
 
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.mapping.validate import bundle_errors
 from tests.conftest import ADMIN_ENTRY, make_config, mllp_port
@@ -28,7 +28,7 @@ MERGE = [{"url": "urn:passerelle:write-policy", "valueCode": "merge"}]
 
 @pytest.fixture(scope="module")
 def library() -> Library:
-    return Library.load(MAPPINGS, functions.available())
+    return Library.load(MAPPINGS, catalog.available())
 
 
 def _normalised(bundle: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +82,25 @@ AUTHOR = {
                     "assigner": {"display": "ASIP-SANTE-PS"}}],
     "name": [{"family": "Martin", "given": ["Jean"], "prefix": ["Dr"], "use": "usual"}],
 }  # fmt: skip
+VISIT = {
+    "resourceType": "Encounter",
+    "identifier": [
+        {
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "VN"}]},
+            "system": f"urn:oid:{IPP_OID}",
+            "value": "V2024-0042",
+            "assigner": {"display": "CHU-NANTES"},
+        }
+    ],
+    "status": "unknown",
+    "class": {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+        "code": "AMB",
+        "display": "ambulatory",
+    },
+    "subject": {"reference": "urn:entry:0"},
+    "serviceProvider": {"reference": "urn:entry:2"},
+}
 CUSTODIAN = {
     "resourceType": "Organization",
     "meta": {"profile": ["https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-organization"]},
@@ -125,6 +144,7 @@ def _document(
 
 def _expected(document: dict[str, Any]) -> dict[str, Any]:
     doc_id = document["identifier"][0]
+    in_visit = {**document, "context": {**document["context"], "encounter": [{"reference": "urn:entry:4"}]}}
     return {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -141,9 +161,13 @@ def _expected(document: dict[str, Any]) -> dict[str, Any]:
              "request": {"method": "PUT",
                          "url": "Organization?identifier=urn:ietf:rfc:3986|urn:oid:1.2.250.1.71.4.2.2.1234",
                          "extension": MERGE}},
-            {"fullUrl": "urn:entry:3", "resource": document,
+            {"fullUrl": "urn:entry:3", "resource": in_visit,
              "request": {"method": "PUT",
                          "url": f"DocumentReference?identifier={doc_id['system']}|{doc_id['value']}"}},
+            # the visit the document belongs to (PV1-19): created when unknown, never changed
+            {"fullUrl": "urn:entry:4", "resource": VISIT,
+             "request": {"method": "POST", "url": "Encounter",
+                         "ifNoneExist": f"identifier=urn:oid:{IPP_OID}|V2024-0042"}},
         ],
     }  # fmt: skip
 
@@ -169,8 +193,8 @@ def test_golden(library: Library, message: bytes, document: dict[str, Any]) -> N
     assert _normalised(result.bundle) == _expected(document)
     assert bundle_errors(result.bundle) == []
     assert result.warnings == []
-    # What the mappings leave is reported, never dropped silently (the visit is not mapped here).
-    assert any(u.startswith("PV1-19") for u in result.unmapped)
+    # What the mappings leave is reported, never dropped silently (PV1-1, the set id, names nothing).
+    assert [u for u in result.unmapped if u.startswith("PV1")] == ["PV1-1[1]"]
     assert not any(u.startswith(("TXA-12", "OBX-5")) for u in result.unmapped)
 
 

@@ -12,7 +12,7 @@ from connectors.fhir_repository import FhirRepositoryDestination
 from gateway.core.envelope import FHIR_JSON, Envelope
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.store.documents import FEED, SqliteDocumentStore
 from gateway.store.fhir import SqliteFhirRepository
@@ -60,7 +60,7 @@ def _envelope(n: int) -> Envelope:
 
 
 async def test_oru_document_is_published_through_the_store(tmp_path: Path) -> None:
-    library = Library.load(MAPPINGS, functions.available())
+    library = Library.load(MAPPINGS, catalog.available())
     bundle = library.map(Message.parse(oru_with_document())).bundle
     assert any(e["resource"]["resourceType"] == "DocumentReference" for e in bundle["entry"])
     destination = FhirRepositoryDestination("repository", {"path": str(tmp_path / "fhir.db")})

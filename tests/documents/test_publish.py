@@ -183,7 +183,7 @@ async def test_publishing_needs_a_professional_or_the_patient(client: Client) ->
     # an operator runs the gateway, it does not write in patients' records
     status, _answer = await publish(client, provide_bundle(document()), who="operator")
     assert status == 403
-    # the patient adds to their own record (more in test_polish_patient_publish.py)
+    # the patient adds to their own record (more in test_patient_publish.py)
     status, _answer = await publish(client, provide_bundle(document()), who="patient")
     assert status == 200
     resp = await client.post("/fhir", json=provide_bundle(document()))

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
 from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.pg_documents import PgDocumentStore
+from gateway.store.pg_fhir import PgFhirRepository
 from tests.conftest import ADMIN_ENTRY, AUTH
+from tests.scale.conftest import PG_DSN, require_live
 
 INS = "urn:oid:1.2.250.1.213.1.4.8"  # INS-NIR, the French national health identifier
 IPP = "urn:oid:1.2.250.1.71.4.2.7"  # a fictional hospital's patient-number system
@@ -92,3 +97,20 @@ async def client(repo: SqliteFhirRepository) -> AsyncIterator[TestClient[Any, An
     server = TestServer(app, host="127.0.0.1", port=0)
     async with TestClient(server, headers=AUTH) as c:
         yield c
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[tuple[PgFhirRepository, PgDocumentStore]]:
+    """A FHIR repository and its document store on the real PostgreSQL, in a schema of their own."""
+    require_live()
+    schema = f"t_fhir_{uuid.uuid4().hex[:12]}"
+    repository = PgFhirRepository(PG_DSN, schema=schema)
+    store = PgDocumentStore(repository)
+    await store.open()
+    yield repository, store
+    await repository.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from conformance.fhir.registry import default_registry
 from gateway.core.errors import ConfigError, UnsupportedMessage, ValidationError
 from gateway.hl7.er7 import Message, escape
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library, MappingResult
 from gateway.mapping.validate import bundle_errors
 
 MAPPINGS = Path(__file__).parents[2] / "mappings"
 OID = "urn:oid:1.2.250.1.71.4.2.2.4455"  # the fictional CHU-EST's identifier domain
-LIB = Library.load(MAPPINGS, functions.available())
+LIB = Library.load(MAPPINGS, catalog.available())
 
 
 def segment(name: str, fields: dict[int, str]) -> str:
@@ -409,7 +409,7 @@ def test_a_bad_mapping_file_is_refused_with_file_key_and_line(
     (tmp_path / "conceptmaps" / "maps.yaml").write_text("g: {F: female}\n")
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError) as info:
-        Library.load(tmp_path, functions.available())
+        Library.load(tmp_path, catalog.available())
     err = info.value
     assert err.file == str(tmp_path / "bad.yaml")
     assert (err.key, err.line) == (key, line)

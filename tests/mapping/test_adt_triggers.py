@@ -1,6 +1,7 @@
 """Every PAM FR ADT trigger the feed serves, each compared whole: Patient + visit + movement, with the
 visit status the trigger gives and the movement marked (INSERT, UPDATE on Z99, CANCEL kept as
-entered-in-error); A28/A31 give the Patient alone."""
+entered-in-error; a pending movement, A14–A16, planned, and its cancel, A25–A27, cancelled);
+A28/A31 give the Patient alone."""
 
 from __future__ import annotations
 
@@ -31,9 +32,22 @@ MOVEMENTS = [
     ("A53", "ADT_A52", "CANCEL", "A22", "onleave", "entered-in-error"),
     ("A54", "ADT_A54", "INSERT", "", "in-progress", "in-progress"),
     ("A55", "ADT_A52", "CANCEL", "A54", "in-progress", "entered-in-error"),
+    # the pending movements (PAM FR "mouvements prévisionnels") and their cancels: the pending
+    # movement is planned, its cancel withdraws it (cancelled, never deleted); a cancelled pending
+    # admit cancels the visit that was to begin, the others leave it in progress
+    ("A14", "ADT_A05", "INSERT", "", "planned", "planned"),
+    ("A15", "ADT_A15", "INSERT", "", "in-progress", "planned"),
+    ("A16", "ADT_A16", "INSERT", "", "in-progress", "planned"),
+    ("A27", "ADT_A21", "CANCEL", "A14", "cancelled", "cancelled"),
+    ("A26", "ADT_A21", "CANCEL", "A15", "in-progress", "cancelled"),
+    ("A25", "ADT_A21", "CANCEL", "A16", "in-progress", "cancelled"),
     # a movement's update says nothing of the visit: its status is set only where none is stored
     ("Z99", "ADT_A01", "UPDATE", "A01", None, "in-progress"),
+    # ... and a pending movement it updates stays planned
+    ("Z99", "ADT_A01", "UPDATE", "A15", None, "planned"),
 ]
+# A pending admit's place is where the patient is to be admitted: planned, not occupied.
+PLANNED_PLACE = {"A14"}
 
 
 def message(trigger: str, structure: str, action: str, original: str) -> str:
@@ -67,6 +81,9 @@ def test_movement_trigger(
             {"url": "urn:passerelle:if-absent", "valueString": "status"},
         ]
     expected["entry"][2]["resource"]["status"] = movement
+    if trigger in PLANNED_PLACE:
+        for n in (1, 2):
+            expected["entry"][n]["resource"]["location"][0]["status"] = "planned"
     if original:  # ZBE-6, the trigger an UPDATE or CANCEL acts on, is kept on the movement
         expected["entry"][2]["resource"]["extension"] = [
             {"url": "urn:passerelle:hl7v2-field:ZBE-6", "valueCode": original}

@@ -22,11 +22,14 @@ from hypothesis import strategies as st
 from conformance.suite import DATA_DIR
 from gateway.core.errors import PasserelleError
 from gateway.hl7.er7 import Message
-from gateway.mapping import engine, functions
+from gateway.mapping import catalog, engine
 from gateway.mapping.engine import Library, run
 from gateway.mapping.namespaces import Namespaces
 from tests.documents.mdm_messages import mdm
 from tests.mapping import checked_conversion as checked
+from tests.mapping import test_adt_updates as updates
+from tests.mapping import test_allergy_updates as allergy
+from tests.mapping import test_financial as fin
 from tests.mapping import test_mdm_notifications as notifications
 from tests.mapping import test_oul as oul
 from tests.mapping import test_pharmacy as rx
@@ -79,6 +82,7 @@ def _texts() -> Iterator[str]:
         ]
     )
     yield from _clinical_feeds()
+    yield from _adt_triggers()
     for path in sorted((DATA_DIR / "hl7").glob("*.hl7")):
         try:
             decoded = Message.decode(path.read_bytes())
@@ -89,7 +93,7 @@ def _texts() -> Iterator[str]:
 
 
 def _clinical_feeds() -> Iterator[str]:
-    """Laboratory automation, pharmacy, problems, referrals and document notifications."""
+    """Laboratory automation, pharmacy, problems, referrals, document notifications and accounting."""
     yield oul.r22()
     yield checked.message("OUL^R24^OUL_R24", checked.PID, oul.OBR, oul.ORC, oul.SPM, *oul.RESULTS)
     yield checked.message(
@@ -98,6 +102,18 @@ def _clinical_feeds() -> Iterator[str]:
     yield checked.message("PPR^PC1^PPR_PC1", checked.PID, ppr.prb(), "NTE|1||Suivi")
     yield checked.message("REF^I12^REF_I12", ppr.RF1, ppr.REFERRER, ppr.REFERRED, checked.PID)
     yield notifications.notification("T05", "DOC-72", parent="DOC-71")
+    yield fin.bar("P01", fin.PID, fin.PV1, fin.DG1, fin.PR1, fin.GT1, fin.IN1)
+    yield fin.bar("P02", fin.PID, fin.PV1, fin.pid(ipp="778900", nda=fin.account_number("2027000456")))
+    yield fin.dft("P03", fin.PID, fin.PV1, fin.ft1(), fin.PR1, fin.DG1, fin.GT1, fin.IN1)
+
+
+def _adt_triggers() -> Iterator[str]:
+    """The ADT triggers beyond PAM FR's movements: A08, A09/A10 tracking, A45, A60 (IAM)."""
+    for event, place in (("A08^ADT_A01", {"f42": "USIC^12^2"}), ("A09^ADT_A09", {"f11": "RADIO^S3"})):
+        yield updates.text(updates.msh(f"ADT^{event}", "S-1"), updates.pid(), updates.pv1(**place))
+    yield updates.text(updates.msh("ADT^A10^ADT_A10", "S-10"), updates.pid(), updates.pv1(f43="RADIO^S3"))
+    yield updates.a45()
+    yield allergy.a60(allergy.PEANUT, allergy.iam(2, "DA-1^Pénicilline^L", action="D", f23=allergy.DUPONT))
 
 
 SEEDS = [text.rstrip("\r").split("\r") for text in _texts()]
@@ -226,7 +242,7 @@ def test_a_rule_that_fails_fails_the_same_way(tmp_path: Path) -> None:
     (tmp_path / "conceptmaps").mkdir()
     (tmp_path / "conceptmaps" / "maps.yaml").write_text("g: {F: female}\n")
     (tmp_path / "feed.yaml").write_text(FAULTY)
-    library = Library.load(tmp_path, functions.available())
+    library = Library.load(tmp_path, catalog.available())
     compiled, interpreted = _both(A01 + "\r", library)
     assert compiled[0] == "ValidationError"
     assert "relative path .1 outside an 'each'" in compiled[1]

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core.errors import ConfigError
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.mapping.validate import bundle_errors
 from tests.mapping.test_adt import A01, LIB, segment
@@ -19,7 +19,7 @@ def library(tmp_path: Path, text: str) -> Library:
     (tmp_path / "conceptmaps").mkdir(exist_ok=True)
     (tmp_path / "conceptmaps" / "maps.yaml").write_text("g: {F: female}\n")
     (tmp_path / "feed.yaml").write_text(text)
-    return Library.load(tmp_path, functions.available())
+    return Library.load(tmp_path, catalog.available())
 
 
 def test_identity_statuses_follow_the_fr_core_release() -> None:

@@ -7,8 +7,6 @@ the next messages DEAD), three vaccinations merged into one, five orders into on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,14 +23,6 @@ HOSPITAL = "1.2.250.1.71.4.2.2.1234"  # the fictional Hôpital Nord's identifier
 IPP = f"urn:oid:{HOSPITAL}"
 INS_NIR = "urn:oid:1.2.250.1.213.1.4.8"
 SENDER = Namespaces(policy="sender")
-
-
-@pytest.fixture
-async def repo(tmp_path: Path) -> AsyncIterator[SqliteFhirRepository]:
-    r = SqliteFhirRepository(tmp_path / "fhir.db")
-    await r.open()
-    yield r
-    await r.close()
 
 
 async def write(repo: SqliteFhirRepository, text: str, namespaces: Namespaces | None = None) -> None:

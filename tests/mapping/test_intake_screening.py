@@ -11,6 +11,7 @@ import pytest
 from gateway.hl7.er7 import Message
 from tests.conftest import FakeDestination, make_config, wait_for
 from tests.mapping.test_adt import A01, MAPPINGS, segment
+from tests.waiting import until
 
 
 def mapping_step(**settings: Any) -> list[dict[str, Any]]:
@@ -47,12 +48,12 @@ async def test_a_type_no_mapping_serves_is_refused_with_its_reason(
     start_gateway, client_for, tmp_path, workers
 ) -> None:
     gw = await start_gateway(config(tmp_path, workers))
-    a08 = A01.replace("ADT^A01^ADT_A01", "ADT^A08^ADT_A01").replace("A01-0001", "A08-0001")
-    ack = Message.decode(await client_for(gw).send(a08.encode()))
+    a44 = A01.replace("ADT^A01^ADT_A01", "ADT^A44^ADT_A43").replace("A01-0001", "A44-0001")
+    ack = Message.decode(await client_for(gw).send(a44.encode()))
     assert ack.get("MSA-1") == "AR"
-    assert ack.get("MSA-2") == "A08-0001"
+    assert ack.get("MSA-2") == "A44-0001"
     assert ack.get("ERR-3.1") == "200"
-    assert "PAM FR does not use A08" in ack.get("ERR-8")
+    assert "moving an account" in ack.get("ERR-8")
     assert ack.get("ERR-2") == "MSH^1^9^1"
     rows = await gw.store.list_messages(
         status="ERROR", control_id=None, channel=None, limit=10, before_seq=None
@@ -64,8 +65,8 @@ async def test_unsupported_error_acknowledges_and_keeps_it_for_a_later_mapping(
     start_gateway, client_for
 ) -> None:
     gw = await start_gateway(steps=mapping_step(unsupported="error"))
-    a08 = A01.replace("ADT^A01^ADT_A01", "ADT^A08^ADT_A01")
-    ack = Message.decode(await client_for(gw).send(a08.encode()))
+    a44 = A01.replace("ADT^A01^ADT_A01", "ADT^A44^ADT_A43")
+    ack = Message.decode(await client_for(gw).send(a44.encode()))
     assert ack.get("MSA-1") == "AA"
 
     async def errored() -> list[Any]:
@@ -73,14 +74,10 @@ async def test_unsupported_error_acknowledges_and_keeps_it_for_a_later_mapping(
             status="ERROR", control_id=None, channel="adt", limit=10, before_seq=None
         )
 
-    for _ in range(200):
-        if await errored():
-            break
-        await wait_for(lambda: True, 0.05)
-    (row,) = await errored()
+    (row,) = await until(errored, 30, "the refused A44 kept in ERROR")
     trace = await gw.store.get_message(row["id"], with_payloads=False)
     assert trace is not None
-    assert any("A08" in str(stage.get("detail")) for stage in trace["stages"])
+    assert any("A44" in str(stage.get("detail")) for stage in trace["stages"])
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -34,7 +34,10 @@ def test_omg_o19_a_general_clinical_order() -> None:
     assert request["code"]["coding"][0]["code"] == "11524-6"
     assert request["occurrenceDateTime"] == "2027-03-16T08:00:00+01:00"
     assert request["note"] == [{"text": "À jeun"}]
-    assert "OBX-5[1]" in result.unmapped  # an order's supporting observation is no result here
+    (observation,) = of_type(result, "Observation")  # the order's supporting observation
+    assert observation["resource"]["valueQuantity"]["value"] == 72
+    assert observation["resource"]["code"]["coding"][0]["code"] == "8867-4"
+    assert request["supportingInfo"] == [{"reference": observation["fullUrl"]}]
 
 
 SCH = segment(

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.hl7.er7 import DEFAULT_SEPARATORS, Message, escape
-from gateway.mapping import functions, reverse_functions
+from gateway.mapping import catalog, reverse_functions
 from gateway.mapping.engine import Library
 from gateway.mapping.namespaces import Namespaces
 from gateway.mapping.reverse import ReverseLibrary
 
 ROOT = Path(__file__).resolve().parents[2]
-INBOUND = Library.load(ROOT / "mappings", functions.available())
+INBOUND = Library.load(ROOT / "mappings", catalog.available())
 SENDER = Namespaces(policy="sender")  # generated identifiers without authority: namespaced by the sender
 REVERSE = ReverseLibrary.load(ROOT / "mappings" / "reverse", reverse_functions.available())
 NOW = datetime(2026, 11, 25, 15, 0, tzinfo=UTC)
@@ -236,8 +236,9 @@ def view(msg: Message) -> dict[str, Any]:
         "BDL": [(a[2], a[4], a[6]) for a in addresses if a[5] == "BDL"],
         "PID-13": _reps(msg, "PID-13", [".1"]),
     }
-    for path in ("PID-7", "PID-8", "PID-29", "PID-32", "PV1-2", "PV1-3.1", "PV1-19.1", "PV1-19.4.2"):
+    for path in ("PID-7", "PID-8", "PID-29", "PID-32", "PV1-2", "PV1-19.1", "PV1-19.4.2"):
         out[path] = msg.get(path)
+    out["PV1-3.1"] = msg.get("PV1-3.1").strip()  # a place's name is trimmed, as FHIR strings are
     for path in ("PV1-44", "PV1-45", "ZBE-1.1", "ZBE-1.3", "ZBE-2", "ZBE-4", "ZBE-6", "ZBE-7.1", "ZBE-7.10"):
         out[path] = msg.get(path)
     for path in ("OBR-3.1", "OBR-3.3", "OBR-4.1", "OBR-4.2", "OBR-4.3", "OBR-7", "OBR-22", "OBR-25"):

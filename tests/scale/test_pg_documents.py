@@ -23,7 +23,7 @@ from connectors.fhir_repository import FhirRepositoryDestination
 from gateway.core import config as config_mod
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
-from gateway.mapping import functions
+from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.store.backends import document_store
 from gateway.store.documents import FEED, SqliteDocumentStore
@@ -58,13 +58,6 @@ from tests.documents.test_modes import (  # noqa: F401
 )
 from tests.documents.test_oru_feed import MAPPINGS as ORU_MAPPINGS
 from tests.documents.test_oru_feed import PDF, _envelope, oru_with_document
-from tests.documents.test_polish_visibility import (  # noqa: F401
-    published,
-    test_bundle_get_entries_do_not_read_documents_for_limited_callers,
-    test_documents_and_bytes_of_another_patient_stay_hidden,
-    test_generic_list_search_is_narrowed_for_a_patient,
-    test_list_read_follows_the_patient_scope,
-)
 from tests.documents.test_publish import (  # noqa: F401
     test_a_bundle_without_submission_set_is_refused,
     test_bad_base64_is_400,
@@ -102,6 +95,13 @@ from tests.documents.test_search import (  # noqa: F401
     test_patient_by_id_ins_or_ipp_give_the_same,
     test_search_needs_a_caller,
     two,
+)
+from tests.documents.test_visibility_every_way_in import (  # noqa: F401
+    published,
+    test_bundle_get_entries_do_not_read_documents_for_limited_callers,
+    test_documents_and_bytes_of_another_patient_stay_hidden,
+    test_generic_list_search_is_narrowed_for_a_patient,
+    test_list_read_follows_the_patient_scope,
 )
 from tests.scale.conftest import PG_DSN, require_live
 from tests.scale.test_pg_fhir import Inspect, PgNames, backend, clock, inspect, repo  # noqa: F401
@@ -165,7 +165,7 @@ async def test_each_backend_gets_its_own_store(repo: FhirRepository) -> None:
 
 
 async def test_oru_document_is_published_through_the_store(repo: FhirRepository, tmp_path: Path) -> None:
-    library = Library.load(ORU_MAPPINGS, functions.available())
+    library = Library.load(ORU_MAPPINGS, catalog.available())
     bundle = library.map(Message.parse(oru_with_document())).bundle
     if isinstance(repo, PgFhirRepository):
         settings: dict[str, Any] = {"dsn": PG_DSN, "schema": repo.schema}
@@ -269,7 +269,7 @@ async def test_two_nodes_feeding_the_same_message_make_one_document() -> None:
     """A redelivered message may be published by two nodes at once: one document, one SubmissionSet."""
     require_live()
     names = PgNames()
-    library = Library.load(ORU_MAPPINGS, functions.available())
+    library = Library.load(ORU_MAPPINGS, catalog.available())
     payload = orjson.dumps(library.map(Message.parse(oru_with_document())).bundle)
     nodes = [
         FhirRepositoryDestination("repository", {"dsn": PG_DSN, "schema": names.schema}) for _ in range(2)

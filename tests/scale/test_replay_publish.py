@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from gateway.core.envelope import HL7_V2, Envelope
@@ -60,17 +61,19 @@ def _item() -> WorkItem:
 async def test_a_replay_waits_out_an_unreachable_journal() -> None:
     journal = FlakyJournal(failures=3)
     channel = _channel(journal)
-    with capture_logs() as logs:
+    with capture_logs(processors=[merge_contextvars]) as logs:
         channel.replay(_item())
         await asyncio.wait_for(asyncio.gather(*channel._tasks), 5)
     assert journal.published == ["01REPLAY"]
-    assert [e["event"] for e in logs] == ["replay_publish_failed"] * 3
+    assert [(e["event"], e["channel"], e["message_id"]) for e in logs] == [
+        ("replay_publish_failed", "adt", "01REPLAY")
+    ] * 3
 
 
 async def test_a_replay_still_unpublished_at_stop_is_logged() -> None:
     journal = FlakyJournal(failures=10**6)
     channel = _channel(journal)
-    with capture_logs() as logs:
+    with capture_logs(processors=[merge_contextvars]) as logs:
         channel.replay(_item())
         await asyncio.sleep(0.05)
         channel._stopping = True

@@ -16,9 +16,11 @@ from gateway.core.errors import NotFound
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 _FILES = ("index.html", "app.js", "style.css")
 # Scripts and styles from this origin only, and nothing inline: an injected value cannot run.
+# Plots are SVG fetched with the token and shown through blob: URLs (an image runs no script).
 _HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        "default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'; base-uri 'none';"
+        " form-action 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
