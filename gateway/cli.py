@@ -251,6 +251,12 @@ def _call_api(
         issues = body.get("issue", ()) if isinstance(body, dict) else ()
         text = "; ".join(str(i.get("diagnostics", "")) for i in issues) or str(body)
         print(f"passerelle: {base}{path}: HTTP {status}: {text}", file=sys.stderr)
+    if status == 401 and token is None:
+        print(
+            "passerelle: no token found: pass --token, set PASSERELLE_TOKEN, or name the gateway's data "
+            "directory (--data-dir, or --config) where its admin-token is",
+            file=sys.stderr,
+        )
     return (EXIT_OK if status < 400 else EXIT_FAIL), body
 
 

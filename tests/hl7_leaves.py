@@ -64,6 +64,9 @@ these holds:
    encoding) are carried when an attachment's ``contentType`` holds the subtype (case-insensitive),
    the type with it (``TEXT^XML`` may become ``application/xml``), and the encoding with any
    attachment.
+9. HL7 table name: a coding system named ``HL7nnnn`` (HL7 table 0396: the HL7 table nnnn) is
+   carried when a JSON string of the Bundle is its code system ``http://terminology.hl7.org/
+   CodeSystem/v2-nnnn``.
 
 A leaf whose value is empty after unescaping (only ``\\.br\\``, say) can only be reported.
 """
@@ -96,6 +99,7 @@ CODECS = {"UNICODE UTF-8": "utf-8", "8859/1": "latin-1", "8859/15": "iso8859_15"
 BOM = b"\xef\xbb\xbf"
 
 NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+HL7_TABLE = re.compile(r"HL7(\d{4})")
 RANGE = re.compile(r"[+-]?\d+(?:\.\d+)?\s*-\s*[+-]?\d+(?:\.\d+)?")
 NUMBERS = re.compile(r"(?<![\d.])[+-]?\d+(?:\.\d+)?|(?<=-)\d+(?:\.\d+)?")
 HL7_DATE = re.compile(
@@ -492,6 +496,9 @@ class Evidence:
         if RANGE.fullmatch(value) and all(Decimal(n) in self.numbers for n in NUMBERS.findall(value)):
             return True
         if leaf.segment == "OBX" and self._typed(leaf, by_path):
+            return True
+        table = HL7_TABLE.fullmatch(value)
+        if table is not None and f"http://terminology.hl7.org/CodeSystem/v2-{table.group(1)}" in self.strings:
             return True
         return value == "BDL" and leaf.component == 7 and leaf.subcomponent is None and self.birthplace
 

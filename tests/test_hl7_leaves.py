@@ -342,6 +342,13 @@ def test_rule_code_through_a_concept_map_target() -> None:
     assert silent(f"ZXY|{source}", {"resourceType": "Basic", "code": {"text": "zzz"}}) == ["ZXY-1[1]"]
 
 
+def test_rule_hl7_table_name_through_its_code_system() -> None:
+    coding = {"system": "http://terminology.hl7.org/CodeSystem/v2-0127", "code": "DA"}
+    resource = {"resourceType": "AllergyIntolerance", "code": {"coding": [coding]}}
+    # the table named, its code system written; another table, or a name that is no table, is not
+    assert silent("ZXY|HL70127|HL70128|HL7127", resource) == ["ZXY-2[1]", "ZXY-3[1]"]
+
+
 def test_conceptmap_codes_read_plain_and_wrapped_maps(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(
         "gender:\n  F: female\n  N: {system: 'http://x', code: unknown}\n  01: one\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from gateway.core.errors import AckCode, PasserelleError, Severity
@@ -273,8 +274,17 @@ def build_ack(
     try:
         return text_out.encode(codec)
     except UnicodeEncodeError:
-        # The error text may hold a character the sender's charset lacks; ASCII-fold it.
-        return text_out.encode(codec, errors="replace")
+        # The error text may hold a character the sender's charset lacks: its compatibility
+        # form (NFKD: é → e + accent) where that fits, else "?".
+        return "".join(_fold(ch, codec) for ch in text_out).encode(codec, errors="replace")
+
+
+def _fold(ch: str, codec: str) -> str:
+    try:
+        ch.encode(codec)
+    except UnicodeEncodeError:
+        return "".join(c for c in unicodedata.normalize("NFKD", ch) if c.isascii()) or "?"
+    return ch
 
 
 def _fit(text: str, limit: int, seps: Separators) -> str:
@@ -291,8 +301,9 @@ def _fit(text: str, limit: int, seps: Separators) -> str:
 
 
 def _short(text: str, limit: int = 200) -> str:
-    one_line = " ".join(text.split())
-    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+    one_line = " ".join(text.replace("…", "...").split())
+    # ASCII dots: every charset a sender may name has them (an ellipsis became "?" in ISO 8859-15)
+    return one_line if len(one_line) <= limit else one_line[: max(limit - 3, 0)] + "..."
 
 
 def parse_ack(raw: bytes) -> tuple[str, str, str]:

@@ -1240,6 +1240,13 @@ def _entries(
             found = [k for k in keys if k]
             if found:
                 criteria = "identifier=" + ",".join(dict.fromkeys(found))
+            elif res.type == "Patient":
+                # A patient no identifier names could never be found again: every clinical
+                # resource of the message would hang on an empty, orphan record.
+                raise ValidationError(
+                    "the patient has no identifier (PID-3 is required): no Patient is created",
+                    location="PID-3",
+                )
             else:
                 ctx.warnings.append(
                     f"{res.type} ({res.key}): no namespaced identifier; created anew, never found again"

@@ -646,12 +646,19 @@ _INTERPRETATIONS = frozenset(
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-def _coding_system(ctx: Context, name: str) -> str | None:
+_HL7_TABLE = re.compile(r"HL7(\d{4})")
+
+
+def coding_system(ctx: Context, name: str) -> str | None:
     """The URI of a coding system named as HL7 table 0396 does (LN, SCT…), from the library's
-    concept map; None for a name it does not know."""
+    concept map; ``HL7nnnn`` (table 0396: the HL7 table nnnn) is its terminology.hl7.org v2 code
+    system; None for a name it does not know."""
     table = ctx.concept_maps.get(CODING_SYSTEMS_MAP)
     found = table.table.get(name) if table is not None else None
-    return str(found) if found else None
+    if found:
+        return str(found)
+    hl7 = _HL7_TABLE.fullmatch(name)
+    return f"http://terminology.hl7.org/CodeSystem/v2-{hl7.group(1)}" if hl7 else None
 
 
 def _coding(ctx: Context, code: str, text: str, system: str) -> dict[str, Any] | None:
@@ -664,7 +671,7 @@ def _coding(ctx: Context, code: str, text: str, system: str) -> dict[str, Any] |
         return None
     name, name_leaf = ctx.value(system)
     if name:
-        uri = _coding_system(ctx, name)
+        uri = coding_system(ctx, name)
         if uri is not None:
             coding = {"system": uri, **coding}
             ctx.consume(name_leaf)
@@ -738,7 +745,7 @@ def _quantity(ctx: Context, number: float | int) -> dict[str, Any]:
     if code or text:
         quantity["unit"] = ctx.take(f"OBX[{n}]-6.2") if text else ctx.take(f"OBX[{n}]-6.1")
     name = ctx.read(f"OBX[{n}]-6.3")
-    uri = _coding_system(ctx, name) if name else None
+    uri = coding_system(ctx, name) if name else None
     if code and uri is not None:
         quantity["system"], quantity["code"] = uri, ctx.take(f"OBX[{n}]-6.1")
         ctx.take(f"OBX[{n}]-6.3")

@@ -28,6 +28,7 @@ from gateway.mapping.functions import (
     _fr_type,
     _namespaced,
     annotation,
+    coding_system,
     concept_at,
     decimal,
     hl7_datetime,
@@ -51,7 +52,6 @@ UNITS: Final = {
 _GIVE: Final = {"RXE": (2, 6), "RXO": (1, 5), "RXD": (2, 6)}
 # Segments that end the RXR/RXC block of the RXO, RXE or RXD before them.
 _BLOCK_ENDS: Final = frozenset({"ORC", "RXO", "RXE", "RXD", "RXG", "RXA", "OBX", "FT1", "BLG", "CTI", "PID"})
-CODING_SYSTEMS_MAP: Final = "hl7-0396-coding-system"
 DATA_ABSENT_REASON: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 _UNSIGNED_INT_MAX: Final = 2**31 - 1
 _WHOLE: Final = re.compile(r"\d+")
@@ -146,12 +146,6 @@ def dispense_prescription(ctx: Context, _: Any) -> dict[str, Any] | None:
 # -- pharmacy: content -----------------------------------------------------------------------------
 
 
-def _coding_system(ctx: Context, name: str) -> str | None:
-    table = ctx.concept_maps.get(CODING_SYSTEMS_MAP)
-    found = table.table.get(name) if table is not None else None
-    return str(found) if found else None
-
-
 def quantity(ctx: Context, value: Any) -> dict[str, Any] | None:
     """A number (the rule's ``from``) with its units (the CWE field ``UNITS`` names for it: code ^
     text ^ coding system) → Quantity; the code and system only when the system is known (UCUM…)."""
@@ -171,7 +165,7 @@ def quantity(ctx: Context, value: Any) -> dict[str, Any] | None:
         out["unit"] = ctx.take(f"{base}.2")
     elif code:
         out["unit"] = ctx.take(f"{base}.1")
-    uri = _coding_system(ctx, name) if name else None
+    uri = coding_system(ctx, name) if name else None
     if code and uri is not None:
         out["system"], out["code"] = uri, ctx.take(f"{base}.1")
         ctx.take(f"{base}.3")
@@ -347,7 +341,7 @@ def total_daily_dose(ctx: Context, _: Any) -> dict[str, Any] | None:
         numerator["unit"] = ctx.take(f"{base}.2.2")
     elif code:
         numerator["unit"] = ctx.take(f"{base}.2.1")
-    uri = _coding_system(ctx, name) if name else None
+    uri = coding_system(ctx, name) if name else None
     if code and uri is not None:
         numerator["system"], numerator["code"] = uri, ctx.take(f"{base}.2.1")
         ctx.take(f"{base}.2.3")

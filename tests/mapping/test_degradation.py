@@ -144,3 +144,14 @@ async def test_hl7_null_removes_what_the_identity_feed_had_set(tmp_path: Path) -
         assert len(patient["identifier"]) == 2
     finally:
         await repo.close()
+
+
+@pytest.mark.parametrize("pid", [None, "PID|1", "PID|||||ROUSSEAU^Maëlle||19830214|F"])
+def test_a_patient_no_identifier_names_is_refused_never_created_empty(pid: str | None) -> None:
+    lines = [line for line in A01.rstrip("\r").split("\r") if not line.startswith("PID")]
+    if pid is not None:
+        lines.insert(2, pid)
+    with pytest.raises(ValidationError) as info:
+        LIB.map(Message.parse("\r".join(lines) + "\r"))
+    assert info.value.location == "PID-3"
+    assert info.value.hl7_error_code == "101"

@@ -90,6 +90,9 @@ async def test_send_dlq_and_replay_find_the_gateway_in_its_config(
     assert code == 0 and answer["code"] == "AA" and "CFG2" in answer["ack"]
     await until(lambda: _two_dead(gw), what="two dead letters")
 
+    # no token anywhere: the 401 comes with where a token is looked for
+    code, _, err = await _cli("dlq", "list", cwd=tmp_path)
+    assert code == 1 and "HTTP 401" in err and "PASSERELLE_TOKEN" in err and "--data-dir" in err
     # dlq and replay: the HTTP port from ./config.yaml, the token from its data_dir's admin-token
     (Path(data["data_dir"]) / "admin-token").write_text(ADMIN_TOKEN, "ascii")
     code, table, _ = await _cli("dlq", "list", cwd=tmp_path)
