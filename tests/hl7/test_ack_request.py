@@ -110,9 +110,7 @@ def test_an_ack_s_error_text_fits_msa_3_and_err_8_carries_more(text: str) -> Non
 def test_a_shortened_error_text_stays_readable_in_the_senders_charset() -> None:
     """A sender in ISO 8859-15 gets ASCII dots where the text was cut, and a character its charset
     lacks in its plain form (… → ...), never a "?" in place of a letter."""
-    msh = Message.parse(
-        "MSH|^~\\&|APP|FAC|GW|GHT|20261123101500||ADT^A01|C1|P|2.5|||||FRA|8859/15\rPID|1\r"
-    )
+    msh = Message.parse("MSH|^~\\&|APP|FAC|GW|GHT|20261123101500||ADT^A01|C1|P|2.5|||||FRA|8859/15\rPID|1\r")
     text = "MSH-10 déjà utilisé … " + "x" * 120
     ack = build_ack(msh, AckCode.AE, ValidationError(text))
     msa3 = Message.decode(ack).get("MSA-3")
