@@ -4,21 +4,25 @@ Runs, in one invocation on this machine:
   1. throughput: N connections send as fast as ACKs return; reports ACKed msg/s, end-to-end msg/s
      (every message written by the file destination), ACK latency percentiles, and the gateway's peak RSS;
   2. latency at a fixed rate (default 1,000 msg/s): ACK p50/p95/p99;
-  3. baseline: the python-hl7 asyncio MLLP server (parse + ACK only, no journal) with the same senders,
-     and the ratio.
+  3. peers: the python-hl7 asyncio MLLP server and Medplum's Hl7Server (Node.js), each parse + ACK only,
+     nothing stored, with the same senders and frames, and the ratios (--peer picks them).
 
 The baseline is python-hl7's documented asyncio server (``start_hl7_server``, ``readmessage``,
 ``create_ack``, ``drain``) on the standard asyncio loop, without the example's print of each message.
 Both servers get the same frames from the same senders (same window, ACKs counted the same way), and
 the CPU each spends per message is printed too: on a shared machine it moves much less than msg/s.
+The Medplum peer is a few lines of JavaScript this bench writes beside an `npm install @medplum/hl7`
+(a bench dependency only): each frame parsed into an Hl7Message, answered with its buildAck().
 
     .venv/bin/python bench/bench_mllp.py [--messages 30000] [--connections 10] [--rate 1000] [--window 1]
+        [--peer python-hl7|medplum|both]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -361,9 +365,10 @@ asyncio.run(main())
 """
 
 
-def run_baseline(args: argparse.Namespace) -> dict[str, float]:
+def run_peer(args: argparse.Namespace, command: list[str], cwd: Path | None = None) -> dict[str, float]:
+    """A peer server (parse + ACK only) driven exactly like the gateway's throughput run."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BASELINE, str(port)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, str(port)], cwd=cwd, stdout=subprocess.DEVNULL)
     try:
         wait_port(port)
         asyncio.run(drive(port, frames_for(2000, args.connections, "W"), None, args.window))
@@ -383,6 +388,60 @@ def run_baseline(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def run_baseline(args: argparse.Namespace) -> dict[str, float]:
+    return run_peer(args, [sys.executable, "-c", BASELINE])
+
+
+# Medplum's MLLP server from @medplum/hl7 (Node.js): the connection parses each frame into an
+# Hl7Message before the "message" event; the handler answers that message's buildAck() and keeps nothing.
+MEDPLUM = """
+const { Hl7Server } = require("@medplum/hl7");
+
+const server = new Hl7Server((connection) => {
+  connection.addEventListener("message", (event) => {
+    connection.send(event.message.buildAck());
+  });
+  connection.addEventListener("error", () => {});
+});
+server.start(Number(process.argv[2]), "utf-8");
+"""
+MEDPLUM_DIR = Path(
+    os.environ.get("BENCH_MEDPLUM_DIR", Path.home() / ".cache" / "passerelle-bench" / "medplum")
+)
+
+
+def medplum_server() -> Path:
+    """The peer's script in MEDPLUM_DIR, installing @medplum/hl7 there with npm the first time."""
+    MEDPLUM_DIR.mkdir(parents=True, exist_ok=True)
+    if not (MEDPLUM_DIR / "node_modules" / "@medplum" / "hl7" / "package.json").exists():
+        if not (MEDPLUM_DIR / "package.json").exists():
+            (MEDPLUM_DIR / "package.json").write_text('{"private": true}\n')
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "@medplum/hl7"],
+            cwd=MEDPLUM_DIR,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=600,
+        )
+    script = MEDPLUM_DIR / "server.cjs"
+    script.write_text(MEDPLUM)
+    return script
+
+
+def medplum_version() -> str:
+    meta = MEDPLUM_DIR / "node_modules" / "@medplum" / "hl7" / "package.json"
+    return str(json.loads(meta.read_text())["version"])
+
+
+def node_version() -> str:
+    return subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def run_medplum(args: argparse.Namespace) -> dict[str, float]:
+    script = medplum_server()
+    return run_peer(args, ["node", str(script)], cwd=MEDPLUM_DIR)
+
+
 PLOT = Path(__file__).resolve().parent / "out" / "mllp.svg"  # bench/out/ is not tracked
 
 
@@ -400,7 +459,16 @@ def main() -> None:
         default=1,
         help="frames a sender may have unanswered (1: wait for each ACK); the same for both servers",
     )
-    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true", help="run no peer server at all")
+    parser.add_argument(
+        "--peer",
+        choices=["python-hl7", "medplum", "both"],
+        default="both",
+        help="peer server(s) given the same senders and frames: python-hl7's asyncio MLLP server, Medplum's"
+        " Hl7Server (@medplum/hl7 on Node.js, installed with npm on first use into $BENCH_MEDPLUM_DIR,"
+        " default ~/.cache/passerelle-bench/medplum), or both; only window 1 for Medplum, whose server"
+        " takes a frame as ending where a read ends",
+    )
     parser.add_argument(
         "--destination",
         choices=["file", "fhir"],
@@ -460,21 +528,35 @@ def main() -> None:
         f" ({g['sys']:.2f} in the kernel); {g['cpu_us']:.0f} us of CPU per message, main + worker"
         f" ({g['main_us']:.0f} + {g['cpu_us'] - g['main_us']:.0f}); the load generator {g['gen_us']:.0f} us"
     )
-    if not args.skip_baseline:
-        b = run_baseline(args)
+    peers: dict[str, dict[str, float]] = {}
+    if not args.skip_baseline and args.peer in ("python-hl7", "both"):
+        peers["python-hl7"] = run_baseline(args)
+    if not args.skip_baseline and args.peer in ("medplum", "both"):
+        if args.window == 1:
+            peers["medplum"] = run_medplum(args)
+        else:
+            print("medplum     skipped: its server reads one frame per read, so only with --window 1")
+    for name, b in peers.items():
+        what = "parse + ACK only, nothing stored"
+        if name == "medplum":
+            what = f"@medplum/hl7 {medplum_version()} Hl7Server, Node.js {node_version()}; " + what
         print(
-            f"python-hl7  acked      {b['acked_per_s']:8.0f} msg/s   ACK p50 {b['p50']:.2f} ms"
-            f"  p99 {b['p99']:.2f} ms   (parse + ACK only, nothing stored)"
+            f"{name:<11} acked      {b['acked_per_s']:8.0f} msg/s   ACK p50 {b['p50']:.2f} ms"
+            f"  p99 {b['p99']:.2f} ms   ({what})"
         )
-        print(f"python-hl7  CPU        {b['cpu_us']:8.0f} us per message (one process)")
-        print(f"ratio       end-to-end passerelle / python-hl7 = {g['e2e_per_s'] / b['acked_per_s']:.2f}x")
+        print(f"{name:<11} CPU        {b['cpu_us']:8.0f} us per message (one process)")
+    for name, b in peers.items():
+        print(f"ratio       end-to-end passerelle / {name} = {g['e2e_per_s'] / b['acked_per_s']:.2f}x")
         # Throughput moves with whatever else the two cores run; CPU per message much less so.
-        print(f"ratio       CPU per message python-hl7 / passerelle = {b['cpu_us'] / g['cpu_us']:.2f}x")
-    write_plot(args.plot, args, g, None if args.skip_baseline else b)
+        print(f"ratio       CPU per message {name} / passerelle = {b['cpu_us'] / g['cpu_us']:.2f}x")
+    print(f"machine     load average after the runs {os.getloadavg()[0]:.1f}")
+    write_plot(args.plot, args, g, peers)
     print(f"plot        {args.plot}")
 
 
-def write_plot(path: Path, args: argparse.Namespace, g: dict[str, float], b: dict[str, float] | None) -> None:
+def write_plot(
+    path: Path, args: argparse.Namespace, g: dict[str, float], peers: dict[str, dict[str, float]]
+) -> None:
     """The run's figures as two bar charts in one SVG: msg/s, and ACK latency percentiles."""
     from gateway.core.charts import bar_chart, side_by_side
 
@@ -483,9 +565,9 @@ def write_plot(path: Path, args: argparse.Namespace, g: dict[str, float], b: dic
         f"passerelle, {args.connections} senders flat out": [g["p50"], g["p95"], g["p99"]],
         f"passerelle at {args.rate:.0f} msg/s": [g["paced_p50"], g["paced_p95"], g["paced_p99"]],
     }
-    if b is not None:
-        rates["python-hl7 acked (nothing stored)"] = [b["acked_per_s"]]
-        latency["python-hl7 flat out"] = [b["p50"], None, b["p99"]]
+    for name, b in peers.items():
+        rates[f"{name} acked (nothing stored)"] = [b["acked_per_s"]]
+        latency[f"{name} flat out"] = [b["p50"], None, b["p99"]]
     run = f"{args.messages} ADT^A01, {args.destination} destination, {args.workers} worker(s)"
     svg = side_by_side(
         [

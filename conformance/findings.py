@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from gateway.core.outcome import outcome
+
 
 class Severity(StrEnum):
     """FHIR issue severities; ``fatal`` is kept for input that could not be read at all."""
@@ -66,4 +68,4 @@ def operation_outcome(findings: Iterable[Finding]) -> dict[str, Any]:
         )
     if not issues:
         issues.append({"severity": "information", "code": "informational", "diagnostics": "no issue found"})
-    return {"resourceType": "OperationOutcome", "issue": issues}
+    return outcome(*issues)

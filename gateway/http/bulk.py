@@ -26,6 +26,7 @@ from aiohttp import web
 
 from gateway.core.errors import BadRequest, Forbidden, NotFound, PasserelleError, StoreError
 from gateway.core.logging import get_logger
+from gateway.core.outcome import information
 from gateway.http import scope
 from gateway.http.audit import AUDIT
 from gateway.http.auth import Caller, Role, require
@@ -230,11 +231,7 @@ async def _kick_off(request: web.Request, level: str) -> web.StreamResponse:
     )
     request[_JOB] = job.id
     status_url = f"{request.url.origin()}{POLL}/{job.id}"
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "information", "code": "informational", "diagnostics": "export started"}],
-    }
-    return fhir_response(body, 202, headers={"Content-Location": status_url})
+    return fhir_response(information("export started"), 202, headers={"Content-Location": status_url})
 
 
 @_audited("E", "bulk export kick-off (system)")
@@ -274,11 +271,7 @@ async def status(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.StreamResponse:
     job = _job(request, _caller(request))
     await request.app[EXPORTER].cancel(job)
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled"}],
-    }
-    return fhir_response(body, 202)
+    return fhir_response(information("export cancelled"), 202)
 
 
 @_audited("R", "bulk export file download")

@@ -52,6 +52,7 @@ import orjson
 from aiohttp import web
 
 from gateway.core.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, UnsupportedMediaType
+from gateway.core.outcome import outcome
 from gateway.http import fhir as fhir_routes
 from gateway.http.auth import Caller, Role, caller_of, require
 from gateway.http.fhir import (
@@ -406,7 +407,7 @@ async def _published(request: web.Request, resource: dict[str, Any], actor: Acto
         issues = warnings or [
             {"severity": "information", "code": "informational", "diagnostics": "published"}
         ]
-        return fhir_response({"resourceType": "OperationOutcome", "issue": issues}, 201, headers)
+        return fhir_response(outcome(*issues), 201, headers)
     return fhir_response(_absolute(request, stored), 201, headers)
 
 

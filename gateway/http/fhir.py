@@ -31,6 +31,7 @@ from gateway.core.errors import (
     PasserelleError,
     UnsupportedMediaType,
 )
+from gateway.core.outcome import information
 from gateway.http import scope
 from gateway.http.auth import Role, caller_of
 from gateway.http.fhir_routing import routed
@@ -482,12 +483,7 @@ async def delete(request: web.Request) -> web.Response:
     await scope.check_document_write(request, _repository(request), type_, id_=id_)
     deleted = ID_RE.fullmatch(id_) is not None and await _repository(request).delete(type_, id_)
     text = f"{type_}/{id_} deleted" if deleted else f"{type_}/{id_} was not there: nothing to delete"
-    return fhir_response(
-        {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "information", "code": "informational", "diagnostics": text}],
-        }
-    )
+    return fhir_response(information(text))
 
 
 async def bundle(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import Unprocessable
+from gateway.core.outcome import information
 from gateway.engine.fhir_intake import FhirIntake, delivery_failed
 from gateway.http.auth import caller_of
 
@@ -36,11 +37,7 @@ Write = Callable[[], Awaitable[web.Response]]
 
 
 def _outcome(status: int, text: str) -> web.Response:
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "information", "code": "informational", "diagnostics": text}],
-    }
-    return web.Response(status=status, body=orjson.dumps(body), content_type=FHIR_JSON)
+    return web.Response(status=status, body=orjson.dumps(information(text)), content_type=FHIR_JSON)
 
 
 def _is_batch(data: Mapping[str, Any]) -> bool:

@@ -10,15 +10,13 @@ from aiohttp import web
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import HttpError, PasserelleError
 from gateway.core.logging import get_logger
+from gateway.core.outcome import issue, outcome
 
 log = get_logger("passerelle.http")
 
 
 def operation_outcome(code: str, text: str, *, severity: str = "error", location: str | None = None) -> bytes:
-    issue: dict[str, object] = {"severity": severity, "code": code, "diagnostics": text}
-    if location:
-        issue["expression"] = [location]
-    return orjson.dumps({"resourceType": "OperationOutcome", "issue": [issue]})
+    return orjson.dumps(outcome(issue(code, text, severity=severity, location=location)))
 
 
 def error_response(status: int, code: str, text: str, location: str | None = None) -> web.Response:

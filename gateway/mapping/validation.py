@@ -36,6 +36,7 @@ from fhir_core.types import FhirElementOrResourceBase
 from fhir_core.utils import get_fhir_type_name, is_primitive_type
 
 from gateway.core.errors import BadRequest, NotFound, Unprocessable
+from gateway.core.outcome import issue, outcome
 from gateway.mapping.structure import conforms, fhir_base
 
 # A resource type's name, as URLs and references carry it.
@@ -221,13 +222,7 @@ class InvalidResource(Unprocessable):
         self.issues = issues
 
     def outcome(self) -> dict[str, Any]:
-        return {
-            "resourceType": "OperationOutcome",
-            "issue": [
-                {"severity": "error", "code": code, "diagnostics": text, "expression": [where]}
-                for code, text, where in self.issues
-            ],
-        }
+        return outcome(*(issue(code, text, location=where) for code, text, where in self.issues))
 
 
 # -- the models ------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from gateway.core.errors import (
     Unprocessable,
 )
 from gateway.core.logging import get_logger
+from gateway.core.outcome import outcome
 from gateway.store import fhir_common as common
 from gateway.store.doc_search import DocumentQuery, parse_document_search
 from gateway.store.fhir import (
@@ -1029,7 +1030,7 @@ class _Publication:
         await self._after(prepared, results)
         for i, issues in self.issues.items():
             if issues:
-                results[i]["response"]["outcome"] = {"resourceType": "OperationOutcome", "issue": issues}
+                results[i]["response"]["outcome"] = outcome(*issues)
         return answer
 
     # A patient publishes to their own record (DMP): new documents, their bytes and their

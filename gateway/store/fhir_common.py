@@ -33,6 +33,7 @@ from gateway.core.errors import (
     PasserelleError,
 )
 from gateway.core.ids import new_id
+from gateway.core.outcome import of_error
 from gateway.mapping.validation import TYPE_RE
 from gateway.store.merge import MERGE, Policy, merge_resource, write_policy
 
@@ -672,10 +673,7 @@ def _response(status: int, stored: _Stored | None = None, type_: str = "") -> di
 
 
 def outcome(exc: PasserelleError) -> dict[str, Any]:
-    issue: dict[str, Any] = {"severity": "error", "code": exc.fhir_issue_code, "diagnostics": exc.message}
-    if exc.location:
-        issue["expression"] = [exc.location]
-    return {"resourceType": "OperationOutcome", "issue": [issue]}
+    return of_error(exc)
 
 
 def error_entry(exc: PasserelleError, result: dict[str, Any] | None = None) -> dict[str, Any]:
