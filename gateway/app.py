@@ -36,7 +36,6 @@ from gateway.http.fhir_routing import FHIR_INTAKE
 from gateway.http.server import GatewayRunner
 from gateway.store import backends
 from gateway.store.audit import AuditLog
-from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 
 log = get_logger("passerelle.app")
@@ -70,14 +69,14 @@ class Gateway:
         self.workers = int(data.get("workers", 1) if workers is None else workers)
         self.backends = backends.select(config, self.data_dir, journal_url=journal_url, store_dsn=store_dsn)
         self.store = self.backends.store
-        if not isinstance(self.store, SqliteStore):
-            self.workers = 0  # worker processes exist for the single SQLite writer; nodes scale instead
+        if not self.backends.backend.worker_processes:
+            self.workers = 0
         self.fhir = self.backends.fhir_repository(self.data_dir)
         # Receipts are audited by following the SQLite journal (no cost on the intake path); with
         # workers, the first one follows it, off this process's GIL (see gateway.worker).
         self.audit = AuditLog(
             self.data_dir / "audit.db",
-            journal=self.data_dir / "passerelle.db" if isinstance(self.store, SqliteStore) else None,
+            journal=self.data_dir / "passerelle.db" if self.backends.backend.audit_follows_journal else None,
             follow=self.workers == 0,
         )
         self.drain_timeout = float(data.get("drain_timeout_s", 10))
@@ -90,6 +89,8 @@ class Gateway:
         self.worker = WorkerHandle(cast(SqliteStore, self.store), self.workers)
         self._worker_procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
+        self._draining = False  # stop() drains; a start that failed closes without waiting
+        self._parts = contextlib.AsyncExitStack()  # what start() opened, closed by stop()
         self._runner: web.AppRunner | None = None
         self.http_port_bound: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,44 +198,15 @@ class Gateway:
             if isinstance(db, Path) and db.parent == self.data_dir:
                 _private_file(db)  # SQLite gives its -wal and -shm files the same mode
         secret = _installation_secret(self.data_dir / "partition.key")
-        for intake in self.intakes.values():
-            intake.partition_secret = secret
-        await self.store.open()
-        if isinstance(self.store, PostgresStore):
-            # Every node must digest a patient to the same partition key: the key is shared.
-            secret = await self.store.shared_secret("partition.key")
-            for intake in self.intakes.values():
-                intake.partition_secret = secret
-        self.fhir_intake.partition_secret = secret
-        await self.fhir.open()
-        await self.audit.open()
-        for index in range(self.workers):
-            await self._start_worker(index)
-        for channel in self.channels.values():
-            if isinstance(channel, ChannelRuntime):
-                channel.start()
-        started: list[Source] = []
-        where: tuple[tuple[str | int, ...], Any, str | None] = ((), None, None)
+        parts = contextlib.AsyncExitStack()
         try:
-            for name, source in self.sources.items():
-                where = self._listen_key(name)
-                await source.start()
-                started.append(source)
-            if self.http_settings.get("enabled", True):
-                override = "--http-port" if self.http_port_overridden else None
-                where = (("http", "port"), self.http_settings.get("port", 8080), override)
-                await self._start_http()
-        except OSError as exc:
-            for source in started:
-                await source.stop(0)
-            await self._close_rest()
-            key, port, override = where
-            reason = f"cannot listen on port {port}: {exc.strerror or exc}"
-            if override is not None:
-                reason += f" (the port given by {override})"
-            error = self.config.error(key, reason) if key else ConfigError(reason, file=self.config.file)
-            raise error from exc
-        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+            await self._open_parts(parts, secret)
+        except BaseException:
+            # What opened before the failure closes again, last opened first.
+            self._stopping = True
+            await parts.aclose()
+            raise
+        self._parts = parts
         log.info(
             "gateway_started",
             data_dir=str(self.data_dir),
@@ -243,6 +215,57 @@ class Gateway:
             sources=len(self.sources),
             http_port=self.http_port_bound,
         )
+
+    async def _open_parts(self, parts: contextlib.AsyncExitStack, secret: bytes) -> None:
+        """Open each part and push how it closes; stop() unwinds them in reverse: sources, then
+        channels, workers, tasks, destinations, HTTP, and the stores last."""
+        for intake in self.intakes.values():
+            intake.partition_secret = secret
+        await self.store.open()
+        parts.push_async_callback(self.store.close)
+        if (postgres := self.backends.postgres) is not None:
+            # Every node must digest a patient to the same partition key: the key is shared.
+            secret = await postgres.shared_secret("partition.key")
+            for intake in self.intakes.values():
+                intake.partition_secret = secret
+        self.fhir_intake.partition_secret = secret
+        await self.fhir.open()
+        parts.push_async_callback(self.fhir.close)
+        await self.audit.open()
+        parts.push_async_callback(self.audit.close)
+        parts.push_async_callback(self._stop_http)
+        parts.push_async_callback(self._close_destinations)
+        parts.push_async_callback(self._cancel_tasks)
+        if self.workers:
+            parts.push_async_callback(self._stop_workers)
+        for index in range(self.workers):
+            await self._start_worker(index)
+        for channel in self.channels.values():
+            if isinstance(channel, ChannelRuntime):
+                channel.start()
+                parts.push_async_callback(self._stop_part, channel)
+        where: tuple[tuple[str | int, ...], Any, str | None] = ((), None, None)
+        try:
+            for name, source in self.sources.items():
+                where = self._listen_key(name)
+                await source.start()
+                parts.push_async_callback(self._stop_part, source)
+            if self.http_settings.get("enabled", True):
+                override = "--http-port" if self.http_port_overridden else None
+                where = (("http", "port"), self.http_settings.get("port", 8080), override)
+                await self._start_http()
+        except OSError as exc:
+            key, port, override = where
+            reason = f"cannot listen on port {port}: {exc.strerror or exc}"
+            if override is not None:
+                reason += f" (the port given by {override})"
+            error = self.config.error(key, reason) if key else ConfigError(reason, file=self.config.file)
+            raise error from exc
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+
+    async def _stop_part(self, part: Source | ChannelRuntime) -> None:
+        # A drain on stop(); none when start() failed: nothing was taken yet.
+        await part.stop(self.drain_timeout if self._draining else 0)
 
     def _listen_key(self, source: str) -> tuple[tuple[str | int, ...], Any, str | None]:
         """The config key of a source's port, the port, and the option that overrode it (if any)."""
@@ -298,14 +321,8 @@ class Gateway:
         """Drain: stop taking messages, answer those received, let lanes finish, flush, close."""
         log.info("gateway_draining", timeout_s=self.drain_timeout)
         self._stopping = True
-        for source in self.sources.values():
-            await source.stop(self.drain_timeout)
-        for channel in self.channels.values():
-            if isinstance(channel, ChannelRuntime):
-                await channel.stop(self.drain_timeout)
-        if self._worker_procs:
-            await self._stop_workers()
-        await self._close_rest()
+        self._draining = True
+        await self._parts.aclose()
         log.info("gateway_stopped")
 
     async def _stop_workers(self) -> None:
@@ -325,21 +342,22 @@ class Gateway:
                 proc.kill()
                 await proc.wait()
 
-    async def _close_rest(self) -> None:
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def _close_destinations(self) -> None:
         for dest in self.destinations:
             with contextlib.suppress(Exception):
                 await dest.aclose()
+
+    async def _stop_http(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.store.close()
-        await self.fhir.close()
-        await self.audit.close()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -387,10 +405,9 @@ class Gateway:
             checks["store"] = {"ok": True}
         except (PasserelleError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": type(exc).__name__}
-        if isinstance(self.store, SqliteStore | PostgresStore):
-            # Reads may work while commits fail (a full disk): every message would be answered AE
-            # and trace writes wait, so the node is not ready until the journal commits again.
-            checks["journal_writes"] = self.store.write_health()
+        # Reads may work while commits fail (a full disk): every message would be answered AE
+        # and trace writes wait, so the node is not ready until the journal commits again.
+        checks["journal_writes"] = self.store.write_health()
         if (jetstream := self.backends.jetstream) is not None:
             try:
                 await asyncio.wait_for(jetstream.journal.ping(), 2.0)

@@ -272,12 +272,13 @@ async def run_message_export(
     """``export_messages`` from the message store ``config`` (or ``--store``) names, read-only on
     SQLite (a running gateway keeps writing)."""
     root = data_dir_of(config, data_dir)
-    selected = backends.select(config, root, store_dsn=store_dsn).store
+    chosen = backends.select(config, root, store_dsn=store_dsn)
     store: MessageStore
-    if isinstance(selected, SqliteStore):
-        store = SqliteStore(selected.path, writer=False)
+    if chosen.postgres is not None:
+        store = PostgresStore(chosen.postgres.dsn, schema=chosen.postgres.schema)
     else:
-        store = PostgresStore(selected.dsn, schema=selected.schema)
+        assert isinstance(chosen.store, SqliteStore)  # the one other backend
+        store = SqliteStore(chosen.store.path, writer=False)
     await store.open()
     try:
         return await export_messages(store, out, **filters)

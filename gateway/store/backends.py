@@ -26,26 +26,52 @@ from gateway.store.sqlite import SqliteStore
 
 
 @dataclass(frozen=True, slots=True)
+class Backend:
+    """What the chosen message store can do, in the terms its callers ask about."""
+
+    name: str  # "sqlite", "postgres" or "jetstream"
+    journal: str  # where appends go: "sqlite", "postgresql" (the store itself) or "nats"
+    # Several nodes may run on the same backends.
+    shared_between_nodes: bool
+    # Worker processes take the channels off the main process: they exist for the single SQLite
+    # writer; on a database server nodes scale instead.
+    worker_processes: bool
+    # The audit log records receipts by following the journal's file (no cost on the intake path).
+    audit_follows_journal: bool
+
+
+SQLITE = Backend(
+    "sqlite", "sqlite", shared_between_nodes=False, worker_processes=True, audit_follows_journal=True
+)
+POSTGRES = Backend(
+    "postgres", "postgresql", shared_between_nodes=False, worker_processes=False, audit_follows_journal=False
+)
+JETSTREAM = Backend(
+    "jetstream", "nats", shared_between_nodes=True, worker_processes=False, audit_follows_journal=False
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Backends:
     store: SqliteStore | PostgresStore
-    journal: str  # "sqlite", "postgresql" (the store itself) or "nats"
-    shared: bool  # several nodes may run on the same backends
-
-    @property
-    def jetstream(self) -> JetStreamStore | None:
-        return self.store if isinstance(self.store, JetStreamStore) else None
+    backend: Backend
+    # The store again when it is on PostgreSQL: it keeps the settings every node must agree on
+    # (the partition key), and the FHIR repository lives in its database.
+    postgres: PostgresStore | None = None
+    jetstream: JetStreamStore | None = None  # the store again, when appends go to JetStream
 
     @property
     def repository_settings(self) -> dict[str, Any]:
         """Where the FHIR repository lives when it is shared: the store's database and schema."""
-        if isinstance(self.store, PostgresStore):
-            return {"dsn": self.store.dsn, **({"schema": self.store.schema} if self.store.schema else {})}
-        return {}
+        if self.postgres is None:
+            return {}
+        schema = self.postgres.schema
+        return {"dsn": self.postgres.dsn, **({"schema": schema} if schema else {})}
 
     def fhir_repository(self, data_dir: Path) -> FhirRepository:
         """The node's FHIR repository (and so its document store): beside the message store."""
-        if isinstance(self.store, PostgresStore):
-            return PgFhirRepository(self.store.dsn, schema=self.store.schema)
+        if self.postgres is not None:
+            return PgFhirRepository(self.postgres.dsn, schema=self.postgres.schema)
         return SqliteFhirRepository(data_dir / "fhir.db")
 
 
@@ -109,19 +135,15 @@ def select(
         pg = JetStreamStore(
             store["dsn"], nats, schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))
         )
-        return Backends(pg, "nats", True)
+        return Backends(pg, JETSTREAM, postgres=pg, jetstream=pg)
     if store_kind == "postgresql":
-        return Backends(
-            PostgresStore(store["dsn"], schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))),
-            "postgresql",  # the store journals too
-            False,
+        postgres = PostgresStore(
+            store["dsn"], schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))
         )
-    return Backends(
-        SqliteStore(
-            data_dir / "passerelle.db",
-            synchronous=journal.get("synchronous", "FULL"),
-            max_batch=journal.get("max_batch", 4096),
-        ),
-        "sqlite",
-        False,
+        return Backends(postgres, POSTGRES, postgres=postgres)
+    sqlite = SqliteStore(
+        data_dir / "passerelle.db",
+        synchronous=journal.get("synchronous", "FULL"),
+        max_batch=journal.get("max_batch", 4096),
     )
+    return Backends(sqlite, SQLITE)

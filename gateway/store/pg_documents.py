@@ -17,9 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-import asyncpg
-
-from gateway.core.errors import StoreError
 from gateway.store import fhir_common as common
 from gateway.store.documents import (
     BaseDocumentStore,
@@ -30,8 +27,9 @@ from gateway.store.documents import (
     _Blob,
     index_document,
 )
+from gateway.store.pg_errors import POSTGRES_ERRORS, translate
 from gateway.store.pg_fhir import PgFhirRepository, _body, numbered
-from gateway.store.postgres import CONNECTION_ERRORS, migrate, redacted
+from gateway.store.postgres import migrate, redacted
 
 Conn = Any  # an asyncpg connection (the library ships no type information)
 
@@ -196,9 +194,9 @@ class PgDocumentStore(BaseDocumentStore):
             self.schema_version = await migrate(
                 self.repository._open_pool(), MIGRATIONS, "doc_schema_version"
             )
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except POSTGRES_ERRORS as exc:
             where = redacted(self.repository.dsn)
-            raise StoreError(f"cannot migrate the document store at {where}: {exc}") from exc
+            raise translate(exc, f"cannot migrate the document store at {where}", detail=True) from exc
 
     async def _writing(self, fn: Callable[[common.Transaction, DocOps], Coroutine[Any, Any, Any]]) -> Any:
         await self.open()

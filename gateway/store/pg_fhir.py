@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import asyncpg
 import orjson
 
 from gateway.core.errors import BadRequest, StoreError
@@ -47,7 +46,8 @@ from gateway.store.fhir_common import (
     index_rows,
     parse_search,
 )
-from gateway.store.postgres import CONNECTION_ERRORS, connect_pool, migrate, redacted
+from gateway.store.pg_errors import POSTGRES_ERRORS, Kind, classify, translate
+from gateway.store.postgres import connect_pool, migrate, redacted
 
 log = get_logger("passerelle.fhir")
 
@@ -111,8 +111,6 @@ _LOCK_MANY = (
     "SELECT pg_advisory_xact_lock(hashtextextended(k, 0))"
     " FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n"
 )
-# Transient failures of a concurrent transaction: run it again from the start.
-_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.UniqueViolationError)
 ATTEMPTS = 5
 
 
@@ -328,10 +326,10 @@ class PgFhirRepository:
             pool = await connect_pool(self.dsn, self.schema, max_size=self._pool_size)
             try:
                 self.schema_version = await migrate(pool, MIGRATIONS, "fhir_schema_version")
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except POSTGRES_ERRORS as exc:
                 await pool.close()
                 where = redacted(self.dsn)
-                raise StoreError(f"cannot migrate the FHIR repository at {where}: {exc}") from exc
+                raise translate(exc, f"cannot migrate the FHIR repository at {where}", detail=True) from exc
             self._pool = pool
 
     async def close(self) -> None:
@@ -352,9 +350,9 @@ class PgFhirRepository:
         try:
             async with pool.acquire() as conn:
                 return await fn(conn)
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except POSTGRES_ERRORS as exc:
             log.warning("fhir_read_failed", error=type(exc).__name__)
-            raise StoreError(f"FHIR repository read failed: {type(exc).__name__}") from exc
+            raise translate(exc, "FHIR repository read failed") from exc
 
     async def _write(self, fn: Callable[[_PgTransaction], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction; a PasserelleError from it rolls everything back."""
@@ -363,15 +361,18 @@ class PgFhirRepository:
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     return await fn(_PgTransaction(conn, _instant(self._clock())))
-            except _RETRYABLE as exc:
-                if attempt == ATTEMPTS:
+            except POSTGRES_ERRORS as exc:
+                # A concurrent transaction won (deadlock, serialisation, same new key): run it again.
+                conflict = classify(exc) is Kind.CONFLICT
+                if conflict and attempt < ATTEMPTS:
+                    self.retries += 1
+                    await asyncio.sleep(0.01 * attempt)
+                    continue
+                if conflict:
                     log.error("fhir_write_failed", error=type(exc).__name__, attempts=attempt)
-                    raise StoreError(f"FHIR repository write failed: {type(exc).__name__}") from exc
-                self.retries += 1
-                await asyncio.sleep(0.01 * attempt)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                log.error("fhir_write_failed", error=type(exc).__name__)
-                raise StoreError(f"FHIR repository write failed: {type(exc).__name__}") from exc
+                else:
+                    log.error("fhir_write_failed", error=type(exc).__name__)
+                raise translate(exc, "FHIR repository write failed") from exc
         raise AssertionError("unreachable")
 
     async def ping(self) -> None:

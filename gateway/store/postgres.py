@@ -37,6 +37,7 @@ from gateway.store.message_views import (
     settle,
     trace_stage,
 )
+from gateway.store.pg_errors import POSTGRES_ERRORS, Kind, classify, translate, unavailable
 
 log = get_logger("passerelle.store")
 
@@ -121,47 +122,6 @@ _INSERT_MESSAGE = (
 )
 _KEY = 15  # positions in a message row (see _message_row)
 _DIGEST = 16
-# Errors that mean "the database went away", as opposed to "this write is wrong".
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-)
-
-
-# What says the database is out of reach (retry the batch later), as opposed to a write that is
-# wrong (answer it with an error). asyncpg.InterfaceError is both: a lost link only when the
-# connection it came from is closed, else a programming error that a retry cannot cure.
-_LOST: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-)
-
-
-def connection_lost(exc: BaseException, conn: Any = None) -> bool:
-    if isinstance(exc, _LOST):
-        return True
-    return isinstance(exc, asyncpg.InterfaceError) and conn is not None and bool(conn.is_closed())
-
-
-# SQLSTATE classes of a server that cannot take writes now, whatever the write: 53 insufficient
-# resources (53100 disk full, 53200 out of memory, 53300 too many connections), 58 system error
-# (58030 I/O error). Time or an operator cures them; the write itself is not wrong.
-_UNAVAILABLE_CLASSES = ("53", "58")
-
-
-def unavailable(exc: BaseException, conn: Any = None) -> bool:
-    """The database cannot commit now (link lost, disk full…): keep the write and try again."""
-    if connection_lost(exc, conn):
-        return True
-    state = getattr(exc, "sqlstate", None)
-    if not (isinstance(exc, asyncpg.PostgresError) and isinstance(state, str)):
-        return False
-    return state[:2] in _UNAVAILABLE_CLASSES
 
 
 def redacted(dsn: str) -> str:
@@ -171,6 +131,10 @@ def redacted(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return parts._replace(netloc=netloc).geturl()
+
+
+# A malformed DSN is a ValueError from asyncpg.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*POSTGRES_ERRORS, ValueError)
 
 
 async def connect_pool(dsn: str, schema: str | None, *, max_size: int = 8) -> Any:
@@ -188,8 +152,8 @@ async def connect_pool(dsn: str, schema: str | None, *, max_size: int = 8) -> An
         return await asyncpg.create_pool(
             dsn, min_size=1, max_size=max_size, server_settings=settings, timeout=10
         )
-    except (*CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
-        raise StoreError(f"cannot connect to PostgreSQL at {redacted(dsn)}: {exc}") from exc
+    except _CONNECT_ERRORS as exc:
+        raise translate(exc, f"cannot connect to PostgreSQL at {redacted(dsn)}", detail=True) from exc
 
 
 def _ident(name: str) -> str:
@@ -247,10 +211,10 @@ class PostgresStore:
         self._pool = await connect_pool(self.dsn, self.schema, max_size=self._pool_size)
         try:
             self.schema_version = await migrate(self._pool, MIGRATIONS, "message_schema_version")
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except POSTGRES_ERRORS as exc:
             await self._pool.close()
             self._pool = None
-            raise StoreError(f"cannot migrate the store at {redacted(self.dsn)}: {exc}") from exc
+            raise translate(exc, f"cannot migrate the store at {redacted(self.dsn)}", detail=True) from exc
         self.connected = True
         self._closing = False
         self._start_writer()
@@ -340,18 +304,18 @@ class PostgresStore:
             except Exception as exc:  # noqa: BLE001 - the writer must not die with one batch
                 # What escapes _run_batch is a lost link or a failure to get a connection at all
                 # (an InterfaceError from the pool); a wrong write is answered inside it.
-                if not (unavailable(exc) or isinstance(exc, asyncpg.InterfaceError)):
+                kind = classify(exc, acquiring=True)
+                if kind is None or not kind.transient:
                     log.error("store_batch_failed", error=type(exc).__name__)
-                    results = [StoreError(f"store write failed: {type(exc).__name__}")] * len(batch)
+                    results = [translate(exc, "store write failed")] * len(batch)
                     del self._queue[: len(batch)]
                     for (_, fut, callback), result in zip(batch, results, strict=True):
                         settle(fut, callback, result)
                     continue
                 if self.connected:
                     state = getattr(exc, "sqlstate", None)
-                    lost = connection_lost(exc) or isinstance(exc, asyncpg.InterfaceError)
                     log.error(
-                        "store_connection_lost" if lost else "store_cannot_commit",
+                        "store_connection_lost" if kind is Kind.LINK_LOST else "store_cannot_commit",
                         error=type(exc).__name__,
                         sqlstate=state if isinstance(state, str) else None,
                     )
@@ -401,7 +365,7 @@ class PostgresStore:
                 except Exception as exc:  # any failure of one write is that write's answer
                     if unavailable(exc, conn):
                         raise
-                    results.append(StoreError(f"store write failed: {type(exc).__name__}"))
+                    results.append(translate(exc, "store write failed"))
             return results
 
     async def flush(self) -> None:
@@ -588,8 +552,8 @@ class PostgresStore:
         try:
             async with self._pool.acquire(timeout=5) as conn:
                 return await fn(conn)
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            raise StoreError(f"store read failed: {type(exc).__name__}") from exc
+        except POSTGRES_ERRORS as exc:
+            raise translate(exc, "store read failed") from exc
 
     async def work_item(self, message_id: str) -> WorkItem | None:
         """The pending work of one message (None when nothing is left to do)."""

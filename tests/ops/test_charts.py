@@ -143,8 +143,13 @@ def test_the_mllp_benchmark_writes_its_plot(tmp_path: Path) -> None:
         "paced_p99": 17.6,
     }
     path = tmp_path / "out" / "mllp.svg"
-    bench.write_plot(path, args, figures, {"acked_per_s": 993.0, "p50": 4.4, "p99": 13.6})
+    peers = {
+        "python-hl7": {"acked_per_s": 993.0, "p50": 4.4, "p99": 13.6},
+        "medplum": {"acked_per_s": 9878.0, "p50": 0.9, "p99": 3.2},
+    }
+    bench.write_plot(path, args, figures, peers)
     svg = path.read_text("utf-8")
     _inert(svg)
-    assert {"1222", "506", "993", "28.1", "17.6", "13.6"} <= set(_values(svg))
+    assert {"1222", "506", "993", "9878", "28.1", "17.6", "13.6", "3.2"} <= set(_values(svg))
+    assert "python-hl7 acked" in svg and "medplum acked" in svg
     assert "3000 ADT^A01" in svg

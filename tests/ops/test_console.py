@@ -298,7 +298,8 @@ async def test_console_plots_message_view_fhir_links_rejections_and_retries(
     await page.until("Number(document.querySelector('#chart-throughput').dataset.peak) > 0", timeout=30)
     assert await page.js("document.querySelector('#chart-throughput').src") != first_src
     assert await page.js("document.querySelector('#chart-throughput').naturalWidth") > 0
-    assert await page.js("Number(document.querySelector('#chart-latency').dataset.peak)") > 0
+    # each plot is fetched on its own: the latency one may come a refresh later
+    await page.until("Number(document.querySelector('#chart-latency').dataset.peak) > 0", timeout=30)
     await page.until(
         "document.querySelector('#channels tr[data-channel=\"adt\"] td:nth-child(3)').textContent === '7'"
     )
@@ -306,7 +307,8 @@ async def test_console_plots_message_view_fhir_links_rejections_and_retries(
     retry = '#channels tr[data-of="adt"][data-destination="ehr"] .retry'
     await page.until(f"document.querySelectorAll('{retry}').length >= 1")
     text = await page.js(f"document.querySelector('{retry}').textContent")
-    assert "attempt 1/5" in text and "next attempt" in text and "cannot reach" in text
+    # attempt 1 of 5, or a later one when the machine is slow enough for the first retry to have run
+    assert re.search(r"attempt [1-5]/5", text) and "next attempt" in text and "cannot reach" in text
     # French dates by default: day first, 24-hour clock
     assert re.search(r"next attempt \d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}", text), text
     # the listener, its connection, and the sender's last message
