@@ -408,6 +408,10 @@ async function openMessage(id, reveal) {
   $("#message-raw").hidden = !msg.unreadable;
   $("#message-raw").textContent = msg.unreadable ? "The received bytes are not readable HL7v2; they are kept as evidence." : "";
   $("#fhir-block").hidden = !msg.fhir;
+  if (!msg.fhir && msg.status === "RECEIVED") {
+    // not processed yet: show it again once its steps have run
+    setTimeout(() => { if (shown === id && !$("#message").hidden) openMessage(id, reveal); }, 1000);
+  }
   $("#fhir-tree").replaceChildren(msg.fhir ? tree(msg.fhir.resource, msg.fhir.resource.resourceType || "FHIR", msg.fhir.links, 0) : "");
   if (msg.fhir) {
     // the entries are where the links are: open them one level
