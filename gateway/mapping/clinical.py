@@ -234,15 +234,28 @@ def visit_scoped_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     return _scoped_identifier(ctx, PATIENT_SCOPE, patient_key(ctx), "patient")
 
 
-def allergy_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+def _within_patient(
+    key_of: Callable[[Context, str, int, Key], dict[str, Any] | None],
+) -> Function:
+    """A keying function for the current segment within its patient: ``key_of(ctx, segment,
+    occurrence, patient key)``; outside a segment none, for a patient without key the unkeyed form."""
+
+    def keyed(ctx: Context, _: Any) -> dict[str, Any] | None:
+        if ctx.segment is None:
+            return None
+        seg, occ = ctx.segment
+        key = patient_key(ctx)
+        if key is None:
+            return _scoped_identifier(ctx, PATIENT_SCOPE, None, "patient")
+        return key_of(ctx, seg, occ, key)
+
+    keyed.__doc__ = key_of.__doc__
+    return keyed
+
+
+def _allergy_key(ctx: Context, seg: str, occ: int, key: Key) -> dict[str, Any] | None:
     """An allergy (AL1, IAM) within its patient, keyed on its allergen (field 3: code ^ coding
     system), else on its set id."""
-    if ctx.segment is None:
-        return None
-    seg, occ = ctx.segment
-    key = patient_key(ctx)
-    if key is None:
-        return _scoped_identifier(ctx, PATIENT_SCOPE, None, "patient")
 
     def allergen(n: int) -> str:
         code = ctx.read(f"{seg}[{n}]-3.1").strip()
@@ -254,15 +267,9 @@ def allergy_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     return {"system": _scoped(PATIENT_SCOPE, key, ctx.kind or "allergy"), "value": value}
 
 
-def care_team_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+def _care_team_key(ctx: Context, seg: str, occ: int, key: Key) -> dict[str, Any] | None:
     """A ROL within its patient: its role (ROL-3.1) and its person's number (ROL-4.1 and its
     authority), else its place."""
-    if ctx.segment is None:
-        return None
-    seg, occ = ctx.segment
-    key = patient_key(ctx)
-    if key is None:
-        return _scoped_identifier(ctx, PATIENT_SCOPE, None, "patient")
 
     def role(n: int) -> str:
         person = ctx.read(f"{seg}[{n}]-4.1").strip()
@@ -275,21 +282,20 @@ def care_team_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
     return {"system": _scoped(PATIENT_SCOPE, key, ctx.kind or "care-team"), "value": value}
 
 
-def message_observation_identifier(ctx: Context, _: Any) -> dict[str, Any] | None:
+def _message_observation_key(ctx: Context, seg: str, occ: int, key: Key) -> dict[str, Any] | None:
     """An OBX of a message without orders (ADT): per message (sender, MSH-10) and OBX set id (else
     its place), within the patient; a replay writes it again, another message never does."""
-    if ctx.segment is None:
-        return None
-    seg, occ = ctx.segment
-    key = patient_key(ctx)
-    if key is None:
-        return _scoped_identifier(ctx, PATIENT_SCOPE, None, "patient")
     application, facility, facility_id = ctx.sender()
     set_id, is_set_id = _set_id(ctx, seg, occ)
     if is_set_id:
         ctx.take(f"{seg}[{occ}]-1")
     value = "^".join((application, facility or facility_id, ctx.message.control_id, set_id))
     return {"system": _scoped(PATIENT_SCOPE, key, ctx.kind or "observation"), "value": value}
+
+
+allergy_identifier = _within_patient(_allergy_key)
+care_team_identifier = _within_patient(_care_team_key)
+message_observation_identifier = _within_patient(_message_observation_key)
 
 
 def optional_cx_identifier(ctx: Context, value: Any) -> dict[str, Any] | None:
