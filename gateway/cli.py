@@ -9,7 +9,7 @@ import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -18,6 +18,9 @@ from gateway.core import config as config_mod
 from gateway.core.errors import ConfigError, MessageError, StoreError
 from gateway.core.logging import configure as configure_logging
 from gateway.hl7.er7 import split_messages
+
+if TYPE_CHECKING:  # the CLI imports the engine only for the commands that run it
+    from gateway.engine.steps import FhirMapping
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -337,15 +340,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return worst
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    """Print, for each message, the FHIR Bundle the configured mappings make, with what they left unread."""
-    from gateway.core.envelope import HL7_V2, Envelope
-    from gateway.engine.steps import FhirMapping, StepContext
-    from gateway.hl7.er7 import Message
+def _mapping_step(args: argparse.Namespace, command: str) -> FhirMapping | None:
+    """The mapping step ``convert`` and ``coverage`` run: the options' mappings, time zone, namespace
+    policy and strictness, with the namespaces of --config; None, said on stderr, when one is wrong."""
+    from gateway.engine.steps import FhirMapping
     from gateway.mapping.rules import shipped_mappings
 
-    if args.to == "hl7v2":
-        return _convert_to_hl7v2(args)
     settings: dict[str, Any] = {
         "directory": args.mappings or str(shipped_mappings()),
         "timezone": args.timezone,
@@ -355,9 +355,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         if args.config:
             settings["namespaces"] = config_mod.load(args.config).data.get("namespaces") or {}
-        step = FhirMapping("convert", settings)
+        return FhirMapping(command, settings)
     except ConfigError as exc:
-        print(f"passerelle convert: mapping error: {exc}", file=sys.stderr)
+        print(f"passerelle {command}: mapping error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Print, for each message, the FHIR Bundle the configured mappings make, with what they left unread."""
+    from gateway.core.envelope import HL7_V2, Envelope
+    from gateway.engine.steps import StepContext
+    from gateway.hl7.er7 import Message
+
+    if args.to == "hl7v2":
+        return _convert_to_hl7v2(args)
+    step = _mapping_step(args, "convert")
+    if step is None:
         return EXIT_USAGE
     try:
         files = _convert_files(args.files, hl7=True)
@@ -494,9 +507,7 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     unmapped paths most messages carry (gateway.mapping.coverage). The mapping step is ``convert``'s."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from gateway.engine.steps import FhirMapping
     from gateway.mapping import coverage
-    from gateway.mapping.rules import shipped_mappings
 
     if args.top < 0:
         print("passerelle coverage: --top takes a number of paths, 0 or more", file=sys.stderr)
@@ -506,23 +517,13 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     except (ZoneInfoNotFoundError, ValueError):
         print(f"passerelle coverage: no such time zone: {args.timezone}", file=sys.stderr)
         return EXIT_USAGE
-    settings: dict[str, Any] = {
-        "directory": args.mappings or str(shipped_mappings()),
-        "timezone": args.timezone,
-        "missing_namespace": args.missing_namespace,
-        "strict": args.strict,
-    }
     try:
         files = coverage.message_files(args.files)
     except FileNotFoundError as exc:
         print(f"passerelle coverage: no such file or directory: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        if args.config:
-            settings["namespaces"] = config_mod.load(args.config).data.get("namespaces") or {}
-        step = FhirMapping("coverage", settings)
-    except ConfigError as exc:
-        print(f"passerelle coverage: mapping error: {exc}", file=sys.stderr)
+    step = _mapping_step(args, "coverage")
+    if step is None:
         return EXIT_USAGE
     try:
         report = coverage.measure_files(files, step.convert, default_charset=args.default_charset)
