@@ -23,11 +23,9 @@ import base64
 import hashlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -35,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.processes import RssWatch, free_port  # noqa: E402
 from gateway.store import bulk  # noqa: E402
 from gateway.store.documents import SqliteDocumentStore  # noqa: E402
 from gateway.store.fhir import SqliteFhirRepository  # noqa: E402
@@ -117,12 +114,6 @@ async def fill(data_dir: Path, size: int) -> int:
     return written
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(workdir: Path, http_port: int, store: dict[str, Any] | None = None) -> Path:
     config: dict[str, Any] = {
         "workers": 0,
@@ -168,28 +159,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
-
-
-class RssWatch(threading.Thread):
-    """Samples a process's RSS (with its children) every 20 ms; keeps the peak."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.running = True
-
-    def sample(self) -> int:
-        procs = [self.proc, *self.proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs)
-
-    def run(self) -> None:
-        while self.running:
-            try:
-                self.peak = max(self.peak, self.sample())
-            except psutil.Error:
-                return
-            time.sleep(0.02)
 
 
 def request(url: str, *, method: str = "GET", headers: dict[str, str] | None = None) -> Any:

@@ -26,12 +26,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -42,7 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.processes import RssWatch, free_port, wait_port  # noqa: E402
 from tests.messages import adt  # noqa: E402 - the same authored messages the tests use
 
 FSYNC = os.environ.get("BENCH_FSYNC", "1") == "1"
@@ -50,12 +48,6 @@ MAX_IN_MEMORY = int(os.environ.get("BENCH_MAX_IN_MEMORY", "10000"))
 WORKERS = 1
 OUT_BASE: Path | None = None  # --out-dir: where the file destination writes
 SB, EB = b"\x0b", b"\x1c\x0d"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Sender(asyncio.Protocol):
@@ -150,24 +142,6 @@ def frames_for(total: int, conns: int, tag: str) -> list[list[bytes]]:
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(len(s) * p / 100))] * 1000
-
-
-class RssWatch(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.running = True
-
-    def run(self) -> None:
-        while self.running:
-            try:
-                # The gateway and its worker process together.
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                return
-            time.sleep(0.05)
 
 
 def cpu_seconds(proc: psutil.Process) -> tuple[float, float, float]:
@@ -274,17 +248,6 @@ def start_gateway(workdir: Path, port: int, http_port: int, destination: str) ->
     return proc
 
 
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def count_files(directory: Path) -> int:
     try:
         return sum(1 for e in os.scandir(directory) if not e.name.startswith("."))
@@ -297,7 +260,7 @@ def run_gateway(args: argparse.Namespace) -> dict[str, float]:
         workdir = Path(tmp)
         port = free_port()
         proc = start_gateway(workdir, port, free_port(), args.destination)
-        watch = RssWatch(proc.pid)
+        watch = RssWatch(proc.pid, interval=0.05)
         watch.start()
         try:
             # warm-up, then the throughput run, then the paced latency run

@@ -41,66 +41,19 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
-import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.processes import RssWatch, free_port, wait_port  # noqa: E402
 from tests.messages import adt  # noqa: E402 - the same authored messages the tests use
 
 SB, EB = b"\x0b", b"\x1c\r"
 CHUNK = 256 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def attacker_address(i: int) -> str:
     return f"127.1.{i // 250}.{i % 250 + 1}"
-
-
-class RssWatch(threading.Thread):
-    """Samples the RSS of the gateway and its worker process together every 20 ms."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0  # since the last reset_peak
-        self.overall = 0
-        self.last = 0
-        self.running = True
-
-    def sample(self) -> int:
-        procs = [self.proc, *self.proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs)
-
-    def run(self) -> None:
-        while self.running:
-            try:
-                self.last = self.sample()
-            except psutil.Error:
-                return
-            self.peak = max(self.peak, self.last)
-            self.overall = max(self.overall, self.last)
-            time.sleep(0.02)
-
-    def reset_peak(self) -> None:
-        self.peak = self.last
 
 
 def start_gateway(

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.processes import free_port  # noqa: E402
 from connectors.mllp.client import MllpClient  # noqa: E402
 from tests.fakes import Receiver  # noqa: E402 - the same far end the tests use
 from tests.messages import adt  # noqa: E402
@@ -151,12 +150,6 @@ def order_violations(received: list[bytes]) -> int:
             bad.add(patient)
         last[patient] = int(n)
     return len(bad)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_listening(port: int) -> None:
