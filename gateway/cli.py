@@ -411,20 +411,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_files(targets: Sequence[str], *, hl7: bool) -> list[Path]:
     """Files named, and in directories (recursively) the HL7v2 files, or the *.json ones."""
-    from gateway.mapping.coverage import message_files
+    from gateway.mapping.coverage import message_files, named_files
 
     if hl7:
         return message_files(targets)
-    out: list[Path] = []
-    for target in targets:
-        path = Path(target)
-        if path.is_file():
-            out.append(path)
-        elif path.is_dir():
-            out += sorted(p for p in path.rglob("*.json") if p.is_file())
-        else:
-            raise FileNotFoundError(target)
-    return out
+    return named_files(targets, lambda p: p.name.endswith(".json"))
 
 
 def _progress(files: Sequence[Path], what: str) -> Iterator[Path]:

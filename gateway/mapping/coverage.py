@@ -466,8 +466,13 @@ def _looks_like_hl7(path: Path) -> bool:
 
 def message_files(targets: Iterable[str | Path]) -> list[Path]:
     """The files to read: each file named, and in each directory named (recursively) the files whose
-    first segment is MSH (or a batch header), in name order. Raises FileNotFoundError for a name
-    that is neither a file nor a directory."""
+    first segment is MSH (or a batch header), in name order."""
+    return named_files(targets, _looks_like_hl7)
+
+
+def named_files(targets: Iterable[str | Path], wanted: Callable[[Path], bool]) -> list[Path]:
+    """Each file named, and in each directory named (recursively) the files ``wanted`` takes, in
+    name order. Raises FileNotFoundError for a name that is neither a file nor a directory."""
     out: list[Path] = []
     for target in targets:
         path = Path(target)
@@ -475,7 +480,7 @@ def message_files(targets: Iterable[str | Path]) -> list[Path]:
             out.append(path)
         elif path.is_dir():
             out += sorted(
-                (p for p in path.rglob("*") if p.is_file() and _looks_like_hl7(p)),
+                (p for p in path.rglob("*") if p.is_file() and wanted(p)),
                 key=lambda p: p.relative_to(path).as_posix(),
             )
         else:
