@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import ConfigError, MessageError, StoreError
 from gateway.core.logging import configure as configure_logging
 from gateway.hl7.er7 import split_messages
@@ -39,7 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.umask(0o077)  # journal, repository, audit trail and written files: readable by this account only
     try:
         cfg = config_mod.load(args.config)
-        configure_logging(cfg.data.get("log_level", "info"))
+        configure_logging(cfg.settings.log_level)
         gateway = Gateway(
             cfg,
             data_dir=args.data_dir,
@@ -151,14 +151,18 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    """--token, else $PASSERELLE_TOKEN, else the first-start admin token in the data directory
-    (--data-dir, else the config's data_dir, else ./var)."""
+    """--token, else $PASSERELLE_TOKEN, else the first-start admin token where the gateway writes it:
+    the config's auth.admin_token_file, else admin-token in --data-dir, the config's data_dir or ./var."""
     if args.token:
         return str(args.token)
     if os.environ.get("PASSERELLE_TOKEN"):
         return os.environ["PASSERELLE_TOKEN"]
-    data_dir = args.data_dir or _client_addresses(getattr(args, "config", None))["data_dir"]
-    path = Path(data_dir) / "admin-token"
+    cfg = _client_config(getattr(args, "config", None))
+    if cfg is not None:
+        settings = cfg.overridden(data_dir=args.data_dir).settings
+    else:
+        settings = config_mod.defaults(data_dir=args.data_dir)
+    path = settings.auth.admin_token_file
     try:
         return path.read_text("ascii").strip() or None
     except OSError:
@@ -166,7 +170,6 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 DEFAULT_MLLP = "mllp://127.0.0.1:2575"
-DEFAULT_API = "http://127.0.0.1:8080"
 
 
 def _config_path(given: str | None) -> Path | None:
@@ -185,43 +188,38 @@ def _reachable(host: object) -> str:
     return f"[{text}]" if ":" in text else text
 
 
-def _addresses_of(data: Any) -> dict[str, str]:
-    """The gateway's MLLP and HTTP addresses and data directory, as written in a config's data."""
-    out = {"mllp": DEFAULT_MLLP, "api": DEFAULT_API, "data_dir": "./var"}
-    if not isinstance(data, dict):
-        return out
-    if data.get("data_dir"):
-        out["data_dir"] = str(data["data_dir"])
-    for src in data.get("sources") or ():
-        if isinstance(src, dict) and src.get("type") == "mllp":
+def _addresses_of(cfg: config_mod.Config | None) -> dict[str, str]:
+    """The gateway's MLLP and HTTP addresses and data directory, as a config says (else the defaults)."""
+    settings = cfg.settings if cfg is not None else config_mod.defaults()
+    http = settings.http
+    api = f"{'https' if http.tls else 'http'}://{_reachable(http.host)}:{http.port}"
+    out = {"mllp": DEFAULT_MLLP, "api": api, "data_dir": str(settings.data_dir)}
+    for src in cfg.data["sources"] if cfg is not None else ():
+        if src["type"] == "mllp":  # the MLLP source's own settings (connectors.mllp)
             scheme = "mllps" if src.get("tls") else "mllp"
             out["mllp"] = f"{scheme}://{_reachable(src.get('host'))}:{src.get('port', 2575)}"
             break
-    http = data.get("http")
-    if isinstance(http, dict):
-        scheme = "https" if http.get("tls") else "http"
-        out["api"] = f"{scheme}://{_reachable(http.get('host', '127.0.0.1'))}:{http.get('port', 8080)}"
     return out
 
 
-def _client_addresses(given: str | None) -> dict[str, str]:
-    """Addresses from --config (else ./config.yaml when present), validated; the defaults without one.
+def _client_config(given: str | None) -> config_mod.Config | None:
+    """--config, else ./config.yaml when present, validated; None without one.
     Raises ConfigError for a config named but missing or invalid."""
     path = _config_path(given)
-    if path is None:
-        return _addresses_of(None)
-    return _addresses_of(config_mod.load(path).data)
+    return None if path is None else config_mod.load(path)
+
+
+def _client_addresses(given: str | None) -> dict[str, str]:
+    """Addresses from --config (else ./config.yaml when present); the defaults without one."""
+    return _addresses_of(_client_config(given))
 
 
 def _help_addresses() -> dict[str, str]:
-    """For --help: what ./config.yaml says, read leniently (a broken file shows the defaults)."""
-    import yaml
-
+    """For --help: what ./config.yaml says; a missing or broken file shows the defaults."""
     try:
-        data = yaml.safe_load(Path("config.yaml").read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        data = None
-    return _addresses_of(data)
+        return _addresses_of(config_mod.load("config.yaml"))
+    except ConfigError:
+        return _addresses_of(None)
 
 
 async def _api(method: str, base: str, path: str, token: str | None = None) -> tuple[int, Any]:
@@ -354,7 +352,7 @@ def _mapping_step(args: argparse.Namespace, command: str) -> FhirMapping | None:
     }
     try:
         if args.config:
-            settings["namespaces"] = config_mod.load(args.config).data.get("namespaces") or {}
+            settings["namespaces"] = config_mod.load(args.config).settings.namespaces
         return FhirMapping(command, settings)
     except ConfigError as exc:
         print(f"passerelle {command}: mapping error: {exc}", file=sys.stderr)
@@ -541,7 +539,8 @@ def _token_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="where to find admin-token (default: the data_dir of --config, else ./var)",
+        help="where to find admin-token (default: the data_dir of --config, else ./var;"
+        " the config's auth.admin_token_file comes first)",
     )
 
 

@@ -16,10 +16,8 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from gateway.core import heap
-from gateway.core.config import Config
 from gateway.core.errors import ConfigError
 from gateway.core.logging import configure as configure_logging
 from gateway.core.logging import get_logger
@@ -42,11 +40,11 @@ async def serve(fd: int) -> int:
     first = await anext(messages, None)
     if first is None or first[0] != "config":
         return 2
-    _, data, file, data_dir, index, count = first
-    config = Config(data, file, {})
-    configure_logging(data.get("log_level", "info"))
-    builder = Builder(config, Path(data_dir))
-    store = LinkedStore(Path(data_dir) / "passerelle.db", link)
+    _, config, index, count = first  # the main process's Config, command-line settings applied
+    data_dir = config.settings.data_dir
+    configure_logging(config.settings.log_level)
+    builder = Builder(config, data_dir)
+    store = LinkedStore(data_dir / "passerelle.db", link)
     await store.open()
     try:
         channels = {
@@ -56,17 +54,13 @@ async def serve(fd: int) -> int:
         log.error("worker_config_error", error=str(exc))
         return 2
     # The repository's file, read-only here: the reverse mapping looks up Patients named by id only.
-    repository = SqliteFhirRepository(Path(data_dir) / "fhir.db", readers=1)
+    repository = SqliteFhirRepository(data_dir / "fhir.db", readers=1)
     wanted = [attach_repository(ch.steps, repository) for ch in channels.values()]
     if any(wanted):
         await repository.open()
     # The first worker follows the journal into the audit trail (the main process's GIL stays
     # for intake and ACKs); the log takes writers from several processes.
-    follower = (
-        AuditLog(Path(data_dir) / "audit.db", journal=Path(data_dir) / "passerelle.db")
-        if index == 0
-        else None
-    )
+    follower = AuditLog(data_dir / "audit.db", journal=data_dir / "passerelle.db") if index == 0 else None
     if follower is not None:
         await follower.open()
     heap.settle()  # as the main process does, once what this worker needs is built

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core import config
+from gateway import config
 from gateway.core.errors import ConfigError
 
 GOOD = """\

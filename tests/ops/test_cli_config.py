@@ -15,8 +15,8 @@ import orjson
 import pytest
 import yaml
 
+from gateway import config as config_mod
 from gateway.cli import build_parser, main
-from gateway.core import config as config_mod
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, make_config
 from tests.messages import adt
 from tests.waiting import until
@@ -172,3 +172,30 @@ def test_a_busy_http_port_given_on_the_command_line_says_so(tmp_path: Path, busy
     assert f"http.port: cannot listen on port {busy_port}" in done.stderr
     assert "(the port given by --http-port)" in done.stderr and str(config) in done.stderr
     assert (tmp_path / "other").is_dir()  # --data-dir was taken
+
+
+def test_the_clients_read_the_admin_token_where_the_gateway_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from argparse import Namespace
+
+    from gateway.cli import _token
+
+    monkeypatch.delenv("PASSERELLE_TOKEN", raising=False)
+    token_file = tmp_path / "secrets" / "gateway-token"
+    token_file.parent.mkdir()
+    token_file.write_text(ADMIN_TOKEN + "\n", "ascii")
+    path = _write_config(tmp_path, mllp=2575, http=8080)
+    data = yaml.safe_load(path.read_text("utf-8"))
+    data["auth"] = {"admin_token_file": str(token_file)}
+    path.write_text(yaml.safe_dump(data), "utf-8")
+    # auth.admin_token_file, not <data_dir>/admin-token: the file the gateway wrote
+    assert _token(Namespace(token=None, config=str(path), data_dir=None)) == ADMIN_TOKEN
+    # without it, admin-token in --data-dir (else the config's data_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "admin-token").write_text("other-token\n", "ascii")
+    del data["auth"]
+    path.write_text(yaml.safe_dump(data), "utf-8")
+    assert _token(Namespace(token=None, config=str(path), data_dir=str(elsewhere))) == "other-token"
+    assert _token(Namespace(token=None, config=str(path), data_dir=None)) is None

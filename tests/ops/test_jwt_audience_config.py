@@ -24,4 +24,4 @@ def test_jwt_keys_without_an_audience_are_a_config_error(tmp_path: Path) -> None
     cfg = ops_config(
         tmp_path, auth={"jwt": {"audience": "gw", "keys": [{"algorithm": "HS256", "secret": HS_SECRET}]}}
     )
-    assert cfg.data["auth"]["jwt"]["audience"] == "gw"
+    assert cfg.settings.auth.jwt is not None and cfg.settings.auth.jwt["audience"] == "gw"

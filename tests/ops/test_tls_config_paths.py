@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from connectors.mllp.client import MllpClient
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import ConfigError
 from gateway.core.tls import client_context, resolve_paths
 from gateway.hl7.er7 import Message
