@@ -52,7 +52,10 @@ import orjson
 from aiohttp import web
 
 from gateway.core.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, UnsupportedMediaType
-from gateway.core.outcome import outcome
+from gateway.fhir.outcome import outcome
+from gateway.fhir.resource import ID_RE
+from gateway.fhir.search import DEFAULT_COUNT, MAX_COUNT
+from gateway.fhir.validation import Bindings, InvalidResource, validate_resource
 from gateway.http import fhir as fhir_routes
 from gateway.http.auth import Caller, Role, caller_of, require
 from gateway.http.fhir import (
@@ -68,9 +71,7 @@ from gateway.http.fhir import (
 )
 from gateway.http.fhir_routing import routed
 from gateway.http.scope import DOCUMENT_RULES, compartment_of, is_mhd_list, visible_included
-from gateway.mapping.validation import InvalidResource, validate_resource
 from gateway.store.backends import document_store
-from gateway.store.doc_search import SEARCH_PARAM_TYPES
 from gateway.store.documents import (
     INVISIBLE_PATIENT,
     INVISIBLE_REPRESENTANTS_LEGAUX,
@@ -84,7 +85,8 @@ from gateway.store.documents import (
     ValueSets,
     is_unrestricted,
 )
-from gateway.store.fhir import DEFAULT_COUNT, ID_RE, MAX_COUNT, FhirRepository, SearchResult, parse_search
+from gateway.store.documents.search import SEARCH_PARAM_TYPES
+from gateway.store.fhir_common import FhirRepository, SearchResult, parse_search
 
 DOCUMENT_STORE: web.AppKey[BaseDocumentStore] = web.AppKey("document_store", BaseDocumentStore)
 JSON_PATCH = "application/json-patch+json"
@@ -135,7 +137,8 @@ def add_document_routes(
     )
     if store is None:
         return
-    store.validator = validate_resource  # what a metadata update makes is checked as any write
+    # What a metadata update makes is checked as any write, required bindings included.
+    store.validator = functools.partial(validate_resource, bindings=Bindings.REQUIRED)
     app[DOCUMENT_STORE] = store
     app[VERSIONS] = store  # the repository's versions, read through the store's connections
     app[DOCUMENT_RULES] = StoreRules(store)
@@ -391,7 +394,8 @@ async def simplified_publish(request: web.Request) -> web.Response:
     resource = await _body(request)
     if resource.get("resourceType") != "DocumentReference":
         raise BadRequest("resourceType must be DocumentReference", location="resourceType")
-    await asyncio.to_thread(validate_resource, resource)
+    # Required bindings: a published DocumentReference is held to what a /fhir write is.
+    await asyncio.to_thread(validate_resource, resource, bindings=Bindings.REQUIRED)
 
     async def write() -> web.Response:
         return await _published(request, resource, actor)

@@ -6,6 +6,7 @@ store's ITI-65 path) and read them back over HTTP as each audience."""
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -107,7 +108,9 @@ def oru_with_flags(
     return ("\r".join(lines) + "\r").encode("utf-8")
 
 
+@functools.cache
 def library() -> Library:
+    # Loaded once: property tests convert hundreds of messages, and a load takes a third of a second.
     return Library.load(MAPPINGS, catalog.available())
 
 

@@ -35,7 +35,7 @@ from tests.documents.cisis_messages import (
 )
 
 AUDIENCES = ("patient", "rep", "pro", "pro2")
-# flag valued Y → who reads the document (README "Documents (PDSm / DMP)" → Visibility)
+# flag valued Y → who reads the document (docs/documents.md → Visibility)
 EVERYONE = dict.fromkeys(AUDIENCES, True)
 READERS = {
     "MASQUE_PS": {**EVERYONE, "pro2": False},  # the author still reads it

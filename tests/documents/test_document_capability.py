@@ -12,7 +12,7 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
 from gateway.store.audit import AuditLog
-from gateway.store.doc_search import ALL_PARAMS, RESULT_PARAMS, parse_document_search
+from gateway.store.documents.search import ALL_PARAMS, RESULT_PARAMS, parse_document_search
 from gateway.store.fhir import SqliteFhirRepository
 from tests.documents.conftest import (
     FHIR_JSON,

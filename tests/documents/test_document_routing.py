@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 import yaml
 
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.hl7.er7 import Message
 from tests.conftest import ADMIN_ENTRY, AUTH, FakeDestination, GatewayFactory, wait_for
 from tests.documents.conftest import (

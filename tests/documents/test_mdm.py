@@ -16,7 +16,7 @@ from gateway.hl7.er7 import Message
 from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.mapping.validate import bundle_errors
-from tests.conftest import ADMIN_ENTRY, make_config, mllp_port
+from tests.conftest import ADMIN_ENTRY, make_config, mllp_port, with_settings
 from tests.documents.conftest import TOKENS
 from tests.documents.mdm_messages import CDA_V1, DOC_ROOT, INS, INS_NIR, IPP, IPP_OID, PDF_V2, mdm
 
@@ -243,8 +243,7 @@ def _config(tmp_path: Path) -> Any:
         steps=[{"type": "fhir_mapping", "directory": str(MAPPINGS)}],
         destinations=[{"name": "repository", "type": "fhir_repository", "path": "{data_dir}/fhir.db"}],
     )
-    cfg.data["auth"] = {"tokens": [ADMIN_ENTRY, *TOKENS.values()]}
-    return cfg
+    return with_settings(cfg, auth={"tokens": [ADMIN_ENTRY, *TOKENS.values()]})
 
 
 async def _send(gw: Any, message: bytes) -> None:

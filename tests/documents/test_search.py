@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.errors import BadRequest
-from gateway.store.doc_search import ALL_PARAMS, parse_document_search
+from gateway.store.documents.search import ALL_PARAMS, parse_document_search
 from tests.documents.conftest import (
     CLASSES,
     CONFIDENTIALITY,

@@ -20,15 +20,15 @@ import orjson
 import yaml
 
 from connectors.fhir_repository import FhirRepositoryDestination
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
 from gateway.mapping import catalog
 from gateway.mapping.engine import Library
 from gateway.store.backends import document_store
 from gateway.store.documents import FEED, SqliteDocumentStore
+from gateway.store.documents.postgres import PgDocumentStore
 from gateway.store.fhir_common import FhirRepository
-from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from tests.documents.conftest import (  # noqa: F401 - fixtures, with this module's ``repo``
     CDA,

@@ -1,27 +1,35 @@
-"""ITI-67 search parameters for DocumentReference, parsed into SQL over the document index.
+"""Finding documents and their Lists: ITI-67 search parameters parsed into SQL over the document
+index, that SQL run for an actor (``search_documents``), and the ITI-66 List criteria.
 
-Pure parsing: no connection, no I/O, so that every parameter can be property-tested. The SQL is
-assembled from constants; caller text travels only in placeholders.
+The parsing is pure (no connection, no I/O), so that every parameter can be property-tested. The
+SQL is assembled from constants; caller text travels only in placeholders.
 
 Repeated parameters are ANDed, comma-separated values ORed (FHIR search rules).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.errors import BadRequest
-from gateway.store.fhir import (
+from gateway.core.errors import BadRequest, Forbidden
+from gateway.fhir.resource import ID_RE
+from gateway.fhir.search import (
     DEFAULT_COUNT,
-    ID_RE,
     MAX_COUNT,
     MAX_OFFSET,
-    _date_range,
-    _split,
-    _unescape,
+    bounded_int,
+    date_prefix,
+    date_range,
+    split_value,
+    unescape,
 )
+from gateway.store.documents.access import allowed_patients, authored_sql
+from gateway.store.documents.model import STATUSES, Actor
+from gateway.store.documents.ops import DocOps, identifier_patients
+from gateway.store.documents.valuesets import codings
+from gateway.store.fhir_common import SearchResult
 
 # Token parameters: the name clients send → the name rows carry in ``doc_tokens``.
 TOKEN_PARAMS = {
@@ -44,7 +52,6 @@ DATE_PARAMS = {
     "period-start": "d.period_start",
     "period-end": "d.period_end",
 }
-STATUSES = frozenset({"current", "superseded", "entered-in-error"})
 RESULT_PARAMS = ("_count", "_offset")
 IGNORED = ("_format", "_pretty")
 ALL_PARAMS = (
@@ -72,7 +79,6 @@ SEARCH_PARAM_TYPES: dict[str, str] = {
     **{name: "reference" for name in REFERENCE_PARAMS if name != "relatesTo"},
     **dict.fromkeys(DATE_PARAMS, "date"),
 }
-_PREFIXES = ("eq", "ge", "gt", "le", "lt")
 
 
 @dataclass(slots=True)
@@ -95,14 +101,14 @@ class DocumentQuery:
 def _tokens(raw: str, name: str) -> list[tuple[str | None, str | None]]:
     """``system|code``, ``|code``, ``code`` or ``system|`` → (system or None, code or None)."""
     out: list[tuple[str | None, str | None]] = []
-    for value in _split(raw, ","):
+    for value in split_value(raw, ","):
         if not value:
             continue
-        parts = _split(value, "|")
+        parts = split_value(value, "|")
         if len(parts) == 1:
-            out.append((None, _unescape(parts[0])))
+            out.append((None, unescape(parts[0])))
         elif len(parts) == 2:
-            system, code = (_unescape(p) for p in parts)
+            system, code = (unescape(p) for p in parts)
             if not system and not code:
                 raise BadRequest(f"{name}: empty system and code", location=name)
             # "|code" means: a code with no system at all, stored as ''.
@@ -134,7 +140,7 @@ def _token_clause(param: str, values: list[tuple[str | None, str | None]]) -> tu
 
 
 def _reference(value: str, name: str) -> str:
-    text = _unescape(value)
+    text = unescape(value)
     if "/" in text:
         type_, _, id_ = text.rstrip("/").rpartition("/")
         type_ = type_.rsplit("/", 1)[-1]
@@ -145,18 +151,18 @@ def _reference(value: str, name: str) -> str:
     raise BadRequest(f"{name}: expected Type/id", location=name)
 
 
+def _dates(raw: str, name: str) -> Iterator[tuple[str, str, str | None]]:
+    """Each comma-separated date value → (its prefix, the [low, high) its precision covers)."""
+    for token in split_value(raw, ","):
+        if token:
+            prefix, text = date_prefix(token, name)
+            yield prefix, *date_range(text, name)
+
+
 def _date_conditions(raw: str, name: str, column: str) -> tuple[str, list[Any]]:
     conds: list[str] = []
     args: list[Any] = []
-    for token in _split(raw, ","):
-        if not token:
-            continue
-        prefix, text = "eq", token
-        if token[:2].isalpha():
-            prefix, text = token[:2], token[2:]
-            if prefix not in _PREFIXES:
-                raise BadRequest(f"{name}: unsupported prefix {prefix!r} (eq ge gt le lt)", location=name)
-        low, high = _date_range(text, name)
+    for prefix, low, high in _dates(raw, name):
         if prefix == "eq":
             conds.append(f"({column}>=? AND {column}<?)" if high else f"{column}>=?")
             args += [low, high] if high else [low]
@@ -179,15 +185,7 @@ def _period_conditions(raw: str, name: str) -> tuple[str, list[Any]]:
     """``period``: the document's service period (start, end; no end = still running) overlaps."""
     conds: list[str] = []
     args: list[Any] = []
-    for token in _split(raw, ","):
-        if not token:
-            continue
-        prefix, text = "eq", token
-        if token[:2].isalpha():
-            prefix, text = token[:2], token[2:]
-            if prefix not in _PREFIXES:
-                raise BadRequest(f"{name}: unsupported prefix {prefix!r} (eq ge gt le lt)", location=name)
-        low, high = _date_range(text, name)
+    for prefix, low, high in _dates(raw, name):
         ends_after_low = "(d.period_end IS NULL OR d.period_end>=?)"
         if prefix == "eq":
             conds.append("(d.period_start<? AND " + ends_after_low + ")" if high else ends_after_low)
@@ -199,12 +197,6 @@ def _period_conditions(raw: str, name: str) -> tuple[str, list[Any]]:
             conds.append("d.period_start<?")
             args.append(high if prefix == "le" and high else low)
     return "(" + " OR ".join(conds) + ")", args
-
-
-def _bounded(name: str, value: str, high: int) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 10:
-        raise BadRequest(f"{name} must be a non-negative integer", location=name)
-    return min(int(value), high)
 
 
 def parse_document_search(params: Sequence[tuple[str, str]]) -> DocumentQuery:
@@ -223,12 +215,12 @@ def parse_document_search(params: Sequence[tuple[str, str]]) -> DocumentQuery:
         if raw == "":
             continue
         if name == "_count":
-            query.count = _bounded(name, raw, MAX_COUNT)
+            query.count = bounded_int(name, raw, MAX_COUNT)
         elif name == "_offset":
-            query.offset = _bounded(name, raw, MAX_OFFSET)
+            query.offset = bounded_int(name, raw, MAX_OFFSET)
         elif name == "patient":
-            for value in _split(raw, ","):
-                text = _unescape(value)
+            for value in split_value(raw, ","):
+                text = unescape(value)
                 if not value:
                     continue
                 if ID_RE.fullmatch(text):
@@ -243,14 +235,14 @@ def parse_document_search(params: Sequence[tuple[str, str]]) -> DocumentQuery:
                     raise BadRequest("patient.identifier: expected system|value", location=name)
                 query.patient_identifiers.append((system, ident))
         elif name == "status":
-            for value in _split(raw, ","):
+            for value in split_value(raw, ","):
                 if value not in STATUSES:
                     raise BadRequest(
                         f"status: {value!r} is not one of {', '.join(sorted(STATUSES))}", location=name
                     )
                 query.statuses.append(value)
         elif name == "_id":
-            ids = [_unescape(v) for v in _split(raw, ",") if v]
+            ids = [unescape(v) for v in split_value(raw, ",") if v]
             query.where.append("d.id IN (" + ",".join("?" * len(ids)) + ")")
             query.args += ids
         elif name in TOKEN_PARAMS:
@@ -261,7 +253,7 @@ def parse_document_search(params: Sequence[tuple[str, str]]) -> DocumentQuery:
                 query.args += args
         elif name in REFERENCE_PARAMS:
             param = REFERENCE_PARAMS[name]
-            refs = [_reference(v, param) for v in _split(raw, ",") if v]
+            refs = [_reference(v, param) for v in split_value(raw, ",") if v]
             sql, args = _token_clause(param, [("", ref) for ref in refs])
             query.where.append(sql)
             query.args += args
@@ -285,3 +277,78 @@ def parse_document_search(params: Sequence[tuple[str, str]]) -> DocumentQuery:
     if not query.statuses:
         raise BadRequest("ITI-67 needs status", location="status")
     return query
+
+
+async def search_documents(ops: DocOps, query: DocumentQuery, actor: Actor) -> SearchResult:
+    """One page of the documents ``query`` selects that this actor may see (403 when it names a
+    patient the actor may not see)."""
+    patients = set(query.patient_ids) | await identifier_patients(ops, query.patient_identifiers)
+    allowed = await allowed_patients(ops, actor)
+    if allowed is not None and not patients <= allowed:
+        raise Forbidden("a patient sees their own documents only", location="patient")
+    if not patients:
+        return SearchResult([], 0, [], query.count, query.offset)
+    clause, args = query.clause()
+    pmarks = ",".join("?" * len(patients))
+    smarks = ",".join("?" * len(query.statuses))
+    masked, mask_args = "(d.mask & ?)=0", [actor.hidden]
+    authored = authored_sql(actor)
+    if authored is not None:
+        masked = f"({masked} OR d.id IN ({authored[0]}))"
+        mask_args += authored[1]
+    where = f"d.patient IN ({pmarks}) AND d.status IN ({smarks}) AND {masked} AND {clause}"
+    all_args = [*sorted(patients), *query.statuses, *mask_args, *args]
+    total, bodies = await ops.documents(where, all_args, query.count, query.offset)
+    return SearchResult(bodies, total, [], query.count, query.offset)
+
+
+# -- ITI-66: Lists ---------------------------------------------------------------------------------
+
+# ITI-66 search parameters (name → FHIR type); the CapabilityStatement is made from it.
+LIST_SEARCH_PARAMS: dict[str, str] = {
+    "patient": "reference",
+    "patient.identifier": "token",
+    "code": "token",
+    "status": "token",
+    "identifier": "token",
+    "source.identifier": "token",
+}
+
+
+def list_matches(item: Mapping[str, Any], wanted: Mapping[str, list[str]]) -> bool:
+    """Whether a List meets the ITI-66 criteria besides the patient (``wanted``: name → values)."""
+    if "status" in wanted and item.get("status") not in wanted["status"]:
+        return False
+    if "code" in wanted:
+        codes = {f"{c.get('system')}|{c.get('code')}" for c in codings(item.get("code"))}
+        codes |= {str(c.get("code")) for c in codings(item.get("code"))}
+        if not codes & set(wanted["code"]):
+            return False
+    if "identifier" in wanted:
+        idents = {
+            f"{i.get('system')}|{i.get('value')}" for i in item.get("identifier") or () if isinstance(i, dict)
+        }
+        idents |= {str(i.get("value")) for i in item.get("identifier") or () if isinstance(i, dict)}
+        if not idents & set(wanted["identifier"]):
+            return False
+    return "source.identifier" not in wanted or bool(
+        _source_identifiers(item) & set(wanted["source.identifier"])
+    )
+
+
+def _source_identifiers(item: Mapping[str, Any]) -> set[str]:
+    """``system|value`` and ``value`` of the List's source: a logical reference or a contained author."""
+    source = item.get("source")
+    if not isinstance(source, dict):
+        return set()
+    found: list[Any] = [source.get("identifier")]
+    ref = source.get("reference")
+    if isinstance(ref, str) and ref.startswith("#"):
+        for contained in item.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("id") == ref[1:]:
+                found += contained.get("identifier") or []
+    out: set[str] = set()
+    for ident in found:
+        if isinstance(ident, dict) and ident.get("value") is not None:
+            out |= {f"{ident.get('system')}|{ident['value']}", str(ident["value"])}
+    return out

@@ -1,7 +1,7 @@
-"""The DMP-style document store on PostgreSQL, beside the PostgreSQL FHIR repository.
+"""The document store on PostgreSQL, beside the PostgreSQL FHIR repository.
 
-The rules (publication, replacement, visibility, patches, metadata checks) are those of
-gateway.store.documents, run as coroutines; only the SQL of the document tables is here:
+The rules (publication, replacement, visibility, patches, metadata checks) are the store's
+(``gateway.store.documents.store``), run as coroutines; only the SQL of the document tables is here:
 
 - ``doc_blobs``: each document's bytes once (``bytea``), keyed by SHA-256; ``doc_binaries`` says
   which bytes each Binary stands for;
@@ -15,18 +15,13 @@ PostgreSQL transaction as the resources, so a failure leaves nothing behind on a
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from gateway.store import fhir_common as common
-from gateway.store.documents import (
-    BaseDocumentStore,
-    DocOps,
-    Mode,
-    ValueSets,
-    Version,
-    _Blob,
-    index_document,
-)
+from gateway.store.documents.blobs import Blob
+from gateway.store.documents.model import Version
+from gateway.store.documents.ops import DocOps, index_document
+from gateway.store.documents.store import BaseDocumentStore, StoreOptions
 from gateway.store.pg_errors import POSTGRES_ERRORS, translate
 from gateway.store.pg_fhir import PgFhirRepository, _body, numbered
 from gateway.store.postgres import migrate, redacted
@@ -100,7 +95,7 @@ class _PgOps(DocOps):
         )
         return _body(text)
 
-    async def store_blob(self, blob: _Blob) -> None:
+    async def store_blob(self, blob: Blob) -> None:
         await self.conn.execute(
             "INSERT INTO doc_blobs(sha256, sha1, size, data) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             blob.sha256,
@@ -175,21 +170,12 @@ class PgDocumentStore(BaseDocumentStore):
 
     repository: PgFhirRepository
 
-    def __init__(
-        self,
-        repository: PgFhirRepository,
-        *,
-        mode: Mode | str = Mode.PDSM,
-        valuesets: ValueSets | None = None,
-    ) -> None:
-        super().__init__(repository, mode=mode, valuesets=valuesets)
+    def __init__(self, repository: PgFhirRepository, **options: Unpack[StoreOptions]) -> None:
+        super().__init__(repository, **options)
         self.repository = repository  # the PostgreSQL type, for the pool and schema it shares
         self.schema_version = 0
 
-    async def open(self) -> None:
-        await self.repository.open()
-        if self.schema_version:
-            return
+    async def _create_tables(self) -> None:
         try:
             self.schema_version = await migrate(
                 self.repository._open_pool(), MIGRATIONS, "doc_schema_version"
