@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from gateway.core.outcome import outcome
+from gateway.fhir.outcome import outcome
 
 
 class Severity(StrEnum):

@@ -30,7 +30,8 @@ from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.store.backends import document_store
 from gateway.store.documents import FEED, BaseDocumentStore, Mode, with_submission_set
-from gateway.store.fhir import FhirRepository, SqliteFhirRepository
+from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.fhir_common import FhirRepository
 from gateway.store.pg_fhir import PgFhirRepository
 
 # Names each message's SubmissionSet: the same message always gives the same identifier.

@@ -27,8 +27,7 @@ from gateway.core.errors import BadRequest, ConfigError, PermanentDeliveryError,
 from gateway.core.protocols import DeliveryResult
 from gateway.core.status import Status
 from gateway.core.tls import client_context
-from gateway.mapping.validation import TYPE_RE
-from gateway.store.fhir_common import ID_RE
+from gateway.fhir.resource import ID_RE, TYPE_RE
 from gateway.store.merge import MERGE, Policy, is_policy_extension, merge_resource, strip_policy, write_policy
 
 _RETRYABLE = frozenset({408, 429})

@@ -19,7 +19,7 @@ from conformance.fhir.profile import Checker, Evaluator, Profile, compile_profil
 from conformance.fhir.terminology import Terminology
 from conformance.findings import Finding, Severity
 from gateway.core.errors import HttpError
-from gateway.mapping.validation import InvalidResource, validate_resource
+from gateway.fhir.validation import Bindings, InvalidResource, validate_resource
 
 BASE: Final = "FHIR-BASE-001"
 UNKNOWN_PROFILE: Final = "FHIR-PROFILE-001"
@@ -189,7 +189,8 @@ class Registry:
 def base_findings(resource: Mapping[str, Any]) -> list[Finding]:
     """The R4B model's verdict (fhir.resources), as findings."""
     try:
-        validate_resource(resource)
+        # Required bindings: the base verdict is the one the gateway gives a write.
+        validate_resource(resource, bindings=Bindings.REQUIRED)
     except InvalidResource as exc:
         return [Finding(BASE, Severity.ERROR, loc, msg, code) for code, msg, loc in exc.issues]
     except HttpError as exc:

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.config import RateLimit
 from gateway.core.envelope import HL7_V2
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.core.protocols import MessageStore
@@ -27,7 +28,7 @@ from gateway.http.metrics import MetricsSource, add_metrics_route
 from gateway.http.outcome import format_middleware, json_response, outcome_middleware
 from gateway.http.server import server_handler_args
 from gateway.store.audit import AuditLog
-from gateway.store.fhir import FhirRepository
+from gateway.store.fhir_common import FhirRepository
 
 
 class Runtime(Protocol):
@@ -56,7 +57,7 @@ def build_app(
     authenticator: Authenticator | None = None,
     audit: AuditLog | None = None,
     metrics: MetricsSource | None = None,
-    rate_limit: Mapping[str, Any] | None = None,
+    rate_limit: RateLimit | None = None,
     documents: Mapping[str, Any] | None = None,
     console: Mapping[str, Any] | None = None,
     bulk: Mapping[str, Any] | None = None,

@@ -23,6 +23,7 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.config import AuthSettings
 from gateway.core.errors import Forbidden, Unauthorized
 from gateway.http.outcome import Handler
 
@@ -195,13 +196,6 @@ class Authenticators:
         return None
 
 
-def has_admin_credential(auth: Mapping[str, Any]) -> bool:
-    """Whether config names some way to act as admin (a static admin token or JWT keys)."""
-    if auth.get("jwt", {}).get("keys"):
-        return True
-    return any(entry.get("role") == Role.ADMIN.value for entry in auth.get("tokens", ()))
-
-
 def ensure_admin_token(path: Path) -> str:
     """The first-start admin token: read from ``path``, or made at random and written there (0600)."""
     try:
@@ -224,15 +218,15 @@ def ensure_admin_token(path: Path) -> str:
 
 
 def build_authenticator(
-    auth: Mapping[str, Any], *, data_dir: Path, base_dir: Path | None = None
+    auth: AuthSettings, *, base_dir: Path | None = None
 ) -> tuple[Authenticator, Path | None]:
     """The authenticator config describes, plus the admin-token file when one had to be made."""
-    members: list[Authenticator] = [TokenTable(auth.get("tokens", ()))]
-    if auth.get("jwt", {}).get("keys"):
-        members.append(JwtAuthenticator(auth["jwt"], base_dir=base_dir))
+    members: list[Authenticator] = [TokenTable(auth.tokens)]
+    if auth.jwt is not None:
+        members.append(JwtAuthenticator(auth.jwt, base_dir=base_dir))
     written: Path | None = None
-    if not has_admin_credential(auth):
-        written = Path(auth.get("admin_token_file", data_dir / "admin-token"))
+    if not auth.has_admin_credential:
+        written = auth.admin_token_file
         token = ensure_admin_token(written)
         members.append(TokenTable([{"token": token, "subject": "local-admin", "role": Role.ADMIN.value}]))
     return Authenticators(*members), written

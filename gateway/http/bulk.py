@@ -26,7 +26,8 @@ from aiohttp import web
 
 from gateway.core.errors import BadRequest, Forbidden, NotFound, PasserelleError, StoreError
 from gateway.core.logging import get_logger
-from gateway.core.outcome import information
+from gateway.fhir.outcome import information
+from gateway.fhir.search import date_range
 from gateway.http import scope
 from gateway.http.audit import AUDIT
 from gateway.http.auth import Caller, Role, require
@@ -53,7 +54,7 @@ from gateway.store.bulk import (
     JobStatus,
     check_open,
 )
-from gateway.store.fhir import FhirRepository, _date_range
+from gateway.store.fhir_common import FhirRepository
 
 log = get_logger("passerelle.bulk")
 
@@ -167,7 +168,7 @@ def _since(request: web.Request) -> str | None:
     text = raw.replace(" ", "+")  # an unencoded "+02:00" arrives as " 02:00"
     if "T" not in text:
         raise BadRequest("_since must be an instant, e.g. 2024-05-14T10:00:00Z", location="_since")
-    return _date_range(text, "_since")[0]
+    return date_range(text, "_since")[0]
 
 
 def _group_members(group: Mapping[str, Any]) -> frozenset[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.config import ConsoleSettings
 from gateway.core.charts import line_chart
 from gateway.core.envelope import FHIR_JSON, HL7_V2
 from gateway.core.errors import BadRequest, NotFound
@@ -25,7 +26,7 @@ from gateway.http.message_view import fhir_tree, hl7_fields, stored_links
 from gateway.http.metrics import CHART_KINDS, METRICS, History
 from gateway.http.outcome import json_response
 
-DEFAULT_LOCALE = "fr-FR"
+DEFAULT_LOCALE = ConsoleSettings().locale
 _BACKLOG = ("RECEIVED", "TRANSFORMED", "QUEUED")
 _TITLES = {
     "throughput": ("Messages per second", "msg/s"),
@@ -36,8 +37,8 @@ _TITLES = {
 _SENDER_WINDOW = 1000  # messages read per refresh to follow the senders
 
 
-def console_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the console needs from config.yaml: its locale and each channel's source and
+def console_settings(config: Mapping[str, Any], *, locale: str = DEFAULT_LOCALE) -> dict[str, Any]:
+    """What the console needs: its locale and, from config.yaml's data, each channel's source and
     destinations (with their retry policy, for the next attempt)."""
     channels = []
     for ch in config.get("channels", ()):
@@ -52,9 +53,8 @@ def console_settings(config: Mapping[str, Any]) -> dict[str, Any]:
                 ],
             }
         )
-    console = config.get("console") or {}
     return {
-        "locale": console.get("locale", DEFAULT_LOCALE),
+        "locale": locale,
         "channels": channels,
         "sources": [{"name": s["name"], "type": s.get("type", "")} for s in config.get("sources", ())],
     }

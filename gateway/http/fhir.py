@@ -1,6 +1,6 @@
 """The FHIR R4 REST API under /fhir, on the built-in repository.
 
-Every resource is validated by gateway.mapping.validation (the R4B models, FHIR JSON primitive
+Every resource is validated by gateway.fhir.validation (the R4B models, FHIR JSON primitive
 types, required bindings) before it reaches the repository (which trusts its callers). Every
 answer is ``application/fhir+json`` (another ``_format`` is 406); every error an OperationOutcome
 (the shared middleware renders single-issue ones, this module the validation reports that list
@@ -31,24 +31,23 @@ from gateway.core.errors import (
     PasserelleError,
     UnsupportedMediaType,
 )
-from gateway.core.outcome import information
+from gateway.fhir.outcome import information
+from gateway.fhir.resource import ID_RE
+from gateway.fhir.search import CHAINED_PARAMS, DEFAULT_COUNT, REFERENCE_PARAMS
+from gateway.fhir.validation import (
+    Bindings,
+    InvalidResource,
+    UnsupportedResourceType,
+    closed_codes,
+    conforms_fast,
+    model_of,
+    validate_resource,
+)
 from gateway.http import scope
 from gateway.http.auth import Role, caller_of
 from gateway.http.fhir_routing import routed
-from gateway.mapping.validation import InvalidResource as InvalidResource
-from gateway.mapping.validation import UnsupportedResourceType as UnsupportedResourceType
-from gateway.mapping.validation import closed_codes, conforms_fast, model_of
-from gateway.mapping.validation import validate_resource as validate_resource
 from gateway.store.documents import Version
-from gateway.store.fhir import (
-    CHAINED_PARAMS,
-    DEFAULT_COUNT,
-    ID_RE,
-    REFERENCE_PARAMS,
-    FhirRepository,
-    SearchResult,
-    error_entry,
-)
+from gateway.store.fhir_common import FhirRepository, SearchResult, error_entry
 
 FHIR_REPOSITORY: web.AppKey[FhirRepository] = web.AppKey("fhir_repository", FhirRepository)
 # Resource entries of the CapabilityStatement from routes that serve a type their own way
@@ -103,7 +102,7 @@ def resource_types() -> tuple[str, ...]:
 
 def _code_issues(model: Any, where: str) -> Iterator[tuple[str, str, str]]:
     """Codes outside a closed short list, on a parsed model. ``validate_resource`` checks codes on
-    the JSON itself (gateway.mapping.validation); this is kept for the reference implementation of
+    the JSON itself (gateway.fhir.validation); this is kept for the reference implementation of
     tests/mapping/test_structure.py."""
     for name, info in type(model).model_fields.items():
         value = getattr(model, name, None)
@@ -155,8 +154,9 @@ async def _resource_body(request: web.Request, type_: str) -> dict[str, Any]:
         raise BadRequest(f"resourceType must be {type_}", location="resourceType")
     # The quick check takes microseconds: on the loop. Only the models' slow verdict (and its
     # messages) is CPU work worth a thread, kept off the loop that also answers MLLP senders.
-    if not conforms_fast(data):
-        await asyncio.to_thread(validate_resource, data)
+    # Required bindings checked: what /fhir stores is read back by clients that hold them.
+    if not conforms_fast(data, bindings=Bindings.REQUIRED):
+        await asyncio.to_thread(validate_resource, data, bindings=Bindings.REQUIRED)
     return data
 
 
@@ -638,7 +638,8 @@ def _fast_valid(entry: Any) -> bool:
     if not isinstance(entry, dict) or entry.get("resource") is None:
         return True
     resource = entry["resource"]
-    return isinstance(resource, dict) and conforms_fast(resource)
+    # Required bindings: a Bundle entry is held to what a single write is (_resource_body).
+    return isinstance(resource, dict) and conforms_fast(resource, bindings=Bindings.REQUIRED)
 
 
 def _validate_entry(index: int, entry: Any) -> None:
@@ -648,7 +649,7 @@ def _validate_entry(index: int, entry: Any) -> None:
     where = f"Bundle.entry[{index}].resource"
     if not isinstance(resource, dict):
         raise BadRequest(f"{where} must be an object", location=where)
-    validate_resource(resource, where)
+    validate_resource(resource, where, bindings=Bindings.REQUIRED)  # as a single write (_resource_body)
 
 
 # -- CapabilityStatement ----------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import Unprocessable
-from gateway.core.outcome import information
 from gateway.engine.fhir_intake import FhirIntake, delivery_failed
+from gateway.fhir.outcome import information
 from gateway.http.auth import caller_of
 
 FHIR_INTAKE: web.AppKey[FhirIntake] = web.AppKey("fhir_intake", FhirIntake)

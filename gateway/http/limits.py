@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.config import RateLimit
 from gateway.core.errors import TooManyRequests
 from gateway.http.auth import Authenticator, bearer_token
 from gateway.http.outcome import Handler, error_response
@@ -54,10 +53,8 @@ def client_key(request: web.Request, authenticator: Authenticator | None = None)
     return "a:" + (request.remote or "?")
 
 
-def rate_limit_middleware(
-    settings: Mapping[str, Any], authenticator: Authenticator | None = None
-) -> Middleware:
-    buckets = TokenBuckets(float(settings.get("requests_per_s", 200)), int(settings.get("burst", 400)))
+def rate_limit_middleware(settings: RateLimit, authenticator: Authenticator | None = None) -> Middleware:
+    buckets = TokenBuckets(settings.requests_per_s, settings.burst)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.core.envelope import FHIR_JSON
 from gateway.core.errors import HttpError, PasserelleError
 from gateway.core.logging import get_logger
-from gateway.core.outcome import issue, outcome
+from gateway.fhir.outcome import issue, outcome
 
 log = get_logger("passerelle.http")
 

@@ -31,17 +31,11 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway.core.errors import Forbidden, MethodNotAllowed, NotFound
+from gateway.fhir.resource import ID_RE
+from gateway.fhir.search import MAX_COUNT, split_value, unescape
 from gateway.http.auth import Caller, Role, caller_of
 from gateway.store.documents import MHD_LIST_TYPES
-from gateway.store.fhir import (
-    ID_RE,
-    MAX_COUNT,
-    FhirRepository,
-    SearchResult,
-    _split,
-    _unescape,
-    index_rows,
-)
+from gateway.store.fhir_common import FhirRepository, SearchResult, index_rows
 
 # FHIR R4 (4.0.1) Patient compartment: the member types linked through ``patient`` or
 # ``subject``, kept when the R4B model has that element (what the search index records).
@@ -170,7 +164,7 @@ class Compartment:
         return any(row[2] == "patient" and row[4] in mine for row in index_rows(type_, id_, resource))
 
     def _own_token(self, token: str) -> bool:
-        parts = [_unescape(p) for p in _split(token, "|")]
+        parts = [unescape(p) for p in split_value(token, "|")]
         if len(parts) == 1:
             return any(parts[0] == v for _, v in self.identifiers)
         if len(parts) != 2:
@@ -179,7 +173,7 @@ class Compartment:
         return any(value == v and (not system or s is None or system == s) for s, v in self.identifiers)
 
     def _own_reference(self, value: str) -> bool:
-        text = _unescape(value)
+        text = unescape(value)
         if ID_RE.fullmatch(text):
             return text in self.patients  # a bare id may stand for a Patient: it must be one of theirs
         match = _REFERENCE.search(text)
@@ -189,9 +183,9 @@ class Compartment:
     def check(self, type_: str, params: Iterable[tuple[str, str]]) -> None:
         """403 when a search names a patient other than the caller's own (whether it exists or not)."""
         for name, raw in params:
-            values = [v for v in _split(raw, ",") if v]
+            values = [v for v in split_value(raw, ",") if v]
             if type_ == "Patient" and name == "_id":
-                bad = [v for v in values if _unescape(v) not in self.patients]
+                bad = [v for v in values if unescape(v) not in self.patients]
             elif (type_ == "Patient" and name == "identifier") or name in _NAMING_TOKENS:
                 bad = [v for v in values if not self._own_token(v)]
             elif name in _NAMING_REFERENCES:

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
+from gateway.store.documents.postgres import PgDocumentStore
 from gateway.store.fhir import SqliteFhirRepository
-from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from tests.conftest import ADMIN_ENTRY, AUTH
 from tests.scale.conftest import PG_DSN, require_live

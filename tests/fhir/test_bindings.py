@@ -6,8 +6,7 @@ from typing import Any
 
 from fhir_core.utils import is_primitive_type
 
-from gateway.http.fhir import resource_types
-from gateway.mapping.validation import (
+from gateway.fhir.validation import (
     OPEN_CODE_LISTS,
     REQUIRED_BINDINGS,
     _elements,
@@ -16,6 +15,7 @@ from gateway.mapping.validation import (
     listed_codes,
     model_of,
 )
+from gateway.http.fhir import resource_types
 
 
 def _coded_elements() -> dict[tuple[str, str], Any]:

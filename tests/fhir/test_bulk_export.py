@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import ConfigError
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
@@ -22,9 +22,9 @@ from gateway.http.bulk import EXPORTER
 from gateway.store.audit import AuditLog
 from gateway.store.bulk import Exporter, ExportRequest
 from gateway.store.documents import SqliteDocumentStore
+from gateway.store.documents.postgres import PgDocumentStore
 from gateway.store.fhir import SqliteFhirRepository
 from gateway.store.fhir_common import FhirRepository
-from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from gateway.transfer import import_files
 from tests.documents.conftest import TOKENS, auth
@@ -353,7 +353,7 @@ async def test_running_exports_per_caller_are_bounded(filled: Any, tmp_path: Pat
 def test_export_settings_are_validated_naming_file_and_key(tmp_path: Path) -> None:
     text = (Path(__file__).resolve().parents[2] / "config.yaml").read_text("utf-8")
     good = config_mod.parse(text + "export:\n  file_ttl_s: 7200\n  max_running: 3\n", "config.yaml")
-    assert good.data["export"]["file_ttl_s"] == 7200
+    assert (good.settings.export.file_ttl_s, good.settings.export.max_running) == (7200.0, 3)
     for bad, key in (("file_ttl_s: 0", "export.file_ttl_s"), ("max_running: 0", "export.max_running"),
                      ("ttl: 5", "export.ttl")):  # fmt: skip
         with pytest.raises(ConfigError) as caught:

@@ -27,8 +27,8 @@ from gateway.store import bulk
 from gateway.store.backends import document_store
 from gateway.store.bulk import Outcome
 from gateway.store.documents import SqliteDocumentStore
+from gateway.store.documents.postgres import PgDocumentStore
 from gateway.store.fhir import SqliteFhirRepository
-from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
 from gateway.transfer import import_files, parse_line
 from tests.fhir.bulk_records import export_everything

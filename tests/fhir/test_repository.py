@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core.errors import BadRequest, Conflict, MethodNotAllowed, NotFound
+from gateway.fhir.resource import ID_RE
 from gateway.store.fhir import (
     _SCHEMA,
-    ID_RE,
     SqliteFhirRepository,
     match_ids,
-    parse_search,
     run_search,
 )
+from gateway.store.fhir_common import parse_search
 from tests.fhir.conftest import INS, IPP, Clock, patient
 
 # -- helpers ------------------------------------------------------------------------------------

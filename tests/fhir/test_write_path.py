@@ -33,20 +33,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core.errors import BadRequest, PasserelleError
+from gateway.fhir import search
+from gateway.fhir.resource import TYPE_RE
+from gateway.fhir.search import _split_escaped, instant, query_params, split_value, unescape
 from gateway.store import fhir as sqlite_fhir
 from gateway.store import fhir_common as common
 from gateway.store.fhir import SqliteFhirRepository, _Writer
 from gateway.store.fhir_common import (
     FhirRepository,
-    _instant,
     _parse_search,
     _rewrite,
-    _split,
-    _split_escaped,
-    _unescape,
     index_rows,
     parse_search,
-    query_params,
 )
 from gateway.store.merge import CLEAR_URL, WRITE_POLICY_URL
 from gateway.store.pg_fhir import PgFhirRepository
@@ -59,12 +57,12 @@ SEARCH_TEXT = st.text(alphabet="ab|,\\=&%+ é", max_size=12)
 
 @given(SEARCH_TEXT, st.sampled_from(["|", ","]))
 def test_split_without_escapes_is_the_escape_aware_split(text: str, sep: str) -> None:
-    assert _split(text, sep) == _split_escaped(text, sep)
+    assert split_value(text, sep) == _split_escaped(text, sep)
 
 
 @given(SEARCH_TEXT)
 def test_unescape_without_backslash_changes_nothing(text: str) -> None:
-    assert _unescape(text) == re.sub(r"\\(.)", lambda m: m.group(1), text, flags=re.S)
+    assert unescape(text) == re.sub(r"\\(.)", lambda m: m.group(1), text, flags=re.S)
 
 
 @given(st.text(alphabet="ab=&%+;é 2F", max_size=16))
@@ -108,9 +106,9 @@ def test_instant_is_the_strftime_text(moment: datetime) -> None:
         expected = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     except (OverflowError, ValueError):
         with pytest.raises((OverflowError, ValueError)):
-            _instant(moment)
+            instant(moment)
         return
-    assert _instant(moment) == expected
+    assert instant(moment) == expected
 
 
 def walk_rewrite(value: Any, targets: Mapping[str, str]) -> Any:
@@ -333,7 +331,7 @@ def _put_with(adjust: Callable[[common.Transaction, str, str, _Current], Awaitab
         resource: Mapping[str, Any],
         if_match: str | None,
         current: _Current,
-    ) -> tuple[common._Stored, bool]:
+    ) -> tuple[common.Stored, bool]:
         return await put(tx, type_, id_, resource, if_match, await adjust(tx, type_, id_, current))
 
     return wrapped
@@ -360,7 +358,7 @@ def plain_form() -> Iterator[None]:
         return common.UNREAD
 
     def parse(type_: str, params: Any, dialect: common.Dialect = common.SQLITE) -> common.SearchQuery:
-        if not common.TYPE_RE.fullmatch(type_):
+        if not TYPE_RE.fullmatch(type_):
             raise BadRequest("not a resource type", location="type")
         return _parse_search(type_, params, dialect)
 
@@ -368,7 +366,7 @@ def plain_form() -> Iterator[None]:
         stack.enter_context(patch.object(common, "_put", _put_with(reread)))
         stack.enter_context(patch.object(common, "_rewrite", walk_rewrite))
         stack.enter_context(
-            patch.object(common, "query_params", lambda q: parse_qsl(q, keep_blank_values=True))
+            patch.object(search, "query_params", lambda q: parse_qsl(q, keep_blank_values=True))
         )
         stack.enter_context(patch.object(common, "parse_search", parse))
         stack.enter_context(patch.object(sqlite_fhir, "parse_search", parse))

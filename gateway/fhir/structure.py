@@ -37,7 +37,7 @@ from fhir_core.utils import get_fhir_type_name, is_list_type, is_primitive_type
 Check = Callable[[Any], bool]
 # What ``conforms`` checks codes against: nothing (False), every closed ``enum_values`` list (True),
 # or the codes a function gives for (model class, element alias, field info), None for none.
-Bindings = bool | Callable[[Any, str, Any], "tuple[str, ...] | None"]
+CodeCheck = bool | Callable[[Any, str, Any], "tuple[str, ...] | None"]
 
 _PREFIX: Final = "R4B."
 
@@ -203,7 +203,7 @@ class _Model:
 
     __slots__ = ("_bindings", "_choices", "_cls", "_fields", "_needs_one", "_required", "_required_ext")
 
-    def __init__(self, cls: type[FHIRAbstractModel], bindings: Bindings) -> None:
+    def __init__(self, cls: type[FHIRAbstractModel], bindings: CodeCheck) -> None:
         self._cls = cls
         self._bindings = bindings
         self._fields: dict[str, Check] | None = None
@@ -283,7 +283,7 @@ def _equals(expected: str, value: Any) -> bool:
     return type(value) is str and value == expected
 
 
-def _field_check(info: Any, bindings: Bindings, owner: Any = None, alias: str = "") -> Check:
+def _field_check(info: Any, bindings: CodeCheck, owner: Any = None, alias: str = "") -> Check:
     if is_primitive_type(info):
         try:
             kind = get_fhir_type_name(info, _PREFIX)
@@ -334,7 +334,7 @@ def fhir_base(annotation: Any) -> type[FhirBase] | None:
     return None
 
 
-def _model(cls: type[FHIRAbstractModel], bindings: Bindings) -> _Model:
+def _model(cls: type[FHIRAbstractModel], bindings: CodeCheck) -> _Model:
     key = (cls, bindings)
     found = _MODELS.get(key)
     if found is None:
@@ -342,7 +342,7 @@ def _model(cls: type[FHIRAbstractModel], bindings: Bindings) -> _Model:
     return found
 
 
-_MODELS: dict[tuple[type[FHIRAbstractModel], Bindings], _Model] = {}
+_MODELS: dict[tuple[type[FHIRAbstractModel], CodeCheck], _Model] = {}
 
 
 @functools.cache
@@ -359,7 +359,7 @@ def _resource_class(rtype: str) -> type[FHIRAbstractModel] | None:
     return cls
 
 
-def _any_resource(bindings: Bindings) -> Check:
+def _any_resource(bindings: CodeCheck) -> Check:
     """A contained / entry resource: checked as the type its resourceType names."""
 
     def check(value: Any) -> bool:
@@ -390,11 +390,11 @@ def choice_siblings(rtype: str) -> Mapping[str, frozenset[str]]:
     return out
 
 
-def conforms(resource: Mapping[str, Any], *, bindings: Bindings = False) -> bool:
+def conforms(resource: Mapping[str, Any], *, bindings: CodeCheck = False) -> bool:
     """True only when fhir.resources R4B accepts ``resource`` (a JSON object with a resourceType).
 
     With ``bindings`` True, every code under a closed ``enum_values`` list must also be one of
-    them; with a function, every element it gives codes for (gateway.mapping.validation's
+    them; with a function, every element it gives codes for (gateway.fhir.validation's
     required bindings).
     False means invalid *or* not decided here: ask fhir.resources for the verdict and messages.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from gateway.core.errors import UnknownNamespace
-from gateway.core.outcome import information, issue, of_error, outcome
+from gateway.fhir.outcome import information, issue, of_error, outcome
 
 
 def test_an_issue_names_where_only_when_told() -> None:

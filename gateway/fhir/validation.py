@@ -1,9 +1,10 @@
 """The one validation every resource written through /fhir passes, whichever way it comes in.
 
 Generic create, update, conditional update, transaction and batch entries, ITI-65 and ITI-105
-publications and the documents a metadata update makes all go through ``validate_resource``
-(and its fast yes, ``conforms_fast``), so that what the repository stores reads back as valid
-FHIR for every client:
+publications, the documents a metadata update makes and every mapped Bundle all go through
+``validate_resource`` (and its fast yes, ``conforms_fast``), so that what the repository stores
+reads back as valid FHIR for every client. Each caller says whether required bindings are checked
+(``Bindings``); today every one of them checks them:
 
 - structure, cardinalities and formats: the ``fhir.resources`` R4B models;
 - primitive types as FHIR JSON spells them: a boolean is ``true``/``false``, an integer a JSON
@@ -16,7 +17,7 @@ FHIR for every client:
   examples of open code systems are named (``OPEN_CODE_LISTS``). A test walks every model and
   fails on a coded element that none of the three accounts for.
 
-The compiled check of gateway.mapping.structure gives the models' yes in microseconds; a walk of
+The compiled check of gateway.fhir.structure gives the models' yes in microseconds; a walk of
 the JSON (cheaper still) then checks primitive JSON types and every required binding. What the
 compiled check does not accept is judged by the models themselves; every problem is reported
 with its location.
@@ -24,8 +25,8 @@ with its location.
 
 from __future__ import annotations
 
+import enum
 import functools
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,17 @@ from fhir_core.types import FhirElementOrResourceBase
 from fhir_core.utils import get_fhir_type_name, is_primitive_type
 
 from gateway.core.errors import BadRequest, NotFound, Unprocessable
-from gateway.core.outcome import issue, outcome
-from gateway.mapping.structure import conforms, fhir_base
+from gateway.fhir.outcome import issue, outcome
+from gateway.fhir.resource import TYPE_RE
+from gateway.fhir.structure import CodeCheck, conforms, fhir_base
 
-# A resource type's name, as URLs and references carry it.
-TYPE_RE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+
+class Bindings(enum.Enum):
+    """Whether codes must be in the value set of their element's required binding."""
+
+    REQUIRED = "required"  # codes outside it are refused
+    UNCHECKED = "unchecked"  # structure and FHIR JSON types only
+
 
 # -- the value sets --------------------------------------------------------------------------------
 
@@ -300,13 +307,13 @@ def _elements(cls: Any) -> dict[str, _Element]:
     return out
 
 
-def _issues(cls: Any, value: Any, where: str) -> Iterator[tuple[str, str, str]]:
+def _issues(cls: Any, value: Any, where: str, bindings: Bindings) -> Iterator[tuple[str, str, str]]:
     """What the models let through: primitive values of the wrong JSON type, codes outside a
     required binding. (A walk of the JSON: cheaper than the compiled structure check itself.)"""
-    yield from _walk(cls, value, (where,))
+    yield from _walk(cls, value, (where,), bindings is Bindings.REQUIRED)
 
 
-def _walk(cls: Any, value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[str, str, str]]:
+def _walk(cls: Any, value: Any, at: tuple[str | int, ...], coded: bool) -> Iterator[tuple[str, str, str]]:
     # ``at``: the path so far, spelt out only for an issue (most resources have none)
     if not isinstance(value, dict):
         return
@@ -320,7 +327,7 @@ def _walk(cls: Any, value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[str
         primitive = element.primitive
         if primitive is not None:
             expected = _JSON_TYPES.get(primitive, (str,))
-            codes = element.codes
+            codes = element.codes if coded else None
             for i, one in enumerate(items):
                 if one is None:
                     continue
@@ -337,11 +344,11 @@ def _walk(cls: Any, value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[str
                 rtype = one.get("resourceType") if isinstance(one, dict) else None
                 inner = model_of(rtype) if isinstance(rtype, str) else None
                 if inner is not None:
-                    yield from _walk(inner, one, (*at, key, i) if many else (*at, key))
+                    yield from _walk(inner, one, (*at, key, i) if many else (*at, key), coded)
         elif element.model is not None:
             model = element.model
             for i, one in enumerate(items):
-                yield from _walk(model, one, (*at, key, i) if many else (*at, key))
+                yield from _walk(model, one, (*at, key, i) if many else (*at, key), coded)
 
 
 def _spelt(at: tuple[str | int, ...]) -> str:
@@ -366,12 +373,17 @@ def _path(where: str, loc: tuple[Any, ...]) -> str:
 # -- the checks ------------------------------------------------------------------------------------
 
 
-def conforms_fast(resource: Mapping[str, Any]) -> bool:
+def _compiled(bindings: Bindings) -> CodeCheck:
+    """What the compiled check takes for ``bindings``."""
+    return required_codes if bindings is Bindings.REQUIRED else False
+
+
+def conforms_fast(resource: Mapping[str, Any], *, bindings: Bindings) -> bool:
     """The quick yes (on the event loop): True only when ``validate_resource`` would accept."""
-    return conforms(resource, bindings=required_codes)
+    return conforms(resource, bindings=_compiled(bindings))
 
 
-def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> None:
+def validate_resource(resource: Mapping[str, Any], where: str | None = None, *, bindings: Bindings) -> None:
     """Raise InvalidResource (422) listing every problem, or UnsupportedResourceType (404)."""
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str):
@@ -380,12 +392,12 @@ def validate_resource(resource: Mapping[str, Any], where: str | None = None) -> 
     if model is None:
         raise UnsupportedResourceType(f"resource type {rtype!r} is not supported", location=where)
     where = where or rtype
-    if conforms(resource, bindings=required_codes):  # the compiled yes: structure, JSON types, bindings
+    if conforms(resource, bindings=_compiled(bindings)):  # the compiled yes: structure, JSON types, bindings
         return
     issues: list[tuple[str, str, str]] = []
     # The walk says what the models let through (JSON types, required bindings); the models judge
     # the rest, and give their own messages whenever anything is wrong.
-    walked = list(_issues(model, resource, where))
+    walked = list(_issues(model, resource, where, bindings))
     if walked or not conforms(resource):
         try:
             model.model_validate(dict(resource))

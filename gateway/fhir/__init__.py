@@ -1,0 +1,1 @@
+"""FHIR R4 itself: validation, OperationOutcome, resource structure and search parameters."""
