@@ -135,19 +135,14 @@ class Journal(Protocol):
         ack: tuple[bytes, str] | None = None,
     ) -> None: ...
 
+
+class TraceWriter(Protocol):
+    """The per-stage trace and delivery state of journaled messages. Writes are not awaited by
+    their callers; ``flush`` waits until all written so far is committed."""
+
     def record(
         self, message_id: str, stage: StageRecord, *, status: Status | None = None
     ) -> Awaitable[None]: ...
-
-
-class MessageStore(Journal, Protocol):
-    """Journal plus the per-stage trace, delivery state, queries and retention."""
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def flush(self) -> None: ...
 
     def queue_deliveries(
         self, message_id: str, stage: StageRecord, destinations: Sequence[str], *, sent: bool = False
@@ -167,6 +162,12 @@ class MessageStore(Journal, Protocol):
 
     def release_dedupe(self, message_id: str) -> Awaitable[None]: ...
 
+    async def flush(self) -> None: ...
+
+
+class WorkQueue(Protocol):
+    """The journaled messages a channel still has work on, in journal order."""
+
     async def pending(
         self,
         channel: str,
@@ -176,6 +177,14 @@ class MessageStore(Journal, Protocol):
         recovering: bool,
         shard: tuple[int, int] | None = None,
     ) -> list[WorkItem]: ...
+
+
+class ChannelStore(TraceWriter, WorkQueue, Protocol):
+    """What a channel needs of the store: a worker process has this much and no more."""
+
+
+class MessageQueries(Protocol):
+    """What the console and the API read."""
 
     async def get_message(self, message_id: str, *, with_payloads: bool) -> dict[str, Any] | None: ...
 
@@ -195,12 +204,24 @@ class MessageStore(Journal, Protocol):
 
     async def stats(self) -> dict[str, Any]: ...
 
-    async def reset_for_replay(self, message_id: str) -> WorkItem | None: ...
-
     async def dead_letters(self, channel: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+
+class Operator(Protocol):
+    """Operator actions and retention, run by the main process only."""
+
+    async def reset_for_replay(self, message_id: str) -> WorkItem | None: ...
 
     async def discard(self, message_id: str) -> bool: ...
 
     async def prune(self, *, payload_before: float, message_before: float) -> tuple[int, int]: ...
+
+
+class MessageStore(Journal, ChannelStore, MessageQueries, Operator, Protocol):
+    """The whole message store: journal, trace, work queue, queries, operator actions, retention."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
 
     async def ping(self) -> None: ...

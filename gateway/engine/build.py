@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Config, Path_
 from gateway.core.ack import AckTiming
-from gateway.core.config import Config, Path_
 from gateway.core.errors import ConfigError, PasserelleError
-from gateway.core.protocols import MessageStore
+from gateway.core.protocols import ChannelStore
 from gateway.core.tls import resolve_paths
 from gateway.engine import registry
 from gateway.engine.channel import ChannelRuntime, LaneChannel
@@ -63,7 +63,7 @@ class Builder:
         # repository destination writes to the node's shared PostgreSQL repository; every
         # mapping step reads the deployment's namespace table).
         self.defaults = {
-            "fhir_mapping": {"namespaces": config.data.get("namespaces") or {}},
+            "fhir_mapping": {"namespaces": config.settings.namespaces},
             **(defaults or {}),
         }
 
@@ -121,7 +121,7 @@ class Builder:
         return specs
 
     def channel(
-        self, spec: ChannelSpec, store: MessageStore, *, shard: tuple[int, int] | None = None
+        self, spec: ChannelSpec, store: ChannelStore, *, shard: tuple[int, int] | None = None
     ) -> ChannelRuntime:
         ch = spec.data
         dests = []

@@ -28,7 +28,7 @@ from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, MessageStore, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.intake import IntakeChannel
-from gateway.store.fhir import FhirRepository
+from gateway.store.fhir_common import FhirRepository
 
 log = get_logger("passerelle.fhir_intake")
 

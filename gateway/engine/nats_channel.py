@@ -126,7 +126,7 @@ class JetStreamChannel(ChannelRuntime):
                 self._busy.add(partition)
                 self._idle.clear()
                 try:
-                    await in_progress_while(msg, self.journal.ack_wait_s / 3, self._take(msg))
+                    await in_progress_while(msg, self.journal.beat_s, self._take(msg))
                 except asyncio.CancelledError:
                     raise
                 except NATS_ERRORS as exc:
@@ -190,6 +190,10 @@ class JetStreamChannel(ChannelRuntime):
             item: WorkItem | None = WorkItem(result.seq, env, Status.RECEIVED, None, (), {})
         else:
             item = await self.pg.work_item(env.id)
+            if item is None and existing == Status.QUEUED.value:
+                # Every delivery recorded done, the node stopped before the message's own status:
+                # nothing is sent again, the status is set here.
+                self.pg.finish(env.id)
         # ``last``: JetStream's final delivery (node failures only spend them) — DEAD rather than
         # dropped by the stream without a row; otherwise the attempts in PostgreSQL decide.
         delay = _DONE if item is None else await self._work(item, last=delivered >= self.max_deliver)

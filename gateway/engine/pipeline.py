@@ -17,7 +17,7 @@ from gateway.core.ack import AckTiming
 from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import MessageError, PermanentDeliveryError, ProcessingError, RetryLater, StoreError
 from gateway.core.logging import get_logger
-from gateway.core.protocols import Destination, MessageStore, StageRecord, WorkItem
+from gateway.core.protocols import ChannelStore, Destination, StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.retry import Action, Failure, RetryPolicy, Verdict, decide, jitter
 from gateway.engine.steps import EditingStep, PreparingStep, ScreeningStep, Step, StepContext
@@ -91,7 +91,7 @@ class Pipeline:
         *,
         name: str,
         source: str,
-        store: MessageStore,
+        store: ChannelStore,
         filter: Filter,
         steps: Sequence[Step],
         destinations: Sequence[DestinationRuntime],

@@ -5,7 +5,7 @@ worker process runs the channels (steps, destinations, retries). Over the link:
 
     main → worker   ("offer" | "replay", channel, WorkItem)   ("expect", channel, message id)
                     ("flushed", token)                        ("drain", timeout)
-    worker → main   ("op", store method, args, kwargs)        ("flush", token)
+    worker → main   ("trace", Trace)                          ("flush", token)
                     ("outcome", message id, status, error)    ("recovered", channel)
                     ("snapshot", {channel: snapshot})         ("drained",)
 """
@@ -15,22 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.core.ack import AckTiming
-from gateway.core.envelope import Envelope
 from gateway.core.errors import AckCode, MessageError, StoreError
-from gateway.core.protocols import AppendResult, StageRecord, WorkItem, shard_of
+from gateway.core.protocols import WorkItem, shard_of
 from gateway.core.status import Status
 from gateway.engine.link import Link
 from gateway.engine.pipeline import Filter, Outcome
 from gateway.hl7.er7 import Message
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.core import TraceWrites, WorkReads
+from gateway.store.messages.sql import SQLITE, Ops, Trace
+from gateway.store.messages.sqlite import SqliteStore
 
-# The store writes a worker may ask for; nothing else is executed on its behalf.
-FORWARDED_WRITES = frozenset({"record", "queue_deliveries", "delivery_update", "release_dedupe"})
+T = TypeVar("T")
 
 
 def error_to_wire(err: MessageError | None) -> tuple[str, str, str | None, str] | None:
@@ -163,10 +163,10 @@ class WorkerHandle:
         self.links[index] = link
         async for msg in link.messages():
             kind = msg[0]
-            if kind == "op":
-                _, name, args, kwargs = msg
-                if name in FORWARDED_WRITES:
-                    getattr(self.store, name)(*args, **kwargs)
+            if kind == "trace":
+                # Data only: the worker can ask for trace writes and nothing else.
+                if isinstance(msg[1], Trace):
+                    self.store.write_trace(msg[1])
             elif kind == "flush":
                 task = asyncio.create_task(self._flushed(link, msg[1]))
                 self._tasks.add(task)
@@ -194,12 +194,15 @@ class WorkerHandle:
         link.send(("flushed", token))
 
 
-class LinkedStore:
-    """The worker's store: reads from the database directly, writes through the main process.
+class LinkedStore(TraceWrites, WorkReads):
+    """The worker's store (a ``ChannelStore``): reads from the database directly, writes the
+    trace through the main process.
 
-    Writes are fire-and-forget, like the in-process store's trace writes: they are applied
-    in the order sent, and ``flush`` waits until the main process has committed them.
+    Trace writes are fire-and-forget, like the in-process store's: they are applied in the
+    order sent, and ``flush`` waits until the main process has committed them.
     """
+
+    dialect = SQLITE
 
     def __init__(self, path: Path, link: Link) -> None:
         self._reader = SqliteStore(path, writer=False)
@@ -225,113 +228,17 @@ class LinkedStore:
         self._link.send(("flush", token))
         await fut
 
-    def _forward(self, name: str, *args: Any, **kwargs: Any) -> Awaitable[None]:
-        self._link.send(("op", name, args, kwargs))
+    def write_trace(self, trace: Trace) -> Awaitable[None]:
+        self._link.send(("trace", trace))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
 
-    def record(self, message_id: str, stage: StageRecord, *, status: Status | None = None) -> Awaitable[None]:
-        return self._forward("record", message_id, stage, status=status)
-
-    def queue_deliveries(
-        self, message_id: str, stage: StageRecord, destinations: Sequence[str], *, sent: bool = False
-    ) -> Awaitable[None]:
-        return self._forward("queue_deliveries", message_id, stage, list(destinations), sent=sent)
-
-    def delivery_update(
-        self,
-        message_id: str,
-        destination: str,
-        status: Status,
-        attempts: int,
-        *,
-        message_status: Status | None,
-        stage: StageRecord | None,
-        error: str | None = None,
-    ) -> Awaitable[None]:
-        return self._forward(
-            "delivery_update",
-            message_id,
-            destination,
-            status,
-            attempts,
-            message_status=message_status,
-            stage=stage,
-            error=error,
-        )
-
-    def release_dedupe(self, message_id: str) -> Awaitable[None]:
-        return self._forward("release_dedupe", message_id)
-
-    async def pending(
-        self,
-        channel: str,
-        after_seq: int,
-        limit: int,
-        *,
-        recovering: bool,
-        shard: tuple[int, int] | None = None,
-    ) -> list[WorkItem]:
-        return await self._reader.pending(channel, after_seq, limit, recovering=recovering, shard=shard)
+    async def read(self, ops: Callable[[], Ops[T]]) -> T:
+        return await self._reader.read(ops)
 
     async def ping(self) -> None:
         await self._reader.ping()
-
-    # The worker never journals nor runs operator actions: those belong to the main process.
-
-    async def append(
-        self, envelopes: Sequence[Envelope], *, ack: tuple[bytes, str] | None = None
-    ) -> list[AppendResult]:
-        raise StoreError("the worker does not journal")
-
-    def append_then(
-        self,
-        envelopes: Sequence[Envelope],
-        then: Callable[[list[AppendResult] | BaseException], None],
-        *,
-        ack: tuple[bytes, str] | None = None,
-    ) -> None:
-        raise StoreError("the worker does not journal")
-
-    async def get_message(self, message_id: str, *, with_payloads: bool) -> dict[str, Any] | None:
-        return await self._reader.get_message(message_id, with_payloads=with_payloads)
-
-    async def list_messages(
-        self,
-        *,
-        status: str | None,
-        control_id: str | None,
-        channel: str | None,
-        limit: int,
-        before_seq: int | None,
-        since: float | None = None,
-        until: float | None = None,
-    ) -> list[dict[str, Any]]:
-        return await self._reader.list_messages(
-            status=status,
-            control_id=control_id,
-            channel=channel,
-            limit=limit,
-            before_seq=before_seq,
-            since=since,
-            until=until,
-        )
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._reader.stats()
-
-    async def reset_for_replay(self, message_id: str) -> WorkItem | None:
-        raise StoreError("replays go through the main process")
-
-    async def dead_letters(self, channel: str | None, limit: int) -> list[dict[str, Any]]:
-        return await self._reader.dead_letters(channel, limit)
-
-    async def discard(self, message_id: str) -> bool:
-        raise StoreError("discards go through the main process")
-
-    async def prune(self, *, payload_before: float, message_before: float) -> tuple[int, int]:
-        raise StoreError("retention runs in the main process")
 
 
 def outcome_sender(link: Link, message_id: str) -> Callable[[asyncio.Future[Outcome]], None]:

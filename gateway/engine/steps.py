@@ -23,7 +23,7 @@ from gateway.mapping import catalog, functions, namespaces, reverse_functions
 from gateway.mapping.engine import Library, MappingResult
 from gateway.mapping.reverse import ReverseLibrary
 from gateway.mapping.validate import bundle_errors
-from gateway.store.fhir import FhirRepository
+from gateway.store.fhir_common import FhirRepository
 
 
 @dataclass(slots=True)

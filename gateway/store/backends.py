@@ -4,7 +4,8 @@
     journal: {backend: sqlite}                 store: {backend: postgresql}    one node, PostgreSQL
     journal: {backend: nats, url: nats://…}    store: {backend: postgresql}    several nodes
 
-With the nats journal the message state must be shared, so the store must be PostgreSQL.
+With the nats journal the message state must be shared, so the store must be PostgreSQL (a rule of
+the loader, gateway.config.rules).
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from gateway.core.ack import AckTiming
-from gateway.core.config import Config
+from gateway.config import Settings
 from gateway.store.documents import BaseDocumentStore, Mode, SqliteDocumentStore, ValueSets
-from gateway.store.fhir import FhirRepository, SqliteFhirRepository
+from gateway.store.documents.postgres import PgDocumentStore
+from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.fhir_common import FhirRepository
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from gateway.store.nats_journal import JetStreamStore, NatsJournal
-from gateway.store.pg_documents import PgDocumentStore
 from gateway.store.pg_fhir import PgFhirRepository
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +53,9 @@ JETSTREAM = Backend(
 
 @dataclass(frozen=True, slots=True)
 class Backends:
-    store: SqliteStore | PostgresStore
+    store: SqliteStore | PostgresStore | JetStreamStore
     backend: Backend
-    # The store again when it is on PostgreSQL: it keeps the settings every node must agree on
+    # The PostgreSQL message store, when there is one: it keeps the settings every node must agree on
     # (the partition key), and the FHIR repository lives in its database.
     postgres: PostgresStore | None = None
     jetstream: JetStreamStore | None = None  # the store again, when appends go to JetStream
@@ -86,64 +86,25 @@ def document_store(
     return None
 
 
-def select(
-    config: Config, data_dir: Path, *, journal_url: str | None = None, store_dsn: str | None = None
-) -> Backends:
-    """Build (not open) the store; a contradiction in the settings is a ConfigError naming the key."""
-    data = config.data
-    journal: dict[str, Any] = dict(data.get("journal", {}))
-    store: dict[str, Any] = dict(data.get("store", {}))
-    if journal_url:
-        journal.update(backend="nats", url=journal_url)
-    if store_dsn:
-        store.update(backend="postgresql", dsn=store_dsn)
-    journal_kind = journal.get("backend", "sqlite")
-    store_kind = store.get("backend", "sqlite")
-    if store_kind == "postgresql":
-        dsn = store.get("dsn")
-        if not dsn:
-            raise config.error(
-                ("store", "dsn"), "the postgresql store needs a dsn (postgresql://HOST:PORT/DB)"
-            )
-        if urlsplit(dsn).scheme not in ("postgres", "postgresql"):
-            raise config.error(("store", "dsn"), f"expected postgresql://HOST:PORT/DB, got {dsn!r}")
-    if journal_kind == "nats":
-        url = journal.get("url")
-        if not url:
-            raise config.error(("journal", "url"), "the nats journal needs a url (nats://HOST:PORT)")
-        if urlsplit(url).scheme not in ("nats", "tls"):
-            raise config.error(("journal", "url"), f"expected nats://HOST:PORT, got {url!r}")
-        if store_kind != "postgresql":
-            raise config.error(
-                ("store", "backend"),
-                "the nats journal needs the postgresql store: the nodes share the message state",
-            )
-        for i, ch in enumerate(data.get("channels", [])):
-            if ch.get("enabled", True) and AckTiming.of(ch).waits:
-                # Another node may process the message: the ACK cannot wait for an outcome here.
-                raise config.error(
-                    ("channels", i, "ack", "timing"),
-                    "with the nats journal the ACK follows the JetStream commit: use before_processing",
-                )
+def select(settings: Settings, data_dir: Path) -> Backends:
+    """Build (not open) the store the settings name; the loader has checked that they fit together."""
+    store, journal = settings.store, settings.journal
+    if journal.backend == "nats":
+        assert journal.url is not None and store.dsn is not None  # checked at load
         nats = NatsJournal(
-            url,
-            prefix=journal.get("stream_prefix", "PASSERELLE"),
-            partitions=int(journal.get("partitions", 32)),
-            dedupe_window_s=float(journal.get("dedupe_window_s", 120)),
-            ack_wait_s=float(journal.get("ack_wait_s", 30)),
+            journal.url,
+            prefix=journal.stream_prefix,
+            partitions=journal.partitions,
+            dedupe_window_s=journal.dedupe_window_s,
+            ack_wait_s=journal.ack_wait_s,
         )
-        pg = JetStreamStore(
-            store["dsn"], nats, schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))
-        )
-        return Backends(pg, JETSTREAM, postgres=pg, jetstream=pg)
-    if store_kind == "postgresql":
-        postgres = PostgresStore(
-            store["dsn"], schema=store.get("schema"), pool_size=int(store.get("pool_size", 8))
-        )
+        js = JetStreamStore(store.dsn, nats, schema=store.schema, pool_size=store.pool_size)
+        return Backends(js, JETSTREAM, postgres=js.pg, jetstream=js)
+    if store.backend == "postgresql":
+        assert store.dsn is not None  # checked at load
+        postgres = PostgresStore(store.dsn, schema=store.schema, pool_size=store.pool_size)
         return Backends(postgres, POSTGRES, postgres=postgres)
     sqlite = SqliteStore(
-        data_dir / "passerelle.db",
-        synchronous=journal.get("synchronous", "FULL"),
-        max_batch=journal.get("max_batch", 4096),
+        data_dir / "passerelle.db", synchronous=journal.synchronous, max_batch=journal.max_batch
     )
     return Backends(sqlite, SQLITE)

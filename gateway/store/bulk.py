@@ -31,26 +31,28 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import orjson
 
+from gateway.config import ExportSettings
 from gateway.core.errors import PasserelleError, StoreError, TooManyRequests
 from gateway.core.logging import get_logger
+from gateway.fhir.search import MAX_COUNT, date_range, instant
 from gateway.store import fhir_common as common
 from gateway.store.documents import (
     Actor,
     BaseDocumentStore,
+    Blob,
     DocOps,
-    _Blob,
-    _known_blob,
     index_document,
     is_unrestricted,
+    known_blob,
 )
-from gateway.store.fhir_common import MAX_COUNT, SCAN_PAGE, FhirRepository
+from gateway.store.fhir_common import SCAN_PAGE, FhirRepository
 
 log = get_logger("passerelle.bulk")
 
 NDJSON = "application/fhir+ndjson"
 OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
-DEFAULT_TTL_S = 3600.0
-DEFAULT_MAX_RUNNING = 2
+DEFAULT_TTL_S = ExportSettings().file_ttl_s
+DEFAULT_MAX_RUNNING = ExportSettings().max_running
 DOCUMENT_TYPES = frozenset({"DocumentReference", "List", "Binary"})
 # Patients named per compartment search: keeps the query's parameter list short.
 _PATIENTS_PER_SEARCH = 100
@@ -131,7 +133,7 @@ class ExportJob:
 
 
 def _now_instant() -> str:
-    return common._instant(datetime.now(UTC))
+    return instant(datetime.now(UTC))
 
 
 class _Files:
@@ -404,7 +406,7 @@ async def _exported_form(ops: DocOps, type_: str, body: dict[str, Any] | None) -
     """A stored resource as an export writes it (a document Binary with its bytes)."""
     if body is None or type_ != "Binary":
         return body
-    blob = await _known_blob(ops, str(body.get("id")))
+    blob = await known_blob(ops, str(body.get("id")))
     if blob is None:
         return body
     return {**body, "contentType": blob.content_type, "data": base64.b64encode(blob.data).decode()}
@@ -420,7 +422,7 @@ async def _restore_one(
     type_, id_ = str(resource["resourceType"]), str(resource["id"])
     meta = resource["meta"]
     version = int(meta["versionId"])
-    instant = common._date_range(str(meta["lastUpdated"]), "meta.lastUpdated")[0]
+    instant = date_range(str(meta["lastUpdated"]), "meta.lastUpdated")[0]
     outcome = Outcome.CREATED
     if current is not None:
         stored = await _exported_form(ops, type_, current[2])
@@ -436,7 +438,7 @@ async def _restore_one(
         outcome = Outcome.REPLACED
     body = _stored_body(resource)  # the bytes of a Binary live in doc_blobs
     if body is not resource:
-        blob = _Blob(base64.b64decode(str(resource["data"])), resource.get("contentType"))
+        blob = Blob(base64.b64decode(str(resource["data"])), resource.get("contentType"))
         blob.binary_id = id_
         await ops.store_blob(blob)
     now, tx.now = tx.now, instant  # the row keeps the exported instant, as meta.lastUpdated does

@@ -21,7 +21,7 @@ current version writes nothing, so a replayed message leaves the repository exac
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,34 +29,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.core.errors import BadRequest, PasserelleError, StoreError
+from gateway.core.errors import PasserelleError, StoreError
 from gateway.core.logging import get_logger
-from gateway.mapping.validation import TYPE_RE as TYPE_RE
+from gateway.fhir.search import DEFAULT_COUNT, MAX_COUNT, criteria, instant
 from gateway.store import fhir_common as common
-
-# The backend-neutral parts, under the names the rest of the gateway imports them by.
-from gateway.store.fhir_common import CHAINED_PARAMS as CHAINED_PARAMS
-from gateway.store.fhir_common import DEFAULT_COUNT as DEFAULT_COUNT
-from gateway.store.fhir_common import ID_RE as ID_RE
-from gateway.store.fhir_common import MAX_COUNT as MAX_COUNT
-from gateway.store.fhir_common import MAX_OFFSET as MAX_OFFSET
-from gateway.store.fhir_common import REFERENCE_PARAMS as REFERENCE_PARAMS
-from gateway.store.fhir_common import RESULT_PARAMS as RESULT_PARAMS
-from gateway.store.fhir_common import SEARCH_PARAMS as SEARCH_PARAMS
-from gateway.store.fhir_common import FhirRepository as FhirRepository
-from gateway.store.fhir_common import SearchQuery as SearchQuery
-from gateway.store.fhir_common import SearchResult as SearchResult
-from gateway.store.fhir_common import _copy as _copy
-from gateway.store.fhir_common import _date_range as _date_range
-from gateway.store.fhir_common import _instant as _instant
-from gateway.store.fhir_common import _resource_type as _resource_type
-from gateway.store.fhir_common import _split as _split
-from gateway.store.fhir_common import _Stored as _Stored
-from gateway.store.fhir_common import _unescape as _unescape
-from gateway.store.fhir_common import error_entry as error_entry
-from gateway.store.fhir_common import index_rows as index_rows
-from gateway.store.fhir_common import outcome as outcome
-from gateway.store.fhir_common import parse_search as parse_search
+from gateway.store.fhir_common import SearchQuery, SearchResult, Stored, index_rows, parse_search
 
 log = get_logger("passerelle.fhir")
 
@@ -176,7 +153,7 @@ def _match_first(
 
 def match_ids(conn: sqlite3.Connection, type_: str, query: str, *, limit: int = 2) -> list[str]:
     """Ids of the live resources a conditional URL's query part selects (at most ``limit``)."""
-    return _match(conn, type_, common.criteria(query), limit)
+    return _match(conn, type_, criteria(query), limit)
 
 
 class _Writer(common.Transaction):
@@ -252,20 +229,20 @@ class _Writer(common.Transaction):
 
     def put(
         self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
-    ) -> tuple[_Stored, bool]:
+    ) -> tuple[Stored, bool]:
         """Create or update ``type_/id_``; (stored, created?). Unchanged content writes nothing."""
         return common.run_sync(common.put(self, type_, id_, resource, if_match=if_match))
 
     def delete(self, type_: str, id_: str) -> bool:
         return common.run_sync(common.delete(self, type_, id_))
 
-    def create(self, resource: Mapping[str, Any], if_none_exist: str | None) -> tuple[_Stored, bool]:
+    def create(self, resource: Mapping[str, Any], if_none_exist: str | None) -> tuple[Stored, bool]:
         return common.run_sync(common.create(self, resource, if_none_exist))
 
-    def single_match(self, type_: str, query: str) -> _Stored | None:
+    def single_match(self, type_: str, query: str) -> Stored | None:
         return common.run_sync(common.single_match(self, type_, query))
 
-    def conditional_update(self, type_: str, query: str, resource: Mapping[str, Any]) -> tuple[_Stored, bool]:
+    def conditional_update(self, type_: str, query: str, resource: Mapping[str, Any]) -> tuple[Stored, bool]:
         return common.run_sync(common.conditional_update(self, type_, query, resource))
 
 
@@ -288,7 +265,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class SqliteFhirRepository:
+class SqliteFhirRepository(common.RepositoryBase):
     """FHIR resources in one SQLite file (WAL). Implements ``FhirRepository``."""
 
     def __init__(self, path: Path, *, clock: Callable[[], datetime] = _utcnow, readers: int = 2) -> None:
@@ -470,7 +447,7 @@ class SqliteFhirRepository:
         """A ``rows_only`` write without a savepoint; None when it failed leaving something to undo."""
         changes = conn.total_changes
         try:
-            result = fn(_Writer(conn, _instant(self._clock())))
+            result = fn(_Writer(conn, instant(self._clock())))
         except PasserelleError as exc:
             # Refused (a bad Bundle, a version conflict...) before changing any row: nothing to undo.
             return (False, exc) if conn.total_changes == changes else None
@@ -482,7 +459,7 @@ class SqliteFhirRepository:
         conn.execute("SAVEPOINT write")
         try:
             # The instant is taken once the write lock is held, so versions and times agree.
-            result = fn(_Writer(conn, _instant(self._clock())))
+            result = fn(_Writer(conn, instant(self._clock())))
         except Exception as exc:  # noqa: BLE001 - it is the caller's, passed on to it alone
             if conn.in_transaction:
                 conn.execute("ROLLBACK TO write")
@@ -533,18 +510,7 @@ class SqliteFhirRepository:
         query = parse_search(type_, params)  # a BadRequest leaves before any thread hop
         return await self._read(lambda conn: run_search(conn, query, count=count, offset=offset))
 
-    async def scan(
-        self,
-        types: Sequence[str] | None = None,
-        *,
-        after: tuple[str, str] | None = None,
-        since: str | None = None,
-        limit: int = common.SCAN_PAGE,
-    ) -> list[dict[str, Any]]:
-        """One page of live resources in (type, id) order, after the cursor ``after``: what an
-        export reads, page by page, without holding a table in memory. ``since``: changed after."""
-        where, args = common.scan_clause(types, after, since)
-
+    async def _scan_page(self, where: str, args: list[Any], limit: int) -> list[dict[str, Any]]:
         def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(
                 f"SELECT body FROM resources WHERE {where} ORDER BY type, id LIMIT ?",  # noqa: S608
@@ -554,36 +520,6 @@ class SqliteFhirRepository:
 
         return await self._read(fn)
 
-    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
-        data = _copy(bundle) if copy else bundle
-        return await self._write(lambda w: _process_bundle(w, data), rows_only=True)
-
-    async def create(
-        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        stored, created = await self._write(lambda w: w.create(data, if_none_exist), rows_only=True)
-        return stored.body, created
-
-    async def update(
-        self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        stored, created = await self._write(
-            lambda w: w.put(type_, id_, data, if_match=if_match), rows_only=True
-        )
-        return stored.body, created
-
-    async def conditional_update(
-        self, type_: str, query: str, resource: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        if _resource_type(data) != type_:
-            raise BadRequest(f"resourceType does not match {type_}", location="resourceType")
-        stored, created = await self._write(
-            lambda w: w.conditional_update(type_, query, data), rows_only=True
-        )
-        return stored.body, created
-
-    async def delete(self, type_: str, id_: str) -> bool:
-        return await self._write(lambda w: w.delete(type_, id_), rows_only=True)
+    async def _apply(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        # The shared logic runs synchronously on the writer thread; it changes rows only.
+        return await self._write(lambda w: common.run_sync(work(w)), rows_only=True)

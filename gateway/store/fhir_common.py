@@ -7,8 +7,9 @@ over ``Transaction``: a few primitives each backend implements on one open datab
 The PostgreSQL primitives really await the database; the SQLite ones run on its writer thread and
 never suspend, so ``run_sync`` drives the same coroutines there without an event loop.
 
-Search parameters parse to one WHERE clause over ``resources r`` and ``search_index`` with ``?``
-placeholders; a ``Dialect`` covers the one operator that differs between the two databases.
+Search parameters (read as FHIR spells them by gateway.fhir.search) parse to one WHERE clause
+over ``resources r`` and ``search_index`` with ``?`` placeholders; a ``Dialect`` covers the one
+operator that differs between the two databases.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import functools
 import http
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
@@ -28,37 +28,29 @@ import orjson
 from gateway.core.errors import (
     BadRequest,
     Conflict,
-    MethodNotAllowed,
     NotFound,
     PasserelleError,
 )
 from gateway.core.ids import new_id
-from gateway.core.outcome import of_error
-from gateway.mapping.validation import TYPE_RE
+from gateway.fhir.bundle import METHOD_ORDER, EntryRequest, entry_request
+from gateway.fhir.outcome import of_error
+from gateway.fhir.resource import ID_RE, REFERENCE_RE, TYPE_RE, etag, parse_etag, reference_of, resource_type
+from gateway.fhir.search import (
+    CHAINED_PARAMS,
+    DEFAULT_COUNT,
+    MAX_COUNT,
+    MAX_OFFSET,
+    REFERENCE_PARAMS,
+    bounded_int,
+    criteria,
+    date_prefix,
+    date_range,
+    split_value,
+    unescape,
+)
 from gateway.store.merge import MERGE, Policy, merge_resource, write_policy
 
 T = TypeVar("T")
-
-ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-MAX_COUNT = 500
-DEFAULT_COUNT = 50
-MAX_OFFSET = 10**9
-REFERENCE_PARAMS = ("patient", "subject", "encounter")
-CHAINED_PARAMS = ("patient.identifier", "subject.identifier")
-SEARCH_PARAMS = ("_id", "identifier", *REFERENCE_PARAMS, *CHAINED_PARAMS, "_lastUpdated")
-RESULT_PARAMS = ("_count", "_offset", "_include", "_sort")
-
-# "Type/id", possibly inside an absolute URL or followed by a version: the part the index keeps.
-_REFERENCE_RE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{0,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
-_DATE_RE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
-    r"(Z|[+\- ]\d{2}:\d{2})?)?)?)?"
-)
-_PREFIXES = ("eq", "ge", "gt", "le", "lt")
-_ESCAPED = re.compile(r"\\(.)", re.S)
-_DIGITS = re.compile(r"[0-9]{1,10}")
-# FHIR's processing order inside a transaction: deletes, creates, updates, then reads.
-_METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,46 +142,13 @@ class SearchQuery:
     offset: int | None = None
 
 
-def _split(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` unless it is escaped with a backslash (FHIR search escaping)."""
-    if "\\" not in text:
-        return text.split(sep)  # nothing escaped: the common case, without the loop below
-    return _split_escaped(text, sep)
-
-
-def _split_escaped(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            current.append(text[i : i + 2])
-            i += 2
-            continue
-        if ch == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def _unescape(text: str) -> str:
-    if "\\" not in text:
-        return text
-    return _ESCAPED.sub(lambda m: m.group(1), text)
-
-
 def _identifier_condition(token: str, name: str, alias: str) -> tuple[str, list[Any]]:
-    parts = _split(token, "|")
+    parts = split_value(token, "|")
     if len(parts) == 1:
-        return f"{alias}.value=?", [_unescape(parts[0])]
+        return f"{alias}.value=?", [unescape(parts[0])]
     if len(parts) != 2:
         raise BadRequest(f"{name}: expected system|value, |value or value", location=name)
-    system, value = (_unescape(p) for p in parts)
+    system, value = (unescape(p) for p in parts)
     if not value:
         if not system:
             raise BadRequest(f"{name}: empty system and value", location=name)
@@ -208,7 +167,7 @@ def _identifier_clause(values: list[str], name: str, alias: str) -> tuple[str, l
 
 def _reference_target(value: str, name: str, dialect: Dialect) -> tuple[str, str]:
     """A search value → (SQL condition on s.value, argument): "Type/id", a URL ending so, or a bare id."""
-    text = _unescape(value)
+    text = unescape(value)
     if ID_RE.fullmatch(text):
         # A bare id may point at any type (``subject``); ids never hold GLOB or LIKE metacharacters.
         if name == "patient":
@@ -216,75 +175,17 @@ def _reference_target(value: str, name: str, dialect: Dialect) -> tuple[str, str
         if name == "encounter":
             return "s.value=?", f"Encounter/{text}"
         return f"s.value {dialect.suffix_op} ?", f"{dialect.wildcard}/{text}"
-    match = _REFERENCE_RE.search(text)
+    match = REFERENCE_RE.search(text)
     if match is None:
         raise BadRequest(f"{name}: expected Type/id or id", location=name)
     return "s.value=?", f"{match[1]}/{match[2]}"
 
 
-def _instant(moment: datetime) -> str:
-    """The one text form of an instant: fixed width, so text order is time order."""
-    utc = moment.astimezone(UTC)
-    if utc.year < 1000:
-        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # %Y is not padded there, as it never was
-    return utc.isoformat(timespec="microseconds")[:-6] + "Z"  # the same text, for less: "+00:00" → "Z"
-
-
-def _date_range(text: str, name: str) -> tuple[str, str | None]:
-    """A FHIR date/dateTime → [low, high) as instants; high None means "after every date"."""
-    match = _DATE_RE.fullmatch(text)
-    if match is None:
-        raise BadRequest(f"{name}: not a date or dateTime", location=name)
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        tz = UTC
-        if zone and zone != "Z":
-            # A '+' left unencoded in a query string arrives as a space.
-            sign = -1 if zone[0] == "-" else 1
-            tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-        micro = int((fraction or "0")[:6].ljust(6, "0"))
-        low = datetime(
-            int(year),
-            int(month or 1),
-            int(day or 1),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            micro,
-            tzinfo=tz,
-        )
-        low_text = _instant(low)
-    except (ValueError, OverflowError) as exc:
-        raise BadRequest(f"{name}: not a valid date", location=name) from exc
-    # The value stands for the whole interval its precision covers (FHIR date search semantics).
-    try:
-        if month is None:
-            high = low.replace(year=low.year + 1)
-        elif day is None:
-            high = low.replace(year=low.year + low.month // 12, month=low.month % 12 + 1)
-        elif hour is None:
-            high = low + timedelta(days=1)
-        elif second is None:
-            high = low + timedelta(minutes=1)
-        elif fraction is None:
-            high = low + timedelta(seconds=1)
-        else:
-            high = low + timedelta(microseconds=10 ** max(0, 6 - len(fraction)))
-        high_text: str | None = _instant(high)
-    except (ValueError, OverflowError):
-        high_text = None  # past the end of year 9999
-    return low_text, high_text
-
-
 def _date_clause(values: list[str], name: str) -> tuple[str, list[Any]]:
     sql, args = [], []
     for token in values:
-        prefix, text = ("eq", token)
-        if token[:2].isalpha():
-            prefix, text = token[:2], token[2:]
-            if prefix not in _PREFIXES:
-                raise BadRequest(f"{name}: unsupported prefix {prefix!r} (eq ge gt le lt)", location=name)
-        low, high = _date_range(text, name)
+        prefix, text = date_prefix(token, name)
+        low, high = date_range(text, name)
         if prefix == "eq":
             sql.append("(s.value>=? AND s.value<?)" if high else "s.value>=?")
             args += [low, high] if high else [low]
@@ -301,12 +202,6 @@ def _date_clause(values: list[str], name: str) -> tuple[str, list[Any]]:
             sql.append("s.value<?")
             args.append(low)
     return "(" + " OR ".join(sql) + ")", args
-
-
-def _bounded_int(name: str, value: str, high: int) -> int:
-    if not _DIGITS.fullmatch(value):
-        raise BadRequest(f"{name} must be a non-negative integer", location=name)
-    return min(int(value), high)
 
 
 # The Patients an identifier condition on ``p`` selects, as "Patient/id" values of ``s``.
@@ -362,10 +257,10 @@ def _parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialec
         if raw == "":
             continue  # FHIR: a parameter without a value is ignored
         if name == "_count":
-            count = _bounded_int(name, raw, MAX_COUNT)
+            count = bounded_int(name, raw, MAX_COUNT)
             continue
         if name == "_offset":
-            offset = _bounded_int(name, raw, MAX_OFFSET)
+            offset = bounded_int(name, raw, MAX_OFFSET)
             continue
         if name == "_sort":
             if raw not in ("_lastUpdated", "-_lastUpdated"):
@@ -386,11 +281,11 @@ def _parse_search(type_: str, params: Sequence[tuple[str, str]], dialect: Dialec
                 )
             includes.append((parts[1], parts[2] if len(parts) == 3 else None))
             continue
-        values = [v for v in _split(raw, ",") if v]
+        values = [v for v in split_value(raw, ",") if v]
         if not values:
             continue
         if name == "_id":
-            ids = [_unescape(v) for v in values]
+            ids = [unescape(v) for v in values]
             where.append("r.id IN (" + ",".join("?" * len(ids)) + ")")
             args += ids
         elif name == "identifier":
@@ -464,11 +359,61 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _reference_of(value: Any) -> str | None:
-    if not isinstance(value, dict) or not isinstance(value.get("reference"), str):
-        return None
-    match = _REFERENCE_RE.search(value["reference"])
-    return f"{match[1]}/{match[2]}" if match else None
+class RepositoryBase(ABC):
+    """The repository's writes and export paging, once: a backend runs each write's shared logic
+    (``put``, ``create``… on a ``Transaction``) in its writer (``_apply``) and reads a page of
+    rows (``_scan_page``)."""
+
+    @abstractmethod
+    async def _apply(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        """Run ``work`` on the backend's Transaction, in the writer's next commit."""
+
+    @abstractmethod
+    async def _scan_page(self, where: str, args: list[Any], limit: int) -> list[dict[str, Any]]:
+        """The bodies of the rows ``where`` holds (``?`` placeholders), in (type, id) order."""
+
+    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
+        data = copy_json(bundle) if copy else bundle
+        return await self._apply(lambda tx: process_bundle(tx, data))
+
+    async def create(
+        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        data = copy_json(resource)
+        stored, created = await self._apply(lambda tx: create(tx, data, if_none_exist))
+        return stored.body, created
+
+    async def update(
+        self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        data = copy_json(resource)
+        stored, created = await self._apply(lambda tx: put(tx, type_, id_, data, if_match=if_match))
+        return stored.body, created
+
+    async def conditional_update(
+        self, type_: str, query: str, resource: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        data = copy_json(resource)
+        if resource_type(data) != type_:
+            raise BadRequest(f"resourceType does not match {type_}", location="resourceType")
+        stored, created = await self._apply(lambda tx: conditional_update(tx, type_, query, data))
+        return stored.body, created
+
+    async def delete(self, type_: str, id_: str) -> bool:
+        return await self._apply(lambda tx: delete(tx, type_, id_))
+
+    async def scan(
+        self,
+        types: Sequence[str] | None = None,
+        *,
+        after: tuple[str, str] | None = None,
+        since: str | None = None,
+        limit: int = SCAN_PAGE,
+    ) -> list[dict[str, Any]]:
+        """One page of live resources in (type, id) order, after the cursor ``after``: what an
+        export reads, page by page, without holding a table in memory. ``since``: changed after."""
+        where, args = scan_clause(types, after, since)
+        return await self._scan_page(where, args, limit)
 
 
 def index_rows(type_: str, id_: str, body: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -483,7 +428,7 @@ def index_rows(type_: str, id_: str, body: Mapping[str, Any]) -> list[tuple[str,
             rows[(type_, id_, "identifier", system if isinstance(system, str) else "", ident["value"])] = None
     for param in REFERENCE_PARAMS:
         for item in _as_list(body.get(param)):
-            target = _reference_of(item)
+            target = reference_of(item)
             if target is None:
                 continue
             rows[(type_, id_, param, "", target)] = None
@@ -505,7 +450,7 @@ def _content(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _copy(resource: Mapping[str, Any]) -> dict[str, Any]:
+def copy_json(resource: Mapping[str, Any]) -> dict[str, Any]:
     """A deep, JSON-only copy: the caller's object is never kept or changed."""
     try:
         data = orjson.loads(orjson.dumps(resource))
@@ -516,27 +461,10 @@ def _copy(resource: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _resource_type(resource: Mapping[str, Any]) -> str:
-    rtype = resource.get("resourceType")
-    if not isinstance(rtype, str) or not TYPE_RE.fullmatch(rtype):
-        raise BadRequest("resourceType is missing or invalid", location="resourceType")
-    return rtype
-
-
-def _etag(version: int) -> str:
-    return f'W/"{version}"'
-
-
-def _parse_etag(value: str) -> int:
-    text = value.strip()
-    text = text.removeprefix("W/").strip('"')
-    if not _DIGITS.fullmatch(text):
-        raise BadRequest('If-Match: expected W/"<versionId>"', location="If-Match")
-    return int(text)
-
-
 @dataclass(slots=True)
-class _Stored:
+class Stored:
+    """A version as the repository holds it: its body, version number and lastUpdated."""
+
     body: dict[str, Any]
     version: int
     last_updated: str
@@ -558,16 +486,10 @@ UNREAD = _Unread()
 @dataclass(slots=True)
 class _Entry:
     index: int
-    method: str
-    type_: str
-    id_: str | None
-    query: str | None
-    resource: dict[str, Any] | None
-    full_url: str | None
-    if_none_exist: str | None
-    if_match: str | None
+    req: EntryRequest
+    resource: dict[str, Any] | None  # the request's, its urn: references rewritten once known
     target: str | None = None  # the id the entry writes to, decided before any write
-    existing: _Stored | None = None  # a conditional create that matched
+    existing: Stored | None = None  # a conditional create that matched
     # The target's current version as planning found it (None: absent, an id just minted), so
     # that the write does not read it a second time; UNREAD when planning did not read it.
     current: Row | _Unread | None = UNREAD
@@ -577,54 +499,13 @@ class _Entry:
 
 
 def _entry_of(index: int, raw: Any) -> _Entry:
-    if not isinstance(raw, dict):
-        raise BadRequest("an entry must be an object", location="entry")
-    request = raw.get("request")
-    if not isinstance(request, dict):
-        raise BadRequest("entry.request is required", location="request")
-    method = request.get("method")
-    url = request.get("url")
-    if not isinstance(method, str) or not isinstance(url, str) or not url:
-        raise BadRequest("entry.request needs a method and a url", location="request")
-    if method not in _METHOD_ORDER:
-        raise MethodNotAllowed(f"method {method} is not supported here", location="request.method")
-    path, _, query = url.lstrip("/").partition("?")
-    if "://" in path:  # the query may hold system URLs; only the path must be relative
-        raise BadRequest("request.url must be relative (Type, Type/id or Type?query)", location="request.url")
-    segments = path.split("/")
-    type_ = segments[0]
-    if not TYPE_RE.fullmatch(type_) or len(segments) > 2:
-        raise BadRequest("request.url must be Type, Type/id or Type?query", location="request.url")
-    id_ = segments[1] if len(segments) == 2 else None
-    if id_ is not None and not ID_RE.fullmatch(id_):
-        raise BadRequest("invalid id in request.url", location="request.url")
-    resource = raw.get("resource")
-    if resource is not None and not isinstance(resource, dict):
-        raise BadRequest("entry.resource must be an object", location="resource")
-    if method in ("POST", "PUT"):
-        if resource is None:
-            raise BadRequest(f"{method} needs a resource", location="resource")
-        if resource.get("resourceType") != type_:
-            raise BadRequest("resource.resourceType does not match request.url", location="resource")
-    if method == "POST" and (id_ is not None or query):
-        raise BadRequest("POST goes to Type (use ifNoneExist for a condition)", location="request.url")
-    if method in ("PUT", "DELETE") and (id_ is None) == (not query):
-        raise BadRequest(f"{method} goes to Type/id or Type?query", location="request.url")
-    full_url = raw.get("fullUrl")
-    if_none_exist = request.get("ifNoneExist")
-    if_match = request.get("ifMatch")
-    policy = write_policy(request) if "extension" in request else Policy()
+    req = entry_request(raw)
+    policy = write_policy(req.request) if "extension" in req.request else Policy()
     return _Entry(
         index,
-        method,
-        type_,
-        id_,
-        query or None,
-        resource,
-        full_url if isinstance(full_url, str) else None,
-        if_none_exist if isinstance(if_none_exist, str) and if_none_exist else None,
-        if_match if isinstance(if_match, str) and if_match else None,
-        merge=policy.kind == MERGE and method == "PUT",
+        req,
+        req.resource,
+        merge=policy.kind == MERGE and req.method == "PUT",
         clear=policy.clear,
         keep=policy.keep,
     )
@@ -663,17 +544,13 @@ def _status_line(status: int) -> str:
     return f"{status} {http.HTTPStatus(status).phrase}"
 
 
-def _response(status: int, stored: _Stored | None = None, type_: str = "") -> dict[str, Any]:
+def _response(status: int, stored: Stored | None = None, type_: str = "") -> dict[str, Any]:
     response: dict[str, Any] = {"status": _status_line(status)}
     if stored is not None:
         response["location"] = f"{type_}/{stored.body['id']}/_history/{stored.version}"
-        response["etag"] = _etag(stored.version)
+        response["etag"] = etag(stored.version)
         response["lastModified"] = stored.last_updated
     return {"response": response}
-
-
-def outcome(exc: PasserelleError) -> dict[str, Any]:
-    return of_error(exc)
 
 
 def error_entry(exc: PasserelleError, result: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -681,7 +558,7 @@ def error_entry(exc: PasserelleError, result: dict[str, Any] | None = None) -> d
     return {
         "response": {
             "status": _status_line(exc.http_status),
-            "outcome": result if result is not None else outcome(exc),
+            "outcome": result if result is not None else of_error(exc),
         }
     }
 
@@ -758,21 +635,6 @@ class Transaction(ABC):
     async def release_savepoint(self) -> None: ...
 
 
-def query_params(query: str) -> list[tuple[str, str]]:
-    """``parse_qsl(query, keep_blank_values=True)``, without its cost when nothing is encoded."""
-    if "%" in query or "+" in query:
-        return parse_qsl(query, keep_blank_values=True)
-    return [(name, value) for name, _, value in (p.partition("=") for p in query.split("&") if p)]
-
-
-def criteria(query: str) -> list[tuple[str, str]]:
-    """A conditional URL's query part ("Type?criteria" or the bare criteria) → its parameters."""
-    params = query_params(query.partition("?")[2] if "?" in query else query)
-    if not [p for p in params if p[0] not in RESULT_PARAMS and p[1]]:
-        raise BadRequest("a conditional operation needs search criteria", location="query")
-    return params
-
-
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Drive a coroutine that never suspends (SQLite primitives) to its result, loop-free."""
     try:
@@ -786,7 +648,7 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 async def put(
     tx: Transaction, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
-) -> tuple[_Stored, bool]:
+) -> tuple[Stored, bool]:
     """Create or update ``type_/id_``; (stored, created?). Unchanged content writes nothing."""
     return await _put(tx, type_, id_, resource, if_match, UNREAD)
 
@@ -798,11 +660,11 @@ async def _put(
     resource: Mapping[str, Any],
     if_match: str | None,
     current: Row | _Unread | None,
-) -> tuple[_Stored, bool]:
+) -> tuple[Stored, bool]:
     """``put``, given the current version when the caller has just read it (else ``UNREAD``)."""
     if not ID_RE.fullmatch(id_):
         raise BadRequest("invalid id (1-64 of A-Z a-z 0-9 - .)", location="id")
-    if _resource_type(resource) != type_:
+    if resource_type(resource) != type_:
         raise BadRequest(f"resourceType {resource['resourceType']} does not match {type_}")
     if resource.get("id", id_) != id_:
         raise BadRequest("the resource id does not match the URL id", location="id")
@@ -810,7 +672,7 @@ async def _put(
     if isinstance(current, _Unread):
         current = await tx.fetch(type_, id_)
     if if_match is not None:
-        wanted = _parse_etag(if_match)
+        wanted = parse_etag(if_match)
         if current is None or current[1]:
             raise Conflict(f"If-Match: {type_}/{id_} does not exist", location="If-Match")
         if current[0] != wanted:
@@ -820,7 +682,7 @@ async def _put(
             )
     if current is not None and current[2] is not None and _content(current[2]) == incoming:
         # Same content: no new version, so a replayed message changes nothing.
-        return _Stored(current[2], current[0], current[2]["meta"]["lastUpdated"]), False
+        return Stored(current[2], current[0], current[2]["meta"]["lastUpdated"]), False
     version = current[0] + 1 if current is not None else 1
     meta = {"versionId": str(version), "lastUpdated": tx.now}
     extra = incoming.pop("meta", None)
@@ -829,7 +691,7 @@ async def _put(
     # incoming's own resourceType and id are these very values: they keep their place and value.
     body = {"resourceType": type_, "id": id_, "meta": meta, **incoming}
     await tx.store(type_, id_, version, body)
-    return _Stored(body, version, tx.now), current is None or current[1]
+    return Stored(body, version, tx.now), current is None or current[1]
 
 
 async def delete(tx: Transaction, type_: str, id_: str) -> bool:
@@ -842,8 +704,8 @@ async def delete(tx: Transaction, type_: str, id_: str) -> bool:
 
 async def create(
     tx: Transaction, resource: Mapping[str, Any], if_none_exist: str | None
-) -> tuple[_Stored, bool]:
-    type_ = _resource_type(resource)
+) -> tuple[Stored, bool]:
+    type_ = resource_type(resource)
     if if_none_exist:
         found = await single_match(tx, type_, if_none_exist)
         if found is not None:
@@ -853,13 +715,13 @@ async def create(
     return (await _put(tx, type_, new_id(), body, None, None))[0], True
 
 
-async def single_match(tx: Transaction, type_: str, query: str) -> _Stored | None:
+async def single_match(tx: Transaction, type_: str, query: str) -> Stored | None:
     found = await _matched(tx, type_, query)
     if found is None:
         return None
     body = found[2]
     assert body is not None
-    return _Stored(body, found[0], body["meta"]["lastUpdated"])
+    return Stored(body, found[0], body["meta"]["lastUpdated"])
 
 
 async def _matched(tx: Transaction, type_: str, query: str) -> Row | None:
@@ -878,7 +740,7 @@ async def _matched(tx: Transaction, type_: str, query: str) -> Row | None:
 
 async def conditional_update(
     tx: Transaction, type_: str, query: str, resource: Mapping[str, Any]
-) -> tuple[_Stored, bool]:
+) -> tuple[Stored, bool]:
     found = await _matched(tx, type_, query)
     given = resource.get("id")
     if found is not None:
@@ -893,21 +755,21 @@ async def conditional_update(
 
 async def _plan(tx: Transaction, entry: _Entry) -> None:
     """Decide which id each write goes to, so that urn:uuid references can be rewritten first."""
-    if entry.method == "POST":
-        if entry.if_none_exist:
-            entry.existing = await single_match(tx, entry.type_, entry.if_none_exist)
+    if entry.req.method == "POST":
+        if entry.req.if_none_exist:
+            entry.existing = await single_match(tx, entry.req.type_, entry.req.if_none_exist)
         if entry.existing:
             entry.target = entry.existing.body["id"]
         else:
             entry.target, entry.current = new_id(), None  # a fresh id names nothing yet
-    elif entry.method == "PUT":
-        if entry.id_ is not None:
-            if entry.resource is not None and entry.resource.get("id", entry.id_) != entry.id_:
+    elif entry.req.method == "PUT":
+        if entry.req.id_ is not None:
+            if entry.resource is not None and entry.resource.get("id", entry.req.id_) != entry.req.id_:
                 raise BadRequest("resource.id does not match request.url", location="resource.id")
-            entry.target = entry.id_
+            entry.target = entry.req.id_
         else:
-            assert entry.query is not None and entry.resource is not None
-            found = await _matched(tx, entry.type_, entry.query)
+            assert entry.req.query is not None and entry.resource is not None
+            found = await _matched(tx, entry.req.type_, entry.req.query)
             found_id = found[2]["id"] if found is not None and found[2] is not None else None
             given = entry.resource.get("id")
             if found_id is not None and given is not None and given != found_id:
@@ -920,12 +782,12 @@ async def _plan(tx: Transaction, entry: _Entry) -> None:
                 entry.target = given  # it may name a resource already (a deleted one): read at write
             else:
                 entry.target, entry.current = new_id(), None
-    elif entry.method == "DELETE":
-        if entry.id_ is not None:
-            entry.target = entry.id_
+    elif entry.req.method == "DELETE":
+        if entry.req.id_ is not None:
+            entry.target = entry.req.id_
         else:
-            assert entry.query is not None
-            found = await _matched(tx, entry.type_, entry.query)
+            assert entry.req.query is not None
+            found = await _matched(tx, entry.req.type_, entry.req.query)
             entry.target = found[2]["id"] if found is not None and found[2] is not None else None
 
 
@@ -940,50 +802,50 @@ def _same_patient(entry: _Entry, current: Row | _Unread | None, incoming: Mappin
     if isinstance(current, _Unread) or current is None or current[1] or current[2] is None:
         return
     for element in _PATIENT_ELEMENTS:
-        before, after = _reference_of(current[2].get(element)), _reference_of(incoming.get(element))
+        before, after = reference_of(current[2].get(element)), reference_of(incoming.get(element))
         if before and after and before != after:
             raise Conflict(
-                f"{entry.type_}/{current[2].get('id')} found by its identifier belongs to {before}, not "
+                f"{entry.req.type_}/{current[2].get('id')} found by its identifier belongs to {before}, not "
                 f"{after}: the identifier is another patient's (a reused number); not written",
-                location=f"{entry.type_}.{element}",
+                location=f"{entry.req.type_}.{element}",
             )
 
 
 async def _execute(tx: Transaction, entry: _Entry) -> dict[str, Any]:
-    if entry.method == "POST":
+    if entry.req.method == "POST":
         if entry.existing is not None:
-            return _response(200, entry.existing, entry.type_)
+            return _response(200, entry.existing, entry.req.type_)
         assert entry.resource is not None and entry.target is not None
         body = dict(entry.resource)
         body.pop("id", None)
-        stored, _ = await _put(tx, entry.type_, entry.target, body, None, entry.current)
-        return _response(201, stored, entry.type_)
-    if entry.method == "PUT":
+        stored, _ = await _put(tx, entry.req.type_, entry.target, body, None, entry.current)
+        return _response(201, stored, entry.req.type_)
+    if entry.req.method == "PUT":
         assert entry.resource is not None and entry.target is not None
         resource, current = entry.resource, entry.current
         if entry.merge:
             if isinstance(current, _Unread):
-                current = await tx.fetch(entry.type_, entry.target)  # handed on to _put: read once
+                current = await tx.fetch(entry.req.type_, entry.target)  # handed on to _put: read once
             if current is not None and not current[1] and current[2] is not None:
                 resource = merge_resource(current[2], resource, entry.clear, entry.keep)
-        if entry.query is not None:
+        if entry.req.query is not None:
             if isinstance(current, _Unread):
-                current = await tx.fetch(entry.type_, entry.target)
+                current = await tx.fetch(entry.req.type_, entry.target)
             _same_patient(entry, current, resource)
-        stored, created = await _put(tx, entry.type_, entry.target, resource, entry.if_match, current)
-        return _response(201 if created else 200, stored, entry.type_)
-    if entry.method == "DELETE":
+        stored, created = await _put(tx, entry.req.type_, entry.target, resource, entry.req.if_match, current)
+        return _response(201 if created else 200, stored, entry.req.type_)
+    if entry.req.method == "DELETE":
         if entry.target is not None:
-            await delete(tx, entry.type_, entry.target)
+            await delete(tx, entry.req.type_, entry.target)
         return _response(204)
-    if entry.id_ is not None:
-        current = await tx.fetch(entry.type_, entry.id_)
+    if entry.req.id_ is not None:
+        current = await tx.fetch(entry.req.type_, entry.req.id_)
         if current is None or current[2] is None:
-            raise NotFound(f"{entry.type_}/{entry.id_} is not known", location="request.url")
+            raise NotFound(f"{entry.req.type_}/{entry.req.id_} is not known", location="request.url")
         body = current[2]
-        stored = _Stored(body, current[0], body["meta"]["lastUpdated"])
-        return {"resource": body, **_response(200, stored, entry.type_)}
-    found = await tx.find(entry.type_, parse_qsl(entry.query or "", keep_blank_values=True))
+        stored = Stored(body, current[0], body["meta"]["lastUpdated"])
+        return {"resource": body, **_response(200, stored, entry.req.type_)}
+    found = await tx.find(entry.req.type_, parse_qsl(entry.req.query or "", keep_blank_values=True))
     return {"resource": _searchset(found), **_response(200)}
 
 
@@ -1011,16 +873,19 @@ async def process_bundle(tx: Transaction, bundle: Mapping[str, Any]) -> dict[str
             continue
         entries.append(entry)
     targets = {
-        e.full_url: f"{e.type_}/{e.target}"
+        e.req.full_url: f"{e.req.type_}/{e.target}"
         for e in entries
-        if e.full_url and e.full_url.startswith("urn:") and e.target and e.method in ("POST", "PUT")
+        if e.req.full_url
+        and e.req.full_url.startswith("urn:")
+        and e.target
+        and e.req.method in ("POST", "PUT")
     }
     touched: set[tuple[str, str]] = set()  # what the entries run so far wrote (or tried to)
-    for entry in sorted(entries, key=lambda e: (_METHOD_ORDER[e.method], e.index)):
+    for entry in sorted(entries, key=lambda e: (METHOD_ORDER[e.req.method], e.index)):
         if entry.resource is not None and targets:
             entry.resource = _rewrite(entry.resource, targets)
         if entry.target is not None:
-            key = (entry.type_, entry.target)
+            key = (entry.req.type_, entry.target)
             if key in touched:
                 entry.current = UNREAD  # planning read it before an earlier entry wrote it
             touched.add(key)

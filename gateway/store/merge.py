@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.errors import BadRequest
-from gateway.mapping.structure import choice_siblings
+from gateway.fhir.structure import choice_siblings
 
 WRITE_POLICY_URL = "urn:passerelle:write-policy"
 CLEAR_URL = "urn:passerelle:clear"

@@ -18,7 +18,9 @@ whichever node holds it. So one patient's messages are processed one at a time, 
 all nodes, and partitions spread over the nodes by themselves, without leases of our own. A NAK
 with delay (the backoff of a failed delivery) keeps the message pending, so the partition waits,
 as a lane does in the embedded engine. When a node dies, its message in hand is redelivered to
-another node after ``ack_wait`` (extended by ``in_progress`` while a node still works on it).
+another node after ``ack_wait`` (5 s by default). A live node keeps its message however long the
+work takes: it tells JetStream ``in_progress`` several times per ``ack_wait``, so only a node that
+stopped beating (dead, or cut from NATS) loses it; the store then says what is left to do.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -53,12 +55,16 @@ from gateway.core.errors import StoreError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import AppendResult, shard_of
 from gateway.core.status import Status
-from gateway.store.message_views import content_digest, same_content
-from gateway.store.postgres import PostgresStore
+from gateway.store.messages.core import Ack, SqlMessageStore, Then
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sql import POSTGRES, Kind, Ops, Trace, envelope_of
+from gateway.store.messages.views import content_digest, same_content
 
 log = get_logger("passerelle.journal")
+T = TypeVar("T")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+BEATS_PER_ACK_WAIT = 5
 NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 
 
@@ -104,23 +110,7 @@ def encode(env: Envelope, ack: tuple[bytes, str] | None) -> bytes:
 
 def decode(data: bytes) -> tuple[Envelope, tuple[bytes, str] | None]:
     d = orjson.loads(data)
-    env = Envelope(
-        id=d["id"],
-        channel=d["channel"],
-        source=d["source"],
-        raw=base64.b64decode(d["raw"]),
-        content_type=d["content_type"],
-        sender=d["sender"],
-        control_id=d["control_id"],
-        message_type=d["message_type"],
-        partition_key=d["partition_key"],
-        received_at=d["received_at"],
-        trace_id=d["trace_id"],
-        charset=d["charset"],
-        peer=d["peer"],
-        status=Status.RECEIVED,
-        dedupe=d["dedupe"],
-    )
+    env = envelope_of({**d, "raw": base64.b64decode(d["raw"])}, Status.RECEIVED, dedupe=d["dedupe"])
     ack = (base64.b64decode(d["ack"]), str(d["ack_code"])) if d.get("ack") is not None else None
     return env, ack
 
@@ -135,7 +125,7 @@ class NatsJournal:
         prefix: str = "PASSERELLE",
         partitions: int = 32,
         dedupe_window_s: float = 120.0,
-        ack_wait_s: float = 30.0,
+        ack_wait_s: float = 5.0,
         publish_timeout_s: float = 5.0,
     ) -> None:
         if not _TOKEN.fullmatch(prefix):
@@ -145,6 +135,7 @@ class NatsJournal:
         self.partitions = partitions
         self.dedupe_window_s = dedupe_window_s
         self.ack_wait_s = ack_wait_s
+        self._held_for = ack_wait_s  # the shortest ack_wait among the consumers in use
         self.publish_timeout_s = publish_timeout_s
         self.in_stream = f"{prefix}_IN"
         self.dlq_stream = f"{prefix}_DLQ"
@@ -297,6 +288,12 @@ class NatsJournal:
     def consumer_name(self, channel: str, partition: int) -> str:
         return f"{token_of(channel)}_p{partition}"
 
+    @property
+    def beat_s(self) -> float:
+        """How often a node tells JetStream it still works on a message: several beats per ack_wait,
+        so that a late beat or two (a busy event loop) does not hand live work to another node."""
+        return self._held_for / BEATS_PER_ACK_WAIT
+
     async def subscribe(self, channel: str, partition: int, *, max_deliver: int) -> Any:
         """Bind to the partition's durable consumer, creating it on first use."""
         durable = self.consumer_name(channel, partition)
@@ -309,9 +306,14 @@ class NatsJournal:
             max_deliver=max_deliver,
             max_waiting=512,
         )
-        # When it exists with other settings (made by a node with another config), it is used as is.
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await self.js.add_consumer(self.in_stream, config)
+        # An existing one is updated to these settings; if JetStream refuses, it is used as is, and
+        # the beats follow its ack_wait when that is shorter than ours.
+        try:
+            info = await self.js.add_consumer(self.in_stream, config)
+        except nats.js.errors.BadRequestError:
+            info = await self.js.consumer_info(self.in_stream, durable)
+        if info.config.ack_wait:
+            self._held_for = min(self._held_for, info.config.ack_wait)
         return await self.js.pull_subscribe_bind(durable=durable, stream=self.in_stream)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -328,39 +330,70 @@ class NatsJournal:
         return out
 
 
-class JetStreamStore(PostgresStore):
-    """Journal appends go to JetStream; everything else is the PostgreSQL message store."""
+class JetStreamStore(SqlMessageStore):
+    """Journal appends go to JetStream; the trace, reads and operator actions are those of the
+    PostgreSQL message store it holds (``pg``)."""
+
+    dialect = POSTGRES
 
     def __init__(self, dsn: str, journal: NatsJournal, **kwargs: Any) -> None:
-        super().__init__(dsn, **kwargs)
+        self.pg = PostgresStore(dsn, **kwargs)
         self.journal = journal
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    @property
+    def is_open(self) -> bool:
+        return self.pg.is_open
+
     async def open(self) -> None:
-        await super().open()
+        await self.pg.open()
         try:
             await self.journal.open()
         except StoreError:
-            await super().close()
+            await self.pg.close()
             raise
 
     async def close(self) -> None:
         for task in list(self._tasks):
             await asyncio.wait([task], timeout=5)
         await self.journal.close()
-        await super().close()
+        await self.pg.close()
 
     async def ping(self) -> None:
         # PostgreSQL only: /ready checks the journal on its own, so it says which one is gone.
-        await super().ping()
+        await self.pg.ping()
 
-    def append_then(
-        self,
-        envelopes: Sequence[Envelope],
-        then: Callable[[list[AppendResult] | BaseException], None],
-        *,
-        ack: tuple[bytes, str] | None = None,
-    ) -> None:
+    def write_health(self) -> dict[str, Any]:
+        return self.pg.write_health()
+
+    async def flush(self) -> None:
+        await self.pg.flush()
+
+    async def read(self, ops: Callable[[], Ops[T]]) -> T:
+        return await self.pg.read(ops)
+
+    async def write(self, ops: Callable[[], Ops[T]]) -> T:
+        return await self.pg.write(ops)
+
+    def write_trace(self, trace: Trace) -> Awaitable[None]:
+        return self.pg.write_trace(trace)
+
+    def _journal_stats(self) -> dict[str, Any]:
+        return self.pg._journal_stats()
+
+    async def admit(
+        self, envelope: Envelope, ack: tuple[bytes, str] | None
+    ) -> tuple[AppendResult, str | None]:
+        """See ``PostgresStore.admit``: the consumer journals what it takes from the stream."""
+        return await self.pg.admit(envelope, ack)
+
+    def finish(self, message_id: str) -> Awaitable[None]:
+        return self.pg.finish(message_id)
+
+    async def shared_secret(self, name: str) -> bytes:
+        return await self.pg.shared_secret(name)
+
+    def _append_then(self, envelopes: Sequence[Envelope], then: Then, ack: Ack) -> None:
         if not self.is_open:
             raise StoreError("the journal is not open")
         task = asyncio.get_running_loop().create_task(self._append(list(envelopes), ack))
@@ -384,7 +417,6 @@ class JetStreamStore(PostgresStore):
     async def _append(self, envelopes: list[Envelope], ack: tuple[bytes, str] | None) -> list[AppendResult]:
         """Work goes to the stream; what is not work (filtered, rejected) straight to the store."""
         results: list[AppendResult | None] = [None] * len(envelopes)
-        waits: list[Awaitable[Any]] = []
         # Another message under a key the store holds: the store keeps it as a conflict.
         reused = await self._reused_keys(envelopes)
         local = [
@@ -394,27 +426,20 @@ class JetStreamStore(PostgresStore):
         async def publish(i: int) -> None:
             env = envelopes[i]
             seq, duplicate = await self.journal.publish(env, ack, msg_id=msg_id_of(env))
+            if duplicate and await self._released(env):
+                # The first one's sender was answered AE/AR and its key released: the stream's
+                # window still holds the id, so this resend goes in under none.
+                seq, duplicate = await self.journal.publish(env, ack, msg_id=None)
             results[i] = AppendResult(env.id, duplicate, seq)
             if duplicate:
                 self._spawn(self._note_duplicate(env, seq))
 
         async def store_locally() -> None:
-            fut: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
-
-            def landed(result: list[AppendResult] | BaseException) -> None:
-                if not fut.done():
-                    if isinstance(result, BaseException):
-                        fut.set_exception(result)
-                    else:
-                        fut.set_result(result)
-
-            # The store's own append (this class's append_then would publish them again).
-            PostgresStore.append_then(self, [envelopes[i] for i in local], landed, ack=ack)
-            got = await fut
+            got = await self.pg.append([envelopes[i] for i in local], ack=ack)
             for i, res in zip(local, got, strict=True):
                 results[i] = res
 
-        waits = [publish(i) for i in range(len(envelopes)) if i not in local]
+        waits: list[Awaitable[Any]] = [publish(i) for i in range(len(envelopes)) if i not in local]
         if local:
             waits.append(store_locally())
         await asyncio.gather(*waits)
@@ -429,21 +454,11 @@ class JetStreamStore(PostgresStore):
             for e in envelopes
             if e.control_id and e.dedupe and e.status is Status.RECEIVED
         }
-        if not keyed or not self.connected:
+        if not keyed or not self.pg.connected:
             return set()  # PostgreSQL away: the intake does not wait for it (the consumer checks)
-
-        async def fn(conn: Any) -> list[Any]:
-            return list(
-                await conn.fetch(
-                    "SELECT dedupe_key, digest, CASE WHEN digest IS NULL THEN raw END AS old_raw"
-                    " FROM messages WHERE dedupe_key = ANY($1::text[])",
-                    list(keyed),
-                )
-            )
-
         try:
             async with asyncio.timeout(1.0):
-                rows = await self._read(fn)
+                rows = await self.pg.read(lambda: _held_keys(list(keyed)))
         except (StoreError, TimeoutError):
             return set()
         return {
@@ -451,6 +466,15 @@ class JetStreamStore(PostgresStore):
             for r in rows
             if not same_content(r["digest"], r["old_raw"], keyed[r["dedupe_key"]])
         }
+
+    async def _released(self, env: Envelope) -> bool:
+        """Whether the store holds these bytes under this channel, sender and MSH-10 with the
+        dedupe key released, and no message holds the key now."""
+        try:
+            held, released = await self.pg.read(lambda: _release_of(env, content_digest(env.raw)))
+        except StoreError:
+            return False  # PostgreSQL away: a duplicate, as the stream says
+        return bool(released) and not held
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -466,31 +490,50 @@ class JetStreamStore(PostgresStore):
         await self.admit_duplicate_note(first_id, env)
 
     async def _id_by_dedupe(self, key: str) -> str | None:
-        async def fn(conn: Any) -> str | None:
-            value = await conn.fetchval("SELECT id FROM messages WHERE dedupe_key=$1", key)
-            return None if value is None else str(value)
-
         try:
-            result: str | None = await self._read(fn)
+            value = await self.pg.read(lambda: _id_by_key(key))
         except StoreError:
             return None
-        return result
+        return None if value is None else str(value)
 
     async def admit_duplicate_note(self, first_id: str, env: Envelope) -> None:
-        detail = orjson.dumps({"duplicate_of_envelope": env.id, "peer": env.peer}).decode()
+        await self.pg.write(lambda: _duplicate_note(first_id, env))
 
-        async def op(conn: Any) -> None:
-            await conn.execute(
-                "INSERT INTO stages (message_id, stage, status, at, detail)"
-                " SELECT $1, 'duplicate', COALESCE((SELECT status FROM messages WHERE id=$1), $2),"
-                " $3, $4::jsonb",
-                first_id,
-                Status.RECEIVED.value,
-                env.received_at,
-                detail,
-            )
 
-        await self._submit(op)
+def _held_keys(keys: list[str]) -> Ops[list[Any]]:
+    rows: list[Any] = yield (
+        Kind.ALL,
+        "SELECT dedupe_key, digest, CASE WHEN digest IS NULL THEN raw END AS old_raw"
+        " FROM messages WHERE dedupe_key = ANY(?::text[])",
+        (keys,),
+    )
+    return rows
+
+
+def _release_of(env: Envelope, digest: str) -> Ops[Any]:
+    return (
+        yield (
+            Kind.ONE,
+            "SELECT (SELECT count(*) FROM messages WHERE dedupe_key=?),"
+            " (SELECT count(*) FROM messages WHERE dedupe_key IS NULL AND digest=? AND channel=?"
+            " AND sender=? AND control_id=?)",
+            (env.dedupe_key, digest, env.channel, env.sender, env.control_id),
+        )
+    )
+
+
+def _id_by_key(key: str) -> Ops[Any]:
+    return (yield Kind.VALUE, "SELECT id FROM messages WHERE dedupe_key=?", (key,))
+
+
+def _duplicate_note(first_id: str, env: Envelope) -> Ops[None]:
+    detail = orjson.dumps({"duplicate_of_envelope": env.id, "peer": env.peer}).decode()
+    yield (
+        Kind.EXECUTE,
+        "INSERT INTO stages (message_id, stage, status, at, detail)"
+        " SELECT ?, 'duplicate', COALESCE((SELECT status FROM messages WHERE id=?), ?), ?, ?::jsonb",
+        (first_id, first_id, Status.RECEIVED.value, env.received_at, detail),
+    )
 
 
 async def in_progress_while(msg: Msg, every: float, work: Awaitable[Any]) -> Any:

@@ -22,7 +22,7 @@ JSONB keeps no key order: a read puts ``resourceType``, ``id`` and ``meta`` firs
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -30,19 +30,20 @@ import orjson
 
 from gateway.core.errors import BadRequest, StoreError
 from gateway.core.logging import get_logger
-from gateway.store import fhir_common as common
-from gateway.store.fhir_common import (
+from gateway.fhir.search import (
     CHAINED_PARAMS,
     DEFAULT_COUNT,
     MAX_COUNT,
+    RESULT_PARAMS,
+    instant,
+    split_value,
+    unescape,
+)
+from gateway.store import fhir_common as common
+from gateway.store.fhir_common import (
     POSTGRESQL,
     SearchQuery,
     SearchResult,
-    _copy,
-    _instant,
-    _resource_type,
-    _split,
-    _unescape,
     index_rows,
     parse_search,
 )
@@ -146,9 +147,9 @@ def lock_keys(type_: str, params: Sequence[tuple[str, str]]) -> list[str]:
     other: list[str] = []
     for name, raw in params:
         if name in ("identifier", *CHAINED_PARAMS) and raw:
-            for token in _split(raw, ","):
-                keys.add(f"{type_}?{name}={_unescape(_split(token, '|')[-1])}")
-        elif name not in common.RESULT_PARAMS and raw:
+            for token in split_value(raw, ","):
+                keys.add(f"{type_}?{name}={unescape(split_value(token, '|')[-1])}")
+        elif name not in RESULT_PARAMS and raw:
             other.append(f"{name}={raw}")
     if other:
         keys.add(f"{type_}?" + "&".join(sorted(other)))
@@ -299,7 +300,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class PgFhirRepository:
+class PgFhirRepository(common.RepositoryBase):
     """FHIR resources in PostgreSQL. Implements ``gateway.store.fhir.FhirRepository``."""
 
     def __init__(
@@ -360,7 +361,7 @@ class PgFhirRepository:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    return await fn(_PgTransaction(conn, _instant(self._clock())))
+                    return await fn(_PgTransaction(conn, instant(self._clock())))
             except POSTGRES_ERRORS as exc:
                 # A concurrent transaction won (deadlock, serialisation, same new key): run it again.
                 conflict = classify(exc) is Kind.CONFLICT
@@ -400,17 +401,7 @@ class PgFhirRepository:
         query = _parse(type_, params)  # a BadRequest leaves before any I/O
         return await self._read(lambda conn: _search(conn, query, count=count, offset=offset))
 
-    async def scan(
-        self,
-        types: Sequence[str] | None = None,
-        *,
-        after: tuple[str, str] | None = None,
-        since: str | None = None,
-        limit: int = common.SCAN_PAGE,
-    ) -> list[dict[str, Any]]:
-        """One page of live resources in (type, id) order, after the cursor ``after``: what an
-        export reads, page by page, without holding a table in memory. ``since``: changed after."""
-        where, args = common.scan_clause(types, after, since)
+    async def _scan_page(self, where: str, args: list[Any], limit: int) -> list[dict[str, Any]]:
         sql = numbered(f"SELECT body::text FROM resources WHERE {where} ORDER BY type, id LIMIT ?")  # noqa: S608
 
         async def fn(conn: Conn) -> list[dict[str, Any]]:
@@ -419,32 +410,5 @@ class PgFhirRepository:
 
         return await self._read(fn)
 
-    async def transaction(self, bundle: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
-        data = _copy(bundle) if copy else bundle
-        return await self._write(lambda tx: common.process_bundle(tx, data))
-
-    async def create(
-        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        stored, created = await self._write(lambda tx: common.create(tx, data, if_none_exist))
-        return stored.body, created
-
-    async def update(
-        self, type_: str, id_: str, resource: Mapping[str, Any], *, if_match: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        stored, created = await self._write(lambda tx: common.put(tx, type_, id_, data, if_match=if_match))
-        return stored.body, created
-
-    async def conditional_update(
-        self, type_: str, query: str, resource: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
-        data = _copy(resource)
-        if _resource_type(data) != type_:
-            raise BadRequest(f"resourceType does not match {type_}", location="resourceType")
-        stored, created = await self._write(lambda tx: common.conditional_update(tx, type_, query, data))
-        return stored.body, created
-
-    async def delete(self, type_: str, id_: str) -> bool:
-        return await self._write(lambda tx: common.delete(tx, type_, id_))
+    async def _apply(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        return await self._write(work)

@@ -20,6 +20,7 @@ from gateway.core.protocols import StageRecord, WorkItem
 from gateway.core.status import Status
 from gateway.engine.link import dumps
 from gateway.store.audit import message_received_event, receipt_bytes
+from gateway.store.messages.sql import delivery_trace
 
 _COLUMNS = (
     "seq",
@@ -130,11 +131,16 @@ def test_link_pickling_rebuilds_the_records_exactly() -> None:
     )
     item = WorkItem(1, env, Status.QUEUED, b"x", ("file", "mllp"), {"file": 2}, checked=True)
     stage = StageRecord("transform", Status.TRANSFORMED, b"y", "text/plain", {"k": [1, 2]})
-    msgs = [
-        ("offer", "adt", item),
-        ("op", "record", (env.id, stage), {"status": Status.SENT}),
-        ("outcome", env.id),
-    ]
+    trace = delivery_trace(env.id, stage, ["file", "mllp"], sent=True, now=1.5)
+    msgs = [("offer", "adt", item), ("trace", trace), ("outcome", env.id)]
     back = pickle.loads(dumps(msgs))  # noqa: S301 - our own bytes
-    assert back == msgs
-    assert back[0][2].envelope.status is Status.FILTERED and back[1][3]["status"] is Status.SENT
+    assert back[0] == msgs[0] and back[2] == msgs[2]
+    assert back[0][2].envelope.status is Status.FILTERED
+    got = back[1][1]
+    assert (got.message_id, got.stages, got.deliveries, got.status, got.first_try) == (
+        env.id,
+        trace.stages,
+        {"file": ("SENT", 1, 1.5, None, True), "mllp": ("SENT", 1, 1.5, None, True)},
+        ("SENT", 1.5, None),
+        False,  # the transform carries a payload: it is not folded
+    )

@@ -10,7 +10,7 @@ import nats
 import pytest
 import yaml
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import StoreError
 from gateway.engine.nats_channel import JetStreamChannel
 from tests.conftest import FakeDestination
@@ -50,7 +50,7 @@ async def test_a_database_outage_spends_no_jetstream_delivery(
     await until(lambda: bool(FakeDestination.instances["far"].received), 30, "first message delivered")
     await until(lambda: channel.snapshot()["in_hand"] == 0, 30, "first message acked")
 
-    store = gw.store
+    store = gw.store.pg  # the PostgreSQL store the JetStream journal holds
     store.retry_backoff = (0.05, 0.2)
     lost_before = store.lost_batches
     proxy.cut()

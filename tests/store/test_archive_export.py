@@ -22,8 +22,8 @@ from gateway.cli import main
 from gateway.core.protocols import MessageStore, StageRecord
 from gateway.core.status import Status
 from gateway.store.audit import REST, SUCCESS, AuditLog, chain_hash, event
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from gateway.transfer import export_audit, export_messages
 from tests.messages import journal_envelope
 from tests.scale.conftest import PG_DSN, require_live

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import yaml
 
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.store import backends
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from gateway.store.nats_journal import JetStreamStore
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
 from tests.conftest import make_config
 from tests.scale.conftest import PG_DSN
 
@@ -23,7 +23,7 @@ def _config(tmp_path: Path, **sections: object) -> config_mod.Config:
 
 
 def test_sqlite_runs_one_node_with_workers_and_the_audit_follows_its_journal(tmp_path: Path) -> None:
-    chosen = backends.select(_config(tmp_path), tmp_path)
+    chosen = backends.select(_config(tmp_path).settings, tmp_path)
     assert chosen.backend is backends.SQLITE
     assert isinstance(chosen.store, SqliteStore)
     assert (chosen.postgres, chosen.jetstream, chosen.repository_settings) == (None, None, {})
@@ -34,7 +34,7 @@ def test_sqlite_runs_one_node_with_workers_and_the_audit_follows_its_journal(tmp
 
 def test_postgresql_keeps_the_shared_settings_and_the_repository_in_its_database(tmp_path: Path) -> None:
     store = {"backend": "postgresql", "dsn": PG_DSN, "schema": "site_a"}
-    chosen = backends.select(_config(tmp_path, store=store), tmp_path)
+    chosen = backends.select(_config(tmp_path, store=store).settings, tmp_path)
     assert chosen.backend is backends.POSTGRES
     assert isinstance(chosen.postgres, PostgresStore) and chosen.postgres is chosen.store
     assert chosen.jetstream is None
@@ -47,8 +47,9 @@ def test_postgresql_keeps_the_shared_settings_and_the_repository_in_its_database
 def test_jetstream_is_shared_between_nodes(tmp_path: Path) -> None:
     journal = {"backend": "nats", "url": "nats://127.0.0.1:4222"}
     store = {"backend": "postgresql", "dsn": PG_DSN}
-    chosen = backends.select(_config(tmp_path, journal=journal, store=store), tmp_path)
+    chosen = backends.select(_config(tmp_path, journal=journal, store=store).settings, tmp_path)
     assert chosen.backend is backends.JETSTREAM and chosen.backend.shared_between_nodes
     assert isinstance(chosen.jetstream, JetStreamStore)
-    assert chosen.jetstream is chosen.store is chosen.postgres
+    # The JetStream journal holds the PostgreSQL store that keeps the trace and shared settings.
+    assert chosen.jetstream is chosen.store and chosen.postgres is chosen.jetstream.pg
     assert chosen.repository_settings == {"dsn": PG_DSN}

@@ -15,9 +15,9 @@ import pytest
 
 from gateway.core.envelope import Envelope
 from gateway.core.status import Status
-from gateway.store import sqlite as sqlite_store
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages import sqlite as sqlite_store
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.messages import adt, journal_envelope
 from tests.scale.conftest import PG_DSN, require_live
 

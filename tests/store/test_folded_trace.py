@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from gateway.core.envelope import HL7_V2
 from gateway.core.protocols import MessageStore, StageRecord
 from gateway.core.status import Status
-from gateway.store import sqlite as sqlite_store
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages import sqlite as sqlite_store
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.messages import journal_envelope
 from tests.scale.conftest import PG_DSN, require_live
 

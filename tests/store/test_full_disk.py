@@ -25,8 +25,8 @@ from gateway.core.errors import StoreError
 from gateway.core.protocols import StageRecord
 from gateway.core.status import Status
 from gateway.hl7.er7 import Message
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.conftest import FakeDestination, wait_for
 from tests.messages import adt, journal_envelope
 from tests.scale.conftest import PG_DSN, require_live

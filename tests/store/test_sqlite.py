@@ -15,7 +15,7 @@ from gateway.core.errors import StoreError
 from gateway.core.ids import new_id
 from gateway.core.protocols import StageRecord
 from gateway.core.status import Status
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.sqlite import SqliteStore
 
 
 def env(
