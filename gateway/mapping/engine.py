@@ -68,14 +68,13 @@ from gateway.mapping.rules import (
     check_keys,
     check_names,
     is_empty,
-    load_concept_maps,
     load_yaml,
     look_up,
-    mapping_files,
     parse_when,
+    read_mappings,
     rule_failure,
     strip_lines,
-    unique_names,
+    value_sources,
 )
 
 __all__ = ["Context", "Layout", "Library", "MappingResult", "RuleError", "rule_failure", "run"]
@@ -665,13 +664,10 @@ class Library:
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> Library:
-        files = [p for p in mapping_files(directory, "mapping") if p.name not in _RESERVED_FILES]
-        concept_maps = load_concept_maps(directory / "conceptmaps")
-        mappings = [_parse_file(p, concept_maps, functions) for p in files]
-        unique_names([m.name for m in mappings], directory, "mapping")
+        mappings, maps = read_mappings(directory, "mapping", _parse_file, functions, skip=_RESERVED_FILES)
         _resolve_includes(mappings)
         _resolve_uses(mappings)
-        return cls(mappings, concept_maps, functions, Ownership.load(directory), _unsupported(directory))
+        return cls(mappings, maps, functions, Ownership.load(directory), _unsupported(directory))
 
     def for_event(self, event: str) -> Mapping_ | None:
         exact = [m for m in self.mappings if event in m.events]
@@ -1027,10 +1023,7 @@ def _parse_rule(
         raise ConfigError("'follows' goes with a segment 'each' (NTE)", file=file, key="follows", line=line)
     return Rule(
         target=target,
-        source=data.get("from"),
-        const=strip_lines(data.get("const")),
-        concept_map=data.get("map"),
-        function=data.get("fn"),
+        **value_sources(data),
         when=_parse_when(data["when"], file) if "when" in data else None,
         each=each,
         rules=[_parse_rule(r, file, concept_maps, functions) for r in data.get("rules", [])],

@@ -49,14 +49,13 @@ from gateway.mapping.rules import (
     check_keys,
     check_names,
     is_empty,
-    load_concept_maps,
     load_yaml,
     look_up,
-    mapping_files,
     parse_condition,
+    read_mappings,
     rule_failure,
     strip_lines,
-    unique_names,
+    value_sources,
 )
 from gateway.mapping.rules import Condition as InboundCondition
 
@@ -503,10 +502,9 @@ class ReverseLibrary:
 
     @classmethod
     def load(cls, directory: Path, functions: Mapping[str, Function]) -> ReverseLibrary:
-        files = mapping_files(directory, "reverse mapping")
-        concept_maps = load_concept_maps(directory / "conceptmaps", text_targets=True)
-        mappings = [_parse_file(p, concept_maps, functions) for p in files]
-        unique_names([m.name for m in mappings], directory, "reverse mapping")
+        mappings, concept_maps = read_mappings(
+            directory, "reverse mapping", _parse_file, functions, text_targets=True
+        )
         _resolve_uses(mappings)
         return cls(mappings, concept_maps, functions)
 
@@ -838,10 +836,7 @@ def _parse_rule(
         raise ConfigError("a rule needs one of from, const, each or fn", file=file, key="set", line=line)
     return Rule(
         target=target,
-        source=data.get("from"),
-        const=strip_lines(data.get("const")),
-        concept_map=data.get("map"),
-        function=data.get("fn"),
+        **value_sources(data),
         when=_parse_when(data["when"], file, bound) if "when" in data else None,
         each=data.get("each"),
         rules=[_parse_rule(r, file, segment, concept_maps, functions, bound) for r in data.get("rules", [])],

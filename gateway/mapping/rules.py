@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -85,6 +85,17 @@ def strip_lines(value: Any) -> Any:
     if isinstance(value, list):
         return [strip_lines(v) for v in value]
     return value
+
+
+def value_sources(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a rule takes its value, as both directions' rules name it: a path, a constant, a
+    concept map, a function."""
+    return {
+        "source": data.get("from"),
+        "const": strip_lines(data.get("const")),
+        "concept_map": data.get("map"),
+        "function": data.get("fn"),
+    }
 
 
 def check_keys(data: Mapping[str, Any], allowed: set[str], file: str, what: str) -> None:
@@ -278,6 +289,32 @@ def check_names(
             raise ConfigError(
                 f"no {what} {data[key]!r}; known: {', '.join(sorted(known))}", file=file, key=key, line=line
             )
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+Parsed = TypeVar("Parsed", bound=_Named)
+
+
+def read_mappings(
+    directory: Path,
+    what: str,
+    parse: Callable[[Path, dict[str, ConceptMap], Mapping[str, Any]], Parsed],
+    functions: Mapping[str, Any],
+    *,
+    skip: frozenset[str] = frozenset(),
+    text_targets: bool = False,
+) -> tuple[list[Parsed], dict[str, ConceptMap]]:
+    """A mapping directory's files (but ``skip``), each parsed with the directory's concept maps
+    and the functions; two files of one name are a configuration error."""
+    files = [p for p in mapping_files(directory, what) if p.name not in skip]
+    concept_maps = load_concept_maps(directory / "conceptmaps", text_targets=text_targets)
+    mappings = [parse(p, concept_maps, functions) for p in files]
+    unique_names([m.name for m in mappings], directory, what)
+    return mappings, concept_maps
 
 
 def unique_names(names: Sequence[str], directory: Path, what: str) -> None:
