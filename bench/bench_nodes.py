@@ -32,6 +32,7 @@ from pathlib import Path
 
 import asyncpg
 import nats
+import nats.js.errors
 import psutil
 import yaml
 
@@ -164,50 +165,81 @@ async def wait_listening(port: int) -> None:
     raise SystemExit("a node did not start")
 
 
-async def one_round(
-    nodes: int, args: argparse.Namespace, work: Path, cgroups: CpuCgroups | None
-) -> dict[str, float]:
-    tag = uuid.uuid4().hex[:10]
-    schema, prefix = f"b_{tag}", f"B{tag}"
-    far = Receiver(["AA"])
-    far.server = await asyncio.start_server(far.handle, "127.0.0.1", 0)
-    config = {
-        "log_level": "warning",
-        "http": {"host": "127.0.0.1", "port": 0},
-        "journal": {"stream_prefix": prefix, "partitions": args.partitions},
-        "store": {"schema": schema},
-        "sources": [{"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": 0}],
-        "channels": [
-            {
-                "name": "adt",
-                "source": "hospital",
-                "destinations": [{"name": "far", "type": "mllp", "host": "127.0.0.1", "port": far.port}],
-            }
-        ],
-    }
-    path = work / f"config-{tag}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    ports = [free_port() for _ in range(nodes)]
-    procs = []
-    groups: list[Path] = []
-    for i, port in enumerate(ports):
-        cmd = [sys.executable, "-m", "gateway.cli", "run", "--config", str(path), "--journal", NATS]
-        cmd += ["--store", PG, "--data-dir", str(work / f"{tag}-{i}"), "--mllp-port", str(port)]
-        cmd += ["--http-port", str(free_port())]
-        if cgroups is not None:
-            groups.append(cgroups.make(f"{nodes}-{i}"))
-            cmd = cgroups.command(groups[-1], cmd)
-        with open(work / f"{tag}-{i}.log", "wb") as log:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
-    try:
-        for i, port in enumerate(ports):
+class Cluster:
+    """N `passerelle run` nodes on a fresh stream prefix and PostgreSQL schema, one MLLP channel
+    delivering to ``far_port``; ``journal`` adds to the journal settings (all nodes the same)."""
+
+    def __init__(self, work: Path, far_port: int, *, partitions: int, **journal: object) -> None:
+        self.tag = uuid.uuid4().hex[:10]
+        self.schema, self.prefix = f"b_{self.tag}", f"B{self.tag}"
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        self.groups: list[Path] = []
+        config = {
+            "log_level": "warning",
+            "http": {"host": "127.0.0.1", "port": 0},
+            "journal": {"stream_prefix": self.prefix, "partitions": partitions, **journal},
+            "store": {"schema": self.schema},
+            "sources": [{"name": "hospital", "type": "mllp", "host": "127.0.0.1", "port": 0}],
+            "channels": [
+                {
+                    "name": "adt",
+                    "source": "hospital",
+                    "destinations": [{"name": "far", "type": "mllp", "host": "127.0.0.1", "port": far_port}],
+                }
+            ],
+        }
+        self.config = work / f"config-{self.tag}.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+
+    async def start(self, nodes: int, cgroups: CpuCgroups | None = None) -> None:
+        """Starts the nodes and waits until each listens (their logs: ``<work>/<tag>-<i>.log``)."""
+        self.ports = [free_port() for _ in range(nodes)]
+        for i, port in enumerate(self.ports):
+            cmd = [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)]
+            cmd += ["--journal", NATS, "--store", PG, "--data-dir", str(self.work / f"{self.tag}-{i}")]
+            cmd += ["--mllp-port", str(port), "--http-port", str(free_port())]
+            if cgroups is not None:
+                self.groups.append(cgroups.make(f"{nodes}-{i}"))
+                cmd = cgroups.command(self.groups[-1], cmd)
+            with open(self.work / f"{self.tag}-{i}.log", "wb") as log:
+                self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
+        for i, port in enumerate(self.ports):
             try:
                 await wait_listening(port)
             except SystemExit:
-                tail = (work / f"{tag}-{i}.log").read_text(errors="replace")[-2000:]
-                raise SystemExit(f"node {i} did not start (exit {procs[i].poll()}):\n{tail}") from None
+                tail = (self.work / f"{self.tag}-{i}.log").read_text(errors="replace")[-2000:]
+                raise SystemExit(f"node {i} did not start (exit {self.procs[i].poll()}):\n{tail}") from None
+
+    async def close(self) -> None:
+        """Stops the nodes still running, then drops the schema and the streams."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(30)
+        conn = await asyncpg.connect(PG)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        await conn.close()
+        nc = await nats.connect(NATS)
+        for stream in (f"{self.prefix}_IN", f"{self.prefix}_DLQ"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(stream)
+        await nc.close()
+
+
+async def one_round(
+    nodes: int, args: argparse.Namespace, work: Path, cgroups: CpuCgroups | None
+) -> dict[str, float]:
+    far = Receiver(["AA"])
+    far.server = await asyncio.start_server(far.handle, "127.0.0.1", 0)
+    cluster = Cluster(work, far.port, partitions=args.partitions)
+    try:
+        await cluster.start(nodes, cgroups)
+        procs, ports, groups = cluster.procs, cluster.ports, cluster.groups
         nodes_ps = [psutil.Process(p.pid) for p in procs]
-        for group, node in zip(groups, nodes_ps, strict=True):
+        for group, node in zip(groups, nodes_ps if groups else [], strict=True):  # none uncapped
             pids = {node.pid} | {c.pid for c in node.children(recursive=True)}
             if not pids <= CpuCgroups.members(group):
                 raise SystemExit(f"node {node.pid}: processes {sorted(pids)} not all in {group}")
@@ -251,18 +283,8 @@ async def one_round(
             raise SystemExit(f"{late} patients' messages arrived out of order")
         return {"rate": rate, "node_us": us[0]}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
+        await cluster.close()
         await far.close()
-        conn = await asyncpg.connect(PG)
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-        nc = await nats.connect(NATS)
-        for stream in (f"{prefix}_IN", f"{prefix}_DLQ"):
-            await nc.jetstream().delete_stream(stream)
-        await nc.close()
 
 
 async def main() -> None:
