@@ -16,8 +16,8 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from gateway.config import Config
 from gateway.core import heap
-from gateway.core.config import Config
 from gateway.core.errors import ConfigError, PasserelleError
 from gateway.core.logging import get_logger
 from gateway.core.protocols import Destination, Source
@@ -36,7 +36,7 @@ from gateway.http.fhir_routing import FHIR_INTAKE
 from gateway.http.server import GatewayRunner
 from gateway.store import backends
 from gateway.store.audit import AuditLog
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.sqlite import SqliteStore
 
 log = get_logger("passerelle.app")
 
@@ -58,16 +58,21 @@ class Gateway:
         journal_url: str | None = None,
         store_dsn: str | None = None,
     ) -> None:
+        # The command line's settings over the file's, checked again (a --journal needs a store...).
+        config = config.overridden(
+            data_dir=data_dir,
+            http_port=http_port,
+            workers=workers,
+            journal_url=journal_url,
+            store_dsn=store_dsn,
+        )
         self.config = config
-        data = config.data
-        self.data_dir = Path(data_dir or data.get("data_dir", "./var"))
+        self.settings = settings = config.settings
+        self.data_dir = settings.data_dir
         self.mllp_port = mllp_port
-        self.http_settings = dict(data.get("http", {}))
         self.http_port_overridden = http_port is not None
-        if http_port is not None:
-            self.http_settings["port"] = http_port
-        self.workers = int(data.get("workers", 1) if workers is None else workers)
-        self.backends = backends.select(config, self.data_dir, journal_url=journal_url, store_dsn=store_dsn)
+        self.workers = settings.workers
+        self.backends = backends.select(settings, self.data_dir)
         self.store = self.backends.store
         if not self.backends.backend.worker_processes:
             self.workers = 0
@@ -79,7 +84,7 @@ class Gateway:
             journal=self.data_dir / "passerelle.db" if self.backends.backend.audit_follows_journal else None,
             follow=self.workers == 0,
         )
-        self.drain_timeout = float(data.get("drain_timeout_s", 10))
+        self.drain_timeout = settings.drain_timeout_s
         self.channels: dict[str, ChannelRuntime | ChannelPort] = {}
         self.sources: dict[str, Source] = {}
         self.intakes: dict[str, Hl7Intake] = {}
@@ -105,6 +110,7 @@ class Gateway:
             self.config, self.data_dir, defaults={"fhir_repository": self.backends.repository_settings}
         )
         by_source: dict[str, list[ChannelRuntime | ChannelPort]] = {}
+        charsets: dict[str, str] = {}  # each opened source's, as its channels' specs read it
         for spec in builder.channel_specs():
             # Built in every mode, so that connector settings are checked before anything listens.
             runtime = builder.channel(spec, self.store)
@@ -128,6 +134,7 @@ class Gateway:
                 self.destinations.extend(d.connector for d in runtime.destinations)
             self.channels[spec.name] = channel
             by_source.setdefault(spec.source, []).append(channel)
+            charsets[spec.source] = spec.default_charset
         port_overridden = False
         for si, src in enumerate(data["sources"]):
             channels = by_source.get(src["name"])
@@ -152,7 +159,7 @@ class Gateway:
                 src["name"],
                 channels,
                 self.store,
-                default_charset=src.get("default_charset", "ASCII"),
+                default_charset=charsets[src["name"]],
                 sending_application=channels[0].sending_application,
             )
             self.intakes[src["name"]] = intake
@@ -171,7 +178,7 @@ class Gateway:
         self._worker_procs[index] = proc
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         link = Link(reader, writer)
-        link.send(("config", self.config.data, self.config.file, str(self.data_dir), index, self.workers))
+        link.send(("config", self.config, index, self.workers))
         self._tasks.append(asyncio.create_task(self._supervise(index, link, proc), name=f"worker-{index}"))
 
     async def _supervise(self, index: int, link: Link, proc: asyncio.subprocess.Process) -> None:
@@ -250,9 +257,9 @@ class Gateway:
                 where = self._listen_key(name)
                 await source.start()
                 parts.push_async_callback(self._stop_part, source)
-            if self.http_settings.get("enabled", True):
+            if self.settings.http.enabled:
                 override = "--http-port" if self.http_port_overridden else None
-                where = (("http", "port"), self.http_settings.get("port", 8080), override)
+                where = (("http", "port"), self.settings.http.port, override)
                 await self._start_http()
         except OSError as exc:
             key, port, override = where
@@ -277,39 +284,42 @@ class Gateway:
         return (), None, None
 
     async def _start_http(self) -> None:
-        auth = self.config.data.get("auth", {})
+        http = self.settings.http
         authenticator, token_file = build_authenticator(
-            auth, data_dir=self.data_dir, base_dir=Path(self.config.file).parent
+            self.settings.auth, base_dir=Path(self.config.file).parent
         )
         if token_file is not None:
             # The path only: the token itself never reaches a log line.
             log.info("admin_token_file", path=str(token_file))
         app = build_app(
             self,
-            max_body_bytes=int(self.http_settings.get("max_body_bytes", 32 * 1024 * 1024)),
+            max_body_bytes=http.max_body_bytes,
             authenticator=authenticator,
             audit=self.audit,
             metrics=self.metrics_data,
-            rate_limit=self.http_settings.get("rate_limit", {}),
-            documents=self.config.data.get("documents", {}),
-            console=console_settings(self.config.data),
-            bulk={"directory": str(self.data_dir / "exports"), **self.config.data.get("export", {})},
+            rate_limit=http.rate_limit,
+            documents={"mode": self.settings.documents.mode, "valuesets": self.settings.documents.valuesets},
+            console=console_settings(self.config.data, locale=self.settings.console.locale),
+            bulk={
+                "directory": str(self.settings.export.directory),
+                "file_ttl_s": self.settings.export.file_ttl_s,
+                "max_running": self.settings.export.max_running,
+            },
         )
         app[FHIR_INTAKE] = self.fhir_intake
-        max_header = int(self.http_settings.get("max_header_bytes", 8190))
+        max_header = http.max_header_bytes
         # parser-level errors (a line over max_header) answered as OperationOutcomes, quoting nothing
         self._runner = GatewayRunner(
             app, access_log=None, handle_signals=False, max_line_size=max_header, max_field_size=max_header
         )
         await self._runner.setup()
-        tls = self.http_settings.get("tls")
         site = web.TCPSite(
             self._runner,
-            self.http_settings.get("host", "127.0.0.1"),
-            int(self.http_settings.get("port", 8080)),
+            http.host,
+            http.port,
             reuse_address=True,
-            ssl_context=server_context(tls, base_dir=Path(self.config.file).parent, where="http.tls")
-            if tls
+            ssl_context=server_context(http.tls, base_dir=Path(self.config.file).parent, where="http.tls")
+            if http.tls
             else None,
         )
         await site.start()
@@ -370,12 +380,10 @@ class Gateway:
         await self.stop()
 
     async def _retention_loop(self) -> None:
-        retention = self.config.data.get("retention", {})
-        payload_days = float(retention.get("payload_days", 30))
-        message_days = float(retention.get("message_days", 90))
-        interval = float(retention.get("sweep_interval_s", 3600))
+        retention = self.settings.retention
+        payload_days, message_days = retention.payload_days, retention.message_days
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(retention.sweep_interval_s)
             now = time.time()
             try:
                 payloads, messages = await self.store.prune(

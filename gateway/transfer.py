@@ -22,16 +22,16 @@ from typing import IO, Any
 
 import orjson
 
-from gateway.core.config import Config
+from gateway.config import Config
 from gateway.core.errors import BadRequest, StoreError
 from gateway.core.protocols import MessageStore
-from gateway.mapping.validation import TYPE_RE
+from gateway.fhir.resource import ID_RE, TYPE_RE
+from gateway.fhir.search import date_range
 from gateway.store import backends, bulk
 from gateway.store.audit import iter_entries, verify
 from gateway.store.documents import BaseDocumentStore
-from gateway.store.fhir_common import ID_RE, _date_range
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 
 BATCH = 500
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
@@ -66,7 +66,7 @@ def parse_line(line: bytes) -> dict[str, Any]:
     updated = meta.get("lastUpdated")
     if not isinstance(updated, str) or not _INSTANT.fullmatch(updated):
         raise BadRequest("meta.lastUpdated must be an instant with its offset", location="meta.lastUpdated")
-    _date_range(updated, "meta.lastUpdated")  # a real date, not only its shape
+    date_range(updated, "meta.lastUpdated")  # a real date, not only its shape
     if type_ == "Binary" and "data" in data:
         if not isinstance(data["data"], str):
             raise BadRequest("Binary.data must be base64 text", location="data")
@@ -243,15 +243,16 @@ def export_audit(path: Path, out: IO[bytes]) -> tuple[int, str | None]:
 
 
 def data_dir_of(config: Config, data_dir: Path | None) -> Path:
-    return Path(data_dir or config.data.get("data_dir", "./var"))
+    return config.overridden(data_dir=data_dir).settings.data_dir
 
 
 async def run_import(
     config: Config, data_dir: Path | None, store_dsn: str | None, paths: Sequence[Path], *, replace: bool
 ) -> ImportReport:
     """``import_files`` into the repository ``config`` (or ``--store``) names."""
-    root = data_dir_of(config, data_dir)
-    repository = backends.select(config, root, store_dsn=store_dsn).fhir_repository(root)
+    settings = config.overridden(data_dir=data_dir, store_dsn=store_dsn).settings
+    root = settings.data_dir
+    repository = backends.select(settings, root).fhir_repository(root)
     store = backends.document_store(repository)
     if store is None:  # pragma: no cover - every built-in repository has one
         raise StoreError("this repository has no document store to import into")
@@ -271,8 +272,8 @@ async def run_message_export(
 ) -> int:
     """``export_messages`` from the message store ``config`` (or ``--store``) names, read-only on
     SQLite (a running gateway keeps writing)."""
-    root = data_dir_of(config, data_dir)
-    chosen = backends.select(config, root, store_dsn=store_dsn)
+    settings = config.overridden(data_dir=data_dir, store_dsn=store_dsn).settings
+    chosen = backends.select(settings, settings.data_dir)
     store: MessageStore
     if chosen.postgres is not None:
         store = PostgresStore(chosen.postgres.dsn, schema=chosen.postgres.schema)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from connectors.mllp.client import MllpClient
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.core.envelope import Envelope
 from gateway.core.errors import PermanentDeliveryError, RetryLater
 from gateway.core.protocols import DeliveryResult
@@ -115,6 +115,12 @@ def make_config(tmp_path: Path, **channel: Any) -> config_mod.Config:
         "channels": [ch],
     }
     return config_mod.parse(yaml.safe_dump(data, allow_unicode=True), str(tmp_path / "config.yaml"))
+
+
+def with_settings(cfg: config_mod.Config, **top: Any) -> config_mod.Config:
+    """``cfg`` with top-level keys (workers, auth, console...) replaced, checked and built again:
+    the gateway's settings are built once, when a configuration loads."""
+    return config_mod.from_data({**cfg.data, **top}, cfg.file)
 
 
 GatewayFactory = Callable[..., Any]

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.core.errors import StoreError
+from gateway.store.messages.sqlite import SqliteStore
 from gateway.store.pg_fhir import PgFhirRepository
-from gateway.store.sqlite import SqliteStore
 from tests.conftest import make_config
 from tests.scale.conftest import PG_DSN, LiveNames, require_live
 from tests.waiting import until

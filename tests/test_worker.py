@@ -12,7 +12,7 @@ import pytest
 
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
-from tests.conftest import AUTH, make_config, mllp_port, wait_for
+from tests.conftest import AUTH, make_config, mllp_port, wait_for, with_settings
 from tests.fakes import Receiver
 from tests.messages import adt
 
@@ -29,7 +29,7 @@ def files(directory: Path) -> list[Path]:
 async def test_worker_delivers_and_the_trace_is_recorded(start_gateway, tmp_path: Path, workers: int) -> None:
     out = tmp_path / "out"
     cfg = make_config(tmp_path, destinations=[{"name": "files", "type": "file", "directory": str(out)}])
-    cfg.data["workers"] = workers
+    cfg = with_settings(cfg, workers=workers)
     gw = await start_gateway(cfg)
     client = MllpClient("127.0.0.1", mllp_port(gw))
     try:
@@ -58,7 +58,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
 ) -> None:
     out = tmp_path / "out"
     cfg = make_config(tmp_path, destinations=[{"name": "files", "type": "file", "directory": str(out)}])
-    cfg.data["workers"] = workers
+    cfg = with_settings(cfg, workers=workers)
     gw = await start_gateway(cfg)
     first = gw._worker_procs[0]
     assert first is not None
@@ -88,7 +88,7 @@ async def test_outcomes_cross_the_link_for_after_delivery_channels(
         ack={"timing": "after_delivery"},
         destinations=[{"name": "sih", "type": "mllp", "host": "127.0.0.1", "port": receiver.port}],
     )
-    cfg.data["workers"] = 1
+    cfg = with_settings(cfg, workers=1)
     gw = await start_gateway(cfg)
     client = MllpClient("127.0.0.1", mllp_port(gw))
     try:
@@ -115,7 +115,7 @@ async def test_dead_letters_and_replay_through_the_worker(
             }
         ],
     )
-    cfg.data["workers"] = 1
+    cfg = with_settings(cfg, workers=1)
     gw = await start_gateway(cfg)
     client = MllpClient("127.0.0.1", mllp_port(gw))
     try:
@@ -160,7 +160,7 @@ async def test_two_workers_keep_each_patients_order(
     cfg = make_config(
         tmp_path, destinations=[{"name": "sih", "type": "mllp", "host": "127.0.0.1", "port": receiver.port}]
     )
-    cfg.data["workers"] = 2
+    cfg = with_settings(cfg, workers=2)
     gw = await start_gateway(cfg)
     patients = [f"8{p:04d}" for p in range(8)]
     sent: dict[str, list[str]] = {p: [] for p in patients}

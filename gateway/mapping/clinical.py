@@ -3,10 +3,10 @@ NK1 and GT1 (RelatedPerson), IN1 (Coverage and its insurer), AL1 and IAM (Allerg
 (Condition), PR1 (Procedure), OBX (Observation), ROL (CareTeam), and the places of PV1 and ZBE
 (Location, and the Encounter's ``location`` entries).
 
-**Keys.** Every resource is written under a namespaced identifier (README, "Identity, ownership and
-loss"). Where the segment carries a business identifier (DG1-20, PR1-19, IAM-7, ROL-1, GT1-2, IN1-3,
-PL-10) it is namespaced by its assigning authority like any other. Most of these segments carry none,
-so the key is scoped to what the segment belongs to, and never reaches across patients:
+**Keys.** Every resource is written under a namespaced identifier (docs/mappings.md, "Identity,
+ownership and loss"). Where the segment carries a business identifier (DG1-20, PR1-19, IAM-7, ROL-1,
+GT1-2, IN1-3, PL-10) it is namespaced by its assigning authority like any other. Most of these
+segments carry none, so the key is scoped to what the segment belongs to, and never reaches across patients:
 
 - scoped to the patient: ``urn:passerelle:patient:<patient system>:<patient value>:<kind>`` (the
   patient's own key, the one its Patient is written under: PI, else MR, PT, else the first

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core import config
+from gateway import config
 from gateway.core.ack import AckTiming
 from gateway.core.errors import ConfigError
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.hl7.er7 import Message
-from tests.conftest import FakeDestination, make_config, wait_for
+from tests.conftest import FakeDestination, make_config, wait_for, with_settings
 from tests.mapping.test_adt import A01, MAPPINGS, segment
 from tests.waiting import until
 
@@ -26,8 +26,7 @@ def config(tmp_path: Any, workers: int, **settings: Any) -> Any:
         cfg.data["channels"][0]["destinations"] = [
             {"name": "out", "type": "file", "directory": str(tmp_path / "out")}
         ]
-    cfg.data["workers"] = workers
-    return cfg
+    return with_settings(cfg, workers=workers)
 
 
 ORU_WITHOUT_AUTHORITY = (

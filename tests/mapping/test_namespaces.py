@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import ConfigError, UnknownNamespace
 from gateway.hl7.er7 import Message
 from gateway.mapping.namespaces import Authority, Namespaces

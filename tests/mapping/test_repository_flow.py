@@ -11,7 +11,7 @@ import aiohttp
 from connectors.mllp.client import MllpClient
 from gateway.hl7.er7 import Message
 from gateway.store.fhir import SqliteFhirRepository
-from tests.conftest import AUTH, make_config, mllp_port
+from tests.conftest import AUTH, make_config, mllp_port, with_settings
 from tests.mapping.test_adt import A01, MAPPINGS
 from tests.waiting import until
 
@@ -22,8 +22,7 @@ def config(tmp_path: Path, workers: int) -> Any:
         steps=[{"type": "fhir_mapping", "directory": str(MAPPINGS)}],
         destinations=[{"name": "fhir", "type": "fhir_repository", "path": "{data_dir}/fhir.db"}],
     )
-    cfg.data["workers"] = workers
-    return cfg
+    return with_settings(cfg, workers=workers)
 
 
 async def snapshot(repo: SqliteFhirRepository) -> dict[str, list[tuple[str, str, str]]]:

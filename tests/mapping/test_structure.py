@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conformance.suite import DATA_DIR
+from gateway.fhir import structure, validation
+from gateway.fhir.structure import conforms
+from gateway.fhir.validation import Bindings, InvalidResource, conforms_fast, validate_resource
 from gateway.hl7.er7 import Message
-from gateway.http.fhir import InvalidResource, _code_issues, validate_resource
-from gateway.mapping import structure, validation
+from gateway.http.fhir import _code_issues
 from gateway.mapping.namespaces import Namespaces
-from gateway.mapping.structure import conforms
 from gateway.mapping.validate import bundle_errors
 from tests.documents.mdm_messages import mdm
 from tests.mapping.test_actors import a01_with_actors
@@ -354,7 +355,7 @@ def test_bundle_validation_reports_what_fhir_resources_reports(resource: dict[st
 @SETTINGS
 @given(mutated())
 def test_the_rest_check_reports_what_fhir_resources_reports(resource: dict[str, Any]) -> None:
-    kind, got = outcome(validate_resource, resource)
+    kind, got = outcome(functools.partial(validate_resource, bindings=Bindings.REQUIRED), resource)
     expected_kind, expected = outcome(_reference_rest, resource)
     if expected_kind == "invalid":
         assert kind == "invalid" and set(expected) <= set(got)
@@ -441,10 +442,15 @@ def test_bindings_are_enforced_only_on_request() -> None:
     assert conforms(patient)
     assert not conforms(patient, bindings=True)
     with pytest.raises(InvalidResource) as caught:
-        validate_resource(patient)
+        validate_resource(patient, bindings=Bindings.REQUIRED)
     assert caught.value.issues == [
         ("code-invalid", "'zzz' is not one of male | female | other | unknown", "Patient.gender")
     ]
+    assert conforms_fast(patient, bindings=Bindings.UNCHECKED)
+    validate_resource(patient, bindings=Bindings.UNCHECKED)
+    with pytest.raises(InvalidResource) as caught:  # unchecked codes, JSON types still checked
+        validate_resource({**patient, "active": "true"}, bindings=Bindings.UNCHECKED)
+    assert [i[2] for i in caught.value.issues] == ["Patient.active"]
     # an open list ("+") enforces nothing
     assert conforms({"resourceType": "Observation", "status": "whatever", "code": {}}, bindings=True)
 
@@ -454,7 +460,7 @@ def test_what_is_left_to_fhir_resources_still_gets_its_verdict() -> None:
     assert not conforms(lax)  # not decided here
     assert model_accepts(lax)
     with pytest.raises(InvalidResource) as caught:  # FHIR JSON types: a client reading it back is strict
-        validate_resource(lax)
+        validate_resource(lax, bindings=Bindings.REQUIRED)
     assert [i[2] for i in caught.value.issues] == ["Patient.active", "Patient.multipleBirthInteger"]
     bundle = {"resourceType": "Bundle", "entry": [{"resource": lax}]}
     assert [e.split(":")[0] for e in bundle_errors(bundle)] == [
@@ -471,5 +477,6 @@ def test_the_compiled_yes_of_the_rest_check_leaves_nothing_for_the_walk(resource
     if validation.conforms(resource, bindings=validation.required_codes):
         model = validation.model_of(resource["resourceType"])
         assert model is not None
-        assert list(validation._issues(model, resource, resource["resourceType"])) == []
+        walked = validation._issues(model, resource, resource["resourceType"], Bindings.REQUIRED)
+        assert list(walked) == []
         assert model_accepts(resource)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.mllp.source import MllpSource
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from tests.conftest import make_config, mllp_port
 
 SB, EB = b"\x0b", b"\x1c\r"

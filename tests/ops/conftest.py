@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import yaml
 
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from tests.conftest import ADMIN_ENTRY, make_config
 
 OPERATOR = "operator-token-5d1e8c2a9f3b7a64"

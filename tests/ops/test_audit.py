@@ -15,7 +15,7 @@ import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 
 from gateway.store.audit import AuditLog, event, verify
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.fhir.conftest import patient
 from tests.messages import adt, journal_envelope

@@ -18,7 +18,15 @@ import orjson
 import pytest
 
 from gateway.core.status import Status
-from tests.conftest import ADMIN_TOKEN, FakeDestination, GatewayFactory, make_config, mllp_port, wait_for
+from tests.conftest import (
+    ADMIN_TOKEN,
+    FakeDestination,
+    GatewayFactory,
+    make_config,
+    mllp_port,
+    wait_for,
+    with_settings,
+)
 from tests.messages import adt
 from tests.ops.conftest import PROFESSIONAL, TOKENS
 
@@ -120,7 +128,7 @@ async def test_console_login_channels_trace_and_dlq_replay(
     tmp_path: Path, start_gateway: GatewayFactory, client_for: Any, page: Page
 ) -> None:
     cfg = make_config(tmp_path)
-    cfg.data["auth"] = {"tokens": TOKENS}
+    cfg = with_settings(cfg, auth={"tokens": TOKENS})
     cfg.data["channels"][0]["destinations"][0].update(plan=["permanent", "ok"], retry={"max_attempts": 1})
     gw = await start_gateway(cfg)
     await client_for(gw).send(adt("WEB1"))
@@ -262,8 +270,8 @@ async def test_console_plots_message_view_fhir_links_rejections_and_retries(
             },
         ],
     )
-    cfg.data["auth"] = {"tokens": TOKENS}
-    cfg.data["console"] = {"locale": "fr-FR"}
+    cfg = with_settings(cfg, auth={"tokens": TOKENS})
+    cfg = with_settings(cfg, console={"locale": "fr-FR"})
     gw = await start_gateway(cfg)
     client = client_for(gw)
 

@@ -11,10 +11,10 @@ import orjson
 import pytest
 import yaml
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.errors import ConfigError
 from gateway.http.message_view import fhir_tree, hl7_fields, stored_links
-from tests.conftest import GatewayFactory, make_config
+from tests.conftest import GatewayFactory, make_config, with_settings
 from tests.messages import adt
 from tests.ops.conftest import OPERATOR, PROFESSIONAL, TOKENS, base_url, bearer
 from tests.waiting import until
@@ -158,7 +158,7 @@ async def test_console_routes_overview_rejections_problems_and_plots(
     tmp_path: Path, start_gateway: GatewayFactory, client_for: Any
 ) -> None:
     cfg = make_config(tmp_path)
-    cfg.data["auth"] = {"tokens": TOKENS}
+    cfg = with_settings(cfg, auth={"tokens": TOKENS})
     cfg.data["channels"][0]["destinations"][0].update(
         plan=["error"], retry={"max_attempts": 4, "initial_backoff_s": 60}
     )

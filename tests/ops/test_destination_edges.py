@@ -106,7 +106,7 @@ async def echo() -> AsyncIterator[Echo]:
 def test_only_a_fhir_type_name_becomes_a_url_segment(kind: str) -> None:
     import asyncio
 
-    from gateway.mapping.validation import TYPE_RE
+    from gateway.fhir.resource import TYPE_RE
 
     async def attempt() -> str:
         dest = FhirRestDestination("r", {"base_url": "http://127.0.0.1:9/fhir"})

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.mllp.framing import FrameDecoder, Oversize, frame
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.hl7.ack import parse_ack
 from tests.conftest import ADMIN_ENTRY, AUTH
 from tests.messages import adt

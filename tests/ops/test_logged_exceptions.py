@@ -12,8 +12,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from gateway.core.logging import describe_exception, processors
-from gateway.store.postgres import _log_failure as pg_log_failure
-from gateway.store.sqlite import _log_failure as sqlite_log_failure
+from gateway.store.messages.postgres import _log_failure as pg_log_failure
+from gateway.store.messages.sqlite import _log_failure as sqlite_log_failure
 
 FAKE_NAME = "DUPONTEL Marie-Jeanne"
 

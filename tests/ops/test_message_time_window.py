@@ -19,8 +19,8 @@ from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.protocols import MessageStore
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.conftest import ADMIN_ENTRY, AUTH
 from tests.scale.conftest import PG_DSN, require_live
 

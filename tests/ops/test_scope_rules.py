@@ -21,14 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.errors import Forbidden
+from gateway.fhir.resource import ID_RE
+from gateway.fhir.search import split_value, unescape
+from gateway.fhir.validation import closed_codes
+from gateway.fhir.validation import model_of as _model
 from gateway.http.app import build_app
 from gateway.http.auth import TokenTable
 from gateway.http.scope import COMPARTMENT_TYPES, Compartment
-from gateway.mapping.validation import closed_codes
-from gateway.mapping.validation import model_of as _model
-from gateway.store.fhir import ID_RE, SqliteFhirRepository, _split, _unescape
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.fhir import SqliteFhirRepository
+from gateway.store.messages.postgres import PostgresStore
+from gateway.store.messages.sqlite import SqliteStore
 from tests.documents.conftest import FHIR_JSON, TOKENS, Client, auth
 from tests.fhir.conftest import FhirOnlyRuntime
 from tests.scale.conftest import PG_DSN, require_live
@@ -48,8 +50,8 @@ def test_the_compartment_criterion_names_exactly_the_callers_identifiers(
     assert name == "patient.identifier"
     assert compartment.criterion("Patient")[0] == "identifier"
     parsed = []
-    for token in _split(value, ","):
-        parts = [_unescape(p) for p in _split(token, "|")]
+    for token in split_value(value, ","):
+        parts = [unescape(p) for p in split_value(token, "|")]
         parsed.append((parts[0], parts[1]) if len(parts) == 2 else (None, parts[0]))
     assert parsed == identifiers
 
@@ -86,7 +88,7 @@ def test_the_naming_check_refuses_every_other_patient(type_: str, params: list[t
     # Accepted: every patient the search names (as the repository reads the values) is theirs.
     own = {"own-1", "own-2"}
     for name, raw in params:
-        for value in (_unescape(v) for v in _split(raw, ",") if v):
+        for value in (unescape(v) for v in split_value(raw, ",") if v):
             if type_ == "Patient" and name == "_id":
                 assert value in own, value
             elif name in ("patient", "subject"):

@@ -14,7 +14,7 @@ import yaml
 
 from connectors.mllp.client import MllpClient
 from connectors.mllp.destination import MllpDestination
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import ConfigError, RetryLater
 from gateway.core.status import Status

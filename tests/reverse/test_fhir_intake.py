@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 import yaml
 
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.core.errors import ConfigError
 from gateway.hl7.er7 import Message
-from tests.conftest import ADMIN_ENTRY, AUTH, GatewayFactory, wait_for
+from tests.conftest import ADMIN_ENTRY, AUTH, GatewayFactory, wait_for, with_settings
 from tests.fakes import Receiver
 from tests.reverse import fhir_data as d
 
@@ -220,7 +220,8 @@ async def test_with_a_worker_process_the_route_is_the_same(
     tmp_path: Path, start_gateway: GatewayFactory, receiver: Receiver
 ) -> None:
     cfg = config(tmp_path, receiver.port)
-    cfg.data["workers"] = 1  # the channel runs in a worker process; the intake stays in the main one
+    # The channel runs in a worker process; the intake stays in the main one.
+    cfg = with_settings(cfg, workers=1)
     gw = await start_gateway(cfg)
     status, _, headers = await post(gw, "/fhir", d.report_bundle())
     assert status == 200

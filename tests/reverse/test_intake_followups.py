@@ -12,7 +12,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.hl7.er7 import Message
-from tests.conftest import AUTH, GatewayFactory, wait_for
+from tests.conftest import AUTH, GatewayFactory, wait_for, with_settings
 from tests.fakes import Receiver
 from tests.reverse import fhir_data as d
 from tests.reverse.test_fhir_intake import base, config, post, trace
@@ -49,7 +49,7 @@ async def test_patient_referenced_by_id_is_read_from_the_repository(
     tmp_path: Path, start_gateway: GatewayFactory, receiver: Receiver, workers: int
 ) -> None:
     cfg = config(tmp_path, receiver.port)
-    cfg.data["workers"] = workers  # with a worker, the worker reads the repository's file itself
+    cfg = with_settings(cfg, workers=workers)  # with a worker, the worker reads the repository's file itself
     gw = await start_gateway(cfg)
     pid = await stored_patient(gw)
     status, _, _ = await post(gw, "/fhir/Observation", heart_rate(f"Patient/{pid}"))

@@ -19,7 +19,7 @@ import nats
 import pytest
 import yaml
 
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from tests.conftest import make_config
 
 PG_DSN = os.environ.get("PASSERELLE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

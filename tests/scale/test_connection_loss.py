@@ -16,7 +16,7 @@ import structlog
 import yaml
 
 from connectors.mllp.client import MllpClient
-from gateway.core import config as config_mod
+from gateway import config as config_mod
 from gateway.hl7.er7 import Message
 from tests.conftest import FakeDestination, make_config, mllp_port, wait_for
 from tests.messages import adt

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from connectors.mllp.client import MllpClient
+from gateway import config as config_mod
 from gateway.app import Gateway
-from gateway.core import config as config_mod
 from gateway.hl7.er7 import Message
 from gateway.store.pg_fhir import PgFhirRepository
 from tests.conftest import AUTH, make_config, mllp_port

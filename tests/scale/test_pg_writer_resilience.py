@@ -12,8 +12,8 @@ import pytest
 
 from gateway.core.envelope import HL7_V2, Envelope
 from gateway.core.errors import StoreError
+from gateway.store.messages.postgres import PostgresStore
 from gateway.store.pg_errors import connection_lost
-from gateway.store.postgres import PostgresStore
 from tests.scale.conftest import PG_DSN, LiveNames
 from tests.waiting import until
 
