@@ -1,8 +1,10 @@
 """A channel at run time: its Pipeline (gateway.engine.pipeline), fed by ordered lanes.
 
 Ordering: every message has a partition key (the patient). A key always maps to
-the same lane, and a lane handles one message at a time, retries included, so
-one patient's messages reach each destination in the order they were received.
+the same lane, and a lane handles one message at a time, so one patient's
+messages reach each destination in the order they were received. A message that
+waits for a retry steps aside: the lane goes on with the other patients it
+serves and holds that patient's later messages until the waiting one is done.
 
 Memory stays bounded: past ``max_in_memory`` waiting messages the channel
 "spills": new messages stay in the journal only, and a reloader feeds them back
@@ -14,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -83,8 +86,11 @@ class ChannelRuntime(abc.ABC):
 class _Lane:
     queue: deque[WorkItem] = field(default_factory=deque)
     waiter: asyncio.Future[None] | None = None
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # the runner taking the next message
     busy: bool = False
+    # A patient whose message waits for a retry → its later messages, held in order meanwhile.
+    held: dict[str, deque[WorkItem]] = field(default_factory=dict)
+    waiting: set[asyncio.Task[None]] = field(default_factory=set)  # runners on a retry wait
 
 
 class LaneChannel(ChannelRuntime):
@@ -112,6 +118,7 @@ class LaneChannel(ChannelRuntime):
         self._reload_wake = asyncio.Event()
         self._recovered = asyncio.Event()
         self._stopping = False
+        self._lane_context = contextvars.copy_context()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -121,6 +128,7 @@ class LaneChannel(ChannelRuntime):
             for i, lane in enumerate(self._lanes):
                 lane.task = asyncio.create_task(self._lane_loop(lane), name=f"lane-{self.name}-{i}")
             self._reloader = asyncio.create_task(self._reload_loop(), name=f"reloader-{self.name}")
+            self._lane_context = contextvars.copy_context()  # for the runners started later
 
     async def recovered(self) -> None:
         """Wait until start-up recovery has handed every pending message to a lane."""
@@ -135,6 +143,7 @@ class LaneChannel(ChannelRuntime):
             lane.queue.clear()  # still journaled: picked up again at the next start
             self._wake(lane)
         tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        tasks += [task for lane in self._lanes for task in lane.waiting]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=drain_timeout)
             for task in late:
@@ -224,23 +233,58 @@ class LaneChannel(ChannelRuntime):
                 lane.waiter = None
                 continue
             item = lane.queue.popleft()
-            lane.busy = True
-            try:
-                with bound_contextvars(message_id=item.envelope.id):
-                    try:
-                        await self.pipeline.handle(item)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        log.exception("lane_unexpected_error", error=type(exc).__name__)
-                        self.pipeline.finish(
-                            item.envelope.id, Outcome(Status.ERROR, ProcessingError("internal error"))
-                        )
-            finally:
+            key = item.envelope.partition_key
+            held = lane.held.get(key)
+            if held is not None:  # behind this patient's message waiting for a retry
+                held.append(item)
+                continue
+            if await self._handle(lane, item, key):
+                return  # this runner waited for a retry; another took the lane over meanwhile
+
+    async def _handle(self, lane: _Lane, item: WorkItem, key: str) -> bool:
+        """Handle one message; True when it waited for a retry, leaving the lane to a new runner."""
+        stepped_aside = False
+
+        def waiting() -> None:
+            nonlocal stepped_aside
+            if stepped_aside or self._stopping:
+                return
+            stepped_aside = True
+            lane.held[key] = deque()
+            lane.busy = False
+            runner = asyncio.current_task()
+            if runner is not None:
+                lane.waiting.add(runner)
+            lane.task = asyncio.create_task(
+                self._lane_loop(lane), name=f"lane-{self.name}", context=self._lane_context.copy()
+            )
+
+        lane.busy = True
+        try:
+            with bound_contextvars(message_id=item.envelope.id):
+                try:
+                    await self.pipeline.handle(item, waiting=waiting)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("lane_unexpected_error", error=type(exc).__name__)
+                    self.pipeline.finish(
+                        item.envelope.id, Outcome(Status.ERROR, ProcessingError("internal error"))
+                    )
+        finally:
+            self._in_memory -= 1
+            if stepped_aside:
+                # The patient's held messages go first, in order, before anything of theirs behind.
+                lane.queue.extendleft(reversed(lane.held.pop(key)))
+                runner = asyncio.current_task()
+                if runner is not None:
+                    lane.waiting.discard(runner)
+                self._wake(lane)
+            else:
                 lane.busy = False
-                self._in_memory -= 1
-                if self._spilled and self._in_memory <= self.max_in_memory // 2:
-                    self._reload_wake.set()
+            if self._spilled and self._in_memory <= self.max_in_memory // 2:
+                self._reload_wake.set()
+        return stepped_aside
 
     def snapshot(self) -> dict[str, Any]:
         return self.pipeline.snapshot(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -169,7 +169,8 @@ class Pipeline:
 
     # -- one message -------------------------------------------------------------
 
-    async def handle(self, item: WorkItem) -> None:
+    async def handle(self, item: WorkItem, *, waiting: Callable[[], None] | None = None) -> None:
+        """Process and deliver one message; ``waiting`` is called when it starts waiting for a retry."""
         env = item.envelope
         payload: bytes
         transformed: StageRecord | None = None
@@ -187,7 +188,7 @@ class Pipeline:
             pending, attempts = item.pending_destinations, item.attempts
         if self.queued and self.ack_timing is not AckTiming.AFTER_DELIVERY:
             self.finish(env.id, Outcome(Status.QUEUED))
-        await self._deliver(env, payload, pending, attempts, transformed)
+        await self._deliver(env, payload, pending, attempts, transformed, waiting)
 
     async def _prepare(self, env: Envelope) -> dict[str, Any] | None:
         """What steps read before they run (the repository's Patients for a FHIR request); None: failed."""
@@ -317,6 +318,7 @@ class Pipeline:
         pending: Sequence[str],
         attempts: Mapping[str, int],
         transformed: StageRecord | None = None,
+        waiting: Callable[[], None] | None = None,
     ) -> None:
         by_name = {d.name: d for d in self.destinations}
         todo = [by_name[name] for name in pending if name in by_name]
@@ -332,7 +334,7 @@ class Pipeline:
         for n, dest in enumerate(todo):
             last = n == len(todo) - 1
             status = await self._deliver_one(
-                env, payload, dest, attempts.get(dest.name, 0), last, final, first.get(dest.name)
+                env, payload, dest, attempts.get(dest.name, 0), last, final, first.get(dest.name), waiting
             )
             if status is Status.DEAD:
                 final = Status.DEAD
@@ -459,6 +461,7 @@ class Pipeline:
         last: bool,
         so_far: Status,
         first: Attempt | None,
+        waiting: Callable[[], None] | None,
     ) -> Status:
         attempt = done
         while True:
@@ -474,6 +477,8 @@ class Pipeline:
                 return Status.DEAD
             if verdict.action is Action.GIVE_UP:
                 return Status.ERROR
+            if waiting is not None:
+                waiting()
             await asyncio.sleep(verdict.delay)
 
     def snapshot(self, queue: Mapping[str, Any]) -> dict[str, Any]:
