@@ -180,14 +180,27 @@ def fs_probe(directory: Path, files: int = 2000) -> tuple[float, float]:
     return files / wall, cpu / files * 1e6
 
 
+def default_fhir_steps() -> list[dict[str, object]]:
+    """The steps of the shipped config.yaml's FHIR channel, as written there (its mapping policies:
+    what is refused at intake, and so mapped before the ACK, differs with them)."""
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for channel in shipped["channels"]:
+        steps = channel.get("steps") or []
+        if any(step.get("type") == "fhir_mapping" for step in steps):
+            text = yaml.safe_dump(steps).replace("{config_dir}", str(ROOT))
+            return cast(list[dict[str, object]], yaml.safe_load(text))
+    raise SystemExit("config.yaml has no channel with a fhir_mapping step")
+
+
 def channel_for(workdir: Path, destination: str) -> dict[str, object]:
     if destination == "fhir":
-        # The default config's FHIR channel: PAM FR mapping, R4B validation, the built-in repository.
+        # The default config's FHIR channel: its steps (PAM FR mapping, R4B validation, its
+        # policies), the built-in repository.
         return {
             "name": "adt",
             "source": "hospital",
             "max_in_memory": MAX_IN_MEMORY,
-            "steps": [{"type": "fhir_mapping", "directory": str(ROOT / "mappings")}],
+            "steps": default_fhir_steps(),
             "destinations": [
                 {"name": "fhir", "type": "fhir_repository", "path": str(workdir / "var" / "fhir.db")}
             ],

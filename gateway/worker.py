@@ -42,6 +42,7 @@ async def serve(fd: int) -> int:
         return 2
     _, config, index, count = first  # the main process's Config, command-line settings applied
     data_dir = config.settings.data_dir
+    os.nice(config.settings.worker_nice)  # the main process's intake and ACKs come first
     configure_logging(config.settings.log_level)
     builder = Builder(config, data_dir)
     store = LinkedStore(data_dir / "passerelle.db", link)

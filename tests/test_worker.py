@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
 from connectors.mllp.client import MllpClient
@@ -186,3 +187,13 @@ async def test_two_workers_keep_each_patients_order(
     # worker snapshots arrive every half second: both report, and their counts add up
     await wait_for(lambda: gw.channels["adt"].snapshot()["counters"].get("sent") == 60)
     assert gw.channels["adt"].snapshot()["workers"] == 2
+
+
+async def test_workers_run_at_the_configured_niceness(start_gateway, tmp_path: Path) -> None:
+    """Intake and ACKs (the main process) come first when the CPU is short: the workers are niced."""
+    cfg = make_config(tmp_path, destinations=[{"name": "files", "type": "file", "directory": str(tmp_path)}])
+    cfg = with_settings(cfg, workers=1, worker_nice=7)
+    gw = await start_gateway(cfg)
+    proc = gw._worker_procs[0]
+    assert proc is not None
+    assert psutil.Process(proc.pid).nice() == psutil.Process().nice() + 7

@@ -129,6 +129,9 @@ class Settings:
     data_dir: Path = Path("./var")
     log_level: str = "info"
     workers: int = 1
+    # Added to the worker processes' niceness: the main process (intake, journal, ACKs) is served
+    # first when the CPU is short, and the queued deliveries take what is left.
+    worker_nice: int = 10
     drain_timeout_s: float = 10.0
     http: HttpSettings = HttpSettings()
     auth: AuthSettings = AuthSettings()
@@ -189,6 +192,7 @@ def build(data: Mapping[str, Any], at: Locations, overrides: Overrides | None = 
         data_dir=data_dir,
         log_level=str(data.get("log_level", default.log_level)),
         workers=int(data.get("workers", default.workers) if over.workers is None else over.workers),
+        worker_nice=int(data.get("worker_nice", default.worker_nice)),
         drain_timeout_s=float(data.get("drain_timeout_s", default.drain_timeout_s)),
         http=_made(HttpSettings, http),
         auth=AuthSettings(
