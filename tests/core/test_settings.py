@@ -12,20 +12,7 @@ from gateway import config
 from gateway.core.ack import AckTiming
 from gateway.core.errors import ConfigError
 from gateway.engine.link import dumps
-
-GOOD = """\
-sources:
-  - name: hospital
-    type: mllp
-    port: 2575
-channels:
-  - name: adt
-    source: hospital
-    destinations:
-      - name: archive
-        type: file
-        directory: /tmp/x
-"""
+from tests.core.test_config import GOOD
 
 
 def test_a_config_that_sets_nothing_has_the_documented_defaults() -> None:
