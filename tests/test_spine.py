@@ -99,13 +99,21 @@ async def test_duplicate_control_id_is_acked_but_processed_once(start_gateway, c
 @pytest.mark.parametrize(
     ("raw", "code", "err_code", "location"),
     [
-        (b"this is not HL7 at all", "AR", "102", None),
+        (b"this is not HL7 at all", "AR", "100", None),  # table 0357: segment sequence error
+        (b"PID|||100001^^^HOPITAL-NORD^PI\r" + adt("LATE"), "AR", "100", None),
         (adt("X").replace(b"|X|P|", b"||P|"), "AR", "101", "MSH^1^10^1"),
         (adt("X").replace(b"ADT^A01^ADT_A01", b""), "AR", "101", "MSH^1^9^1"),
         (adt("BADUTF").replace("Françoise".encode(), b"Fran\xe7oise"), "AR", "102", "MSH^1^18^1"),
         (adt("BADCS", charset="8859/15").replace(b"8859/15", b"KLINGON"), "AR", "102", "MSH^1^18^1"),
     ],
-    ids=["not-hl7", "no-control-id", "no-message-type", "undecodable-utf8", "unknown-charset"],
+    ids=[
+        "not-hl7",
+        "msh-not-first",
+        "no-control-id",
+        "no-message-type",
+        "undecodable-utf8",
+        "unknown-charset",
+    ],
 )
 async def test_bad_input_is_answered_ar_with_err_and_kept(
     start_gateway, client_for, raw: bytes, code: str, err_code: str, location: str | None

@@ -112,6 +112,12 @@ class MissingField(ParseError):
     hl7_error_code = "101"
 
 
+class SegmentSequenceError(ParseError):
+    """The segments are not where the message structure puts them: no MSH first (table 0357: 100)."""
+
+    hl7_error_code = "100"
+
+
 class EncodingError(MessageError):
     ack_code = AckCode.AR
     hl7_error_code = "102"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from dataclasses import field as _dc_field
 from typing import Final
 
-from gateway.core.errors import EncodingError, ParseError
+from gateway.core.errors import EncodingError, ParseError, SegmentSequenceError
 from gateway.hl7.charsets import CHARSETS, DEFAULT_CHARSET, codec_for
 from gateway.hl7.path import parse as parse_path
 
@@ -406,10 +406,10 @@ def _read_separators(head: str) -> Separators:
 
 def _no_msh_error(rest: str) -> ParseError:
     if not rest.strip(_BLANK):
-        return ParseError("empty message", location="MSH")
+        return SegmentSequenceError("empty message", location="MSH")
     if "MSH" in rest:
-        return ParseError("data before the MSH segment", location="MSH")
-    return ParseError("message does not start with an MSH segment", location="MSH")
+        return SegmentSequenceError("data before the MSH segment", location="MSH")
+    return SegmentSequenceError("message does not start with an MSH segment", location="MSH")
 
 
 def _skip_blank_lines(text: str) -> str:
