@@ -217,7 +217,7 @@ async def test_filtered_messages_are_recorded_not_delivered(
 async def test_bad_input_is_answered_ar_and_kept(backend_config: ConfigFor, start_gateway, client_for):
     gw = await start_gateway(backend_config())
     ack = ack_of(await client_for(gw).send(b"this is not HL7 at all"))
-    assert (ack.get("MSA-1"), ack.get("ERR-3.1")) == ("AR", "102")
+    assert (ack.get("MSA-1"), ack.get("ERR-3.1")) == ("AR", "100")  # no MSH first: segment sequence error
     await gw.store.flush()
     rows = await gw.store.list_messages(
         status="ERROR", control_id=None, channel=None, limit=5, before_seq=None
