@@ -83,8 +83,9 @@ class JournalSettings:
     stream_prefix: str = "PASSERELLE"
     partitions: int = 32
     dedupe_window_s: float = 120.0
-    ack_wait_s: float = 5.0  # a dead node's message moves on after this; a live node beats to keep its
-    # The SQLite journal's only
+    # A dead node's message goes to another node after this; a live node keeps its own by beating.
+    ack_wait_s: float = 5.0
+    # The SQLite journal's only:
     synchronous: Synchronous = "FULL"
     max_batch: int = 4096
 

@@ -393,7 +393,7 @@ class JetStreamStore(SqlMessageStore):
     async def shared_secret(self, name: str) -> bytes:
         return await self.pg.shared_secret(name)
 
-    def _append_then(self, envelopes: Sequence[Envelope], then: Then, ack: Ack) -> None:
+    def append_then(self, envelopes: Sequence[Envelope], then: Then, *, ack: Ack = None) -> None:
         if not self.is_open:
             raise StoreError("the journal is not open")
         task = asyncio.get_running_loop().create_task(self._append(list(envelopes), ack))

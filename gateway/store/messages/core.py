@@ -123,8 +123,9 @@ class SqlMessageStore(TraceWrites, WorkReads, ABC):
         """Run a write operation in the writer's next commit; its result once committed."""
 
     @abstractmethod
-    def _append_then(self, envelopes: Sequence[Envelope], then: Then, ack: Ack) -> None:
-        """Journal the envelopes in the writer's next commit, then call ``then`` with the results."""
+    def append_then(self, envelopes: Sequence[Envelope], then: Then, *, ack: Ack = None) -> None:
+        """Journal the envelopes in the writer's next commit, then call ``then`` with the results
+        right after it (dedupe: ``sql.insert``); ``ack`` (payload, code) is traced in the same write."""
 
     def _journal_stats(self) -> dict[str, Any]:
         return {}
@@ -146,12 +147,8 @@ class SqlMessageStore(TraceWrites, WorkReads, ABC):
             else:
                 fut.set_result(result)
 
-        self._append_then(envelopes, done, ack)
+        self.append_then(envelopes, done, ack=ack)
         return await fut
-
-    def append_then(self, envelopes: Sequence[Envelope], then: Then, *, ack: Ack = None) -> None:
-        """Like ``append``, but ``then`` is called right after the commit (dedupe: ``sql.insert``)."""
-        self._append_then(envelopes, then, ack)
 
     # -- reads -----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Journal and message store on PostgreSQL (asyncpg), for several gateway nodes sharing one database.
 
-Same semantics as the SQLite store (gateway.store.sqlite): dedupe by channel + sender + MSH-10,
+Same semantics as the SQLite store (gateway.store.messages.sqlite): dedupe by channel + sender + MSH-10,
 a per-stage trace, per-destination delivery rows, replay, dead letters, retention. Writes are
 grouped like there: everything queued while a transaction runs goes into the next one, so one
 commit (one WAL flush on the server) covers many writes.
@@ -250,7 +250,7 @@ class PostgresStore(SqlMessageStore):
 
     # -- journal -------------------------------------------------------------
 
-    def _append_then(self, envelopes: Sequence[Envelope], then: Then, ack: Ack) -> None:
+    def append_then(self, envelopes: Sequence[Envelope], then: Then, *, ack: Ack = None) -> None:
         rows = [sql.message_row(e, content_digest(e.raw)) for e in envelopes]
         self._enqueue(_op(lambda: sql.append_rows(POSTGRES, rows, ack)), None, then)
 

@@ -255,6 +255,10 @@ class SqliteStore(SqlMessageStore):
         if self._wconn is None or self._closing:
             raise StoreError("the journal is not open")
         (self._appends if append else self._pending).append(entry)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Commit in the next loop turn, once however many writes are queued meanwhile."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -333,18 +337,12 @@ class SqliteStore(SqlMessageStore):
         self._settle(batch, results)
         self._after_write()
 
-    def _reschedule(self) -> None:
-        if (self._appends or self._pending) and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
     def _after_write(self) -> None:
-        self._reschedule()
+        if self._appends or self._pending:
+            self._schedule_flush()
         if self._backlog and self._write_error is None:
             # The journal commits again: what still waits goes next, without waiting for a timer.
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
         elif self._backlog or self._write_error is not None:
             self._arm_retry()
 
@@ -437,9 +435,7 @@ class SqliteStore(SqlMessageStore):
         if self._closing or self._wconn is None:
             return
         if self._backlog:
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
         elif self._write_error is not None:
             self._enqueue((_probe, None, None, None), False)
         # Each try ends in _after_write, which arms the next one while still needed.
@@ -457,9 +453,7 @@ class SqliteStore(SqlMessageStore):
 
     # -- journal ---------------------------------------------------------------
 
-    # -- journal ---------------------------------------------------------------
-
-    def _append_then(self, envelopes: Sequence[Envelope], then: Then, ack: Ack) -> None:
+    def append_then(self, envelopes: Sequence[Envelope], then: Then, *, ack: Ack = None) -> None:
         rows = [sql.message_row(e, content_digest(e.raw)) for e in envelopes]
         releases = self._backlog_releases
 
