@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -298,13 +299,9 @@ class Gateway:
             audit=self.audit,
             metrics=self.metrics_data,
             rate_limit=http.rate_limit,
-            documents={"mode": self.settings.documents.mode, "valuesets": self.settings.documents.valuesets},
+            documents=dataclasses.asdict(self.settings.documents),
             console=console_settings(self.config.data, locale=self.settings.console.locale),
-            bulk={
-                "directory": str(self.settings.export.directory),
-                "file_ttl_s": self.settings.export.file_ttl_s,
-                "max_running": self.settings.export.max_running,
-            },
+            bulk=dataclasses.asdict(self.settings.export),
         )
         app[FHIR_INTAKE] = self.fhir_intake
         max_header = http.max_header_bytes
